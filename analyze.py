@@ -1,0 +1,513 @@
+"""
+Analyze Phase 2 run directories (spec2.md): verification table, cosine
+trajectories, per-sample buckets, the Phase 1 label comparison, vanilla vs
+projected on the same seed, and the Phase 3 go/no-go decision.
+
+    python analyze.py RUN_DIR [RUN_DIR ...] [--json]
+
+numpy + stdlib only (the t-test is hand-written) so the report runs wherever
+train.py runs; train.py calls report() at the end of a run.
+"""
+import glob
+import gzip
+import json
+import math
+import os
+import sys
+import zlib
+from collections import defaultdict
+
+import numpy as np
+
+STEP_KEYS = ("step", "skipped", "reward_range", "adv_min", "adv_max", "adv_abs_mean",
+             "cos_in", "cos_out", "frac_fired", "n_over_projected")
+SAMPLE_KEYS = ("step", "sample_id", "src_pool", "src_step", "src_sample", "reward", "hacked",
+               "gt_pass", "fmt_ok", "comp_len", "cos_S_contrib", "grad_norm_contrib",
+               "mean_cos_in", "mean_cos_out", "frac_fired", "arm")
+PURE_HACK, HACK_CORRECT = "Reward Hack", "Correct; Attempted Reward Hack"
+ALPHA = 0.05
+
+# -----------------------------------------------------------------------------
+# stats: regularised incomplete beta -> Student t tail -> Welch test
+
+def _betacf(a, b, x, eps=1e-15, tiny=1e-300, max_iter=10000):
+    """Continued fraction for I_x(a,b), modified Lentz (Numerical Recipes 6.4)."""
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (tiny if abs(d) < tiny else d)
+    h = d
+    for m in range(1, max_iter + 1):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)),               # even step
+                   -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):     # odd step
+            d = 1.0 + aa * d
+            d = 1.0 / (tiny if abs(d) < tiny else d)
+            c = 1.0 + aa / c
+            c = tiny if abs(c) < tiny else c
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            return h
+    raise RuntimeError(f"betainc continued fraction did not converge (a={a}, b={b}, x={x})")
+
+def betainc_reg(a, b, x):
+    """I_x(a,b). Uses the symmetry I_x(a,b) = 1 - I_{1-x}(b,a) on the side where
+    the continued fraction converges quickly."""
+    if not (a > 0 and b > 0 and 0.0 <= x <= 1.0):
+        raise ValueError(f"betainc_reg needs a,b > 0 and 0 <= x <= 1, got {a}, {b}, {x}")
+    if x == 0.0 or x == 1.0:
+        return float(x)
+    lbt = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(lbt) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(lbt) * _betacf(b, a, 1.0 - x) / b
+
+def t_sf_two_sided(t, df):
+    """P(|T| >= |t|) for Student t with df degrees of freedom."""
+    if math.isinf(t):
+        return 0.0
+    return betainc_reg(df / 2.0, 0.5, df / (df + t * t))
+
+def _finite(x):
+    x = np.asarray([v for v in x if v is not None], dtype=float)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("non-finite value in statistics input")
+    return x
+
+def mean_sd(x):
+    """n, mean, sample sd (ddof=1); None where undefined, never NaN."""
+    x = _finite(x)
+    return dict(n=len(x), mean=float(x.mean()) if len(x) else None,
+                sd=float(x.std(ddof=1)) if len(x) > 1 else None)
+
+def welch_t_test(x, y):
+    """Welch's unequal-variance t-test with Welch-Satterthwaite df. Degenerate
+    inputs give t/df/p = None plus a reason rather than NaN."""
+    x, y = _finite(x), _finite(y)
+    n1, n2 = len(x), len(y)
+    out = dict(t=None, df=None, p=None, n1=n1, n2=n2, reason=None,
+               mean1=float(x.mean()) if n1 else None, mean2=float(y.mean()) if n2 else None)
+    if n1 < 2 or n2 < 2:
+        out["reason"] = f"need n>=2 in both groups (n1={n1}, n2={n2})"
+        return out
+    s1, s2 = x.var(ddof=1) / n1, y.var(ddof=1) / n2
+    if s1 + s2 == 0:
+        out["reason"] = "zero variance in both groups"
+        return out
+    t = (x.mean() - y.mean()) / math.sqrt(s1 + s2)
+    df = (s1 + s2) ** 2 / (s1 ** 2 / (n1 - 1) + s2 ** 2 / (n2 - 1))
+    out.update(t=float(t), df=float(df), p=float(t_sf_two_sided(float(t), float(df))))
+    return out
+
+# -----------------------------------------------------------------------------
+# loading: strict, because a silently dropped row biases every mean below
+
+def _reject_constant(s):
+    raise ValueError(f"non-finite number {s} (undefined values must be null)")
+
+def read_jsonl(path, required=()):
+    """Rows of a .jsonl or .jsonl.gz file; any bad line raises naming path:line."""
+    opener = gzip.open if path.endswith(".gz") else open
+    rows, n, reading = [], 0, True
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                n, reading = n + 1, False
+                if not line.strip():
+                    raise ValueError("blank line")
+                row = json.loads(line, parse_constant=_reject_constant)
+                if not isinstance(row, dict):
+                    raise ValueError("not a JSON object")
+                missing = [k for k in required if k not in row]
+                if missing:
+                    raise ValueError(f"missing keys {missing}")
+                rows.append(row)
+                reading = True
+    except (ValueError, EOFError, OSError, zlib.error, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}:{n + 1 if reading else n}: {type(e).__name__}: {e}") from e
+    return rows
+
+def load_run(run_dir):
+    run_json = os.path.join(run_dir, "run.json")
+    try:
+        with open(run_json) as f:
+            meta = json.load(f, parse_constant=_reject_constant)
+        cfg = meta["config"]
+        arm = cfg["arm"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{run_json}:1: bad run.json ({type(e).__name__}: {e})") from e
+    steps_path = os.path.join(run_dir, "steps.jsonl")
+    steps, seen = read_jsonl(steps_path, STEP_KEYS), set()
+    for i, s in enumerate(steps, 1):
+        if s["step"] in seen:
+            raise ValueError(f"{steps_path}:{i}: duplicate step {s['step']}")
+        seen.add(s["step"])
+    samples = []
+    for p in sorted(glob.glob(os.path.join(run_dir, "step_*.cos.jsonl.gz"))):
+        samples += read_jsonl(p, SAMPLE_KEYS)
+    return dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir)), cfg=cfg, arm=arm,
+                loss_mode=cfg.get("loss_mode", "grpo"), control=cfg.get("control", "none"),
+                seed=cfg.get("seed"), null_sd=(meta.get("null") or {}).get("cos_sd"),
+                steps=sorted(steps, key=lambda s: s["step"]), samples=samples)
+
+def _read_pool_fallback(pool_dir):
+    """Minimal pool reader used only when pools.py is not importable."""
+    name, rows = os.path.basename(os.path.normpath(pool_dir)), []
+    for p in sorted(glob.glob(os.path.join(pool_dir, "step_*.jsonl.gz"))):
+        if not p.endswith(".cos.jsonl.gz"):
+            rows += [dict(r, src_pool=name, src_step=r["step"], src_sample=r["sample"])
+                     for r in read_jsonl(p, ("step", "sample", "label"))]
+    return rows
+
+def load_labels(run):
+    """(src_pool, src_step, src_sample) -> label; the slim files carry no labels."""
+    try:
+        import pools
+        read = pools.read_pool
+    except ImportError:
+        read = _read_pool_fallback
+    dirs = run["cfg"].get("replay_dirs") or []
+    for d in dirs:
+        if not os.path.isdir(d):  # e.g. analysing on another machine: report it, don't crash
+            raise FileNotFoundError(f"pool dir not found: {d}")
+    return {(r["src_pool"], r["src_step"], r["src_sample"]): r["label"] for d in dirs for r in read(d)}
+
+# -----------------------------------------------------------------------------
+# helpers
+
+def live(run):
+    return [s for s in run["steps"] if not s["skipped"]]
+
+def vals(rows, key):
+    return [r[key] for r in rows if r.get(key) is not None]
+
+def main_runs(runs, arm):
+    """The Phase 2 runs proper: GRPO loss, no control direction."""
+    return [r for r in runs if r["arm"] == arm and r["loss_mode"] == "grpo" and r["control"] == "none"]
+
+def null_band(runs):
+    """Null sd (largest over runs, conservative) and the '≈ 0' half-width."""
+    sds = [r["null_sd"] for r in runs if r["null_sd"] is not None]
+    sd = max(sds) if sds else None
+    return sd, max(0.02, 2 * sd) if sd else 0.02
+
+def pool_kind(name):
+    low = str(name).lower()
+    return "teacher" if "teacher" in low else "base" if "base" in low else str(name)
+
+def fmt(x, nd=3):
+    if x is None:
+        return "—"
+    if isinstance(x, bool) or isinstance(x, int):
+        return str(x)
+    return f"{x:+.2e}" if x != 0 and abs(x) < 10 ** -nd else f"{x:+.{nd}f}"
+
+def fmt_test(w):
+    if w["t"] is None:
+        return f"n={w['n1']}/{w['n2']}: {w['reason']}"
+    return f"mean {fmt(w['mean1'])} vs {fmt(w['mean2'])}, t={w['t']:+.2f}, df={w['df']:.1f}, p={w['p']:.2g} (n={w['n1']}/{w['n2']})"
+
+def spark(xs, lo, hi):
+    bars = "▁▂▃▄▅▆▇█"
+    return "".join("·" if x is None else bars[min(7, int((x - lo) / (hi - lo + 1e-12) * 8))] for x in xs)
+
+def contrib_runs(runs):
+    """Runs whose per-sample contributions feed the bucket verdict: vanilla if present,
+    else projected (same seed => same samples, so pooling both would double-count)."""
+    return main_runs(runs, "vanilla") or main_runs(runs, "projected")
+
+def teacher_vs_base(samples, key="cos_S_contrib"):
+    return welch_t_test(vals([s for s in samples if pool_kind(s["src_pool"]) == "teacher"], key),
+                        vals([s for s in samples if pool_kind(s["src_pool"]) == "base"], key))
+
+# -----------------------------------------------------------------------------
+# 1. Phase 2 verification table (spec2 "Phase 2 verification")
+
+def row(metric, measured, verdict, rule, **extra):
+    return dict(metric=metric, measured=measured, verdict=verdict, rule=rule, **extra)
+
+def check_reward_range(runs):
+    steps = [s for r in runs if r["loss_mode"] == "grpo" for s in r["steps"]]
+    m = "r.max()-r.min() per step (GRPO runs)"
+    if not steps:
+        return row(m, "no GRPO steps", "n/a", "needs a GRPO run")
+    lv = [s for s in steps if not s["skipped"]]
+    rr, amin, amax, aabs = vals(lv, "reward_range"), vals(lv, "adv_min"), vals(lv, "adv_max"), vals(lv, "adv_abs_mean")
+    measured = (f"min range {fmt(min(rr) if rr else None)} over {len(lv)} live steps ({len(steps) - len(lv)} skipped); "
+                f"adv min {fmt(min(amin) if amin else None)} max {fmt(max(amax) if amax else None)} "
+                f"mean|adv| {fmt(float(np.mean(aabs)) if aabs else None)}")
+    low = [s["step"] for s in steps if s["reward_range"] is not None and s["reward_range"] < 0.1]
+    tiny = [s["step"] for s in lv if s["adv_abs_mean"] is not None and s["adv_abs_mean"] < 0.05
+            and (s["reward_range"] or 0) > 0]
+    if low:
+        return row(m, measured, "likely fail", f"range < 0.1 on steps {low}: no advantage signal")
+    if not rr:
+        return row(m, measured, "likely fail", "no live steps with a reward range")
+    if tiny:
+        return row(m, measured, "sneaky fail", f"mean|adv| < 0.05 with range > 0 on steps {tiny}")
+    if min(rr) > 1.0:
+        return row(m, measured, "success", "min range over live steps > 1.0")
+    return row(m, measured, "inconclusive", "0.1 <= min range <= 1.0 (success needs > 1.0)")
+
+def check_vanilla_cos_in(runs):
+    m, van = "cos_in per step, vanilla arm", main_runs(runs, "vanilla")
+    ci = [s["cos_in"] for r in van for s in live(r) if s["cos_in"] is not None]
+    if not ci:
+        return row(m, "no vanilla GRPO steps with cos_in", "n/a", "needs a vanilla GRPO run")
+    sd, band = null_band(van)
+    mean, pos, neg = float(np.mean(ci)), sum(c > 0 for c in ci), sum(c < 0 for c in ci)
+    z = f"{mean / sd:+.1f} null sd" if sd else "null sd unknown"
+    measured = f"mean {fmt(mean)} ({z}); >0 on {pos}/{len(ci)} steps, <0 on {neg}"
+    if abs(mean) < band:
+        return row(m, measured, "likely fail", f"|mean| < {band:.3f} = max(0.02, 2*null sd): orthogonal")
+    if mean < 0 and neg > len(ci) / 2:
+        return row(m, measured, "sneaky fail", "mean < 0 and most steps negative: reverse sign")
+    if pos > len(ci) / 2:
+        return row(m, measured, "success", "cos_in > 0 on more than half the steps")
+    return row(m, measured, "inconclusive", "mean away from 0 but no majority sign")
+
+def check_projection(runs):
+    m, proj = "cos_out < cos_in per step, projected arm", main_runs(runs, "projected")
+    st = [s for r in proj for s in live(r) if s["cos_in"] is not None and s["cos_out"] is not None]
+    if not st:
+        return row(m, "no projected GRPO steps with cos_in/cos_out", "n/a", "needs a projected GRPO run")
+    k, ff = sum(s["cos_out"] < s["cos_in"] for s in st), vals([s for r in proj for s in live(r)], "frac_fired")
+    mff = float(np.mean(ff)) if ff else None
+    measured = f"{k}/{len(st)} steps; mean frac_fired {fmt(mff)}"
+    if not any(ff):
+        return row(m, measured, "likely fail", "frac_fired null/0 on all steps: mechanism inactive")
+    if mff < 0.25:
+        return row(m, measured, "sneaky fail", "mean frac_fired < 0.25: fires on few modules")
+    if 5 * k >= 4 * len(st):
+        return row(m, measured, "success", ">= 80% of steps (16/20)")
+    return row(m, measured, "inconclusive", "< 80% of steps (success needs 16/20)")
+
+def check_contrib(runs):
+    m, rs = "cos_S_contrib by (src_pool, hacked)", contrib_runs(runs)
+    if not rs:
+        return row(m, "no GRPO samples", "n/a", "needs a vanilla or projected GRPO run", test=None)
+    w = teacher_vs_base([s for r in rs for s in r["samples"]])
+    measured = f"teacher vs base: {fmt_test(w)} [{', '.join(r['name'] for r in rs)}]"
+    if w["n1"] == 0 or w["n2"] == 0:
+        return row(m, measured, "sneaky fail", "a pool bucket is empty: no mixing", test=w)
+    if w["p"] is None:
+        return row(m, measured, "inconclusive", w["reason"], test=w)
+    if w["p"] >= ALPHA:
+        return row(m, measured, "likely fail", "teacher and base similar (p >= 0.05)", test=w)
+    if w["mean1"] > w["mean2"]:
+        base = "base <= ~0" if w["mean2"] <= 0.02 else "base smaller but > 0"
+        return row(m, measured, "success", f"teacher > base, p < 0.05, {base}", test=w)
+    return row(m, measured, "likely fail", "base > teacher (p < 0.05): reversed", test=w)
+
+def over_projected_steps(runs):
+    return [(r["name"], s["step"]) for r in runs if r["arm"] == "projected"
+            for s in r["steps"] if (s["n_over_projected"] or 0) > 0]
+
+def check_over_projection(runs):
+    m = "over-projection (n_over_projected > 0)"
+    if not any(r["arm"] == "projected" for r in runs):
+        return row(m, "no projected run", "n/a", "needs a projected run")
+    bad = over_projected_steps(runs)
+    if bad:
+        return row(m, f"{len(bad)} steps: {bad[:5]}", "bug", "n_over_projected > 0 on some step")
+    return row(m, "0 steps", "success", "n_over_projected == 0 on every step")
+
+# -----------------------------------------------------------------------------
+# 2-5. trajectories, buckets, Phase 1 labels, same-seed pairs
+
+def trajectories(runs):
+    out = []
+    for r in runs:
+        ci, co = [s["cos_in"] for s in r["steps"]], [s["cos_out"] for s in r["steps"]]
+        xs = [x for x in ci + co if x is not None] or [0.0]
+        out.append(dict(run=r["name"], arm=r["arm"], loss_mode=r["loss_mode"], control=r["control"],
+                        spark_cos_in=spark(ci, min(xs), max(xs)), spark_cos_out=spark(co, min(xs), max(xs)),
+                        rows=[{k: s.get(k) for k in ("step", "skipped", "reward_range", "cos_in", "cos_out",
+                                                      "frac_fired", "n_over_projected")} for s in r["steps"]]))
+    return out
+
+def buckets(runs):
+    out = []
+    for r in runs:
+        groups = defaultdict(list)
+        for s in r["samples"]:
+            groups[f"{s['src_pool']}|hacked={s['hacked']}"].append(s)
+        res = dict(run=r["name"], arm=r["arm"], loss_mode=r["loss_mode"])
+        for key in ("cos_S_contrib", "grad_norm_contrib"):
+            res[key] = dict(buckets={g: mean_sd(vals(rows, key)) for g, rows in sorted(groups.items())},
+                            teacher_vs_base=teacher_vs_base(r["samples"], key),
+                            hacked_vs_not=welch_t_test(vals([s for s in r["samples"] if s["hacked"]], key),
+                                                       vals([s for s in r["samples"] if not s["hacked"]], key)))
+        out.append(res)
+    return out
+
+def phase1(runs, labels=None):
+    """Spec headline for NLL runs: cos_S_contrib on pure hacks vs hack+correct."""
+    out = []
+    for r in [r for r in runs if r["loss_mode"] == "nll"]:
+        res = dict(run=r["name"])
+        try:
+            lab = labels if labels is not None else load_labels(r)
+        except FileNotFoundError as e:
+            out.append(dict(res, error=f"labels unavailable: {e}"))
+            continue
+        by, unmatched = defaultdict(list), []
+        for s in r["samples"]:
+            k = (s["src_pool"], s["src_step"], s["src_sample"])
+            if k in lab:
+                by[lab[k]].append(s["cos_S_contrib"])
+            else:
+                unmatched.append(list(k))
+        res.update(headline=welch_t_test(by[PURE_HACK], by[HACK_CORRECT]),
+                   labels={k: mean_sd(v) for k, v in sorted(by.items()) if v})
+        if unmatched:
+            res["error"] = f"{len(unmatched)} samples have no label in the replay pools, e.g. {unmatched[:3]}"
+        out.append(res)
+    return out
+
+def pairs(runs):
+    """Vanilla vs projected with the same (seed, loss_mode, control): both must see the same samples."""
+    groups = defaultdict(dict)
+    for r in runs:
+        groups[(r["seed"], r["loss_mode"], r["control"])].setdefault(r["arm"], r)
+    out = []
+    for (seed, lm, ctl), g in sorted(groups.items(), key=str):
+        if "vanilla" not in g or "projected" not in g:
+            continue
+        v, p = g["vanilla"], g["projected"]
+        ids = [defaultdict(list) for _ in range(2)]
+        for d, run in zip(ids, (v, p)):
+            for s in sorted(run["samples"], key=lambda s: (s["step"], s["sample_id"])):
+                d[s["step"]].append([s["src_pool"], s["src_step"], s["src_sample"]])
+        vs, ps = {s["step"]: s for s in v["steps"]}, {s["step"]: s for s in p["steps"]}
+        rows = [dict(step=k, vanilla_cos_in=vs.get(k, {}).get("cos_in"), projected_cos_in=ps.get(k, {}).get("cos_in"),
+                     projected_cos_out=ps.get(k, {}).get("cos_out"), same_samples=ids[0].get(k) == ids[1].get(k))
+                for k in sorted(set(vs) | set(ps) | set(ids[0]) | set(ids[1]))]
+        out.append(dict(seed=seed, loss_mode=lm, control=ctl, vanilla=v["name"], projected=p["name"], rows=rows,
+                        mismatched_steps=[x["step"] for x in rows if not x["same_samples"]]))
+    return out
+
+# -----------------------------------------------------------------------------
+# 6. Phase 3 decision (spec2 "Decision rules" and "Skip Phase 3 if")
+
+def decision(runs, contrib_row):
+    van, proj = main_runs(runs, "vanilla"), main_runs(runs, "projected")
+    sd, band = null_band(van + proj)
+    ci = [s["cos_in"] for r in van for s in live(r) if s["cos_in"] is not None]
+    co = [s["cos_out"] for r in proj for s in live(r) if s["cos_out"] is not None]
+    out, notes = dict(null_sd=sd, band=band, n_steps=len(ci)), []
+    if co:
+        mco = float(np.mean(co))
+        out["projected_mean_cos_out"] = mco
+        notes.append(f"projected mean cos_out {fmt(mco)} < 0.05 → projection effective → expect H1" if mco < 0.05
+                     else f"projected mean cos_out {fmt(mco)} >= 0.05 → projection not effective at removing alignment")
+    bad = over_projected_steps(runs)
+    if ci:
+        m = float(np.mean(ci))
+        out.update(vanilla_mean_cos_in=m, z_vs_null=m / sd if sd else None,
+                   frac_steps_above_0_2=float(np.mean(np.array(ci) > 0.2)),
+                   steps_outside_band=int(np.sum(np.abs(ci) >= band)))
+        notes.append(f"vanilla mean cos_in {fmt(m)} = {m / sd:+.1f} null sd (null sd {sd:.4f})" if sd
+                     else f"vanilla mean cos_in {fmt(m)} (null sd unknown; band 0.02)")
+        rnd = [s["cos_in"] for r in runs if r["control"] == "random_v" for s in live(r) if s["cos_in"] is not None]
+        near0 = abs(m) < band
+        if rnd:
+            w = out["vs_random_v"] = welch_t_test(ci, rnd)
+            notes.append(f"vanilla vs random_v control cos_in: {fmt_test(w)}")
+            near0 = near0 and (w["p"] is None or w["p"] >= ALPHA)
+        tb = contrib_row.get("test")
+        disc = bool(tb and tb["p"] is not None and tb["p"] < ALPHA)
+        notes.append(f"teacher-vs-base cos_S_contrib discrimination: {'yes' if disc else 'no'}"
+                     + (f" ({fmt_test(tb)})" if tb else ""))
+    if bad:
+        rule, why = "BUG: fix before any sweep", f"over-projection on {len(bad)} steps"
+    elif not ci:
+        rule, why = "n/a", "no vanilla GRPO steps with cos_in"
+    elif out["frac_steps_above_0_2"] >= 0.8:
+        rule, why = "RUN Phase 3 (justified)", f"cos_in > 0.2 on {out['frac_steps_above_0_2']:.0%} of steps (>= 80%)"
+    elif near0 and not disc:
+        rule, why = "SKIP Phase 3; try R7 (GRPO-style v_hack re-extraction) first", \
+            f"|mean cos_in| < {band:.3f} (≈ 0) and no teacher-vs-base discrimination"
+    elif near0:
+        rule, why = "RUN but expect smaller H1 effect", f"|mean cos_in| < {band:.3f} (≈ 0) but cos_S_contrib discriminates"
+    elif m < 0:
+        rule, why = "INVESTIGATE: reverse sign", "vanilla mean cos_in clearly negative (not covered by spec2 rules)"
+    else:
+        rule, why = "RUN with caution: weak alignment", "0 < cos_in, but not > 0.2 on >= 80% of steps"
+    return dict(out, rule=rule, why=why, notes=notes)
+
+# -----------------------------------------------------------------------------
+# report
+
+def analyze(run_dirs, labels=None):
+    runs = [load_run(d) for d in run_dirs]
+    ver = [check_reward_range(runs), check_vanilla_cos_in(runs), check_projection(runs),
+           check_contrib(runs), check_over_projection(runs)]
+    return dict(runs=[dict(run=r["name"], dir=r["dir"], arm=r["arm"], loss_mode=r["loss_mode"], control=r["control"],
+                           seed=r["seed"], null_sd=r["null_sd"], n_steps=len(r["steps"]), n_samples=len(r["samples"]))
+                      for r in runs],
+                verification=ver, trajectories=trajectories(runs), buckets=buckets(runs),
+                phase1=phase1(runs, labels), pairs=pairs(runs), decision=decision(runs, ver[3]))
+
+def table(header, rows):
+    rows = [[str(c) for c in r] for r in rows]
+    w = [max([len(str(h))] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    line = lambda r: "  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip()
+    return "\n".join([line(header), line(["-" * x for x in w])] + [line(r) for r in rows])
+
+def render(res):
+    o = ["runs: " + "; ".join(f"{r['run']} ({r['arm']}, {r['loss_mode']}, control={r['control']}, seed={r['seed']}, "
+                              f"{r['n_steps']} steps, {r['n_samples']} samples, null sd {fmt(r['null_sd'], 4)})"
+                              for r in res["runs"]),
+         "\n== 1. Phase 2 verification ==",
+         table(["metric", "measured", "verdict", "rule"],
+               [[v["metric"], v["measured"], v["verdict"], v["rule"]] for v in res["verification"]]),
+         "\n== 2. per-step trajectories =="]
+    for t in res["trajectories"]:
+        o.append(f"{t['run']} ({t['arm']}, {t['loss_mode']})  cos_in {t['spark_cos_in']}  cos_out {t['spark_cos_out']}")
+        o.append(table(["step", "skip", "r_range", "cos_in", "cos_out", "fired", "n_over"],
+                       [[x["step"], "y" if x["skipped"] else "", fmt(x["reward_range"], 2), fmt(x["cos_in"]),
+                         fmt(x["cos_out"]), fmt(x["frac_fired"], 2), fmt(x["n_over_projected"])] for x in t["rows"]]))
+    o.append("\n== 3. per-sample buckets (src_pool, hacked) ==")
+    for b in res["buckets"]:
+        for key in ("cos_S_contrib", "grad_norm_contrib"):
+            o.append(f"{b['run']} {key}:")
+            o.append(table(["bucket", "n", "mean", "sd"], [[g, s["n"], fmt(s["mean"]), fmt(s["sd"])]
+                                                           for g, s in b[key]["buckets"].items()]))
+            o.append(f"  teacher vs base: {fmt_test(b[key]['teacher_vs_base'])}")
+            o.append(f"  hacked vs not:   {fmt_test(b[key]['hacked_vs_not'])}")
+    o.append("\n== 4. Phase 1 (NLL runs): pure hack vs hack+correct ==")
+    for p in res["phase1"]:
+        if "headline" in p:
+            o.append(f"{p['run']}: '{PURE_HACK}' vs '{HACK_CORRECT}': {fmt_test(p['headline'])}")
+            o.append(table(["label", "n", "mean", "sd"], [[k, s["n"], fmt(s["mean"]), fmt(s["sd"])]
+                                                          for k, s in p["labels"].items()]))
+        if "error" in p:
+            o.append(f"!!! {p['run']}: {p['error']}")
+    if not res["phase1"]:
+        o.append("n/a (no nll run)")
+    o.append("\n== 5. vanilla vs projected, same seed ==")
+    for p in res["pairs"]:
+        o.append(f"seed {p['seed']} ({p['loss_mode']}, control={p['control']}): {p['vanilla']} vs {p['projected']}")
+        o.append(table(["step", "van cos_in", "proj cos_in", "proj cos_out", "same samples"],
+                       [[x["step"], fmt(x["vanilla_cos_in"]), fmt(x["projected_cos_in"]), fmt(x["projected_cos_out"]),
+                         "yes" if x["same_samples"] else "NO"] for x in p["rows"]]))
+        if p["mismatched_steps"]:
+            o.append(f"!!! SAMPLE MISMATCH: vanilla and projected saw different samples on steps {p['mismatched_steps']}")
+    if not res["pairs"]:
+        o.append("n/a (no vanilla+projected pair with the same seed)")
+    d = res["decision"]
+    o += ["\n== 6. Phase 3 decision ==", f"DECISION: {d['rule']}", f"  because: {d['why']}"]
+    o += [f"  - {n}" for n in d["notes"]]
+    return "\n".join(o)
+
+def report(run_dirs, as_json=False, labels=None):
+    """Text (or JSON) report for one or more run dirs; labels optionally overrides the pool join."""
+    res = analyze(run_dirs, labels)
+    return json.dumps(res, indent=1) if as_json else render(res)
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    dirs = [a for a in args if a != "--json"]
+    if not dirs or any(a.startswith("-") for a in dirs):
+        sys.exit("usage: python analyze.py RUN_DIR [RUN_DIR ...] [--json]")
+    print(report(dirs, as_json="--json" in args))
