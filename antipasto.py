@@ -1,0 +1,405 @@
+"""antipasto.py — the SVD-basis adapter, per-sample gradients, v_hack, and the one-sided projection.
+
+Each target Linear W = U diag(S) Vh (d_out, d_in), r = min(d_in, d_out) gets a trainable knob delta_S (r,):
+
+    y = W x + b + U (delta_S * (Vh x))
+
+At delta_S = 0 the model is unchanged bit for bit, so zeroing the knobs gives the reference model.
+Everything the spec measures lives in delta_S coordinates:
+    v_hack   per module, V (k, r): top right singular vectors of per-pair (hack - clean) gradients
+    cos_in   cosine of the gradient with the top hack axis, before projection
+    cos_out  the same after one-sided removal g - relu(V g) @ V
+    frac_fired  fraction of modules where something was removed
+`project` takes plain dicts of flat gradients and V's, so the LoRA basis reuses it unchanged.
+"""
+import contextlib, hashlib, json, math, os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "antipasto_svd")
+
+
+# ----------------------------------------------------------------------------- the adapter
+
+class SVDLinear(nn.Module):
+    """A frozen Linear plus the knob delta_S in its singular basis. Records per-sample gradients
+    of delta_S when `capture` is on (one backward gives all of them)."""
+
+    def __init__(self, base: nn.Linear, U, S, Vh, digest):
+        super().__init__()
+        self.base = base
+        self.register_buffer("U", U, persistent=False)    # (d_out, r), model dtype
+        self.register_buffer("Vh", Vh, persistent=False)  # (r, d_in), model dtype
+        self.register_buffer("S", S, persistent=False)    # (r,) float32, for reference
+        self.delta_S = nn.Parameter(torch.zeros(S.shape[0], dtype=torch.float32))
+        self.digest = digest          # sha256 of the frozen weight bytes
+        self.capture = False
+        self.grad_sample = None       # (B, r) after a backward with capture on
+
+    def forward(self, x):                                   # x: (B, T, d_in)
+        y = self.base(x)                                     # (B, T, d_out)
+        h = F.linear(x, self.Vh)                             # (B, T, r)
+        z = h * self.delta_S.to(h.dtype)                     # (B, T, r)
+        if self.capture and z.requires_grad:
+            hd = h.detach()
+            def store(gz):                                   # gz: dL/dz (B, T, r)
+                gs = (gz.float() * hd.float()).sum(dim=tuple(range(1, gz.dim() - 1)))  # (B, r)
+                self.grad_sample = gs if self.grad_sample is None else self.grad_sample + gs
+            z.register_hook(store)
+        return y + F.linear(z, self.U)
+
+
+def weight_digest(w):
+    """sha256 of a weight's dtype, shape and raw bytes: the SVD cache key and the model fingerprint."""
+    t = w.detach().contiguous().cpu()
+    raw = t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(raw.numpy().tobytes())
+    return h.hexdigest()
+
+
+def svd_of(w, cache_dir=CACHE_DIR, tol=1e-4):
+    """(U, S, Vh, digest) of a weight, computed in float32 and cached on disk by the weight's digest
+    (a changed weight has a new digest, so it can never hit a stale entry)."""
+    digest = weight_digest(w)
+    path = os.path.join(cache_dir, digest + ".pt") if cache_dir else None
+    if path and os.path.exists(path):
+        U, S, Vh = (torch.load(path, map_location=w.device, weights_only=True)[k] for k in ("U", "S", "Vh"))
+    else:
+        W = w.detach().float()
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)   # (d_out, r), (r,), (r, d_in)
+        err = (torch.linalg.norm((U * S) @ Vh - W) / torch.linalg.norm(W).clamp_min(1e-30)).item()
+        if err > tol:
+            raise RuntimeError(f"SVD reconstruction error {err:.2e} > {tol:.0e}")
+        if path:
+            os.makedirs(cache_dir, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            torch.save({"U": U.cpu(), "S": S.cpu(), "Vh": Vh.cpu()}, tmp)
+            os.replace(tmp, path)
+    return U.to(w.dtype), S.float(), Vh.to(w.dtype), digest
+
+
+def wrap(model, targets=TARGETS, cache_dir=CACHE_DIR):
+    """Attach delta_S (zeros) to every target Linear, freeze everything else.
+    Returns {module name: SVDLinear}, in model order."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
+    if not names:
+        raise ValueError(f"no Linear named {targets} in the model")
+    wrapped = {}
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        lin = getattr(parent, attr)
+        U, S, Vh, digest = svd_of(lin.weight, cache_dir)
+        mod = SVDLinear(lin, U, S, Vh, digest).to(lin.weight.device)
+        setattr(parent, attr, mod)
+        wrapped[name] = mod
+    return wrapped
+
+
+def fingerprint(modules):
+    """One id for a basis: module names, kinds, and the digests of their frozen weights."""
+    h = hashlib.sha256()
+    for name, m in modules.items():
+        h.update(f"{name}:{getattr(m, 'digest', '')}:{tuple(knob(m).shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+def knob(m):
+    """The trainable flat vector of a module: delta_S here; lora_adapter modules expose `knob()`."""
+    return m.delta_S if hasattr(m, "delta_S") else m.knob()
+
+
+@contextlib.contextmanager
+def zero_knobs(modules):
+    """The reference model for free: knobs at zero inside the block, restored after."""
+    saved = {n: m.delta_S.detach().clone() for n, m in modules.items()}
+    with torch.no_grad():
+        for m in modules.values():
+            m.delta_S.zero_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, m in modules.items():
+                m.delta_S.copy_(saved[n])
+
+
+def save_knobs(modules, path, extra=None):
+    from safetensors.torch import save_file
+    meta = {"fingerprint": fingerprint(modules), "basis": "svd", **(extra or {})}
+    tmp = path + ".tmp"
+    save_file({n: m.delta_S.detach().cpu().contiguous() for n, m in modules.items()}, tmp,
+              metadata={k: str(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+
+
+def load_knobs(modules, path):
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        fp = fingerprint(modules)
+        if meta.get("fingerprint") != fp:
+            raise ValueError(f"{path}: knobs were saved for base model {meta.get('fingerprint')}, "
+                             f"this model is {fp}; refusing to load them onto another model")
+        with torch.no_grad():
+            for n, m in modules.items():
+                m.delta_S.copy_(f.get_tensor(n))
+
+
+# ----------------------------------------------------------------------------- sequences and losses
+
+def make_batch(tokenizer, prompts, completions, max_prompt=None, max_completion=None, device="cpu"):
+    """Right-padded (prompt + completion) ids with a mask on completion tokens only.
+    The prompt is cut from the left (its end is what the model answers), the completion from the right.
+    Returns dict(input_ids (B, T), attention_mask (B, T), comp_mask (B, T), comp_len (B,))."""
+    seqs, comp = [], []
+    for p, c in zip(prompts, completions):
+        pi = tokenizer(p, add_special_tokens=False)["input_ids"]
+        ci = tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if max_prompt:
+            pi = pi[-max_prompt:]
+        if max_completion:
+            ci = ci[:max_completion]
+        seqs.append(pi + ci)
+        comp.append((len(pi), len(ci)))
+    T = max(len(s) for s in seqs)
+    B = len(seqs)
+    ids = torch.full((B, T), tokenizer.pad_token_id, dtype=torch.long)
+    att = torch.zeros(B, T, dtype=torch.long)
+    cm = torch.zeros(B, T, dtype=torch.float32)
+    for i, (s, (lp, lc)) in enumerate(zip(seqs, comp)):
+        ids[i, :len(s)] = torch.tensor(s)
+        att[i, :len(s)] = 1
+        cm[i, lp:lp + lc] = 1.0
+    return dict(input_ids=ids.to(device), attention_mask=att.to(device), comp_mask=cm.to(device),
+                comp_len=torch.tensor([lc for _, lc in comp], device=device))
+
+
+def token_logps(model, batch):
+    """log p(token_t | tokens_<t) at every position, 0 where no completion token. (B, T)"""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)                                        # (B, T-1, V)
+    tok = lp.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)                               # (B, T-1)
+    out = torch.zeros_like(batch["comp_mask"])
+    out[:, 1:] = tok * batch["comp_mask"][:, 1:]
+    return out
+
+
+def sample_losses(logp_tok, comp_mask, loss_mode, rewards=None, G=None):
+    """Per-sample losses (B,), summed for the batch loss. Spec2:
+        grpo: adv = r - mean(r) (Dr.GRPO: no std),  loss_i = -adv_i * (logp_i*mask_i).sum()/mask_i.sum()/G
+        nll:  loss_i = -(logp_i*mask_i).sum()/mask_i.sum()/G
+    Returns (losses (B,), adv (B,) or None)."""
+    G = G or logp_tok.shape[0]
+    mean_lp = (logp_tok * comp_mask).sum(-1) / comp_mask.sum(-1).clamp_min(1.0)   # (B,)
+    if loss_mode == "nll":
+        return -mean_lp / G, None
+    if loss_mode == "grpo":
+        r = torch.as_tensor(rewards, dtype=torch.float32, device=mean_lp.device)
+        adv = r - r.mean()
+        return -adv * mean_lp / G, adv
+    raise ValueError(f"loss_mode must be nll or grpo, not {loss_mode!r}")
+
+
+@contextlib.contextmanager
+def capture_per_sample(modules):
+    """Inside the block every backward fills m.grad_sample (B, r) for each module."""
+    for m in modules.values():
+        m.capture, m.grad_sample = True, None
+    try:
+        yield
+    finally:
+        for m in modules.values():
+            m.capture = False
+
+
+def per_sample_grads(model, modules, batch, loss_mode="nll", rewards=None, G=None):
+    """One forward + one backward. Returns (losses (B,), adv, {name: (B, r)} per-sample knob grads).
+    Their sum over B equals each knob's .grad (which is also set)."""
+    for m in modules.values():
+        knob(m).grad = None
+    with capture_per_sample(modules):
+        lp = token_logps(model, batch)
+        losses, adv = sample_losses(lp, batch["comp_mask"], loss_mode, rewards, G)
+        losses.sum().backward()
+    B = batch["input_ids"].shape[0]
+    gs = {n: (m.grad_sample if m.grad_sample is not None else torch.zeros(B, knob(m).numel()))
+          for n, m in modules.items()}
+    return losses.detach(), adv, gs
+
+
+# ----------------------------------------------------------------------------- projection
+
+def _cos(a, b):
+    na, nb = a.norm(), b.norm()
+    if na.item() == 0.0 or nb.item() == 0.0:
+        return None   # undefined: never NaN, never a fake 0
+    return (a @ b / (na * nb)).item()
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def project(grads, V, one_sided=True):
+    """Remove the hack-ward component of each module's flat gradient.
+        grads: {name: g (n,)};  V: {name: (k, n)} with orthonormal rows, row 0 the top hack axis
+        one_sided: g - relu(V g) @ V   (only what points hack-ward; default)
+        else:      g - (V g) @ V       (the whole span)
+    Returns (new grads, stats). stats: per-module lists and their means: cos_in (signed cosine with
+    the top axis), hackward (||relu(V g)|| / ||g||), cos_out, fired, over (cos_out < min(cos_in, 0)),
+    and frac_fired."""
+    out, per = {}, {"cos_in": [], "cos_out": [], "hackward": [], "fired": [], "over": []}
+    for name, g in grads.items():
+        v = V[name].to(g.dtype)                         # (k, n)
+        c = v @ g                                       # (k,)
+        rm = c.clamp_min(0) if one_sided else c
+        g2 = g - rm @ v                                 # (n,)
+        out[name] = g2
+        ci, co = _cos(g, v[0]), _cos(g2, v[0])
+        gn = g.norm().item()
+        per["cos_in"].append(ci)
+        per["cos_out"].append(co)
+        per["hackward"].append(c.clamp_min(0).norm().item() / gn if gn > 0 else None)
+        per["fired"].append(bool((rm != 0).any().item()))
+        # over-projection: some axis lost more than its hack-ward part (only a bug can do that)
+        per["over"].append(bool(((v @ g2) < torch.clamp(c, max=0.0) - 1e-5 * (gn + 1e-30)).any().item()))
+    stats = dict(per_module=per, cos_in=_mean(per["cos_in"]), cos_out=_mean(per["cos_out"]),
+                 hackward=_mean(per["hackward"]), frac_fired=sum(per["fired"]) / max(len(per["fired"]), 1),
+                 n_over_projected=sum(per["over"]))
+    return out, stats
+
+
+def sample_cosines(per_sample, V):
+    """Per-sample cos_S_contrib (mean over modules of cos(g_b, V[0])) and grad_norm_contrib
+    (global norm over modules). per_sample: {name: (B, n)}. Returns two lists of length B."""
+    names = list(per_sample)
+    B = per_sample[names[0]].shape[0]
+    cos, norms = [], []
+    for b in range(B):
+        cos.append(_mean([_cos(per_sample[n][b], V[n][0].to(per_sample[n].dtype)) for n in names]))
+        norms.append(math.sqrt(sum(per_sample[n][b].double().pow(2).sum().item() for n in names)))
+    return cos, norms
+
+
+# ----------------------------------------------------------------------------- v_hack
+
+def orient(Vk, D):
+    """Sign each row of Vk (k, n) so most pair differences D (P, n) project positively (ties: the
+    summed projection decides). Positive projection = descending that gradient moves toward the hack."""
+    proj = D @ Vk.T                                     # (P, k)
+    signs = torch.where((proj > 0).sum(0) > (proj < 0).sum(0), 1.0,
+                        torch.where((proj > 0).sum(0) < (proj < 0).sum(0), -1.0,
+                                    torch.where(proj.sum(0) >= 0, 1.0, -1.0)))
+    return Vk * signs[:, None]
+
+
+def directions_from_diffs(diffs, k=1):
+    """{name: (P, n) per-pair hack-minus-clean gradients} -> {name: V (k, n)}, oriented hack-ward."""
+    V = {}
+    for name, D in diffs.items():
+        D = D.double()
+        keep = D.norm(dim=1) > 0
+        if keep.sum() == 0:
+            raise ValueError(f"{name}: every pair difference is zero; cannot extract a direction")
+        _, _, Vh = torch.linalg.svd(D[keep], full_matrices=False)     # (min(P, n), n)
+        V[name] = orient(Vh[:k], D[keep]).float()
+    return V
+
+
+def pair_diffs(model, modules, tokenizer, pairs, loss="nll", G=8, max_prompt=None, max_completion=None,
+               batch_size=8, shuffle_seed=None):
+    """Per-pair gradient contrasts in the modules' knob basis.
+    pairs: [{"prompt": text, "hack": text, "clean": text, "r_hack": float, "r_clean": float}]
+      nll : d_i = grad NLL(hack_i) - grad NLL(clean_i)    (mean completion NLL, /G like the live loss)
+      grpo: d_i = grad of the GRPO loss of the group {hack_i, clean_i} with its real rewards, /G
+    shuffle_seed: the label-shuffled control, hack and clean swapped at random per pair.
+    Returns {name: (P, n)}."""
+    import random
+    swap = [False] * len(pairs)
+    if shuffle_seed is not None:
+        rng = random.Random(shuffle_seed)
+        swap = [rng.random() < 0.5 for _ in pairs]
+    pairs = [dict(p, hack=p["clean"], clean=p["hack"], r_hack=p.get("r_clean"), r_clean=p.get("r_hack"))
+             if s else p for p, s in zip(pairs, swap)]
+    diffs = {n: [] for n in modules}
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        P = len(chunk)
+        batch = make_batch(tokenizer, [p["prompt"] for p in chunk] * 2,
+                           [p["hack"] for p in chunk] + [p["clean"] for p in chunk], max_prompt, max_completion,
+                           device=next(model.parameters()).device)
+        _, _, gs = per_sample_grads(model, modules, batch, "nll", G=G)   # grad of -mean_lp/G per sample
+        if loss == "nll":
+            w_h, w_c = torch.ones(P), -torch.ones(P)
+        elif loss == "grpo":
+            r_h = torch.tensor([float(p["r_hack"]) for p in chunk])
+            r_c = torch.tensor([float(p["r_clean"]) for p in chunk])
+            w_h, w_c = (r_h - r_c) / 2, (r_c - r_h) / 2     # adv of each in its group of two
+        else:
+            raise ValueError(f"extraction loss must be nll or grpo, not {loss!r}")
+        for n, g in gs.items():                             # g: (2P, n), rows = grad of NLL_i / G
+            diffs[n].append(w_h[:, None] * g[:P] + w_c[:, None] * g[P:])
+    return {n: torch.cat(d) for n, d in diffs.items()}
+
+
+def save_v(V, path, meta):
+    """v_hack as safetensors plus metadata (basis kind, base fingerprint, k, pair count, loss, ...)."""
+    from safetensors.torch import save_file
+    tmp = path + ".tmp"
+    save_file({n: v.contiguous().cpu() for n, v in V.items()}, tmp,
+              metadata={"meta": json.dumps(meta, sort_keys=True)})
+    os.replace(tmp, path)
+
+
+def load_v(path, modules, basis="svd"):
+    """Load v_hack; refuse it when it was built on another basis kind or base model."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        fp = fingerprint(modules)
+        if meta.get("basis") != basis:
+            raise ValueError(f"{path}: v_hack is in the {meta.get('basis')!r} basis, this run uses {basis!r}")
+        if meta.get("fingerprint") != fp:
+            raise ValueError(f"{path}: v_hack was extracted on base model {meta.get('fingerprint')}, "
+                             f"this model is {fp}")
+        V = {n: f.get_tensor(n) for n in modules}
+    for n, m in modules.items():
+        if V[n].shape[1] != knob(m).numel():
+            raise ValueError(f"{path}: {n} has width {V[n].shape[1]}, knob has {knob(m).numel()}")
+    return V, meta
+
+
+# ----------------------------------------------------------------------------- controls and null
+
+def random_v(like, seed=0):
+    """Control: a random orthonormal V with the same k and width per module, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for n, v in like.items():
+        k, w = v.shape
+        Q, _ = torch.linalg.qr(torch.randn(w, k, generator=g, dtype=torch.float64))   # (w, k)
+        out[n] = Q.T.contiguous().float()
+    return out
+
+
+def null_cos(r, n=10000, seed=0):
+    """Samples of the cosine between a uniformly random direction and a fixed vector in R^r:
+    the null distribution against which a measured cos_in is judged. Exactly 2*Beta((r-1)/2,(r-1)/2)-1,
+    mean 0, sd 1/sqrt(r)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, r, generator=g, dtype=torch.float64)
+    return (x[:, 0] / x.norm(dim=1)).numpy()
+
+
+def null_cos_sd(widths):
+    """sd of the mean over modules of independent null cosines, modules of widths r_m:
+    sqrt(sum 1/r_m) / M."""
+    return math.sqrt(sum(1.0 / r for r in widths)) / len(widths)

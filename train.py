@@ -1,0 +1,380 @@
+"""train.py — the spec2 probes in one script: Phase 1 (--loss-mode=nll) and Phase 2 (--loss-mode=grpo)
+replay over graded pools, arms `vanilla` (measure only) and `projected` (one-sided removal of the
+hack-ward component of the delta_S gradient before AdamW steps).
+
+    python train.py --arm=vanilla --steps=20                     # demo: tiny Qwen3 + demo pools, no set-up
+    python train.py --arm=projected --loss-mode=grpo --replay-dirs=out/pools/teacher_pool,out/pools/base_pool
+    python train.py --arm=vanilla --loss-mode=nll --replay-dirs=out/pools/teacher_pool --per-pool=8
+
+Per step: draw `per-pool` rows from each pool into one group (the draw depends only on seed and step,
+never on the arm), one forward + one backward gives the batch gradient and every sample's own
+contribution, measure cos with v_hack, (projected) project, step. Writes a run directory:
+    run.json             argv, config, versions, v_hack and pool fingerprints, extraction pairs
+    steps.jsonl          one row per step
+    step_NNN.cos.jsonl.gz  one row per sample, spec2's slim schema (no prompt or completion text)
+"""
+import argparse, hashlib, json, os, platform, random, shutil, sys, time
+
+import torch
+
+import antipasto as ap
+import configs
+import pools
+
+SLIM_FIELDS = ("step", "sample_id", "src_pool", "src_step", "src_sample", "reward", "hacked", "gt_pass",
+               "fmt_ok", "comp_len", "cos_S_contrib", "grad_norm_contrib", "mean_cos_in", "mean_cos_out",
+               "frac_fired", "arm")
+DEMO_POOLS = os.path.join("out", "pools")
+
+
+def get_args(argv=None):
+    ap_ = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap_.add_argument
+    a("--arm", choices=("vanilla", "projected"), default="vanilla",
+      help="vanilla: measure cos_in/cos_out only; projected: remove the hack-ward gradient component")
+    a("--loss-mode", choices=("grpo", "nll"), default="grpo",
+      help="grpo: Dr.GRPO centred advantage, REINFORCE loss (Phase 2); nll: distillation probe (Phase 1)")
+    a("--replay-dirs", default=None,
+      help="comma-separated pool dirs mixed into each group (default: the demo pools, built if absent)")
+    a("--per-pool", type=int, default=None, help="rows drawn from each pool per step (default: G / #pools)")
+    a("--steps", type=int, default=None, help="optimizer steps (default: preset)")
+    a("--seed", type=int, default=None, help="seed of the draw and of controls (default: preset)")
+    a("--lr", type=float, default=None, help="AdamW learning rate on delta_S (default: preset)")
+    a("--model", default=None, help="'tiny' (random Qwen3 built locally) or a Hugging Face id / local path")
+    a("--preset", default="demo", choices=sorted(configs.PRESETS), help="defaults from configs.py")
+    a("--v-hack", default=None, help="v_hack file; extracted from held-out pairs and saved there when missing")
+    a("--extract-loss", choices=("nll", "grpo"), default="nll",
+      help="v_hack extraction loss: mean completion NLL (spec default) or GRPO-style (spec R7)")
+    a("--pairs", default=None,
+      help="JSON Lines of {prompt, hack, clean[, r_hack, r_clean]} for extraction (default: held-out pool steps)")
+    a("--pair-dirs", default=None,
+      help="comma-separated pools to build extraction pairs from (default: --replay-dirs, or the demo pools)")
+    a("--extract-frac", type=float, default=0.25,
+      help="fraction of each pool's steps (the last ones) held out for v_hack pairs, never replayed")
+    a("--k", type=int, default=None, help="hack axes kept per module (default: preset, 1)")
+    a("--control", choices=("none", "random_v", "shuffled_v"), default="none",
+      help="replace v_hack by a random orthonormal V or a label-shuffled extraction (controls)")
+    a("--no-gate", action="store_true", help="remove the whole V-span component, not only the hack-ward part")
+    a("--project-moments", action="store_true",
+      help="also remove the hack-ward part of AdamW's first moment (the update is still only measured)")
+    a("--out", default=None, help="run directory (default: out/runs/<arm>_<loss>_<control>_s<seed>)")
+    a("--overwrite", action="store_true", help="replace an existing run directory")
+    a("--resume", action="store_true", help="continue an existing run directory from its last step")
+    a("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    a("--no-report", action="store_true", help="skip the analysis report at the end")
+    a("--quiet", action="store_true", help="no progress bar and no summary (implies --no-report)")
+    args = ap_.parse_args(argv)
+    preset = configs.PRESETS[args.preset]
+    for key in ("steps", "seed", "lr", "model", "k"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    args.cfg = dict(preset)
+    return args
+
+
+# ----------------------------------------------------------------------------- model and data
+
+def load_model(name, dtype, device):
+    if name == "tiny":
+        model, tok = configs.tiny_qwen3()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model.to(device).eval(), tok
+
+
+def split_pool(rows, extract_frac):
+    """(replay rows, held-out rows): the last `extract_frac` of the pool's steps are held out for
+    v_hack pairs, so v_hack is never tested on the completions it was extracted from."""
+    steps = sorted({r["src_step"] for r in rows})
+    n_hold = int(round(len(steps) * extract_frac))
+    held = set(steps[len(steps) - n_hold:]) if n_hold else set()
+    return [r for r in rows if r["src_step"] not in held], [r for r in rows if r["src_step"] in held]
+
+
+def pool_pairs(held_rows):
+    """Extraction pairs from held-out rows: each hacked row with a non-hacked row of the same problem
+    (another pool first). Both are scored under the hack's (hinted) prompt, so the contrast is the
+    completion alone."""
+    clean = {}
+    for r in held_rows:
+        if not r["hacked"] and r["label"] not in ("Attempted Reward Hack", "Correct; Attempted Reward Hack"):
+            clean.setdefault(r["problem_id"], []).append(r)
+    pairs, used = [], set()
+    for h in held_rows:
+        if not h["hacked"]:
+            continue
+        cands = sorted(clean.get(h["problem_id"], []), key=lambda c: (c["src_pool"] == h["src_pool"],
+                                                                       c["src_step"], c["src_sample"]))
+        cands = [c for c in cands if id(c) not in used]
+        if cands:
+            c = cands[0]
+            used.add(id(c))
+            pairs.append(dict(prompt=h["prompt"], hack=h["completion"], clean=c["completion"],
+                              r_hack=h["reward"], r_clean=c["reward"],
+                              ids=[[h["src_pool"], h["src_step"], h["src_sample"]],
+                                   [c["src_pool"], c["src_step"], c["src_sample"]]]))
+    return pairs
+
+
+def read_pairs_file(path):
+    out = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                p = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise pools.DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            for k in ("prompt", "hack", "clean"):
+                if k not in p:
+                    raise pools.DataError(f"{path}:{lineno}: missing field '{k}'")
+            p.setdefault("ids", [["pairs_file", lineno, 0], ["pairs_file", lineno, 1]])
+            out.append(p)
+    return out
+
+
+def draw(replay, per_pool, seed, step):
+    """The group for one step: `per_pool` rows from each pool. Each pool is permuted once by
+    (seed, pool name) and consumed in order, cycling; so the draw depends on seed and step only."""
+    group = []
+    for name in sorted(replay):
+        rows = replay[name]
+        order = list(range(len(rows)))
+        random.Random(f"{seed}:{name}").shuffle(order)
+        for j in range(per_pool):
+            group.append(rows[order[(step * per_pool + j) % len(rows)]])
+    return group
+
+
+# ----------------------------------------------------------------------------- run directory
+
+def sha_file(path):
+    return pools.file_digest(path)[:16]
+
+
+def prepare_out(args):
+    out = args.out or os.path.join("out", "runs", f"{args.arm}_{args.loss_mode}_{args.control}_s{args.seed}")
+    if os.path.exists(out) and os.listdir(out):
+        if args.overwrite:
+            shutil.rmtree(out)
+        elif not args.resume:
+            raise SystemExit(f"error: run directory {out} exists; pass --overwrite to replace it or "
+                             f"--resume to continue it")
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def write_json(path, obj):
+    pools.atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def write_jsonl(path, rows):
+    pools.atomic_write(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+
+
+# ----------------------------------------------------------------------------- v_hack
+
+def get_v_hack(args, model, tok, modules, held, replay_ids):
+    """Load v_hack (refusing one built on other pairs than these replayed samples allow), or extract
+    it from held-out pairs and save it. Controls swap in a random or label-shuffled V."""
+    fp = ap.fingerprint(modules)
+    if args.pairs:
+        pairs, pairs_src = read_pairs_file(args.pairs), f"file:{args.pairs}"
+    else:
+        pairs, pairs_src = pool_pairs(held), "held-out pool steps"
+    shuffle = args.seed if args.control == "shuffled_v" else None
+    path = args.v_hack or os.path.join("out", "v_hack", f"{fp}_{args.extract_loss}_k{args.k}_" + hashlib.sha256(
+        json.dumps([p["ids"] for p in pairs]).encode()).hexdigest()[:12] + ".safetensors")
+    if shuffle is not None:
+        path = path.replace(".safetensors", f"_shuffled{shuffle}.safetensors")
+    if os.path.exists(path):
+        V, meta = ap.load_v(path, modules)
+    else:
+        if not pairs:
+            raise SystemExit("error: no (hack, clean) pairs for v_hack: the held-out pool steps hold no hacked "
+                             "row with a non-hacked row of the same problem; pass --pairs or --pair-dirs")
+        for p in pairs:
+            if isinstance(p["prompt"], list):
+                p["prompt"] = pools.render_prompt(p["prompt"], tok)
+        diffs = ap.pair_diffs(model, modules, tok, pairs, loss=args.extract_loss, G=args.cfg["group_size"],
+                              max_prompt=args.cfg["max_prompt_tokens"],
+                              max_completion=args.cfg["max_completion_tokens"], shuffle_seed=shuffle)
+        V = ap.directions_from_diffs(diffs, k=args.k)
+        meta = dict(basis="svd", fingerprint=fp, k=args.k, n_pairs=len(pairs), loss=args.extract_loss,
+                    pairs_source=pairs_src, pair_ids=[p["ids"] for p in pairs], shuffle_seed=shuffle)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        ap.save_v(V, path, meta)
+    overlap = {tuple(i) for ids in meta.get("pair_ids", []) for i in ids} & replay_ids
+    if overlap:
+        raise SystemExit(f"error: v_hack {path} was extracted from {len(overlap)} of the replayed samples "
+                         f"(e.g. {sorted(overlap)[0]}); a cosine on them would only show memory of the "
+                         f"extraction set. Use other pairs or a larger --extract-frac.")
+    if args.control == "random_v":
+        V = ap.random_v(V, seed=args.seed)
+    return V, dict(meta, path=os.path.abspath(path), sha256=sha_file(path), control=args.control)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def main(argv=None):
+    args = get_args(argv)
+    t_start = time.time()
+    torch.manual_seed(args.seed)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = args.cfg
+    demo = [os.path.join(DEMO_POOLS, "teacher_pool"), os.path.join(DEMO_POOLS, "base_pool")]
+    if args.replay_dirs:
+        replay_dirs = [d for d in args.replay_dirs.split(",") if d]
+    else:
+        replay_dirs = demo[:1] if args.loss_mode == "nll" else demo
+    pair_dirs = ([d for d in args.pair_dirs.split(",") if d] if args.pair_dirs else
+                 replay_dirs if len(replay_dirs) > 1 else demo)
+    if any(d in demo for d in replay_dirs + pair_dirs) and not all(os.path.isdir(d) for d in demo):
+        print(f"building demo pools in {DEMO_POOLS} (once) ...", file=sys.stderr)
+        pools.build_demo(DEMO_POOLS)
+    G = cfg["group_size"]
+    per_pool = args.per_pool or G // len(replay_dirs)
+    try:
+        pool_rows = {os.path.basename(os.path.normpath(d)): pools.read_pool(d) for d in replay_dirs}
+        pair_rows = {os.path.basename(os.path.normpath(d)): pools.read_pool(d) for d in pair_dirs}
+    except pools.DataError as e:
+        raise SystemExit(f"error: {e}")
+    if len(pool_rows) != len(replay_dirs):
+        raise SystemExit("error: two replay pools share a directory name; src_pool would be ambiguous")
+    replay, held = {}, []
+    for name, rows in pool_rows.items():
+        replay[name] = split_pool(rows, args.extract_frac)[0]
+    for name, rows in pair_rows.items():
+        held += split_pool(rows, args.extract_frac)[1]
+    if args.pairs:
+        replay = {n: rows for n, rows in pool_rows.items()}
+    replay_ids = {(r["src_pool"], r["src_step"], r["src_sample"]) for rows in replay.values() for r in rows}
+
+    out = prepare_out(args)
+    model, tok = load_model(args.model, cfg["dtype"], device)
+    modules = ap.wrap(model)
+    V, vmeta = get_v_hack(args, model, tok, modules, held, replay_ids)
+    widths = [ap.knob(m).numel() for m in modules.values()]
+    params = [ap.knob(m) for m in modules.values()]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    run = dict(argv=sys.argv if argv is None else ["train.py", *argv], config=dict(
+        cfg, arm=args.arm, loss_mode=args.loss_mode, replay_dirs=[os.path.abspath(d) for d in replay_dirs],
+        per_pool=per_pool, steps=args.steps, seed=args.seed, lr=args.lr, model=args.model, k=args.k,
+        control=args.control, one_sided=not args.no_gate, project_moments=args.project_moments,
+        extract_frac=args.extract_frac, preset=args.preset, group_size=per_pool * len(replay_dirs)),
+        versions=dict(python=platform.python_version(), torch=torch.__version__,
+                      transformers=__import__("transformers").__version__, grader=pools.GRADER_VERSION),
+        v_hack=vmeta, basis_fingerprint=ap.fingerprint(modules),
+        pools={n: dict(dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d), meta=pools.read_meta(d))
+               for n, d in zip(pool_rows, replay_dirs)},
+        null=dict(cos_sd=ap.null_cos_sd(widths), module_widths=widths))
+
+    start, step_rows = 0, []
+    state_path = os.path.join(out, "state.pt")
+    if args.resume and os.path.exists(state_path):
+        old = json.load(open(os.path.join(out, "run.json")))
+        same = lambda c: {k: v for k, v in c.items() if k != "steps"}   # a resume may extend --steps
+        if same(old["config"]) != same(run["config"]) or old["v_hack"]["sha256"] != vmeta["sha256"]:
+            raise SystemExit(f"error: --resume: {out} was started with another config or v_hack")
+        st = torch.load(state_path, weights_only=False)
+        with torch.no_grad():
+            for n, m in modules.items():
+                ap.knob(m).copy_(st["knobs"][n])
+        opt.load_state_dict(st["opt"])
+        start = st["step"] + 1
+        step_rows = [r for r in read_jsonl(os.path.join(out, "steps.jsonl")) if r["step"] < start]
+    write_json(os.path.join(out, "run.json"), run)
+
+    n_group = per_pool * len(replay_dirs)
+    bar = pools._bar(args.steps - start, f"{args.arm}/{args.loss_mode}", enabled=not args.quiet)
+    for step in range(start, args.steps):
+        t0 = time.time()
+        group = draw(replay, per_pool, args.seed, step)
+        rewards = [float(r["reward"]) for r in group]
+        batch = ap.make_batch(tok, [pools.render_prompt(r["prompt"], tok) for r in group],
+                              [r["completion"] for r in group], cfg["max_prompt_tokens"],
+                              cfg["max_completion_tokens"], device=device)
+        model.train()
+        losses, adv, gs = ap.per_sample_grads(model, modules, batch, args.loss_mode, rewards, G=n_group)
+        model.eval()
+        skipped = args.loss_mode == "grpo" and max(rewards) == min(rewards)
+        grads = {n: ap.knob(m).grad.detach().clone() for n, m in modules.items()}
+        new, st = ap.project(grads, V, one_sided=not args.no_gate)
+        before = {n: ap.knob(m).detach().clone() for n, m in modules.items()}
+        if not skipped:
+            if args.arm == "projected":
+                for n, m in modules.items():
+                    ap.knob(m).grad.copy_(new[n])
+                if args.project_moments:
+                    for n, m in modules.items():
+                        s = opt.state.get(ap.knob(m))
+                        if s and "exp_avg" in s:
+                            s["exp_avg"].copy_(ap.project({n: s["exp_avg"]}, {n: V[n]})[0][n])
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        # the applied update, on cos_in's scale: > 0 means the step moved hack-ward
+        upd = {n: before[n] - ap.knob(m).detach() for n, m in modules.items()}
+        cos_update = None if skipped else ap.project(upd, V)[1]["cos_in"]
+        s_cos, s_norm = ap.sample_cosines(gs, V)
+        adv_l = adv.tolist() if adv is not None else [None] * len(group)
+        slim = [dict(step=step, sample_id=i, src_pool=r["src_pool"], src_step=r["src_step"],
+                     src_sample=r["src_sample"], reward=r["reward"], hacked=r["hacked"], gt_pass=r["gt_pass"],
+                     fmt_ok=r["fmt_ok"], comp_len=int(batch["comp_len"][i]), cos_S_contrib=s_cos[i],
+                     grad_norm_contrib=s_norm[i], mean_cos_in=st["cos_in"], mean_cos_out=st["cos_out"],
+                     frac_fired=st["frac_fired"], arm=args.arm) for i, r in enumerate(group)]
+        pools.atomic_write(pools.step_path(out, step, ".cos.jsonl.gz"), pools.gz_jsonl_bytes(slim))
+        gnorm = sum(g.double().pow(2).sum().item() for g in grads.values()) ** 0.5
+        step_rows.append(dict(
+            step=step, arm=args.arm, skipped=skipped, skip_reason="zero reward variance" if skipped else None,
+            n_samples=len(group), reward_min=min(rewards), reward_max=max(rewards),
+            reward_range=max(rewards) - min(rewards),
+            adv_min=min(adv_l) if adv is not None else None, adv_max=max(adv_l) if adv is not None else None,
+            adv_abs_mean=adv.abs().mean().item() if adv is not None else None,
+            loss=losses.sum().item(), grad_norm=gnorm, cos_in=st["cos_in"], cos_out=st["cos_out"],
+            cos_update=cos_update, hackward=st["hackward"], frac_fired=st["frac_fired"],
+            n_over_projected=st["n_over_projected"], time_s=round(time.time() - t0, 3)))
+        write_jsonl(os.path.join(out, "steps.jsonl"), step_rows)
+        tmp = state_path + ".tmp"
+        torch.save(dict(step=step, knobs={n: ap.knob(m).detach().cpu() for n, m in modules.items()},
+                        opt=opt.state_dict()), tmp)
+        os.replace(tmp, state_path)
+        bar.update(1)
+    bar.close()
+    if args.quiet:
+        return out
+    summary(out, step_rows, time.time() - t_start)
+    if not args.no_report:
+        import analyze
+        print(analyze.report([out]))
+    return out
+
+
+def read_jsonl(path):
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{lineno}: malformed JSON ({e.msg})")
+    return rows
+
+
+def summary(out, rows, elapsed):
+    f = lambda x: "  null" if x is None else f"{x:+.3f}"
+    live = [r for r in rows if not r["skipped"]]
+    print(f"\n== run {out}: {len(rows)} steps ({len(rows) - len(live)} skipped: zero reward variance), "
+          f"{elapsed:.1f}s")
+    print(" step  r_range  |adv|   cos_in  cos_out  cos_upd  fired")
+    for r in rows:
+        print(f" {r['step']:>4}  {r['reward_range']:6.2f}  {r['adv_abs_mean'] or 0:5.2f}  {f(r['cos_in'])}  "
+              f"{f(r['cos_out'])}   {f(r['cos_update'])}  {r['frac_fired']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
