@@ -35,7 +35,7 @@ POOL_FIELDS = ("step", "sample", "problem_id", "prompt", "completion", "reward",
 # pass (about 100 asserts each) on a slow 2-core machine; the public grader uses 3 s on fast nodes.
 TIMEOUT_S = 10.0
 MEM_MB = 1024
-NPROC = 16            # processes + threads for the sandbox user id
+NPROC = 4             # processes + threads of the sandbox uid (root mode); caps memory at NPROC x MEM_MB
 FSIZE_MB = 8          # largest file the child may write (inside its own working directory)
 MAX_MSG_BYTES = 4 << 20
 SANDBOX_UID0 = 61000  # root only: child i runs as uid SANDBOX_UID0 + slot, a uid nothing else uses
@@ -166,84 +166,110 @@ def canonical_tree(values):
 # ----------------------------------------------------------------------------- the child
 
 # Runs as `python -I -S -c HARNESS fd uid mem_bytes cpu_s nproc fsize_bytes` with the job on stdin.
-# It loads what solutions import, sets limits, (as root) unshares the network, chroots into its
-# temporary working directory and drops to an unprivileged uid, then runs the program. The result
-# stream on fd: b'C1' or b'C0' (compiles?) written BEFORE any model code runs, then one results
-# message built from exact built-in types by string concatenation, then b'\0END'.
-HARNESS = r'''
-import sys, os, resource
+# 1. reads the job, loads what solutions import (after the chroot nothing more can be read);
+# 2. unshares network, IPC, mount and PID namespaces (and, when not root, a user namespace), forks:
+#    the child is PID 1 of a namespace that dies with it, so nothing it starts can outlive it;
+# 3. sets limits, chroots into its empty temporary directory, and drops to an unprivileged uid
+#    (root) or drops every capability (user namespace); it dies with its parent (PDEATHSIG);
+# 4. result stream on fd: b'C1' / b'C0' (compiles?) written BEFORE any model code runs, then one
+#    JSON message of tagged values built by string concatenation from exact built-in types, b'\0END'.
+#    b'X': the namespaces could not be made, so nothing ran.
+HARNESS = r"""
+import sys, os, resource, ctypes, json, _json
 def _main():
     fd, uid, mem, cpu, nproc, fsize = [int(a) for a in sys.argv[1:7]]
-    import json
     job = json.loads(sys.stdin.buffer.read().decode("utf-8"))
     for m in ("random functools collections string math datetime typing itertools heapq bisect "
               "operator re copy array fractions decimal statistics dataclasses enum numbers cmath "
-              "queue time textwrap unicodedata _strptime sys json abc types weakref").split():
+              "queue time textwrap unicodedata _strptime sys abc types weakref").split():
         try:
             __import__(m)
         except Exception:
             pass
-    R = resource
-    for lim, val in ((R.RLIMIT_AS, mem), (R.RLIMIT_CPU, cpu), (R.RLIMIT_NPROC, nproc),
-                     (R.RLIMIT_FSIZE, fsize), (R.RLIMIT_CORE, 0), (R.RLIMIT_NOFILE, 64)):
-        R.setrlimit(lim, (val, val))
-    if os.getuid() == 0:
-        try:
-            import ctypes
-            ctypes.CDLL(None).unshare(0x40000000)  # CLONE_NEWNET: no network, best effort
-        except Exception:
-            pass
-        os.chroot(os.getcwd()); os.chdir("/")
-        os.setgroups([]); os.setgid(uid); os.setuid(uid)
-    write, _exit, _type, _len, _isinstance = os.write, os._exit, type, len, isinstance
-    int_repr, float_repr, str_repr = int.__repr__, float.__repr__, str.__repr__
+    write, _exit, _type, _len = os.write, os._exit, type, len
+    int_repr, float_repr, qstr = int.__repr__, float.__repr__, _json.encode_basestring_ascii
     tname = lambda t: type.__dict__["__name__"].__get__(t)
     def send(b):
         while b:
             b = b[write(fd, b):]
+    libc = ctypes.CDLL(None, use_errno=True)
+    root = os.getuid() == 0
+    real_uid, real_gid = os.getuid(), os.getgid()
+    flags = 0x20000 | 0x20000000 | 0x40000000 | 0x08000000 | (0 if root else 0x10000000)
+    if libc.unshare(flags) != 0:        # NEWNS | NEWPID | NEWNET | NEWIPC [| NEWUSER]
+        send(b"X"); _exit(0)
+    if not root:
+        for f, v in (("setgroups", "deny"), ("uid_map", f"0 {real_uid} 1"), ("gid_map", f"0 {real_gid} 1")):
+            with open(f"/proc/self/{f}", "w") as fh:
+                fh.write(v)
+    pid = os.fork()
+    if pid:                              # outside the PID namespace: wait for it, hold nothing open
+        os.close(fd)
+        os.waitpid(pid, 0)
+        _exit(0)
+    R = resource
+    for lim, val in ((R.RLIMIT_AS, mem), (R.RLIMIT_CPU, cpu), (R.RLIMIT_NPROC, nproc),
+                     (R.RLIMIT_FSIZE, fsize), (R.RLIMIT_CORE, 0), (R.RLIMIT_NOFILE, 64)):
+        R.setrlimit(lim, (val, val))
+    os.chroot(os.getcwd()); os.chdir("/")
+    if root:
+        os.setgroups([]); os.setgid(uid); os.setuid(uid)
+        # clear this uid's kernel keyrings: no message from an earlier child of the same uid survives
+        nr = {"x86_64": 250, "aarch64": 219}.get(os.uname().machine)
+        if nr:
+            for ring in (-4, -5):        # KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING
+                libc.syscall(nr, 7, ring)  # KEYCTL_CLEAR
+    else:
+        libc.prctl(28, 0x2f, 0, 0, 0)    # SECBIT_NOROOT|_LOCKED|NO_SETUID_FIXUP|_LOCKED|KEEP_CAPS_LOCKED
+        hdr = (ctypes.c_uint32 * 2)(0x20080522, 0)
+        data = (ctypes.c_uint32 * 6)()
+        nr = {"x86_64": 126, "aarch64": 91}.get(os.uname().machine)
+        if not nr or libc.syscall(nr, hdr, data) != 0:   # capset: no capabilities at all
+            send(b"X"); _exit(0)
+    libc.prctl(38, 1, 0, 0, 0)           # PR_SET_NO_NEW_PRIVS
+    libc.prctl(1, 9, 0, 0, 0)            # PR_SET_PDEATHSIG = SIGKILL
     def enc(x, depth):
         t = _type(x)
         if depth > 50:
             raise ValueError
         if t is bool:
-            return "('b',True)" if x is True else "('b',False)"
+            return '["b",true]' if x is True else '["b",false]'
         if t is int:
-            return "('i'," + str_repr(int_repr(x)) + ")"
+            return '["i","' + int_repr(x) + '"]'
         if t is float:
-            return "('f'," + str_repr(float_repr(x)) + ")"
+            return '["f","' + float_repr(x) + '"]'
         if t is str:
-            return "('s'," + str_repr(x) + ")"
+            return '["s",' + qstr(x) + "]"
         if x is None:
-            return "('n',)"
+            return '["n"]'
         if t is list or t is tuple or t is set or t is frozenset:
             tag = {list: "l", tuple: "t", set: "S", frozenset: "F"}[t]
-            return "('" + tag + "',[" + ",".join([enc(e, depth + 1) for e in list(x)]) + "])"
+            return '["' + tag + '",[' + ",".join([enc(e, depth + 1) for e in list(x)]) + "]]"
         if t is dict:
-            return "('d',[" + ",".join(["(" + enc(k, depth + 1) + "," + enc(v, depth + 1) + ")"
-                                        for k, v in list(dict.items(x))]) + "])"
-        if tname(t) == "ListNode":  # any ListNode class: .val/.next are read, values encoded strictly
+            return '["d",[' + ",".join(["[" + enc(k, depth + 1) + "," + enc(v, depth + 1) + "]"
+                                        for k, v in list(dict.items(x))]) + "]]"
+        if tname(t) == "ListNode":       # any ListNode class: .val / .next read, values encoded strictly
             vals, n = [], x
             while n is not None:
                 if _len(vals) > 100000:
                     raise ValueError
                 vals.append(enc(n.val, depth + 1)); n = n.next
-            return "('L',[" + ",".join(vals) + "])"
-        if tname(t) == "TreeNode":
+            return '["L",[' + ",".join(vals) + "]]"
+        if tname(t) == "TreeNode":       # level order, trailing Nones dropped
             out, q, i = [], [x], 0
             while i < _len(q):
                 n = q[i]; i += 1
                 if n is None:
-                    out.append("('n',)"); continue
+                    out.append('["n"]'); continue
                 if _len(q) > 200000:
                     raise ValueError
                 out.append(enc(n.val, depth + 1)); q.append(n.left); q.append(n.right)
-            while out and out[-1] == "('n',)":
+            while out and out[-1] == '["n"]':
                 out.pop()
-            return "('T',[" + ",".join(out) + "])"
+            return '["T",[' + ",".join(out) + "]]"
         raise ValueError
-    src = job["setup"] + "\n\n" + job["program"]
     try:
-        code = compile(src, "<program>", "exec")
+        code = compile(job["setup"] + "\n\n" + job["program"], "<program>", "exec")
     except BaseException:
         send(b"C0"); _exit(0)
     send(b"C1")
@@ -251,19 +277,24 @@ def _main():
     try:
         exec(code, ns)
     except BaseException:
-        send(b"('load_error',)\0END"); _exit(0)
+        send(b'["load_error"]\0END'); _exit(0)
     items = []
     for call in job["calls"]:
         try:
-            items.append("('ok'," + enc(eval(call, ns), 0) + ")")
+            items.append('["ok",' + enc(eval(call, ns), 0) + "]")
         except BaseException:
-            items.append("('err',)")
+            items.append('["err"]')
             if job.get("stop_at_error"):
                 break
-    send(("[" + ",".join(items) + "]").encode("utf-8") + b"\0END")
+    send(("[" + ",".join(items) + "]").encode("ascii") + b"\0END")
     _exit(0)
 _main()
-'''
+"""
+
+
+class SandboxUnavailable(RuntimeError):
+    """The child could not isolate itself; model code is never run without the sandbox."""
+
 
 _CHILD_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
               "PYTHONDONTWRITEBYTECODE": "1"}
@@ -273,7 +304,7 @@ for _i in range(256):
 
 
 def _kill_uid(uid):
-    """SIGKILL every process running as the sandbox uid (escapees that left the process group)."""
+    """SIGKILL every process running as the sandbox uid (root mode: anything that left the namespace)."""
     for _ in range(50):
         pids = []
         for p in os.listdir("/proc"):
@@ -297,18 +328,26 @@ def _kill_uid(uid):
         time.sleep(0.01)
 
 
+def _rmtree(d):
+    try:
+        shutil.rmtree(d)
+    except Exception:  # noqa: BLE001 - e.g. a directory nested deeper than Python's recursion limit
+        subprocess.run(["rm", "-rf", "--", d], check=False)
+
+
 def run_child(setup, program, calls, timeout_s=TIMEOUT_S, mem_mb=MEM_MB, stop_at_error=False):
     """Run setup+program in a sandboxed child and evaluate each call expression there.
     Returns (compiled: bool|None, results: list|None, status: str). results[i] is ('ok', value)
-    or ('err',); None when the child died, timed out, flooded or tampered with the channel."""
+    or ('err',); None when the child died, timed out, flooded or tampered with the channel.
+    Raises SandboxUnavailable when no sandbox could be made (nothing ran)."""
     root = os.getuid() == 0
     uid = _uid_slots.get() if root else os.getuid()
-    workdir = tempfile.mkdtemp(prefix="sandbox_")
+    workdir = tempfile.mkdtemp(prefix="sandbox_")   # root: root-owned 0700, the child cannot write
+    if not root:
+        os.chmod(workdir, 0o555)
     r, w = os.pipe()
     proc, data, status = None, b"", "ok"
     try:
-        if root:
-            os.chown(workdir, uid, uid)
         job = json.dumps({"setup": setup, "program": program, "calls": calls,
                           "stop_at_error": stop_at_error}).encode()
         argv = [sys.executable, "-I", "-S", "-c", HARNESS, str(w), str(uid), str(mem_mb << 20),
@@ -335,7 +374,6 @@ def run_child(setup, program, calls, timeout_s=TIMEOUT_S, mem_mb=MEM_MB, stop_at
                 if len(data) > MAX_MSG_BYTES:
                     status = "flood"; break
             elif proc.poll() is not None:
-                # child gone; a grandchild may still hold the pipe: read what is there, then stop
                 ready, _, _ = select.select([r], [], [], 0.05)
                 if not ready:
                     break
@@ -345,14 +383,22 @@ def run_child(setup, program, calls, timeout_s=TIMEOUT_S, mem_mb=MEM_MB, stop_at
         os.close(r)
         if proc is not None:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)   # the namespace's PID 1 dies with its parent
             except OSError:
                 pass
             proc.wait()
         if root:
             _kill_uid(uid)
             _uid_slots.put(uid)
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not root:
+            os.chmod(workdir, 0o700)
+        _rmtree(workdir)
+    if data[:1] == b"X":
+        raise SandboxUnavailable(
+            "the grader's sandbox could not create its namespaces (network, IPC, mount, PID"
+            + ("" if root else ", user") + "); run as root or enable unprivileged user namespaces "
+            "(sysctl kernel.unprivileged_userns_clone=1 / user.max_user_namespaces > 0). "
+            "Model-written code is never run without it.")
     compiled = {b"C1": True, b"C0": False}.get(data[:2])
     if status != "ok":
         return compiled, None, status
@@ -364,10 +410,10 @@ def run_child(setup, program, calls, timeout_s=TIMEOUT_S, mem_mb=MEM_MB, stop_at
     if not body.endswith(b"\0END") or body.count(b"\0END") != 1:
         return True, None, "died" if not body else "tampered"
     try:
-        msg = ast.literal_eval(body[:-4].decode("utf-8"))
-        if msg == ("load_error",):
+        msg = json.loads(body[:-4].decode("ascii"))
+        if msg == ["load_error"]:
             return True, None, "load_error"
-        results = [("ok", _decode(it[1])) if it[0] == "ok" else ("err",) for it in msg]
+        results = [("ok", _decode(it[1])) if it[0] == "ok" and len(it) == 2 else ("err",) for it in msg]
     except Exception:  # noqa: BLE001 - anything malformed is a failure, never a pass
         return True, None, "tampered"
     if len(results) > len(calls):
@@ -376,7 +422,7 @@ def run_child(setup, program, calls, timeout_s=TIMEOUT_S, mem_mb=MEM_MB, stop_at
 
 
 def _decode(v):
-    """Tagged tuples from the child -> plain Python values (the parent's own types, own ==)."""
+    """Tagged JSON values from the child -> plain Python values (the parent's own types, own ==)."""
     tag = v[0]
     if tag == "b":
         return bool(v[1])
@@ -390,7 +436,7 @@ def _decode(v):
         return v[1]
     if tag == "n":
         return None
-    if tag in "ltSF" and len(tag) == 1:
+    if tag in ("l", "t", "S", "F"):
         vals = [_decode(e) for e in v[1]]
         return {"l": list, "t": tuple, "S": set, "F": frozenset}[tag](vals)
     if tag == "d":
@@ -432,9 +478,13 @@ def find_test_func(code):
     """(source, parent class or None) of the response's run_tests, found like the public grader:
     the first FunctionDef named run_tests in breadth-first ast.walk order, unparsed whole."""
     try:
-        tree = ast.parse(code)
-    except Exception:  # noqa: BLE001
+        return _find_test_func(code)
+    except Exception:  # noqa: BLE001 - hostile source (e.g. nesting past the recursion limit)
         return None, None
+
+
+def _find_test_func(code):
+    tree = ast.parse(code)
     parents = {}
     for node in ast.walk(tree):
         for child in ast.iter_child_nodes(node):
@@ -526,7 +576,8 @@ def grade_many(pairs, workers=None, progress=True, **lim):
 def _bar(total, desc, enabled=True):
     try:
         from tqdm import tqdm
-        return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False)
+        return tqdm(total=total, desc=desc, disable=not (enabled and sys.stderr.isatty()), file=sys.stderr,
+                    leave=False)
     except ImportError:  # tqdm ships with transformers; stay usable without it
         class _N:
             def update(self, n): pass

@@ -11,6 +11,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import numpy as np
 
+import antipasto  # noqa: F401 - imported before torch: pins MKL's reproducible CPU mode
 import pools
 
 FIXTURE = os.path.join(HERE, "data", "fixture_problems.jsonl")
@@ -345,13 +346,15 @@ def test_sandbox_environment_is_scrubbed_and_unprivileged():
     os.environ["SANDBOX_TEST_SECRET"] = "s3cret"
     try:
         ok, res, status = pools.run_child("", "import os", ["os.environ.get('SANDBOX_TEST_SECRET')", "os.getuid()",
-                                                            "len(os.listdir('/'))"])
+                                                            "[os.path.exists(p) for p in ('/etc/passwd', '/root', '/proc/1')]",
+                                                            "os.getppid()"])
     finally:
         del os.environ["SANDBOX_TEST_SECRET"]
     assert ok and status == "ok" and res[0] == ("ok", None)
     if os.getuid() == 0:
         assert res[1][1] != 0                    # dropped privileges
-        assert res[2] == ("ok", 0)               # chrooted into its own empty working directory
+    assert res[2] == ("ok", [False, False, False])   # chrooted into its own empty working directory
+    assert res[3] == ("ok", 0)                       # PID 1 of its own namespace: no parent to signal
 
 
 # ============================================================================ pools: IO and demo
@@ -582,10 +585,11 @@ def test_projection_one_sided_properties():
         assert abs(st["cos_in"] - np.mean(cos0)) < 1e-5
         fired = [bool((V[n] @ grads[n] > 0).any()) for n in V]
         assert st["frac_fired"] == sum(fired) / len(fired) and st["n_over_projected"] == 0
-    none_pos = {"a": -V["m0"][0] * 2.0}
-    new, st = ap.project(none_pos, {"a": V["m0"]})
-    assert torch.equal(new["a"], none_pos["a"]) and st["frac_fired"] == 0.0
     V1 = V["m0"][:1]
+    none_pos = {"a": -V1[0] * 2.0 + 0.5 * torch.nn.functional.normalize(torch.randn(30, generator=g) @
+                                                                       (torch.eye(30) - V1.T @ V1), dim=0)}
+    new, st = ap.project(none_pos, {"a": V1})
+    assert torch.equal(new["a"], none_pos["a"]) and st["frac_fired"] == 0.0
     new, st = ap.project({"a": -V1[0] * 2.0}, {"a": V1}, one_sided=False)   # no-gate: even the anti-hack part
     assert new["a"].abs().max() < 1e-6 and st["cos_out"] is None              # nothing left: null cosine
 

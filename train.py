@@ -15,11 +15,10 @@ contribution, measure cos with v_hack, (projected) project, step. Writes a run d
 """
 import argparse, hashlib, json, os, platform, random, shutil, sys, time
 
-import torch
-
-import antipasto as ap
+import antipasto as ap   # first: it pins MKL's reproducible mode before torch loads
 import configs
 import pools
+import torch
 
 SLIM_FIELDS = ("step", "sample_id", "src_pool", "src_step", "src_sample", "reward", "hacked", "gt_pass",
                "fmt_ok", "comp_len", "cos_S_contrib", "grad_norm_contrib", "mean_cos_in", "mean_cos_out",
