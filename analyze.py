@@ -5,19 +5,21 @@ projected on the same seed, and the Phase 3 go/no-go decision.
 
     python analyze.py RUN_DIR [RUN_DIR ...] [--json]
 
-numpy + stdlib only (the t-test is hand-written) so the report runs wherever
-train.py runs; train.py calls report() at the end of a run.
+numpy + stdlib (+ the sibling pools.py, also stdlib-only) and a hand-written
+t-test, so the report runs wherever train.py runs; train.py calls report() at
+the end of a run.
 """
 import glob
-import gzip
 import json
 import math
 import os
 import sys
-import zlib
 from collections import defaultdict
 
 import numpy as np
+
+import pools   # strict JSON Lines reading and pool labels (standard library only)
+from pools import read_jsonl
 
 STEP_KEYS = ("step", "skipped", "reward_range", "adv_min", "adv_max", "adv_abs_mean",
              "cos_in", "cos_out", "frac_fired", "n_over_projected")
@@ -101,36 +103,11 @@ def welch_t_test(x, y):
 # -----------------------------------------------------------------------------
 # loading: strict, because a silently dropped row biases every mean below
 
-def _reject_constant(s):
-    raise ValueError(f"non-finite number {s} (undefined values must be null)")
-
-def read_jsonl(path, required=()):
-    """Rows of a .jsonl or .jsonl.gz file; any bad line raises naming path:line."""
-    opener = gzip.open if path.endswith(".gz") else open
-    rows, n, reading = [], 0, True
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line in f:
-                n, reading = n + 1, False
-                if not line.strip():
-                    raise ValueError("blank line")
-                row = json.loads(line, parse_constant=_reject_constant)
-                if not isinstance(row, dict):
-                    raise ValueError("not a JSON object")
-                missing = [k for k in required if k not in row]
-                if missing:
-                    raise ValueError(f"missing keys {missing}")
-                rows.append(row)
-                reading = True
-    except (ValueError, EOFError, OSError, zlib.error, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}:{n + 1 if reading else n}: {type(e).__name__}: {e}") from e
-    return rows
-
 def load_run(run_dir):
     run_json = os.path.join(run_dir, "run.json")
     try:
         with open(run_json) as f:
-            meta = json.load(f, parse_constant=_reject_constant)
+            meta = json.load(f, parse_constant=pools._no_constant)
         cfg = meta["config"]
         arm = cfg["arm"]
     except (ValueError, KeyError, TypeError) as e:
@@ -149,22 +126,9 @@ def load_run(run_dir):
                 seed=cfg.get("seed"), null_sd=(meta.get("null") or {}).get("cos_sd"),
                 steps=sorted(steps, key=lambda s: s["step"]), samples=samples)
 
-def _read_pool_fallback(pool_dir):
-    """Minimal pool reader used only when pools.py is not importable."""
-    name, rows = os.path.basename(os.path.normpath(pool_dir)), []
-    for p in sorted(glob.glob(os.path.join(pool_dir, "step_*.jsonl.gz"))):
-        if not p.endswith(".cos.jsonl.gz"):
-            rows += [dict(r, src_pool=name, src_step=r["step"], src_sample=r["sample"])
-                     for r in read_jsonl(p, ("step", "sample", "label"))]
-    return rows
-
 def load_labels(run):
     """(src_pool, src_step, src_sample) -> label; the slim files carry no labels."""
-    try:
-        import pools
-        read = pools.read_pool
-    except ImportError:
-        read = _read_pool_fallback
+    read = pools.read_pool
     dirs = run["cfg"].get("replay_dirs") or []
     for d in dirs:
         if not os.path.isdir(d):  # e.g. analysing on another machine: report it, don't crash

@@ -267,8 +267,10 @@ def project(grads, V, one_sided=True):
         rm = c.clamp_min(0) if one_sided else c
         g2 = g - rm @ v                                 # (n,)
         out[name] = g2
-        ci, co = _cos(g, v[0]), _cos(g2, v[0])
         gn = g.norm().item()
+        ci = _cos(g, v[0])
+        # nothing left (to rounding) after projection: the cosine is undefined, not a noise value
+        co = _cos(g2, v[0]) if g2.norm().item() > 1e-6 * gn else None
         per["cos_in"].append(ci)
         per["cos_out"].append(co)
         per["hackward"].append(c.clamp_min(0).norm().item() / gn if gn > 0 else None)

@@ -610,25 +610,31 @@ def gz_jsonl_bytes(rows):
     return gzip.compress(text, mtime=0)
 
 
-def read_gz_jsonl(path, required=()):
-    """Read a gzipped JSON Lines file. A truncated gzip, a malformed line or a missing field raises
-    DataError naming the path and line; nothing is skipped silently."""
+def _no_constant(s):
+    raise ValueError(f"non-finite number {s} (undefined values are written as null)")
+
+
+def read_jsonl(path, required=()):
+    """Rows of a JSON Lines file, gzipped when the name ends in .gz. A truncated gzip, a blank or
+    malformed line, a non-object, NaN/Infinity or a missing field raises DataError naming the path
+    and line; nothing is skipped silently."""
     rows, lineno = [], 0
+    opener = gzip.open if path.endswith(".gz") else open
     try:
-        with gzip.open(path, "rt", encoding="utf-8") as f:
+        with opener(path, "rt", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+                    row = json.loads(line, parse_constant=_no_constant)
+                except ValueError as e:
+                    raise DataError(f"{path}:{lineno}: malformed JSON line ({e})") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path}:{lineno}: expected a JSON object")
                 missing = [k for k in required if k not in row]
                 if missing:
                     raise DataError(f"{path}:{lineno}: missing field(s) {missing}")
                 rows.append(row)
-    except (EOFError, OSError, zlib.error) as e:
-        raise DataError(f"{path}:{lineno + 1}: truncated or corrupt gzip ({type(e).__name__}: {e})") from None
+    except (EOFError, OSError, zlib.error, UnicodeDecodeError) as e:
+        raise DataError(f"{path}:{lineno + 1}: truncated or corrupt file ({type(e).__name__}: {e})") from None
     return rows
 
 
@@ -660,7 +666,7 @@ def read_pool(d):
     out = []
     for s in pool_steps(d):
         path = step_path(d, s)
-        for i, row in enumerate(read_gz_jsonl(path, POOL_FIELDS), 1):
+        for i, row in enumerate(read_jsonl(path, POOL_FIELDS), 1):
             if row["step"] != s:
                 raise DataError(f"{path}:{i}: row says step {row['step']}, file is step {s}")
             out.append(dict(row, src_pool=name, src_step=s, src_sample=row["sample"]))
@@ -806,7 +812,7 @@ def regrade(d, problems_path=None, workers=None):
     by_id = {p["id"]: p for p in load_problems(problems_path, hint=bool(meta.get("hint")))}
     changed = 0
     for s in pool_steps(d):
-        rows = read_gz_jsonl(step_path(d, s), POOL_FIELDS)
+        rows = read_jsonl(step_path(d, s), POOL_FIELDS)
         missing = [r["problem_id"] for r in rows if r["problem_id"] not in by_id]
         if missing:
             raise DataError(f"{step_path(d, s)}: problem ids {missing} not in {problems_path}")

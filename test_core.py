@@ -384,7 +384,7 @@ def test_pool_corruption_reports_path_and_line():
     good = open(path, "rb").read()
     open(path, "wb").write(good[: len(good) // 2])
     e = raises(pools.DataError, pools.read_pool, d)
-    assert path in str(e) and "truncated" in str(e)
+    assert path in str(e) and "truncated or corrupt" in str(e)
     lines = gzip.decompress(good).decode().splitlines()
     lines[6] = lines[6][:-5]
     open(path, "wb").write(gzip.compress(("\n".join(lines) + "\n").encode()))
@@ -435,7 +435,7 @@ def test_regrade_restores_labels_atomically():
     for f in ("meta.json", "step_000.jsonl.gz", "step_002.jsonl.gz"):
         shutil.copy(os.path.join(src, f), d)
     path = pools.step_path(d, 2)
-    rows = pools.read_gz_jsonl(path)
+    rows = pools.read_jsonl(path)
     rows[0]["label"], rows[0]["reward"] = "Correct", 0.0
     pools.atomic_write(path, pools.gz_jsonl_bytes(rows))
     changed = pools.regrade(d, FIXTURE, workers=2)
@@ -723,7 +723,7 @@ def run_train(*extra, out=None):
 
 
 def slim_rows(run):
-    return {f: pools.read_gz_jsonl(os.path.join(run, f)) for f in sorted(os.listdir(run)) if f.endswith(".cos.jsonl.gz")}
+    return {f: pools.read_jsonl(os.path.join(run, f)) for f in sorted(os.listdir(run)) if f.endswith(".cos.jsonl.gz")}
 
 
 def test_train_arms_share_samples_and_slim_schema_has_no_text():
@@ -798,7 +798,7 @@ def test_train_zero_variance_group_is_skipped():
     d = os.path.join(tmpdir(), "flat_pool")
     os.makedirs(d)
     for s in pools.pool_steps(teacher):
-        rows = pools.read_gz_jsonl(pools.step_path(teacher, s))
+        rows = pools.read_jsonl(pools.step_path(teacher, s))
         pools.write_pool_step(d, s, [dict(r, reward=3.5) for r in rows])
     out = os.path.join(tmpdir(), "run")
     run_train("--arm", "projected", "--replay-dirs", d, "--per-pool", "8", "--pair-dirs", ",".join(demo_pools()),
@@ -1031,15 +1031,6 @@ def test_phase1_labels_from_pool_and_mapping():
         assert n == 160 and p["labels"]["Incorrect"]["n"] == 80, p["labels"]
         h = p["headline"]
         assert h["n1"] + h["n2"] == 80 and h["p"] is not None
-        # the stdlib fallback reader (used when pools.py is not importable) gives the same join
-        saved = sys.modules.get("pools")
-        sys.modules["pools"] = None   # makes `import pools` raise ImportError
-        try:
-            assert A.analyze([d])["phase1"][0]["labels"] == p["labels"]
-        finally:
-            sys.modules.pop("pools")
-            if saved is not None:
-                sys.modules["pools"] = saved
         # missing pool dirs (e.g. another machine) are reported in the section, not a crash
         d2 = make_run(root, "nll2", "vanilla", loss_mode="nll", pools=("gone_teacher", "gone_base"))
         assert "labels unavailable" in A.analyze([d2])["phase1"][0]["error"]
@@ -1083,7 +1074,7 @@ def test_truncated_gz_raises_with_path_and_line():
         try:
             A.load_run(os.path.join(root, "van2"))
         except ValueError as e:
-            assert f"{p}:4:" in str(e) and "missing keys" in str(e), str(e)
+            assert f"{p}:4:" in str(e) and "missing field" in str(e), str(e)
         else:
             raise AssertionError("missing keys did not raise")
 

@@ -120,21 +120,12 @@ def pool_pairs(held_rows):
 
 
 def read_pairs_file(path):
-    out = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                p = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise pools.DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            for k in ("prompt", "hack", "clean"):
-                if k not in p:
-                    raise pools.DataError(f"{path}:{lineno}: missing field '{k}'")
-            p.setdefault("ids", [["pairs_file", lineno, 0], ["pairs_file", lineno, 1]])
-            out.append(p)
-    return out
+    """Extraction pairs from a JSON Lines file: {prompt (text or chat messages), hack, clean
+    [, r_hack, r_clean]} per line."""
+    pairs = pools.read_jsonl(path, ("prompt", "hack", "clean"))
+    for i, p in enumerate(pairs, 1):
+        p.setdefault("ids", [["pairs_file", i, 0], ["pairs_file", i, 1]])
+    return pairs
 
 
 def draw(replay, per_pool, seed, step):
@@ -286,7 +277,7 @@ def main(argv=None):
                 ap.knob(m).copy_(st["knobs"][n])
         opt.load_state_dict(st["opt"])
         start = st["step"] + 1
-        step_rows = [r for r in read_jsonl(os.path.join(out, "steps.jsonl")) if r["step"] < start]
+        step_rows = [r for r in pools.read_jsonl(os.path.join(out, "steps.jsonl")) if r["step"] < start]
     write_json(os.path.join(out, "run.json"), run)
 
     n_group = per_pool * len(replay_dirs)
@@ -351,17 +342,6 @@ def main(argv=None):
         import analyze
         print(analyze.report([out]))
     return out
-
-
-def read_jsonl(path):
-    rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path}:{lineno}: malformed JSON ({e.msg})")
-    return rows
 
 
 def summary(out, rows, elapsed):
