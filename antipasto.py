@@ -409,3 +409,77 @@ def null_cos_sd(widths):
     """sd of the mean over modules of independent null cosines, modules of widths r_m:
     sqrt(sum 1/r_m) / M."""
     return math.sqrt(sum(1.0 / r for r in widths)) / len(widths)
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def bench(model_name="tiny", B=8, prompt_len=384, comp_len=256, repeats=5, device="cpu"):
+    """Side by side in one run, same batch: plain forward+backward, forward+backward with per-sample
+    gradients (this file), and B separate single-sample backwards (the slow baseline it replaces)."""
+    import time
+    import configs
+    if model_name == "tiny":
+        model, tok = configs.tiny_qwen3()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(model_name)
+        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.bfloat16)
+    model.to(device)
+    modules = wrap(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (B, prompt_len + comp_len), generator=g).to(device)
+    cm = torch.zeros(B, prompt_len + comp_len, device=device)
+    cm[:, prompt_len:] = 1.0
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), comp_mask=cm)
+    rewards = [3.5, 0.5] * (B // 2) + [0.0] * (B % 2)
+
+    def plain():
+        for m in modules.values():
+            m.delta_S.grad = None
+        losses, _ = sample_losses(token_logps(model, batch), cm, "grpo", rewards, G=B)
+        losses.sum().backward()
+
+    def per_sample():
+        per_sample_grads(model, modules, batch, "grpo", rewards, G=B)
+
+    def separate():
+        adv = torch.tensor(rewards) - torch.tensor(rewards).mean()
+        for b in range(B):
+            for m in modules.values():
+                m.delta_S.grad = None
+            one = {k: v[b:b + 1] for k, v in batch.items()}
+            lp = token_logps(model, one)
+            (-adv[b] * (lp * one["comp_mask"]).sum() / one["comp_mask"].sum() / B).backward()
+
+    fns = dict(plain=plain, per_sample=per_sample, separate=separate)
+    times = {k: [] for k in fns}
+    for fn in fns.values():                             # warm-up
+        fn()
+    for _ in range(repeats):                            # interleaved rounds: drift hits all three alike
+        for k, fn in fns.items():
+            if device != "cpu":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device != "cpu":
+                torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - t)
+    t_plain, t_ps, t_sep = (sorted(times[k])[len(times[k]) // 2] for k in fns)
+    print(f"model={model_name} B={B} T={prompt_len + comp_len} device={device} torch threads={torch.get_num_threads()}")
+    print(f"  plain forward+backward         {t_plain * 1e3:8.1f} ms   1.00x")
+    print(f"  + per-sample grads (one pass)  {t_ps * 1e3:8.1f} ms   {t_ps / t_plain:.2f}x")
+    print(f"  B separate backwards           {t_sep * 1e3:8.1f} ms   {t_sep / t_plain:.2f}x")
+    return dict(plain=t_plain, per_sample=t_ps, separate=t_sep)
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="benchmark: per-sample gradients vs a plain backward")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=384)
+    p.add_argument("--comp-len", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args()
+    bench(a.model, a.batch, a.prompt_len, a.comp_len, a.repeats, a.device)

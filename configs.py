@@ -49,7 +49,7 @@ def tiny_qwen3(seed=0):
     tok = byte_tokenizer()
     cfg = Qwen3Config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                       bos_token_id=None, **TINY_QWEN3)
-    cfg._attn_implementation = "eager"
+    cfg._attn_implementation = "sdpa"
     g = torch.random.fork_rng()
     with g:
         torch.manual_seed(seed)
