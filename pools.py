@@ -311,13 +311,12 @@ def _kill_uid(uid):
             if p.isdigit():
                 try:
                     with open(f"/proc/{p}/status") as f:
-                        for line in f:
-                            if line.startswith("Uid:"):
-                                if int(line.split()[1]) == uid:
-                                    pids.append(int(p))
-                                break
+                        status = dict(line.split(":", 1) for line in f if ":" in line)
                 except OSError:
-                    pass
+                    continue
+                # a zombie is already dead (its parent reaps it); anything else of this uid is killed
+                if int(status.get("Uid", "-1").split()[0]) == uid and not status.get("State", "").strip().startswith("Z"):
+                    pids.append(int(p))
         if not pids:
             return
         for p in pids:
@@ -382,6 +381,11 @@ def run_child(setup, program, calls, timeout_s=TIMEOUT_S, mem_mb=MEM_MB, stop_at
             os.close(w)
         os.close(r)
         if proc is not None:
+            if status == "ok":
+                try:
+                    proc.wait(timeout=1.0)             # let it reap the namespace's PID 1 (no zombie)
+                except subprocess.TimeoutExpired:
+                    pass
             try:
                 os.killpg(proc.pid, signal.SIGKILL)   # the namespace's PID 1 dies with its parent
             except OSError:
