@@ -361,9 +361,17 @@ def decision(runs, contrib_row):
     out, notes = dict(null_sd=sd, band=band, n_steps=len(ci)), []
     if co:
         mco = float(np.mean(co))
-        out["projected_mean_cos_out"] = mco
-        notes.append(f"projected mean cos_out {fmt(mco)} < 0.05 → projection effective → expect H1" if mco < 0.05
-                     else f"projected mean cos_out {fmt(mco)} >= 0.05 → projection not effective at removing alignment")
+        mci = float(np.mean([s["cos_in"] for r in proj for s in live(r) if s["cos_in"] is not None]))
+        out.update(projected_mean_cos_out=mco, projected_mean_cos_in=mci)
+        # a one-sided k=1 projection leaves cos_out <= 0 by construction: the rule only says something
+        # when there was alignment to remove
+        if mci < 0.05:
+            notes.append(f"projected mean cos_in {fmt(mci)} already < 0.05: the 'cos_out < 0.05' rule cannot show "
+                         f"that projection is effective (mean cos_out {fmt(mco)})")
+        elif mco < 0.05:
+            notes.append(f"projected mean cos_in {fmt(mci)} -> cos_out {fmt(mco)} < 0.05 → projection effective → expect H1")
+        else:
+            notes.append(f"projected mean cos_out {fmt(mco)} >= 0.05 → projection not effective at removing alignment")
     bad = over_projected_steps(runs)
     if ci:
         m = float(np.mean(ci))
@@ -379,8 +387,11 @@ def decision(runs, contrib_row):
             notes.append(f"vanilla vs random_v control cos_in: {fmt_test(w)}")
             near0 = near0 and (w["p"] is None or w["p"] >= ALPHA)
         tb = contrib_row.get("test")
-        disc = bool(tb and tb["p"] is not None and tb["p"] < ALPHA)
-        notes.append(f"teacher-vs-base cos_S_contrib discrimination: {'yes' if disc else 'no'}"
+        sig = bool(tb and tb["p"] is not None and tb["p"] < ALPHA)
+        rev = sig and tb["mean1"] < tb["mean2"]          # teacher below base: the wrong way round
+        disc = sig and not rev
+        notes.append("teacher-vs-base cos_S_contrib discrimination: "
+                     + ("yes" if disc else "REVERSED (teacher < base)" if rev else "no")
                      + (f" ({fmt_test(tb)})" if tb else ""))
     if bad:
         rule, why = "BUG: fix before any sweep", f"over-projection on {len(bad)} steps"
@@ -388,6 +399,10 @@ def decision(runs, contrib_row):
         rule, why = "n/a", "no vanilla GRPO steps with cos_in"
     elif out["frac_steps_above_0_2"] >= 0.8:
         rule, why = "RUN Phase 3 (justified)", f"cos_in > 0.2 on {out['frac_steps_above_0_2']:.0%} of steps (>= 80%)"
+    elif near0 and rev:
+        rule, why = "INVESTIGATE: reversed discrimination", \
+            (f"|mean cos_in| < {band:.3f} (≈ 0) and teacher cos_S_contrib < base (spec2 expects teacher > base): "
+             "check v_hack's sign and extraction pairs before any sweep")
     elif near0 and not disc:
         rule, why = "SKIP Phase 3; try R7 (GRPO-style v_hack re-extraction) first", \
             f"|mean cos_in| < {band:.3f} (≈ 0) and no teacher-vs-base discrimination"

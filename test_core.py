@@ -1000,6 +1000,13 @@ def test_synthetic_skip_and_failures():
         assert res["pairs"][0]["mismatched_steps"], res["pairs"]
         assert "!!! SAMPLE MISMATCH" in A.render(res)
 
+def test_decision_reversed_discrimination_is_not_a_run():
+    with tempfile.TemporaryDirectory() as root:
+        dv = make_run(root, "van", "vanilla", cos_in=(0.0, 0.02), teacher=(-0.3, 0.05), base=(0.3, 0.05))
+        res = A.analyze([dv])
+        assert res["decision"]["rule"] == "INVESTIGATE: reversed discrimination", res["decision"]
+        assert any("REVERSED" in n for n in res["decision"]["notes"])
+
 def test_synthetic_empty_bucket_and_inactive():
     with tempfile.TemporaryDirectory() as root:
         dv = make_run(root, "van", "vanilla", pools=("teacher_pool", "teacher_pool"))
