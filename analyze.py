@@ -103,6 +103,19 @@ def welch_t_test(x, y):
 # -----------------------------------------------------------------------------
 # loading: strict, because a silently dropped row biases every mean below
 
+def add_adv_free(rows, loss_mode):
+    """cos_adv_free = cos_S_contrib * sign(adv): the cosine of the direction the sample pushes its
+    own log-likelihood (grad NLL_i) with v_hack. Under GRPO a teacher row has adv > 0 and a base row
+    adv < 0, so any direction shared by all NLL gradients separates the pools in cos_S_contrib by
+    the advantage's sign alone; this one does not. adv = reward - mean(reward) over the step's group."""
+    for step in {r["step"] for r in rows}:
+        grp = [r for r in rows if r["step"] == step]
+        mean_r = sum(r["reward"] for r in grp) / len(grp)
+        for r in grp:
+            adv = r["reward"] - mean_r if loss_mode == "grpo" else 1.0
+            c = r["cos_S_contrib"]
+            r["cos_adv_free"] = None if c is None or adv == 0 else (c if adv > 0 else -c)
+
 def load_run(run_dir):
     run_json = os.path.join(run_dir, "run.json")
     try:
@@ -120,7 +133,9 @@ def load_run(run_dir):
         seen.add(s["step"])
     samples = []
     for p in sorted(glob.glob(os.path.join(run_dir, "step_*.cos.jsonl.gz"))):
-        samples += read_jsonl(p, SAMPLE_KEYS)
+        rows = read_jsonl(p, SAMPLE_KEYS)
+        add_adv_free(rows, cfg.get("loss_mode", "grpo"))
+        samples += rows
     return dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir)), cfg=cfg, arm=arm,
                 loss_mode=cfg.get("loss_mode", "grpo"), control=cfg.get("control", "none"),
                 seed=cfg.get("seed"), null_sd=(meta.get("null") or {}).get("cos_sd"),
@@ -220,9 +235,13 @@ def check_vanilla_cos_in(runs):
     sd, band = null_band(van)
     mean, pos, neg = float(np.mean(ci)), sum(c > 0 for c in ci), sum(c < 0 for c in ci)
     z = f"{mean / sd:+.1f} null sd" if sd else "null sd unknown"
-    measured = f"mean {fmt(mean)} ({z}); >0 on {pos}/{len(ci)} steps, <0 on {neg}"
+    outside = sum(abs(c) >= band for c in ci)
+    measured = (f"mean {fmt(mean)} ({z}); >0 on {pos}/{len(ci)} steps, <0 on {neg}; "
+                f"|cos_in| >= {band:.3f} on {outside}")
+    if outside == 0:
+        return row(m, measured, "likely fail", f"|cos_in| < {band:.3f} = max(0.02, 2*null sd) on all steps: orthogonal")
     if abs(mean) < band:
-        return row(m, measured, "likely fail", f"|mean| < {band:.3f} = max(0.02, 2*null sd): orthogonal")
+        return row(m, measured, "inconclusive", f"|mean| < {band:.3f} but {outside} steps outside: the sign alternates")
     if mean < 0 and neg > len(ci) / 2:
         return row(m, measured, "sneaky fail", "mean < 0 and most steps negative: reverse sign")
     if pos > len(ci) / 2:
@@ -242,7 +261,7 @@ def check_projection(runs):
     if mff < 0.25:
         return row(m, measured, "sneaky fail", "mean frac_fired < 0.25: fires on few modules")
     if 5 * k >= 4 * len(st):
-        return row(m, measured, "success", ">= 80% of steps (16/20)")
+        return row(m, measured, "success", ">= 80% of steps (16/20); holds whenever a module fires")
     return row(m, measured, "inconclusive", "< 80% of steps (success needs 16/20)")
 
 def check_contrib(runs):
@@ -261,6 +280,32 @@ def check_contrib(runs):
         base = "base <= ~0" if w["mean2"] <= 0.02 else "base smaller but > 0"
         return row(m, measured, "success", f"teacher > base, p < 0.05, {base}", test=w)
     return row(m, measured, "likely fail", "base > teacher (p < 0.05): reversed", test=w)
+
+def check_contrib_adv_free(runs):
+    m, rs = "advantage-free cos (cos_S_contrib x sign(adv))", contrib_runs(runs)
+    if not rs:
+        return row(m, "no GRPO samples", "n/a", "needs a vanilla or projected GRPO run", test=None)
+    w = teacher_vs_base([s for r in rs for s in r["samples"]], "cos_adv_free")
+    measured = f"teacher vs base: {fmt_test(w)}"
+    if w["p"] is None:
+        return row(m, measured, "inconclusive", w["reason"], test=w)
+    if w["p"] >= ALPHA:
+        return row(m, measured, "likely fail", "teacher and base rows' own gradients align alike with v_hack: "
+                   "a cos_S_contrib gap is the advantage's sign", test=w)
+    if w["mean1"] > w["mean2"]:
+        return row(m, measured, "success", "teacher rows' own gradients align more with v_hack (p < 0.05)", test=w)
+    return row(m, measured, "likely fail", "base rows align more than teacher rows (p < 0.05): reversed", test=w)
+
+def check_update(runs):
+    m = "cos_update (applied AdamW update)"
+    parts = []
+    for arm in ("vanilla", "projected"):
+        cu = [s["cos_update"] for r in main_runs(runs, arm) for s in live(r) if s.get("cos_update") is not None]
+        if cu:
+            parts.append(f"{arm} mean {fmt(float(np.mean(cu)))}, > 0 on {sum(c > 0 for c in cu)}/{len(cu)} steps")
+    if not parts:
+        return row(m, "no cos_update values", "n/a", "needs a GRPO run")
+    return row(m, "; ".join(parts), "info", "what was applied; > 0 = the step moved hack-ward")
 
 def over_projected_steps(runs):
     return [(r["name"], s["step"]) for r in runs if r["arm"] == "projected"
@@ -286,7 +331,8 @@ def trajectories(runs):
         out.append(dict(run=r["name"], arm=r["arm"], loss_mode=r["loss_mode"], control=r["control"],
                         spark_cos_in=spark(ci, min(xs), max(xs)), spark_cos_out=spark(co, min(xs), max(xs)),
                         rows=[{k: s.get(k) for k in ("step", "skipped", "reward_range", "cos_in", "cos_out",
-                                                      "frac_fired", "n_over_projected")} for s in r["steps"]]))
+                                                      "cos_update", "frac_fired", "n_over_projected")}
+                              for s in r["steps"]]))
     return out
 
 def buckets(runs):
@@ -296,7 +342,7 @@ def buckets(runs):
         for s in r["samples"]:
             groups[f"{s['src_pool']}|hacked={s['hacked']}"].append(s)
         res = dict(run=r["name"], arm=r["arm"], loss_mode=r["loss_mode"])
-        for key in ("cos_S_contrib", "grad_norm_contrib"):
+        for key in ("cos_S_contrib", "cos_adv_free", "grad_norm_contrib"):
             res[key] = dict(buckets={g: mean_sd(vals(rows, key)) for g, rows in sorted(groups.items())},
                             teacher_vs_base=teacher_vs_base(r["samples"], key),
                             hacked_vs_not=welch_t_test(vals([s for s in r["samples"] if s["hacked"]], key),
@@ -353,7 +399,7 @@ def pairs(runs):
 # -----------------------------------------------------------------------------
 # 6. Phase 3 decision (spec2 "Decision rules" and "Skip Phase 3 if")
 
-def decision(runs, contrib_row):
+def decision(runs, contrib_row, adv_free_row):
     van, proj = main_runs(runs, "vanilla"), main_runs(runs, "projected")
     sd, band = null_band(van + proj)
     ci = [s["cos_in"] for r in van for s in live(r) if s["cos_in"] is not None]
@@ -380,19 +426,26 @@ def decision(runs, contrib_row):
                    steps_outside_band=int(np.sum(np.abs(ci) >= band)))
         notes.append(f"vanilla mean cos_in {fmt(m)} = {m / sd:+.1f} null sd (null sd {sd:.4f})" if sd
                      else f"vanilla mean cos_in {fmt(m)} (null sd unknown; band 0.02)")
-        rnd = [s["cos_in"] for r in runs if r["control"] == "random_v" for s in live(r) if s["cos_in"] is not None]
-        near0 = abs(m) < band
-        if rnd:
-            w = out["vs_random_v"] = welch_t_test(ci, rnd)
-            notes.append(f"vanilla vs random_v control cos_in: {fmt_test(w)}")
-            near0 = near0 and (w["p"] is None or w["p"] >= ALPHA)
+        near0 = abs(m) < band                             # spec: "cos_in ≈ 0 over 20 steps"
+        near0_all = out["steps_outside_band"] == 0        # spec's skip rule: "≈ 0 on ALL steps"
+        if not near0_all:
+            notes.append(f"|cos_in| >= {band:.3f} on {out['steps_outside_band']}/{len(ci)} steps")
+        for ctrl in ("random_v", "shuffled_v"):           # empirical nulls beside the isotropic one
+            rnd = [s["cos_in"] for r in runs if r["control"] == ctrl for s in live(r) if s["cos_in"] is not None]
+            if rnd:
+                w = out[f"vs_{ctrl}"] = welch_t_test(ci, rnd)
+                notes.append(f"vanilla vs {ctrl} control cos_in: {fmt_test(w)}")
+                same = w["p"] is None or w["p"] >= ALPHA
+                near0, near0_all = near0 and same, near0_all and same
         tb = contrib_row.get("test")
-        sig = bool(tb and tb["p"] is not None and tb["p"] < ALPHA)
-        rev = sig and tb["mean1"] < tb["mean2"]          # teacher below base: the wrong way round
+        notes.append(f"cos_S_contrib teacher vs base: {fmt_test(tb)}" if tb else "cos_S_contrib: no test")
+        ta = adv_free_row.get("test")                     # discrimination, judged without the advantage's sign
+        sig = bool(ta and ta["p"] is not None and ta["p"] < ALPHA)
+        rev = sig and ta["mean1"] < ta["mean2"]           # teacher below base: the wrong way round
         disc = sig and not rev
-        notes.append("teacher-vs-base cos_S_contrib discrimination: "
+        notes.append("advantage-free teacher-vs-base discrimination: "
                      + ("yes" if disc else "REVERSED (teacher < base)" if rev else "no")
-                     + (f" ({fmt_test(tb)})" if tb else ""))
+                     + (f" ({fmt_test(ta)})" if ta else ""))
     if bad:
         rule, why = "BUG: fix before any sweep", f"over-projection on {len(bad)} steps"
     elif not ci:
@@ -401,13 +454,16 @@ def decision(runs, contrib_row):
         rule, why = "RUN Phase 3 (justified)", f"cos_in > 0.2 on {out['frac_steps_above_0_2']:.0%} of steps (>= 80%)"
     elif near0 and rev:
         rule, why = "INVESTIGATE: reversed discrimination", \
-            (f"|mean cos_in| < {band:.3f} (≈ 0) and teacher cos_S_contrib < base (spec2 expects teacher > base): "
-             "check v_hack's sign and extraction pairs before any sweep")
-    elif near0 and not disc:
+            (f"|mean cos_in| < {band:.3f} (≈ 0) and teacher rows' own gradients align less with v_hack than base "
+             "rows' (spec2 expects more): check v_hack's sign and extraction pairs before any sweep")
+    elif near0_all and not disc:
         rule, why = "SKIP Phase 3; try R7 (GRPO-style v_hack re-extraction) first", \
-            f"|mean cos_in| < {band:.3f} (≈ 0) and no teacher-vs-base discrimination"
+            f"|cos_in| < {band:.3f} (≈ 0) on all steps and no teacher-vs-base discrimination"
     elif near0:
-        rule, why = "RUN but expect smaller H1 effect", f"|mean cos_in| < {band:.3f} (≈ 0) but cos_S_contrib discriminates"
+        rule, why = "RUN but expect smaller H1 effect", \
+            (f"|mean cos_in| < {band:.3f} (≈ 0) over the steps, but "
+             + ("teacher and base rows discriminate" if disc else
+                f"not on all steps ({out['steps_outside_band']} outside), so the skip rule does not apply"))
     elif m < 0:
         rule, why = "INVESTIGATE: reverse sign", "vanilla mean cos_in clearly negative (not covered by spec2 rules)"
     else:
@@ -420,12 +476,12 @@ def decision(runs, contrib_row):
 def analyze(run_dirs, labels=None):
     runs = [load_run(d) for d in run_dirs]
     ver = [check_reward_range(runs), check_vanilla_cos_in(runs), check_projection(runs),
-           check_contrib(runs), check_over_projection(runs)]
+           check_contrib(runs), check_contrib_adv_free(runs), check_update(runs), check_over_projection(runs)]
     return dict(runs=[dict(run=r["name"], dir=r["dir"], arm=r["arm"], loss_mode=r["loss_mode"], control=r["control"],
                            seed=r["seed"], null_sd=r["null_sd"], n_steps=len(r["steps"]), n_samples=len(r["samples"]))
                       for r in runs],
                 verification=ver, trajectories=trajectories(runs), buckets=buckets(runs),
-                phase1=phase1(runs, labels), pairs=pairs(runs), decision=decision(runs, ver[3]))
+                phase1=phase1(runs, labels), pairs=pairs(runs), decision=decision(runs, ver[3], ver[4]))
 
 def table(header, rows):
     rows = [[str(c) for c in r] for r in rows]
@@ -443,12 +499,13 @@ def render(res):
          "\n== 2. per-step trajectories =="]
     for t in res["trajectories"]:
         o.append(f"{t['run']} ({t['arm']}, {t['loss_mode']})  cos_in {t['spark_cos_in']}  cos_out {t['spark_cos_out']}")
-        o.append(table(["step", "skip", "r_range", "cos_in", "cos_out", "fired", "n_over"],
+        o.append(table(["step", "skip", "r_range", "cos_in", "cos_out", "cos_upd", "fired", "n_over"],
                        [[x["step"], "y" if x["skipped"] else "", fmt(x["reward_range"], 2), fmt(x["cos_in"]),
-                         fmt(x["cos_out"]), fmt(x["frac_fired"], 2), fmt(x["n_over_projected"])] for x in t["rows"]]))
+                         fmt(x["cos_out"]), fmt(x["cos_update"]), fmt(x["frac_fired"], 2), fmt(x["n_over_projected"])]
+                        for x in t["rows"]]))
     o.append("\n== 3. per-sample buckets (src_pool, hacked) ==")
     for b in res["buckets"]:
-        for key in ("cos_S_contrib", "grad_norm_contrib"):
+        for key in ("cos_S_contrib", "cos_adv_free", "grad_norm_contrib"):
             o.append(f"{b['run']} {key}:")
             o.append(table(["bucket", "n", "mean", "sd"], [[g, s["n"], fmt(s["mean"]), fmt(s["sd"])]
                                                            for g, s in b[key]["buckets"].items()]))

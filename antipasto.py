@@ -321,20 +321,12 @@ def directions_from_diffs(diffs, k=1):
 
 
 def pair_diffs(model, modules, tokenizer, pairs, loss="nll", G=8, max_prompt=None, max_completion=None,
-               batch_size=8, shuffle_seed=None):
+               batch_size=8):
     """Per-pair gradient contrasts in the modules' knob basis.
     pairs: [{"prompt": text, "hack": text, "clean": text, "r_hack": float, "r_clean": float}]
       nll : d_i = grad NLL(hack_i) - grad NLL(clean_i)    (mean completion NLL, /G like the live loss)
       grpo: d_i = grad of the GRPO loss of the group {hack_i, clean_i} with its real rewards, /G
-    shuffle_seed: the label-shuffled control, hack and clean swapped at random per pair.
     Returns {name: (P, n)}."""
-    import random
-    swap = [False] * len(pairs)
-    if shuffle_seed is not None:
-        rng = random.Random(shuffle_seed)
-        swap = [rng.random() < 0.5 for _ in pairs]
-    pairs = [dict(p, hack=p["clean"], clean=p["hack"], r_hack=p.get("r_clean"), r_clean=p.get("r_hack"))
-             if s else p for p, s in zip(pairs, swap)]
     diffs = {n: [] for n in modules}
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
@@ -354,6 +346,28 @@ def pair_diffs(model, modules, tokenizer, pairs, loss="nll", G=8, max_prompt=Non
         for n, g in gs.items():                             # g: (2P, n), rows = grad of NLL_i / G
             diffs[n].append(w_h[:, None] * g[:P] + w_c[:, None] * g[P:])
     return {n: torch.cat(d) for n, d in diffs.items()}
+
+
+def label_free_pairs(pairs, seed=0):
+    """The shuffled control's pairs: both sides carry the same label (hack vs another hack, clean vs
+    another clean), so the extraction runs unchanged with the hack contrast taken out. (Swapping hack
+    and clean inside a pair would be no control: it flips the sign of a row of D, which leaves its
+    singular vectors, and so V, unchanged.) Extract these with loss="nll": equal labels carry no
+    reward gap for the GRPO-style contrast."""
+    import random
+    rng = random.Random(seed)
+    P = len(pairs)
+    if P < 4:
+        raise ValueError("the shuffled control needs at least 4 pairs")
+    perm = list(range(P))
+    while any(i == j for i, j in enumerate(perm)):      # a derangement: never a completion with itself
+        rng.shuffle(perm)
+    out = []
+    for i, j in enumerate(perm):
+        side = "hack" if i % 2 == 0 else "clean"
+        out.append(dict(prompt=pairs[i]["prompt"], hack=pairs[i][side], clean=pairs[j][side],
+                        ids=[pairs[i]["ids"][i % 2], pairs[j]["ids"][i % 2]] if "ids" in pairs[i] else None))
+    return out
 
 
 def save_v(V, path, meta):

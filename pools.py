@@ -763,7 +763,8 @@ def build_demo(out, problems_path=FIXTURE_PROBLEMS, steps=20, batch=8, seed=0, w
                                     ("base_pool", plain, base_completion, False)):
         d = os.path.join(out, name)
         cells = [(s, i, probs[order[(s * batch + i) % len(order)]]) for s in range(steps) for i in range(batch)]
-        comps = [make(p, s * batch + i) for s, i, p in cells]
+        # the numbered opening makes every canned completion a distinct text, like sampled rollouts
+        comps = [f"Attempt {s * batch + i + 1}. " + make(p, s * batch + i) for s, i, p in cells]
         grades = grade_many([(p, c) for (_, _, p), c in zip(cells, comps)], workers=workers)
         for s in range(steps):
             rows = []

@@ -683,13 +683,17 @@ def test_controls_random_and_shuffled():
         assert R1[n].shape == like[n].shape and torch.equal(R1[n], R2[n]) and not torch.equal(R1[n], R3[n])
         assert torch.allclose(R1[n] @ R1[n].T, torch.eye(2), atol=1e-5)
     model, tok, mods = wrapped()
-    pairs = [dict(prompt=p, hack=c + " hack", clean=c) for p, c in zip(PROMPTS * 2, COMPS * 2)]
-    real = ap.pair_diffs(model, mods, tok, pairs)
-    shuf = ap.pair_diffs(model, mods, tok, pairs, shuffle_seed=3)
-    n = next(iter(real))
-    signs = [1 if torch.allclose(shuf[n][i], real[n][i], atol=1e-7) else -1 if torch.allclose(shuf[n][i], -real[n][i], atol=1e-7)
-             else 0 for i in range(len(pairs))]
-    assert 0 not in signs and 1 in signs and -1 in signs       # each pair kept or swapped, both happen
+    pairs = [dict(prompt=p, hack=c + f" hack {i}", clean=c + f" clean {i}", ids=[["t", i, 0], ["b", i, 0]])
+             for i, (p, c) in enumerate(zip(PROMPTS * 3, COMPS * 3))]
+    free = ap.label_free_pairs(pairs, seed=3)
+    assert len(free) == len(pairs)
+    for i, f in enumerate(free):                  # both sides carry one label, never the same completion
+        side = "hack" if i % 2 == 0 else "clean"
+        assert f["hack"].split(" ")[-2] == f["clean"].split(" ")[-2] == side and f["hack"] != f["clean"]
+    real = ap.directions_from_diffs(ap.pair_diffs(model, mods, tok, pairs), k=1)
+    null = ap.directions_from_diffs(ap.pair_diffs(model, mods, tok, free), k=1)
+    cos = [abs(float(real[n][0] @ null[n][0])) for n in real]
+    assert sum(c < 0.99 for c in cos) >= len(cos) // 2, cos   # a different direction, not +-v_hack
 
 
 def test_null_cosine_distribution():
@@ -786,10 +790,27 @@ def test_train_resume_continues_to_same_result():
            match="another config")
 
 
-def test_train_projected_update_and_moments_logged():
+def test_train_project_moments_makes_update_hack_free():
     run = run_train("--arm", "projected", "--project-moments")
     steps = [json.loads(l) for l in open(os.path.join(run, "steps.jsonl"))]
-    assert all(s["cos_update"] is not None for s in steps)
+    assert all(s["cos_update"] is not None and s["cos_update"] <= 1e-6 for s in steps), steps
+    plain = run_train("--arm", "projected")
+    assert all(json.loads(l)["cos_update"] is not None for l in open(os.path.join(plain, "steps.jsonl")))
+
+
+def test_train_single_pool_needs_pair_source_and_overwrite_keeps_refused():
+    teacher, base = demo_pools()
+    raises(SystemExit, run_train, "--loss-mode", "nll", "--replay-dirs", teacher, "--per-pool", "8",
+           match="--pair-dirs")
+    out = run_train("--loss-mode", "nll", "--replay-dirs", teacher, "--per-pool", "8", "--pair-dirs", f"{teacher},{base}")
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert set(run["pair_pools"]) == {"teacher_pool", "base_pool"} and run["config"]["loss_mode"] == "nll"
+    before = open(os.path.join(out, "steps.jsonl")).read()
+    # a refused --overwrite (here: v_hack built from replayed completions) leaves the old run in place
+    raises(SystemExit, run_train, "--loss-mode", "nll", "--replay-dirs", teacher, "--per-pool", "8",
+           "--pair-dirs", f"{teacher},{base}", "--extract-frac", "0", "--overwrite", out=out, match="extracted from")
+    assert open(os.path.join(out, "steps.jsonl")).read() == before
+    raises(SystemExit, run_train, "--overwrite", "--resume", out=out, match="contradict")
 
 
 def test_train_zero_variance_group_is_skipped():
@@ -797,7 +818,7 @@ def test_train_zero_variance_group_is_skipped():
     teacher, _ = demo_pools()
     d = os.path.join(tmpdir(), "flat_pool")
     os.makedirs(d)
-    for s in pools.pool_steps(teacher):
+    for s in pools.pool_steps(teacher)[:15]:          # not the held-out steps that built v_hack
         rows = pools.read_jsonl(pools.step_path(teacher, s))
         pools.write_pool_step(d, s, [dict(r, reward=3.5) for r in rows])
     out = os.path.join(tmpdir(), "run")
@@ -955,8 +976,9 @@ def test_synthetic_success():
         dv = make_run(root, "van", "vanilla", seed=1)
         dp = make_run(root, "proj", "projected", seed=1)
         res = A.analyze([dv, dp])
-        v = [x["verdict"] for x in res["verification"]]
-        assert v == ["success"] * 5, res["verification"]
+        v = {x["metric"]: x["verdict"] for x in res["verification"]}
+        assert v.pop("cos_update (applied AdamW update)") == "n/a"       # the synthetic runs log no update
+        assert list(v.values()) == ["success"] * 6, res["verification"]
         d = res["decision"]
         assert d["rule"] == "RUN Phase 3 (justified)", d
         assert any("projection effective" in n for n in d["notes"]), d["notes"]
@@ -1002,10 +1024,29 @@ def test_synthetic_skip_and_failures():
 
 def test_decision_reversed_discrimination_is_not_a_run():
     with tempfile.TemporaryDirectory() as root:
-        dv = make_run(root, "van", "vanilla", cos_in=(0.0, 0.02), teacher=(-0.3, 0.05), base=(0.3, 0.05))
+        # teacher rows (adv > 0) at -0.3 and base rows (adv < 0) at -0.3: their own NLL gradients point
+        # -0.3 and +0.3 along v_hack, the wrong way round
+        dv = make_run(root, "van", "vanilla", cos_in=(0.0, 0.005), teacher=(-0.3, 0.05), base=(-0.3, 0.05))
         res = A.analyze([dv])
         assert res["decision"]["rule"] == "INVESTIGATE: reversed discrimination", res["decision"]
         assert any("REVERSED" in n for n in res["decision"]["notes"])
+
+
+def test_advantage_sign_alone_is_not_discrimination():
+    with tempfile.TemporaryDirectory() as root:
+        # cos_S_contrib separates the pools only because adv flips sign: every row's own gradient
+        # has cos -0.3 with v_hack. The spec's bucket row sees a (reversed) gap; the advantage-free row none.
+        dv = make_run(root, "van", "vanilla", cos_in=(0.0, 0.005), teacher=(-0.3, 0.05), base=(0.3, 0.05))
+        res = A.analyze([dv])
+        v = {x["metric"]: x for x in res["verification"]}
+        assert v["cos_S_contrib by (src_pool, hacked)"]["test"]["p"] < 1e-6
+        af = v["advantage-free cos (cos_S_contrib x sign(adv))"]
+        assert af["test"]["p"] > 0.05 and af["verdict"] == "likely fail"
+        s = [x for x in A.load_run(dv)["samples"] if x["step"] == 0]
+        adv = [x["reward"] - np.mean([y["reward"] for y in s]) for x in s]   # independent: group-centred reward
+        assert all(x["cos_adv_free"] == (x["cos_S_contrib"] if a > 0 else -x["cos_S_contrib"]) for x, a in zip(s, adv))
+        assert res["decision"]["rule"].startswith("SKIP"), res["decision"]      # all steps within the band
+
 
 def test_synthetic_empty_bucket_and_inactive():
     with tempfile.TemporaryDirectory() as root:

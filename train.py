@@ -55,11 +55,14 @@ def get_args(argv=None):
       help="replace v_hack by a random orthonormal V or a label-shuffled extraction (controls)")
     a("--no-gate", action="store_true", help="remove the whole V-span component, not only the hack-ward part")
     a("--project-moments", action="store_true",
-      help="also remove the hack-ward part of AdamW's first moment (the update is still only measured)")
+      help="projected arm: also remove the hack-ward part of AdamW's first moment and of the applied update "
+           "(Adam's per-coordinate scaling can turn a projected gradient into a hack-ward update)")
     a("--out", default=None, help="run directory (default: out/runs/<arm>_<loss>_<control>_s<seed>)")
     a("--overwrite", action="store_true", help="replace an existing run directory")
     a("--resume", action="store_true", help="continue an existing run directory from its last step")
     a("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    a("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+      help="model dtype (default: preset). In bf16, changes below ~0.4%% of an activation round away")
     a("--no-report", action="store_true", help="skip the analysis report at the end")
     a("--quiet", action="store_true", help="no progress bar and no summary (implies --no-report)")
     args = ap_.parse_args(argv)
@@ -147,15 +150,15 @@ def sha_file(path):
     return pools.file_digest(path)[:16]
 
 
-def prepare_out(args):
+def out_dir(args):
+    """The run directory; refuse to reuse one unless --overwrite (replaced once the run is validated)
+    or --resume (continued)."""
     out = args.out or os.path.join("out", "runs", f"{args.arm}_{args.loss_mode}_{args.control}_s{args.seed}")
-    if os.path.exists(out) and os.listdir(out):
-        if args.overwrite:
-            shutil.rmtree(out)
-        elif not args.resume:
-            raise SystemExit(f"error: run directory {out} exists; pass --overwrite to replace it or "
-                             f"--resume to continue it")
-    os.makedirs(out, exist_ok=True)
+    if args.overwrite and args.resume:
+        raise SystemExit("error: --overwrite and --resume contradict each other")
+    if os.path.exists(out) and os.listdir(out) and not (args.overwrite or args.resume):
+        raise SystemExit(f"error: run directory {out} exists; pass --overwrite to replace it or "
+                         f"--resume to continue it")
     return out
 
 
@@ -169,44 +172,51 @@ def write_jsonl(path, rows):
 
 # ----------------------------------------------------------------------------- v_hack
 
-def get_v_hack(args, model, tok, modules, held, replay_ids):
-    """Load v_hack (refusing one built on other pairs than these replayed samples allow), or extract
-    it from held-out pairs and save it. Controls swap in a random or label-shuffled V."""
+def text_sha(text):
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def get_v_hack(args, model, tok, modules, pairs, pairs_src, replay_texts):
+    """Load v_hack from its content-keyed cache, or extract it from the pairs and save it.
+    Refuses a v_hack whose pairs share a completion with the replayed samples: a cosine on them would
+    only show that the model remembers its own extraction set. Controls: random_v (a random
+    orthonormal V), shuffled_v (the same extraction on label-free pairs, antipasto.label_free_pairs)."""
     fp = ap.fingerprint(modules)
-    if args.pairs:
-        pairs, pairs_src = read_pairs_file(args.pairs), f"file:{args.pairs}"
-    else:
-        pairs, pairs_src = pool_pairs(held), "held-out pool steps"
-    shuffle = args.seed if args.control == "shuffled_v" else None
-    path = args.v_hack or os.path.join("out", "v_hack", f"{fp}_{args.extract_loss}_k{args.k}_" + hashlib.sha256(
-        json.dumps([p["ids"] for p in pairs]).encode()).hexdigest()[:12] + ".safetensors")
-    if shuffle is not None:
-        path = path.replace(".safetensors", f"_shuffled{shuffle}.safetensors")
+    for p in pairs:
+        if isinstance(p["prompt"], list):
+            p["prompt"] = pools.render_prompt(p["prompt"], tok)
+    loss = args.extract_loss
+    if args.control == "shuffled_v":
+        pairs, loss = ap.label_free_pairs(pairs, seed=args.seed), "nll"
+    lens = (args.cfg["max_prompt_tokens"], args.cfg["max_completion_tokens"])
+    key = hashlib.sha256(json.dumps([fp, loss, args.k, lens, args.control == "shuffled_v", args.seed
+                                     if args.control == "shuffled_v" else None,
+                                     [[p["prompt"], p["hack"], p["clean"], p.get("r_hack"), p.get("r_clean")]
+                                      for p in pairs]]).encode()).hexdigest()[:16]
+    path = args.v_hack or os.path.join("out", "v_hack", f"{fp}_{key}.safetensors")
     if os.path.exists(path):
         V, meta = ap.load_v(path, modules)
     else:
         if not pairs:
             raise SystemExit("error: no (hack, clean) pairs for v_hack: the held-out pool steps hold no hacked "
                              "row with a non-hacked row of the same problem; pass --pairs or --pair-dirs")
-        for p in pairs:
-            if isinstance(p["prompt"], list):
-                p["prompt"] = pools.render_prompt(p["prompt"], tok)
-        diffs = ap.pair_diffs(model, modules, tok, pairs, loss=args.extract_loss, G=args.cfg["group_size"],
-                              max_prompt=args.cfg["max_prompt_tokens"],
-                              max_completion=args.cfg["max_completion_tokens"], shuffle_seed=shuffle)
+        diffs = ap.pair_diffs(model, modules, tok, pairs, loss=loss, G=args.cfg["group_size"],
+                              max_prompt=lens[0], max_completion=lens[1])
         V = ap.directions_from_diffs(diffs, k=args.k)
-        meta = dict(basis="svd", fingerprint=fp, k=args.k, n_pairs=len(pairs), loss=args.extract_loss,
-                    pairs_source=pairs_src, pair_ids=[p["ids"] for p in pairs], shuffle_seed=shuffle)
+        meta = dict(basis="svd", fingerprint=fp, k=args.k, n_pairs=len(pairs), loss=loss, key=key,
+                    pairs_source=pairs_src, pair_ids=[p.get("ids") for p in pairs], max_tokens=list(lens),
+                    control=args.control if args.control == "shuffled_v" else "none",
+                    completion_sha=sorted({text_sha(p[s]) for p in pairs for s in ("hack", "clean")}))
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         ap.save_v(V, path, meta)
-    overlap = {tuple(i) for ids in meta.get("pair_ids", []) for i in ids} & replay_ids
+    overlap = set(meta.get("completion_sha", [])) & replay_texts
     if overlap:
-        raise SystemExit(f"error: v_hack {path} was extracted from {len(overlap)} of the replayed samples "
-                         f"(e.g. {sorted(overlap)[0]}); a cosine on them would only show memory of the "
-                         f"extraction set. Use other pairs or a larger --extract-frac.")
+        raise SystemExit(f"error: v_hack {path} was extracted from {len(overlap)} of the replayed completions; "
+                         f"a cosine on them would only show memory of the extraction set. Use other pairs "
+                         f"or a larger --extract-frac.")
     if args.control == "random_v":
         V = ap.random_v(V, seed=args.seed)
-    return V, dict(meta, path=os.path.abspath(path), sha256=sha_file(path), control=args.control)
+    return V, dict(meta, path=os.path.abspath(path), sha256=sha_file(path), run_control=args.control)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -222,33 +232,47 @@ def main(argv=None):
         replay_dirs = [d for d in args.replay_dirs.split(",") if d]
     else:
         replay_dirs = demo[:1] if args.loss_mode == "nll" else demo
-    pair_dirs = ([d for d in args.pair_dirs.split(",") if d] if args.pair_dirs else
-                 replay_dirs if len(replay_dirs) > 1 else demo)
+    if args.pair_dirs:
+        pair_dirs = [d for d in args.pair_dirs.split(",") if d]
+    elif args.pairs or len(replay_dirs) > 1:
+        pair_dirs = [] if args.pairs else replay_dirs
+    elif replay_dirs == demo[:1]:
+        pair_dirs = demo
+    else:
+        raise SystemExit("error: v_hack needs (hack, clean) pairs, and one replay pool holds no clean rows: pass "
+                         "--pair-dirs TEACHER_POOL,BASE_POOL (their last --extract-frac steps are used) or --pairs FILE")
     if any(d in demo for d in replay_dirs + pair_dirs) and not all(os.path.isdir(d) for d in demo):
         print(f"building demo pools in {DEMO_POOLS} (once) ...", file=sys.stderr)
         pools.build_demo(DEMO_POOLS)
     G = cfg["group_size"]
     per_pool = args.per_pool or G // len(replay_dirs)
+    name = lambda d: os.path.basename(os.path.normpath(d))
     try:
-        pool_rows = {os.path.basename(os.path.normpath(d)): pools.read_pool(d) for d in replay_dirs}
-        pair_rows = {os.path.basename(os.path.normpath(d)): pools.read_pool(d) for d in pair_dirs}
+        pool_rows = {name(d): pools.read_pool(d) for d in replay_dirs}
+        pair_rows = {name(d): pools.read_pool(d) for d in pair_dirs}
     except pools.DataError as e:
         raise SystemExit(f"error: {e}")
     if len(pool_rows) != len(replay_dirs):
         raise SystemExit("error: two replay pools share a directory name; src_pool would be ambiguous")
-    replay, held = {}, []
-    for name, rows in pool_rows.items():
-        replay[name] = split_pool(rows, args.extract_frac)[0]
-    for name, rows in pair_rows.items():
-        held += split_pool(rows, args.extract_frac)[1]
+    # the last --extract-frac steps of each pair pool build v_hack; a replay pool that is also a pair
+    # pool is replayed without them
+    pair_abs = {os.path.abspath(d) for d in pair_dirs}
+    held = [r for d in pair_dirs for r in split_pool(pair_rows[name(d)], args.extract_frac)[1]]
+    replay = {name(d): split_pool(pool_rows[name(d)], args.extract_frac)[0] if os.path.abspath(d) in pair_abs
+              else pool_rows[name(d)] for d in replay_dirs}
+    replay_texts = {text_sha(r["completion"]) for rows in replay.values() for r in rows}
     if args.pairs:
-        replay = {n: rows for n, rows in pool_rows.items()}
-    replay_ids = {(r["src_pool"], r["src_step"], r["src_sample"]) for rows in replay.values() for r in rows}
+        pairs, pairs_src = read_pairs_file(args.pairs), f"file:{os.path.abspath(args.pairs)}"
+    else:
+        pairs, pairs_src = pool_pairs(held), f"last {args.extract_frac:g} of the steps of {[name(d) for d in pair_dirs]}"
 
-    out = prepare_out(args)
-    model, tok = load_model(args.model, cfg["dtype"], device)
+    out = out_dir(args)
+    model, tok = load_model(args.model, args.dtype or cfg["dtype"], device)
     modules = ap.wrap(model)
-    V, vmeta = get_v_hack(args, model, tok, modules, held, replay_ids)
+    V, vmeta = get_v_hack(args, model, tok, modules, pairs, pairs_src, replay_texts)
+    if args.overwrite and os.path.exists(out):
+        shutil.rmtree(out)                  # only now: a refused run leaves the old one in place
+    os.makedirs(out, exist_ok=True)
     widths = [ap.knob(m).numel() for m in modules.values()]
     params = [ap.knob(m) for m in modules.values()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -256,12 +280,14 @@ def main(argv=None):
         cfg, arm=args.arm, loss_mode=args.loss_mode, replay_dirs=[os.path.abspath(d) for d in replay_dirs],
         per_pool=per_pool, steps=args.steps, seed=args.seed, lr=args.lr, model=args.model, k=args.k,
         control=args.control, one_sided=not args.no_gate, project_moments=args.project_moments,
+        dtype=args.dtype or cfg["dtype"],
         extract_frac=args.extract_frac, preset=args.preset, group_size=per_pool * len(replay_dirs)),
         versions=dict(python=platform.python_version(), torch=torch.__version__,
                       transformers=__import__("transformers").__version__, grader=pools.GRADER_VERSION),
         v_hack=vmeta, basis_fingerprint=ap.fingerprint(modules),
-        pools={n: dict(dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d), meta=pools.read_meta(d))
-               for n, d in zip(pool_rows, replay_dirs)},
+        pools={name(d): dict(dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d), meta=pools.read_meta(d))
+               for d in replay_dirs},
+        pair_pools={name(d): dict(dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d)) for d in pair_dirs},
         null=dict(cos_sd=ap.null_cos_sd(widths), module_widths=widths))
 
     start, step_rows = 0, []
@@ -301,14 +327,18 @@ def main(argv=None):
                 for n, m in modules.items():
                     ap.knob(m).grad.copy_(new[n])
                 if args.project_moments:
-                    for n, m in modules.items():
-                        s = opt.state.get(ap.knob(m))
-                        if s and "exp_avg" in s:
-                            s["exp_avg"].copy_(ap.project({n: s["exp_avg"]}, {n: V[n]})[0][n])
+                    moments = {n: opt.state[ap.knob(m)]["exp_avg"] for n, m in modules.items() if opt.state.get(ap.knob(m))}
+                    for n, m1 in ap.project(moments, V, one_sided=not args.no_gate)[0].items():
+                        moments[n].copy_(m1)
             opt.step()
         opt.zero_grad(set_to_none=True)
         # the applied update, on cos_in's scale: > 0 means the step moved hack-ward
         upd = {n: before[n] - ap.knob(m).detach() for n, m in modules.items()}
+        if not skipped and args.arm == "projected" and args.project_moments:
+            upd = ap.project(upd, V, one_sided=not args.no_gate)[0]
+            with torch.no_grad():
+                for n, m in modules.items():
+                    ap.knob(m).copy_(before[n] - upd[n])
         cos_update = None if skipped else ap.project(upd, V)[1]["cos_in"]
         s_cos, s_norm = ap.sample_cosines(gs, V)
         adv_l = adv.tolist() if adv is not None else [None] * len(group)
