@@ -233,7 +233,7 @@ def per_sample_grads(model, modules, batch, loss_mode="nll", rewards=None, G=Non
         losses, adv = sample_losses(lp, batch["comp_mask"], loss_mode, rewards, G)
         losses.sum().backward()
     B = batch["input_ids"].shape[0]
-    gs = {n: (m.grad_sample if m.grad_sample is not None else torch.zeros(B, knob(m).numel()))
+    gs = {n: (m.grad_sample if m.grad_sample is not None else torch.zeros(B, knob(m).numel(), device=knob(m).device))
           for n, m in modules.items()}
     return losses.detach(), adv, gs
 

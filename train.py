@@ -293,7 +293,8 @@ def main(argv=None):
     start, step_rows = 0, []
     state_path = os.path.join(out, "state.pt")
     if args.resume and os.path.exists(state_path):
-        old = json.load(open(os.path.join(out, "run.json")))
+        with open(os.path.join(out, "run.json")) as f:
+            old = json.load(f)
         same = lambda c: {k: v for k, v in c.items() if k != "steps"}   # a resume may extend --steps
         if same(old["config"]) != same(run["config"]) or old["v_hack"]["sha256"] != vmeta["sha256"]:
             raise SystemExit(f"error: --resume: {out} was started with another config or v_hack")
