@@ -114,7 +114,7 @@ def add_adv_free(rows, loss_mode):
         for r in grp:
             adv = r["reward"] - mean_r if loss_mode == "grpo" else 1.0
             c = r["cos_S_contrib"]
-            r["cos_adv_free"] = None if c is None or adv == 0 else (c if adv > 0 else -c)
+            r["cos_adv_free"] = None if c is None or abs(adv) < 1e-6 else (c if adv > 0 else -c)
 
 def load_run(run_dir):
     run_json = os.path.join(run_dir, "run.json")
@@ -279,7 +279,8 @@ def check_contrib(runs):
     if w["mean1"] > w["mean2"]:
         base = "base <= ~0" if w["mean2"] <= 0.02 else "base smaller but > 0"
         return row(m, measured, "success", f"teacher > base, p < 0.05, {base}", test=w)
-    return row(m, measured, "likely fail", "base > teacher (p < 0.05): reversed", test=w)
+    return row(m, measured, "likely fail", "base > teacher (p < 0.05): reversed (spec2's expectation; under GRPO "
+               "the sign of adv enters, see the advantage-free row, which the decision uses)", test=w)
 
 def check_contrib_adv_free(runs):
     m, rs = "advantage-free cos (cos_S_contrib x sign(adv))", contrib_runs(runs)
@@ -360,15 +361,19 @@ def phase1(runs, labels=None):
         except FileNotFoundError as e:
             out.append(dict(res, error=f"labels unavailable: {e}"))
             continue
-        by, unmatched = defaultdict(list), []
-        for s in r["samples"]:
+        by, unmatched, seen = defaultdict(list), [], set()
+        for s in sorted(r["samples"], key=lambda s: (s["step"], s["sample_id"])):
             k = (s["src_pool"], s["src_step"], s["src_sample"])
+            if k in seen:                 # a pool smaller than steps x group repeats rows: count each once
+                continue
+            seen.add(k)
             if k in lab:
                 by[lab[k]].append(s["cos_S_contrib"])
             else:
                 unmatched.append(list(k))
         res.update(headline=welch_t_test(by[PURE_HACK], by[HACK_CORRECT]),
-                   labels={k: mean_sd(v) for k, v in sorted(by.items()) if v})
+                   labels={k: mean_sd(v) for k, v in sorted(by.items()) if v},
+                   repeats_dropped=len(r["samples"]) - len(seen))
         if unmatched:
             res["error"] = f"{len(unmatched)} samples have no label in the replay pools, e.g. {unmatched[:3]}"
         out.append(res)
@@ -426,17 +431,21 @@ def decision(runs, contrib_row, adv_free_row):
                    steps_outside_band=int(np.sum(np.abs(ci) >= band)))
         notes.append(f"vanilla mean cos_in {fmt(m)} = {m / sd:+.1f} null sd (null sd {sd:.4f})" if sd
                      else f"vanilla mean cos_in {fmt(m)} (null sd unknown; band 0.02)")
+        # control runs (vanilla GRPO with a random or label-free V) show how large chance alignment
+        # gets with real gradients; the isotropic band can only be widened by them
+        for ctrl in ("random_v", "shuffled_v"):
+            rnd = [s["cos_in"] for r in runs if r["control"] == ctrl and r["arm"] == "vanilla"
+                   and r["loss_mode"] == "grpo" for s in live(r) if s["cos_in"] is not None]
+            if len(rnd) >= 2:
+                w = out[f"vs_{ctrl}"] = welch_t_test(ci, rnd)
+                c_band = abs(float(np.mean(rnd))) + 2 * float(np.std(rnd, ddof=1))
+                notes.append(f"vanilla vs {ctrl} control cos_in: {fmt_test(w)}; control band |mean| + 2 sd = {c_band:.3f}")
+                band = max(band, c_band)
+        out.update(band=band, steps_outside_band=int(np.sum(np.abs(ci) >= band)))
         near0 = abs(m) < band                             # spec: "cos_in ≈ 0 over 20 steps"
         near0_all = out["steps_outside_band"] == 0        # spec's skip rule: "≈ 0 on ALL steps"
         if not near0_all:
             notes.append(f"|cos_in| >= {band:.3f} on {out['steps_outside_band']}/{len(ci)} steps")
-        for ctrl in ("random_v", "shuffled_v"):           # empirical nulls beside the isotropic one
-            rnd = [s["cos_in"] for r in runs if r["control"] == ctrl for s in live(r) if s["cos_in"] is not None]
-            if rnd:
-                w = out[f"vs_{ctrl}"] = welch_t_test(ci, rnd)
-                notes.append(f"vanilla vs {ctrl} control cos_in: {fmt_test(w)}")
-                same = w["p"] is None or w["p"] >= ALPHA
-                near0, near0_all = near0 and same, near0_all and same
         tb = contrib_row.get("test")
         notes.append(f"cos_S_contrib teacher vs base: {fmt_test(tb)}" if tb else "cos_S_contrib: no test")
         ta = adv_free_row.get("test")                     # discrimination, judged without the advantage's sign
@@ -452,6 +461,9 @@ def decision(runs, contrib_row, adv_free_row):
         rule, why = "n/a", "no vanilla GRPO steps with cos_in"
     elif out["frac_steps_above_0_2"] >= 0.8:
         rule, why = "RUN Phase 3 (justified)", f"cos_in > 0.2 on {out['frac_steps_above_0_2']:.0%} of steps (>= 80%)"
+        if rev:
+            why += ("; WARNING: teacher rows' own gradients align less with v_hack than base rows' "
+                    "(reversed discrimination): check v_hack's sign and pairs first")
     elif near0 and rev:
         rule, why = "INVESTIGATE: reversed discrimination", \
             (f"|mean cos_in| < {band:.3f} (≈ 0) and teacher rows' own gradients align less with v_hack than base "
@@ -514,7 +526,8 @@ def render(res):
     o.append("\n== 4. Phase 1 (NLL runs): pure hack vs hack+correct ==")
     for p in res["phase1"]:
         if "headline" in p:
-            o.append(f"{p['run']}: '{PURE_HACK}' vs '{HACK_CORRECT}': {fmt_test(p['headline'])}")
+            o.append(f"{p['run']}: '{PURE_HACK}' vs '{HACK_CORRECT}': {fmt_test(p['headline'])}"
+                     + (f"  [{p['repeats_dropped']} repeated draws counted once]" if p.get("repeats_dropped") else ""))
             o.append(table(["label", "n", "mean", "sd"], [[k, s["n"], fmt(s["mean"]), fmt(s["sd"])]
                                                           for k, s in p["labels"].items()]))
         if "error" in p:

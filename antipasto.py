@@ -323,7 +323,8 @@ def directions_from_diffs(diffs, k=1):
 def pair_diffs(model, modules, tokenizer, pairs, loss="nll", G=8, max_prompt=None, max_completion=None,
                batch_size=8):
     """Per-pair gradient contrasts in the modules' knob basis.
-    pairs: [{"prompt": text, "hack": text, "clean": text, "r_hack": float, "r_clean": float}]
+    pairs: [{"prompt": text, "hack": text, "clean": text, "r_hack": float, "r_clean": float}]; both sides
+      are scored under "prompt" unless the pair has a "prompt_clean" for its clean side
       nll : d_i = grad NLL(hack_i) - grad NLL(clean_i)    (mean completion NLL, /G like the live loss)
       grpo: d_i = grad of the GRPO loss of the group {hack_i, clean_i} with its real rewards, /G
     Returns {name: (P, n)}."""
@@ -331,7 +332,7 @@ def pair_diffs(model, modules, tokenizer, pairs, loss="nll", G=8, max_prompt=Non
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         P = len(chunk)
-        batch = make_batch(tokenizer, [p["prompt"] for p in chunk] * 2,
+        batch = make_batch(tokenizer, [p["prompt"] for p in chunk] + [p.get("prompt_clean", p["prompt"]) for p in chunk],
                            [p["hack"] for p in chunk] + [p["clean"] for p in chunk], max_prompt, max_completion,
                            device=next(model.parameters()).device)
         _, _, gs = per_sample_grads(model, modules, batch, "nll", G=G)   # grad of -mean_lp/G per sample
@@ -350,10 +351,11 @@ def pair_diffs(model, modules, tokenizer, pairs, loss="nll", G=8, max_prompt=Non
 
 def label_free_pairs(pairs, seed=0):
     """The shuffled control's pairs: both sides carry the same label (hack vs another hack, clean vs
-    another clean), so the extraction runs unchanged with the hack contrast taken out. (Swapping hack
-    and clean inside a pair would be no control: it flips the sign of a row of D, which leaves its
-    singular vectors, and so V, unchanged.) Extract these with loss="nll": equal labels carry no
-    reward gap for the GRPO-style contrast."""
+    another clean), each scored under the prompt it was scored under in its own pair, so the
+    extraction runs unchanged with the hack contrast taken out and no answer is scored against
+    another problem. (Swapping hack and clean inside a pair would be no control: it flips the sign of
+    a row of D, which leaves its singular vectors, and so V, unchanged.) Extract these with
+    loss="nll": equal labels carry no reward gap for the GRPO-style contrast."""
     import random
     rng = random.Random(seed)
     P = len(pairs)
@@ -365,7 +367,7 @@ def label_free_pairs(pairs, seed=0):
     out = []
     for i, j in enumerate(perm):
         side = "hack" if i % 2 == 0 else "clean"
-        out.append(dict(prompt=pairs[i]["prompt"], hack=pairs[i][side], clean=pairs[j][side],
+        out.append(dict(prompt=pairs[i]["prompt"], prompt_clean=pairs[j]["prompt"], hack=pairs[i][side], clean=pairs[j][side],
                         ids=[pairs[i]["ids"][i % 2], pairs[j]["ids"][i % 2]] if "ids" in pairs[i] else None))
     return out
 

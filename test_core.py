@@ -687,9 +687,12 @@ def test_controls_random_and_shuffled():
              for i, (p, c) in enumerate(zip(PROMPTS * 3, COMPS * 3))]
     free = ap.label_free_pairs(pairs, seed=3)
     assert len(free) == len(pairs)
+    by_text = {p[s]: p for p in pairs for s in ("hack", "clean")}
     for i, f in enumerate(free):                  # both sides carry one label, never the same completion
         side = "hack" if i % 2 == 0 else "clean"
         assert f["hack"].split(" ")[-2] == f["clean"].split(" ")[-2] == side and f["hack"] != f["clean"]
+        # each side is scored under the prompt of the pair it came from
+        assert f["prompt"] == by_text[f["hack"]]["prompt"] and f["prompt_clean"] == by_text[f["clean"]]["prompt"]
     real = ap.directions_from_diffs(ap.pair_diffs(model, mods, tok, pairs), k=1)
     null = ap.directions_from_diffs(ap.pair_diffs(model, mods, tok, free), k=1)
     cos = [abs(float(real[n][0] @ null[n][0])) for n in real]
@@ -811,6 +814,15 @@ def test_train_single_pool_needs_pair_source_and_overwrite_keeps_refused():
            "--pair-dirs", f"{teacher},{base}", "--extract-frac", "0", "--overwrite", out=out, match="extracted from")
     assert open(os.path.join(out, "steps.jsonl")).read() == before
     raises(SystemExit, run_train, "--overwrite", "--resume", out=out, match="contradict")
+
+
+def test_train_refuses_mismatched_v_hack_and_non_run_overwrite():
+    run_train("--arm", "vanilla")                                   # makes the shared v_hack (k=1, nll)
+    raises(SystemExit, run_train, "--arm", "vanilla", "--k", "2", match="this run asks for")
+    d = tmpdir()
+    open(os.path.join(d, "keep.txt"), "w").write("not a run")
+    raises(SystemExit, run_train, "--arm", "vanilla", "--overwrite", out=d, match="only replaces a run directory")
+    assert os.path.exists(os.path.join(d, "keep.txt"))
 
 
 def test_train_zero_variance_group_is_skipped():
@@ -1048,6 +1060,20 @@ def test_advantage_sign_alone_is_not_discrimination():
         assert res["decision"]["rule"].startswith("SKIP"), res["decision"]      # all steps within the band
 
 
+def test_control_runs_widen_the_near_zero_band():
+    with tempfile.TemporaryDirectory() as root:
+        kw = dict(cos_in=(0.0, 0.015), teacher=(0.0, 0.1), base=(0.0, 0.1))
+        dv = make_run(root, "van", "vanilla", **kw)
+        alone = A.analyze([dv])["decision"]
+        assert alone["steps_outside_band"] > 0 and alone["rule"].startswith("RUN but expect smaller"), alone
+        dc = make_run(root, "ctl", "vanilla", control="random_v", cos_in=(0.0, 0.05), teacher=(0.0, 0.1), base=(0.0, 0.1))
+        steps = [json.loads(l)["cos_in"] for l in open(os.path.join(dc, "steps.jsonl"))]
+        c_band = abs(np.mean(steps)) + 2 * np.std(steps, ddof=1)                 # independent recomputation
+        both = A.analyze([dv, dc])["decision"]
+        assert abs(both["band"] - max(0.02, c_band)) < 1e-12
+        assert both["steps_outside_band"] == 0 and both["rule"].startswith("SKIP"), both
+
+
 def test_synthetic_empty_bucket_and_inactive():
     with tempfile.TemporaryDirectory() as root:
         dv = make_run(root, "van", "vanilla", pools=("teacher_pool", "teacher_pool"))
@@ -1076,9 +1102,12 @@ def test_phase1_labels_from_pool_and_mapping():
         p = res["phase1"][0]
         assert "error" not in p, p
         n = sum(s["n"] for s in p["labels"].values())
-        assert n == 160 and p["labels"]["Incorrect"]["n"] == 80, p["labels"]
+        keys = {(s["src_pool"], s["src_step"], s["src_sample"]) for s in A.load_run(d)["samples"]}
+        base_keys = {k for k in keys if k[0] == "base_pool"}
+        assert n == len(keys) < 160 and p["repeats_dropped"] == 160 - len(keys)   # repeated draws count once
+        assert p["labels"]["Incorrect"]["n"] == len(base_keys), p["labels"]
         h = p["headline"]
-        assert h["n1"] + h["n2"] == 80 and h["p"] is not None
+        assert h["n1"] + h["n2"] == len(keys) - len(base_keys) and h["p"] is not None
         # missing pool dirs (e.g. another machine) are reported in the section, not a crash
         d2 = make_run(root, "nll2", "vanilla", loss_mode="nll", pools=("gone_teacher", "gone_base"))
         assert "labels unavailable" in A.analyze([d2])["phase1"][0]["error"]

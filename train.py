@@ -156,9 +156,13 @@ def out_dir(args):
     out = args.out or os.path.join("out", "runs", f"{args.arm}_{args.loss_mode}_{args.control}_s{args.seed}")
     if args.overwrite and args.resume:
         raise SystemExit("error: --overwrite and --resume contradict each other")
-    if os.path.exists(out) and os.listdir(out) and not (args.overwrite or args.resume):
-        raise SystemExit(f"error: run directory {out} exists; pass --overwrite to replace it or "
-                         f"--resume to continue it")
+    if os.path.exists(out) and os.listdir(out):
+        if not (args.overwrite or args.resume):
+            raise SystemExit(f"error: run directory {out} exists; pass --overwrite to replace it or "
+                             f"--resume to continue it")
+        if args.overwrite and not os.path.exists(os.path.join(out, "run.json")):
+            raise SystemExit(f"error: --overwrite only replaces a run directory (one holding run.json); "
+                             f"{out} is not one")
     return out
 
 
@@ -185,17 +189,25 @@ def get_v_hack(args, model, tok, modules, pairs, pairs_src, replay_texts):
     for p in pairs:
         if isinstance(p["prompt"], list):
             p["prompt"] = pools.render_prompt(p["prompt"], tok)
-    loss = args.extract_loss
-    if args.control == "shuffled_v":
+    loss, control = args.extract_loss, "shuffled_v" if args.control == "shuffled_v" else "none"
+    if control == "shuffled_v":
         pairs, loss = ap.label_free_pairs(pairs, seed=args.seed), "nll"
     lens = (args.cfg["max_prompt_tokens"], args.cfg["max_completion_tokens"])
     key = hashlib.sha256(json.dumps([fp, loss, args.k, lens, args.control == "shuffled_v", args.seed
                                      if args.control == "shuffled_v" else None,
-                                     [[p["prompt"], p["hack"], p["clean"], p.get("r_hack"), p.get("r_clean")]
-                                      for p in pairs]]).encode()).hexdigest()[:16]
-    path = args.v_hack or os.path.join("out", "v_hack", f"{fp}_{key}.safetensors")
+                                     [[p["prompt"], p.get("prompt_clean"), p["hack"], p["clean"], p.get("r_hack"),
+                                       p.get("r_clean")] for p in pairs]]).encode()).hexdigest()[:16]
+    # --v-hack names the real direction; the shuffled control's own V always lives in the cache
+    path = args.v_hack if args.v_hack and control == "none" else os.path.join("out", "v_hack", f"{fp}_{key}.safetensors")
     if os.path.exists(path):
         V, meta = ap.load_v(path, modules)
+        want = dict(loss=loss, k=args.k, control=control)
+        got = {k_: meta.get(k_) for k_ in want}
+        if got != want:
+            raise SystemExit(f"error: v_hack {path} was extracted with {got}; this run asks for {want}")
+        if "completion_sha" not in meta:
+            raise SystemExit(f"error: v_hack {path} does not record its pairs' completions, so it cannot be "
+                             f"checked against the replayed samples; re-extract it")
     else:
         if not pairs:
             raise SystemExit("error: no (hack, clean) pairs for v_hack: the held-out pool steps hold no hacked "
@@ -205,7 +217,7 @@ def get_v_hack(args, model, tok, modules, pairs, pairs_src, replay_texts):
         V = ap.directions_from_diffs(diffs, k=args.k)
         meta = dict(basis="svd", fingerprint=fp, k=args.k, n_pairs=len(pairs), loss=loss, key=key,
                     pairs_source=pairs_src, pair_ids=[p.get("ids") for p in pairs], max_tokens=list(lens),
-                    control=args.control if args.control == "shuffled_v" else "none",
+                    control=control,
                     completion_sha=sorted({text_sha(p[s]) for p in pairs for s in ("hack", "clean")}))
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         ap.save_v(V, path, meta)
@@ -236,7 +248,7 @@ def main(argv=None):
         pair_dirs = [d for d in args.pair_dirs.split(",") if d]
     elif args.pairs or len(replay_dirs) > 1:
         pair_dirs = [] if args.pairs else replay_dirs
-    elif replay_dirs == demo[:1]:
+    elif not args.replay_dirs:                 # the demo's Phase 1: teacher replayed, pairs from both
         pair_dirs = demo
     else:
         raise SystemExit("error: v_hack needs (hack, clean) pairs, and one replay pool holds no clean rows: pass "
@@ -252,8 +264,10 @@ def main(argv=None):
         pair_rows = {name(d): pools.read_pool(d) for d in pair_dirs}
     except pools.DataError as e:
         raise SystemExit(f"error: {e}")
-    if len(pool_rows) != len(replay_dirs):
-        raise SystemExit("error: two replay pools share a directory name; src_pool would be ambiguous")
+    if len(pool_rows) != len(replay_dirs) or len(pair_rows) != len(pair_dirs):
+        raise SystemExit("error: two pools share a directory name; src_pool would be ambiguous")
+    if args.project_moments and args.arm != "projected":
+        raise SystemExit("error: --project-moments belongs to the projected arm")
     # the last --extract-frac steps of each pair pool build v_hack; a replay pool that is also a pair
     # pool is replayed without them
     pair_abs = {os.path.abspath(d) for d in pair_dirs}
@@ -261,6 +275,10 @@ def main(argv=None):
     replay = {name(d): split_pool(pool_rows[name(d)], args.extract_frac)[0] if os.path.abspath(d) in pair_abs
               else pool_rows[name(d)] for d in replay_dirs}
     replay_texts = {text_sha(r["completion"]) for rows in replay.values() for r in rows}
+    short = {n: len(rows) for n, rows in replay.items() if len(rows) < args.steps * per_pool}
+    if short:
+        print(f"warning: {short} rows to replay, fewer than steps x per-pool: draws cycle and samples repeat "
+              f"(the analysis counts each repeat)", file=sys.stderr)
     if args.pairs:
         pairs, pairs_src = read_pairs_file(args.pairs), f"file:{os.path.abspath(args.pairs)}"
     else:
@@ -296,8 +314,12 @@ def main(argv=None):
         with open(os.path.join(out, "run.json")) as f:
             old = json.load(f)
         same = lambda c: {k: v for k, v in c.items() if k != "steps"}   # a resume may extend --steps
-        if same(old["config"]) != same(run["config"]) or old["v_hack"]["sha256"] != vmeta["sha256"]:
-            raise SystemExit(f"error: --resume: {out} was started with another config or v_hack")
+        diff = sorted(k for k in set(same(old["config"])) | set(same(run["config"]))
+                      if old["config"].get(k) != run["config"].get(k))
+        if old["v_hack"]["sha256"] != vmeta["sha256"]:
+            diff.append("v_hack")
+        if diff:
+            raise SystemExit(f"error: --resume: {out} was started with another config or v_hack: {diff} differ")
         st = torch.load(state_path, weights_only=False)
         with torch.no_grad():
             for n, m in modules.items():
