@@ -278,7 +278,7 @@ def main(argv=None):
     short = {n: len(rows) for n, rows in replay.items() if len(rows) < args.steps * per_pool}
     if short:
         print(f"warning: {short} rows to replay, fewer than steps x per-pool: draws cycle and samples repeat "
-              f"(the analysis counts each repeat)", file=sys.stderr)
+              f"(the Phase 1 comparison counts each sample once)", file=sys.stderr)
     if args.pairs:
         pairs, pairs_src = read_pairs_file(args.pairs), f"file:{os.path.abspath(args.pairs)}"
     else:
