@@ -435,10 +435,9 @@ def bench(model_name="tiny", B=8, prompt_len=384, comp_len=256, repeats=5, devic
     import time
     import configs
     if model_name == "tiny":
-        model, tok = configs.tiny_qwen3()
+        model, _ = configs.tiny_qwen3()
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(model_name)
+        from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.bfloat16)
     model.to(device)
     modules = wrap(model)

@@ -5,7 +5,7 @@ Sections: pools (problems, grader, sandbox attacks, pool IO, demo), antipasto (a
 gradients, projection, extraction, controls), train (losses, sampling, run directories), analyze
 (hand-written statistics against independent values, verdicts, strict loading).
 """
-import ast, gzip, json, math, os, random, shutil, subprocess, sys, tempfile, time, zlib
+import gzip, json, math, os, shutil, subprocess, sys, tempfile, time, zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)

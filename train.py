@@ -13,7 +13,7 @@ contribution, measure cos with v_hack, (projected) project, step. Writes a run d
     steps.jsonl          one row per step
     step_NNN.cos.jsonl.gz  one row per sample, spec2's slim schema (no prompt or completion text)
 """
-import argparse, hashlib, json, os, platform, random, shutil, sys, time
+import argparse, hashlib, io, json, os, platform, random, shutil, sys, time
 
 import antipasto as ap   # first: it pins MKL's reproducible mode before torch loads
 import configs
@@ -364,7 +364,6 @@ def main(argv=None):
                     ap.knob(m).copy_(before[n] - upd[n])
         cos_update = None if skipped else ap.project(upd, V)[1]["cos_in"]
         s_cos, s_norm = ap.sample_cosines(gs, V)
-        adv_l = adv.tolist() if adv is not None else [None] * len(group)
         slim = [dict(step=step, sample_id=i, src_pool=r["src_pool"], src_step=r["src_step"],
                      src_sample=r["src_sample"], reward=r["reward"], hacked=r["hacked"], gt_pass=r["gt_pass"],
                      fmt_ok=r["fmt_ok"], comp_len=int(batch["comp_len"][i]), cos_S_contrib=s_cos[i],
@@ -376,16 +375,16 @@ def main(argv=None):
             step=step, arm=args.arm, skipped=skipped, skip_reason="zero reward variance" if skipped else None,
             n_samples=len(group), reward_min=min(rewards), reward_max=max(rewards),
             reward_range=max(rewards) - min(rewards),
-            adv_min=min(adv_l) if adv is not None else None, adv_max=max(adv_l) if adv is not None else None,
+            adv_min=adv.min().item() if adv is not None else None, adv_max=adv.max().item() if adv is not None else None,
             adv_abs_mean=adv.abs().mean().item() if adv is not None else None,
             loss=losses.sum().item(), grad_norm=gnorm, cos_in=st["cos_in"], cos_out=st["cos_out"],
             cos_update=cos_update, hackward=st["hackward"], frac_fired=st["frac_fired"],
             n_over_projected=st["n_over_projected"], time_s=round(time.time() - t0, 3)))
         write_jsonl(os.path.join(out, "steps.jsonl"), step_rows)
-        tmp = state_path + ".tmp"
+        buf = io.BytesIO()
         torch.save(dict(step=step, knobs={n: ap.knob(m).detach().cpu() for n, m in modules.items()},
-                        opt=opt.state_dict()), tmp)
-        os.replace(tmp, state_path)
+                        opt=opt.state_dict()), buf)
+        pools.atomic_write(state_path, buf.getvalue())
         bar.update(1)
     bar.close()
     if args.quiet:
