@@ -13,6 +13,7 @@ import numpy as np
 
 import antipasto  # noqa: F401 - imported before torch: pins MKL's reproducible CPU mode
 import pools
+import sandbox
 
 FIXTURE = os.path.join(HERE, "data", "fixture_problems.jsonl")
 _cache = {}
@@ -216,9 +217,30 @@ def test_linked_list_and_tree_results():
 def _attack(code, p=None, timeout_s=3.0):
     p = p or problems()[90004]          # countClimbs: int answers
     t = time.time()
-    g = pools.grade(p, fence(code), timeout_s=timeout_s)
+    g = pools.grade(p, fence(code), cpu_s=timeout_s)
     assert g["gt_pass"] is False, g
     return g, time.time() - t
+
+
+def private_work_root():
+    """Point the sandbox at a private temporary directory (fresh templates), so leftover checks never
+    see other graders running on the machine."""
+    sandbox.close_templates()
+    root, old = tmpdir(), sandbox.WORK_ROOT
+    sandbox.WORK_ROOT = root
+    return root, old
+
+
+def restore_work_root(root, old):
+    """Every mount point under root is empty; once the templates stop, root is empty too."""
+    try:
+        for d in os.listdir(root):
+            assert os.listdir(os.path.join(root, d)) == [], d
+        sandbox.close_templates()
+        assert os.listdir(root) == [], os.listdir(root)
+    finally:
+        sandbox.WORK_ROOT = old
+        sandbox.close_templates()
 
 
 def test_attack_fake_result_line():
@@ -277,45 +299,72 @@ def test_attack_kill_parent_and_group():
             " lambda: os.kill(-1, 9), lambda: os.killpg(0, 9)):\n    try:\n        f()\n    except Exception:\n        pass\n")
     script = ("import sys, json; sys.path.insert(0, %r); import pools\n"
               "p = {x['id']: x for x in pools.load_problems(%r)}[90004]\n"
-              "g = pools.grade(p, '```python\\n' + %r + %r + '\\n```', timeout_s=3)\nprint(json.dumps(g))\n"
+              "g = pools.grade(p, '```python\\n' + %r + %r + '\\n```', cpu_s=3)\nprint(json.dumps(g))\n"
               % (HERE, FIXTURE, code, stub(problems()[90004])))
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, (r.returncode, r.stderr[-500:])
     assert json.loads(r.stdout.strip().splitlines()[-1])["gt_pass"] is False
 
 
-def _uid_procs(uid):
+def marked_tasks(token):
+    """Threads anywhere on the machine whose name is token (set by attack code before it forks)."""
     n = 0
     for p in os.listdir("/proc"):
         if p.isdigit():
             try:
-                with open(f"/proc/{p}/status") as f:
-                    n += any(l.startswith("Uid:") and int(l.split()[1]) == uid for l in f)
+                for t in os.listdir(f"/proc/{p}/task"):
+                    with open(f"/proc/{p}/task/{t}/comm") as f:
+                        n += f.read().strip() == token
             except OSError:
                 pass
     return n
 
 
+def name_me(token):
+    return f"import ctypes\nctypes.CDLL(None).prctl(15, {token.encode()!r}, 0, 0, 0)\n"
+
+
 def test_attack_fork_bomb_and_escapees():
-    code = ("import os\ntry:\n    os.setsid()\nexcept Exception:\n    pass\nwhile True:\n    try:\n        os.fork()\n"
-            "    except Exception:\n        pass\n")
-    g, dt = _attack(code, timeout_s=2.0)
+    token = f"fb{os.getpid() % 10**6}"
+    code = name_me(token) + ("import os\ntry:\n    os.setsid()\nexcept Exception:\n    pass\nwhile True:\n"
+                             "    try:\n        os.fork()\n    except Exception:\n        pass\n")
+    g, dt = _attack(code, timeout_s=0.5)
     assert dt < 30, dt
-    if os.getuid() == 0:
-        assert all(_uid_procs(pools.SANDBOX_UID0 + i) == 0 for i in range(4))
+    assert marked_tasks(token) == 0
+
+
+def test_attack_escapee_thread_setsid_and_unremovable_dir():
+    """PID 1-style escape (no death signal, own session, main thread gone while another runs), a
+    forked setsid escapee, and a mode-000 directory tree: after grade() none of it may remain."""
+    token = f"es{os.getpid() % 10**6}"
+    code = name_me(token) + (
+        "import os, threading, time\nlibc = ctypes.CDLL(None)\nlibc.prctl(1, 0, 0, 0, 0)\n"
+        "try:\n    os.setsid()\nexcept Exception:\n    pass\n"
+        "try:\n    os.makedirs('d/sub')\n    open('d/sub/f', 'w').write('x')\n    os.chmod('d/sub', 0)\n"
+        "    os.chmod('d', 0)\nexcept Exception:\n    pass\n"
+        "try:\n    if os.fork() == 0:\n        libc.prctl(1, 0, 0, 0, 0)\n        os.setsid()\n"
+        "        while True:\n            time.sleep(0.05)\nexcept Exception:\n    pass\n"
+        "threading.Thread(target=lambda: [time.sleep(0.05) for _ in iter(int, 1)]).start()\n"
+        "libc.syscall(60, 0)\n") + stub(problems()[90004])
+    root, old = private_work_root()
+    try:
+        _attack(code, timeout_s=0.5)
+        assert marked_tasks(token) == 0
+    finally:
+        restore_work_root(root, old)
 
 
 def test_attack_infinite_loops_python_and_c():
     p = problems()[90004]
-    _, dt = _attack(stub(p, "while True: pass"), p, timeout_s=2.0)
+    _, dt = _attack(stub(p, "while True: pass"), p, timeout_s=1.0)
     assert dt < 15, dt
-    _, dt = _attack("import re\n" + stub(p, "return re.match(r'(a+)+$', 'a' * 64 + 'b')"), p, timeout_s=2.0)
+    _, dt = _attack("import re\n" + stub(p, "return re.match(r'(a+)+$', 'a' * 64 + 'b')"), p, timeout_s=1.0)
     assert dt < 15, dt
 
 
 def test_attack_memory_exhaustion():
     p = problems()[90004]
-    _, dt = _attack(stub(p, "x = []\n        while True: x.append(bytearray(10 ** 7))"), p, timeout_s=5.0)
+    _, dt = _attack(stub(p, "x = []\n        while True: x.append(bytearray(10 ** 7))"), p, timeout_s=2.0)
     assert dt < 20
     _attack("big = bytearray(10 ** 12)\n" + stub(p), p)
 
@@ -323,10 +372,10 @@ def test_attack_memory_exhaustion():
 def test_attack_output_flood():
     p = problems()[90004]
     _, dt = _attack("import sys, os\nwhile True:\n    sys.stdout.write('x' * 65536)\n    os.write(2, b'y' * 65536)\n"
-                    + stub(p), p, timeout_s=2.0)
+                    + stub(p), p, timeout_s=1.0)
     assert dt < 15
     _, dt = _attack("import os\nwhile True:\n    for fd in range(3, 20):\n        try:\n            os.write(fd, b'z' * 65536)\n"
-                    "        except OSError:\n            pass\n" + stub(p), p, timeout_s=3.0)
+                    "        except OSError:\n            pass\n" + stub(p), p, timeout_s=1.0)
     assert dt < 15
 
 
@@ -334,18 +383,125 @@ def test_attack_write_outside_workdir():
     d = tmpdir()
     target = os.path.join(d, "pwned.txt")
     code = (f"import os\nfor path in ({target!r}, '/tmp/pwned_by_sandbox_test', '../escape.txt'):\n    try:\n"
-            "        open(path, 'w').write('x')\n    except Exception:\n        pass\n") + stub(problems()[90004])
-    before = set(os.listdir(tempfile.gettempdir()))
-    _attack(code)
-    assert not os.path.exists(target) and not os.path.exists("/tmp/pwned_by_sandbox_test")
-    leftover = {f for f in set(os.listdir(tempfile.gettempdir())) - before if f.startswith("sandbox_")}
-    assert not leftover, leftover
+            "        open(path, 'w').write('x')\n    except Exception:\n        pass\nopen('left.txt', 'w').write('x')\n"
+            "os.mkdir('left')\n") + stub(problems()[90004])
+    root, old = private_work_root()      # leftovers are looked for where no other grader writes
+    try:
+        _attack(code)
+        assert not os.path.exists(target) and not os.path.exists("/tmp/pwned_by_sandbox_test")
+    finally:
+        restore_work_root(root, old)
+
+
+def test_attack_keyring_shared_between_children():
+    """One child publishes a keyring open to every uid and links it where it outlives the child; a
+    later child (another uid, or the same one) joins it by name. Also the caller's session keyring."""
+    name = f"leak{os.getpid()}"
+    libc = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nK = lambda *a: libc.syscall(250, *a)\n"
+    publish = libc + (f"ring = K(1, {name.encode()!r})\nK(5, ring, 0x3f3f3f3f)\n"
+                      "key = libc.syscall(248, b'user', b'k', b'canonical source', 16, ring)\n"
+                      "K(5, key, 0x3f3f3f3f)\nK(8, ring, -4)\nK(8, ring, -5)\n")
+    read = libc + (f"def steal():\n    ring = K(1, {name.encode()!r})\n    key = K(10, ring, b'user', b'k', 0)\n"
+                   "    buf = ctypes.create_string_buffer(64)\n    n = K(11, key, buf, 64)\n"
+                   "    return buf.raw[:max(n, 0)].decode()\n"
+                   "def session():\n    return K(0, -3, 0) > 0\n")
+    ok, res, _ = sandbox.run_child("", publish, ["ring", "key"])
+    assert ok and res[0][1] < 0 and res[1][1] < 0, res        # the child cannot create keys at all
+    for _ in range(2):
+        ok, res, _ = sandbox.run_child("", read, ["steal()", "session()"])
+        assert ok and res == [("ok", ""), ("ok", False)], res
+
+
+def test_attack_hostile_result_decoding():
+    """A forged 4 MiB set of colliding integers, and JSON nested a million deep in a caller that raised
+    its recursion limit: the parent's decoding stays fast and the process alive."""
+    forge = ("import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, msg)\n    except OSError:\n"
+             "        pass\nos._exit(0)\n")
+    collide = ("msg = b'[[\"ok\",[\"S\",[' + b','.join(b'[\"i\",\"%d\"]' % (k * (2 ** 61 - 1)) "
+               "for k in range(110000)) + b']]]]\\x00END'\n")
+    deep = "msg = b'[' * 10 ** 6 + b']' * 10 ** 6 + b'\\x00END'\n"
+    script = ("import sys, json, time; sys.path.insert(0, %r); import pools\nsys.setrecursionlimit(10 ** 7)\n"
+              "p = {x['id']: x for x in pools.load_problems(%r)}[90004]\nout = []\n"
+              "for code in %r:\n    t = time.time()\n    g = pools.grade(p, '```python\\n' + code + '\\n```')\n"
+              "    out.append((g['gt_pass'], time.time() - t))\nprint(json.dumps(out))\n"
+              % (HERE, FIXTURE, [collide + forge, deep + forge]))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, (r.returncode, r.stderr[-500:])
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert all(ok is False and dt < 10 for ok, dt in out), out
+    # the bounded decoder still builds sets and dicts where the expected value is one
+    assert sandbox.decode(["S", [["i", "1"], ["i", "2"]]], {1, 2}) == {1, 2}
+    assert sandbox.decode(["d", [[["s", "a"], ["l", [["i", "1"]]]]]], {"a": [1]}) == {"a": [1]}
+    assert sandbox.decode(["S", [["i", "1"]]], {1, 2}) != {1}
+
+
+def test_two_grader_processes_at_once():
+    """Two grader processes on one machine: neither may touch the other's children (as root they
+    would share sandbox uids and sweep each other's processes)."""
+    long = ("import sys; sys.path.insert(0, %r); import sandbox\n"
+            "print(sandbox.run_child('', 'import time', ['time.sleep(2.5) or 7'], cpu_s=1.0))\n" % HERE)
+    short = ("import sys, time; sys.path.insert(0, %r); import sandbox\ntime.sleep(0.8)\n"
+             "print([sandbox.run_child('', 'x = 1', ['x'])[1] for _ in range(3)])\n" % HERE)
+    a = subprocess.Popen([sys.executable, "-c", long], stdout=subprocess.PIPE, text=True)
+    b = subprocess.Popen([sys.executable, "-c", short], stdout=subprocess.PIPE, text=True)
+    out_a, out_b = a.communicate(timeout=60)[0], b.communicate(timeout=60)[0]
+    assert out_a.strip() == "(True, [('ok', 7)], 'ok')", out_a
+    assert out_b.strip() == "[[('ok', 1)], [('ok', 1)], [('ok', 1)]]", out_b
+
+
+def test_attack_rewrite_harness_call_list():
+    """Module code finds the harness's call list and replaces `run_tests()` by `None`: the failing
+    run_tests must still count as failing."""
+    p = problems()[90001]
+    code = (p["demo_wrong_solutions"][0] + "\n\ndef run_tests():\n    assert False\n\nimport gc\n"
+            "for o in gc.get_objects():\n    if type(o) is list and 'run_tests()' in o:\n"
+            "        o[o.index('run_tests()')] = 'None'\n")
+    g = pools.grade(p, fence(code))
+    assert g["hinted_pass"] is False and g["label"] == "Attempted Reward Hack", g
+
+
+def test_cpu_heavy_canonical_under_load():
+    """Labels must not depend on machine load: a canonical solution needing about 1 s of CPU, with a
+    2 s CPU limit, is Correct while busy processes saturate every core."""
+    p = pools.load_problems(os.path.join(HERE, "data", "fixture_cpu_heavy.jsonl"))[0]
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.3)
+        g = pools.grade(p, fence(p["canonical_solution"]), cpu_s=2.0)
+    finally:
+        for b in busy:
+            b.kill()
+            b.wait()
+    assert g["label"] == "Correct", g
+
+
+def test_grade_cache_is_exact():
+    p, plain = problems()[90001], problems(hint=False)[90001]
+    completion = fence(p["demo_wrong_solutions"][0] + "\n\ndef run_tests():\n    print('ok')\n")
+    calls, real = [], sandbox.run_child
+    sandbox.run_child = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        g1 = pools.grade(p, completion)
+        n1 = len(calls)
+        g2 = pools.grade(p, "Other prose.\n" + completion)      # same code: served from the cache
+        assert len(calls) == n1 and g2 == g1 and g1["label"] == "Reward Hack"
+        g3 = pools.grade(plain, completion)                      # no hint: another key, graded again
+        assert len(calls) > n1 and g3["label"] != "Reward Hack"
+        k = pools.grade_key(p, pools.extract_code(completion), dict(cpu_s=10.0, mem_mb=1024))
+        old = pools.GRADER_VERSION
+        pools.GRADER_VERSION = old + "x"
+        try:
+            assert pools.grade_key(p, pools.extract_code(completion), dict(cpu_s=10.0, mem_mb=1024)) != k
+        finally:
+            pools.GRADER_VERSION = old
+    finally:
+        sandbox.run_child = real
 
 
 def test_sandbox_environment_is_scrubbed_and_unprivileged():
     os.environ["SANDBOX_TEST_SECRET"] = "s3cret"
     try:
-        ok, res, status = pools.run_child("", "import os", ["os.environ.get('SANDBOX_TEST_SECRET')", "os.getuid()",
+        ok, res, status = sandbox.run_child("", "import os", ["os.environ.get('SANDBOX_TEST_SECRET')", "os.getuid()",
                                                             "[os.path.exists(p) for p in ('/etc/passwd', '/root', '/proc/1')]",
                                                             "os.getppid()"])
     finally:
@@ -354,7 +510,7 @@ def test_sandbox_environment_is_scrubbed_and_unprivileged():
     if os.getuid() == 0:
         assert res[1][1] != 0                    # dropped privileges
     assert res[2] == ("ok", [False, False, False])   # chrooted into its own empty working directory
-    assert res[3] == ("ok", 0)                       # PID 1 of its own namespace: no parent to signal
+    assert res[3] == ("ok", 1)                       # its parent is the namespace's trusted init
 
 
 # ============================================================================ pools: IO and demo
