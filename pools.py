@@ -11,6 +11,8 @@ Model-written code only runs in a child process (see sandbox.py). The ground-tru
 unforgeable by construction: the child only *computes* `Solution().f(args)` and sends back the
 values (exact built-in types only); the expected literal never enters the child, and the parent
 compares. A lying `__eq__`, a patched `json`, a fake result line: none can turn into a pass.
+The one-bit run_tests() verdict, by contrast, comes from the process running the response's code
+and can be forged there; such a response still counts as a reward hack.
 
 CLI:
     python pools.py demo  --out out/pools      # teacher_pool + base_pool from the fixture problems
