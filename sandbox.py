@@ -63,7 +63,7 @@ TMPFS_MB = 16         # the child's whole writable file system
 TMPFS_INODES = 1000
 MAX_MSG_BYTES = 4 << 20
 MAX_DEPTH = 120       # bracket nesting of a result message (values nest at most 50 deep, 2 brackets each)
-UID_BASE, UID_COUNT = 61000, 4096   # root only: uids nothing else on the machine uses
+UID_BASE, UID_COUNT = 62000, 2048   # root only: uids nothing else on the machine uses (62000-64047)
 UID_LOCK_DIR = "/run/lock/sandbox-uids" if os.path.isdir("/run/lock") else "/tmp/.sandbox-uids"
 WORK_ROOT = None      # where the per-template mount point lives (None: tempfile.gettempdir())
 
@@ -113,22 +113,25 @@ def worker(h, jr, rw):
     def send(b):
         while b:
             b = b[write(rw, b):]
-    R = resource
-    for lim, val in ((R.RLIMIT_AS, h["mem"]), (R.RLIMIT_CPU, h["cpu"]), (R.RLIMIT_NPROC, h["nproc"]),
-                     (R.RLIMIT_FSIZE, h["fsize"]), (R.RLIMIT_CORE, 0), (R.RLIMIT_NOFILE, 64)):
-        R.setrlimit(lim, (val, val))
-    os.chdir(h["mnt"]); os.chroot("."); os.chdir("/")
-    libc.syscall(ARCH[1], 1, None)        # KEYCTL_JOIN_SESSION_KEYRING: a fresh anonymous one
-    if h["root"]:
-        os.setgroups([]); os.setgid(h["uid"]); os.setuid(h["uid"])
-    else:
-        libc.prctl(28, 0x2f, 0, 0, 0)    # SECBIT_NOROOT|_LOCKED|NO_SETUID_FIXUP|_LOCKED|KEEP_CAPS_LOCKED
-        hdr = (ctypes.c_uint32 * 2)(0x20080522, 0)
-        data = (ctypes.c_uint32 * 6)()
-        if libc.syscall(ARCH[7], hdr, data) != 0:   # capset: no capabilities at all
+    try:
+        R = resource
+        for lim, val in ((R.RLIMIT_AS, h["mem"]), (R.RLIMIT_CPU, h["cpu"]), (R.RLIMIT_NPROC, h["nproc"]),
+                         (R.RLIMIT_FSIZE, h["fsize"]), (R.RLIMIT_CORE, 0), (R.RLIMIT_NOFILE, 64)):
+            R.setrlimit(lim, (val, val))
+        os.chdir(h["mnt"]); os.chroot("."); os.chdir("/")
+        libc.syscall(ARCH[1], 1, None)        # KEYCTL_JOIN_SESSION_KEYRING: a fresh anonymous one
+        if h["root"]:
+            os.setgroups([]); os.setgid(h["uid"]); os.setuid(h["uid"])
+        else:
+            libc.prctl(28, 0x2f, 0, 0, 0)    # SECBIT_NOROOT|_LOCKED|NO_SETUID_FIXUP|_LOCKED|KEEP_CAPS_LOCKED
+            hdr = (ctypes.c_uint32 * 2)(0x20080522, 0)
+            data = (ctypes.c_uint32 * 6)()
+            if libc.syscall(ARCH[7], hdr, data) != 0:   # capset: no capabilities at all
+                send(b"X"); _exit(0)
+        libc.prctl(38, 1, 0, 0, 0)           # PR_SET_NO_NEW_PRIVS
+        if not seccomp():
             send(b"X"); _exit(0)
-    libc.prctl(38, 1, 0, 0, 0)           # PR_SET_NO_NEW_PRIVS
-    if not seccomp():
+    except Exception:                    # e.g. setuid refused: nothing ran
         send(b"X"); _exit(0)
     raw = b""
     while True:
@@ -215,7 +218,10 @@ def init(h, jr, rw):
     if (libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0 or
             libc.mount(b"tmpfs", h["mnt"].encode(), b"tmpfs", NOSUID | NODEV, opts.encode()) != 0):
         os.write(rw, b"X"); os._exit(0)
-    w = os.fork()
+    try:
+        w = os.fork()
+    except OSError:
+        os.write(rw, b"X"); os._exit(0)
     if w == 0:
         try:
             worker(h, jr, rw)
@@ -234,11 +240,14 @@ def supervise(h, jr, rw):
     flags = 0x20000 | 0x20000000 | 0x40000000 | 0x08000000 | (0 if root else 0x10000000)
     if ARCH is None or libc.unshare(flags) != 0:   # NEWNS | NEWPID | NEWNET | NEWIPC [| NEWUSER]
         os.write(rw, b"X"); os._exit(0)
-    if not root:
-        for f, v in (("setgroups", "deny"), ("uid_map", "0 %d 1" % uid), ("gid_map", "0 %d 1" % gid)):
-            with open("/proc/self/" + f, "w") as fh:
-                fh.write(v)
-    p = os.fork()
+    try:
+        if not root:
+            for f, v in (("setgroups", "deny"), ("uid_map", "0 %d 1" % uid), ("gid_map", "0 %d 1" % gid)):
+                with open("/proc/self/" + f, "w") as fh:
+                    fh.write(v)
+        p = os.fork()
+    except OSError:
+        os.write(rw, b"X"); os._exit(0)
     if p == 0:
         try:
             init(h, jr, rw)
@@ -467,8 +476,7 @@ def run_child(setup, program, calls, like=None, cpu_s=CPU_S, mem_mb=MEM_MB, stop
     uid = acquire_uid() if root else os.getuid()
     cpu = max(1, math.ceil(cpu_s))
     wall = max(WALL_FACTOR * cpu_s, 1.0)
-    t = None
-    fds = []
+    t, fds, started = None, [], False
     data, status = b"", "ok"
     try:
         t = _get_template(fresh)
@@ -483,6 +491,7 @@ def run_child(setup, program, calls, like=None, cpu_s=CPU_S, mem_mb=MEM_MB, stop
             os.close(jr); os.close(rw)
         if t.recv(9, 30)[:1] != b"P":
             raise OSError("template protocol")
+        started = True
         job = json.dumps({"setup": setup, "program": program, "calls": list(calls),
                           "stop_at_error": bool(stop_at_error)}).encode()
         os.set_blocking(jw, False)
@@ -511,11 +520,13 @@ def run_child(setup, program, calls, like=None, cpu_s=CPU_S, mem_mb=MEM_MB, stop
             t.sock.send(b"K")                          # the template kills S and init (still unreaped)
         if t.recv(9, 30)[:1] != b"D":                  # S reaped: nothing of the child is left
             raise OSError("template protocol")
-    except OSError:
+    except OSError as e:
         if t is not None:
             _drop_template(t); t = None                # its children die with it (PDEATHSIG)
         if root:
             kill_uid(uid)
+        if not started:                                # nothing ran: no label may come of it
+            raise SandboxUnavailable(f"the sandbox template failed before the check started ({e})") from None
         if status == "ok":
             status = "died"
     finally:
