@@ -618,7 +618,9 @@ def bench_grader(problems_path, rounds=2, limit=None, workers_list=(1, 2)):
                           f"labels {dict(sorted({l: labels[variant].count(l) for l in labels[variant]}.items()))}",
                           flush=True)
                 if labels["fresh"] != labels["warm"]:
-                    raise SystemExit(f"error: labels differ between fresh and warm ({kind}, workers={workers})")
+                    diff = [(p["id"], a, b) for p, a, b in zip(probs, labels["fresh"], labels["warm"]) if a != b]
+                    raise SystemExit(f"error: labels differ between fresh and warm ({kind}, workers={workers}): "
+                                     f"(id, fresh, warm) {diff}")
                 ratios.setdefault((kind, workers), []).append(rates[(kind, workers, "warm")][-1]
                                                               / rates[(kind, workers, "fresh")][-1])
     med = lambda xs: sorted(xs)[len(xs) // 2] if len(xs) % 2 else sum(sorted(xs)[len(xs) // 2 - 1:][:2]) / 2
