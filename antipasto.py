@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configs import TARGETS
+import pools   # atomic_write (standard library only)
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "antipasto_svd")
 
 
@@ -164,12 +165,10 @@ def zero_knobs(modules):
 
 
 def save_knobs(modules, path, extra=None):
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     meta = {"fingerprint": fingerprint(modules), "basis": basis_of(modules), **(extra or {})}
-    tmp = path + ".tmp"
-    save_file({n: knob(m).detach().cpu().contiguous() for n, m in modules.items()}, tmp,
-              metadata={k: str(v) for k, v in meta.items()})
-    os.replace(tmp, path)
+    pools.atomic_write(path, save({n: knob(m).detach().cpu().contiguous() for n, m in modules.items()},
+                                  metadata={k: str(v) for k, v in meta.items()}))
 
 
 def load_knobs(modules, path):
@@ -411,11 +410,9 @@ def label_free_pairs(pairs, seed=0):
 
 def save_v(V, path, meta):
     """v_hack as safetensors plus metadata (basis kind, base fingerprint, k, pair count, loss, ...)."""
-    from safetensors.torch import save_file
-    tmp = path + ".tmp"
-    save_file({n: v.contiguous().cpu() for n, v in V.items()}, tmp,
-              metadata={"meta": json.dumps(meta, sort_keys=True)})
-    os.replace(tmp, path)
+    from safetensors.torch import save
+    pools.atomic_write(path, save({n: v.contiguous().cpu() for n, v in V.items()},
+                                  metadata={"meta": json.dumps(meta, sort_keys=True)}))
 
 
 def load_v(path, modules, basis=None):

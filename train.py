@@ -1,6 +1,8 @@
 """train.py — the spec2 probes in one script: Phase 1 (--loss-mode=nll) and Phase 2 (--loss-mode=grpo)
 replay over graded pools, arms `vanilla` (measure only) and `projected` (one-sided removal of the
-hack-ward component of the delta_S gradient before AdamW steps).
+hack-ward component of the adapter's gradient before AdamW steps). `--basis=svd` (default) trains
+delta_S (antipasto.py); `--basis=lora` trains a LoRA B A (lora_adapter.py): `--arm=projected
+--basis=lora` is the spec's Arm 3, `--arm=vanilla --basis=lora` its matched control.
 
     python train.py --arm=vanilla --steps=20                     # demo: tiny Qwen3 + demo pools, no set-up
     python train.py --arm=projected --loss-mode=grpo --replay-dirs=out/pools/teacher_pool,out/pools/base_pool
