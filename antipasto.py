@@ -437,13 +437,17 @@ def load_v(path, modules, basis=None):
 # ----------------------------------------------------------------------------- controls and null
 
 def random_v(like, seed=0):
-    """Control: a random orthonormal V with the same k and width per module, seeded."""
+    """Control: a random orthonormal V with the same k and width per module, seeded, on the
+    coordinates the real V uses (all of them in the SVD basis; B's at B = 0 in the LoRA basis)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for n, v in like.items():
         k, w = v.shape
-        Q, _ = torch.linalg.qr(torch.randn(w, k, generator=g, dtype=torch.float64))   # (w, k)
-        out[n] = Q.T.contiguous().float()
+        cols = (v != 0).any(0)                                                        # (w,)
+        Q, _ = torch.linalg.qr(torch.randn(int(cols.sum()), k, generator=g, dtype=torch.float64))
+        R = torch.zeros(k, w)
+        R[:, cols] = Q.T.float()
+        out[n] = R
     return out
 
 

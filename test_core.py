@@ -746,6 +746,8 @@ def test_lora_bit_identical_at_start_and_b_zero_extraction_sees_only_B():
         assert torch.count_nonzero(diffs[n][:, :m.n_A]) == 0 and torch.count_nonzero(diffs[n][:, m.n_A:]) > 0
         assert torch.count_nonzero(V[n][:, :m.n_A]) == 0 and abs(float(V[n].norm()) - 1) < 1e-5
         assert m.null_width == m.flat.numel() - m.n_A                          # B's coordinates
+    R = ap.random_v(V, seed=0)                                 # the random control uses B's coordinates too
+    assert all(torch.count_nonzero(R[n][:, :m.n_A]) == 0 and abs(float(R[n].norm()) - 1) < 1e-5 for n, m in mods.items())
 
 
 def test_lora_per_sample_grads_match_single_backward():
