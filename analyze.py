@@ -524,7 +524,7 @@ def analyze(run_dirs, labels=None):
                            n_samples=len(r["samples"]))
                       for r in every],
                 decision_basis=basis, verification=ver, trajectories=trajectories(every), buckets=buckets(every),
-                phase1=phase1(runs, labels), pairs=pairs(every), arms=arms(every), decision=decision(runs, ver[3], ver[4]))
+                phase1=phase1(every, labels), pairs=pairs(every), arms=arms(every), decision=decision(runs, ver[3], ver[4]))
 
 def table(header, rows):
     rows = [[str(c) for c in r] for r in rows]
@@ -586,6 +586,9 @@ def render(res):
     d = res["decision"]
     o += ["\n== 6. Phase 3 decision ==", f"DECISION: {d['rule']}", f"  because: {d['why']}"]
     o += [f"  - {n}" for n in d["notes"]]
+    other = sorted({r["run"] for r in res["runs"] if r["basis"] != res["decision_basis"]})
+    if other:
+        o.append(f"  (judged on the {res['decision_basis']} runs; {', '.join(other)} of another basis are compared in 5b, not pooled)")
     return "\n".join(o)
 
 def report(run_dirs, as_json=False, labels=None):
