@@ -138,6 +138,7 @@ def load_run(run_dir):
         samples += rows
     return dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir)), cfg=cfg, arm=arm,
                 loss_mode=cfg.get("loss_mode", "grpo"), control=cfg.get("control", "none"),
+                basis=cfg.get("basis", "svd"),
                 seed=cfg.get("seed"), null_sd=(meta.get("null") or {}).get("cos_sd"),
                 steps=sorted(steps, key=lambda s: s["step"]), samples=samples)
 
@@ -380,12 +381,13 @@ def phase1(runs, labels=None):
     return out
 
 def pairs(runs):
-    """Vanilla vs projected with the same (seed, loss_mode, control): both must see the same samples."""
+    """Vanilla vs projected with the same (seed, loss_mode, control) in the same basis: both must see
+    the same samples. Runs of different bases are never paired as one arm."""
     groups = defaultdict(dict)
     for r in runs:
-        groups[(r["seed"], r["loss_mode"], r["control"])].setdefault(r["arm"], r)
+        groups[(r["seed"], r["loss_mode"], r["control"], r["basis"])].setdefault(r["arm"], r)
     out = []
-    for (seed, lm, ctl), g in sorted(groups.items(), key=str):
+    for (seed, lm, ctl, basis), g in sorted(groups.items(), key=str):
         if "vanilla" not in g or "projected" not in g:
             continue
         v, p = g["vanilla"], g["projected"]
@@ -397,8 +399,31 @@ def pairs(runs):
         rows = [dict(step=k, vanilla_cos_in=vs.get(k, {}).get("cos_in"), projected_cos_in=ps.get(k, {}).get("cos_in"),
                      projected_cos_out=ps.get(k, {}).get("cos_out"), same_samples=ids[0].get(k) == ids[1].get(k))
                 for k in sorted(set(vs) | set(ps) | set(ids[0]) | set(ids[1]))]
-        out.append(dict(seed=seed, loss_mode=lm, control=ctl, vanilla=v["name"], projected=p["name"], rows=rows,
+        out.append(dict(seed=seed, loss_mode=lm, control=ctl, basis=basis, vanilla=v["name"], projected=p["name"], rows=rows,
                         mismatched_steps=[x["step"] for x in rows if not x["same_samples"]]))
+    return out
+
+def arms(runs):
+    """The spec's three arms side by side (vanilla, projected SVD, projected LoRA) and the LoRA
+    basis' matched vanilla control: main GRPO runs grouped by (arm, basis), never pooled across bases.
+    Cosines in different bases are on different scales, so each basis' projected arm is read against
+    its own basis' vanilla arm and null sd."""
+    out = []
+    for arm, basis in (("vanilla", "svd"), ("projected", "svd"), ("projected", "lora"), ("vanilla", "lora")):
+        rs = [r for r in main_runs(runs, arm) if r["basis"] == basis]
+        if not rs:
+            continue
+        st = [s for r in rs for s in live(r)]
+        m = lambda key: float(np.mean(vals(st, key))) if vals(st, key) else None
+        sd = max([r["null_sd"] for r in rs if r["null_sd"] is not None], default=None)
+        ci = m("cos_in")
+        cu = vals(st, "cos_update")
+        w = teacher_vs_base([s for r in rs for s in r["samples"]], "cos_adv_free")
+        out.append(dict(arm=arm, basis=basis, runs=[r["name"] for r in rs], live_steps=len(st), cos_in=ci,
+                        cos_in_null_sd=ci / sd if ci is not None and sd else None, null_sd=sd, cos_out=m("cos_out"),
+                        cos_update=m("cos_update"), update_hackward=f"{sum(c > 0 for c in cu)}/{len(cu)}",
+                        frac_fired=m("frac_fired"), n_over_projected=sum(s["n_over_projected"] or 0 for s in st),
+                        adv_free_teacher_vs_base=w))
     return out
 
 # -----------------------------------------------------------------------------
@@ -486,14 +511,20 @@ def decision(runs, contrib_row, adv_free_row):
 # report
 
 def analyze(run_dirs, labels=None):
-    runs = [load_run(d) for d in run_dirs]
+    every = [load_run(d) for d in run_dirs]
+    # the verification and decision judge one basis (SVD when present): runs of another basis are
+    # never pooled into the same arm; they appear in the arms table, trajectories and buckets
+    kinds = sorted({r["basis"] for r in every})
+    basis = "svd" if "svd" in kinds else kinds[0]
+    runs = [r for r in every if r["basis"] == basis]
     ver = [check_reward_range(runs), check_vanilla_cos_in(runs), check_projection(runs),
-           check_contrib(runs), check_contrib_adv_free(runs), check_update(runs), check_over_projection(runs)]
+           check_contrib(runs), check_contrib_adv_free(runs), check_update(runs), check_over_projection(every)]
     return dict(runs=[dict(run=r["name"], dir=r["dir"], arm=r["arm"], loss_mode=r["loss_mode"], control=r["control"],
-                           seed=r["seed"], null_sd=r["null_sd"], n_steps=len(r["steps"]), n_samples=len(r["samples"]))
-                      for r in runs],
-                verification=ver, trajectories=trajectories(runs), buckets=buckets(runs),
-                phase1=phase1(runs, labels), pairs=pairs(runs), decision=decision(runs, ver[3], ver[4]))
+                           basis=r["basis"], seed=r["seed"], null_sd=r["null_sd"], n_steps=len(r["steps"]),
+                           n_samples=len(r["samples"]))
+                      for r in every],
+                decision_basis=basis, verification=ver, trajectories=trajectories(every), buckets=buckets(every),
+                phase1=phase1(every, labels), pairs=pairs(every), arms=arms(every), decision=decision(runs, ver[3], ver[4]))
 
 def table(header, rows):
     rows = [[str(c) for c in r] for r in rows]
@@ -502,10 +533,10 @@ def table(header, rows):
     return "\n".join([line(header), line(["-" * x for x in w])] + [line(r) for r in rows])
 
 def render(res):
-    o = ["runs: " + "; ".join(f"{r['run']} ({r['arm']}, {r['loss_mode']}, control={r['control']}, seed={r['seed']}, "
+    o = ["runs: " + "; ".join(f"{r['run']} ({r['arm']}, {r['basis']}, {r['loss_mode']}, control={r['control']}, seed={r['seed']}, "
                               f"{r['n_steps']} steps, {r['n_samples']} samples, null sd {fmt(r['null_sd'], 4)})"
                               for r in res["runs"]),
-         "\n== 1. Phase 2 verification ==",
+         f"\n== 1. Phase 2 verification (basis {res['decision_basis']}) ==",
          table(["metric", "measured", "verdict", "rule"],
                [[v["metric"], v["measured"], v["verdict"], v["rule"]] for v in res["verification"]]),
          "\n== 2. per-step trajectories =="]
@@ -536,7 +567,8 @@ def render(res):
         o.append("n/a (no nll run)")
     o.append("\n== 5. vanilla vs projected, same seed ==")
     for p in res["pairs"]:
-        o.append(f"seed {p['seed']} ({p['loss_mode']}, control={p['control']}): {p['vanilla']} vs {p['projected']}")
+        o.append(f"seed {p['seed']} ({p['loss_mode']}, control={p['control']}, basis={p['basis']}): "
+                 f"{p['vanilla']} vs {p['projected']}")
         o.append(table(["step", "van cos_in", "proj cos_in", "proj cos_out", "same samples"],
                        [[x["step"], fmt(x["vanilla_cos_in"]), fmt(x["projected_cos_in"]), fmt(x["projected_cos_out"]),
                          "yes" if x["same_samples"] else "NO"] for x in p["rows"]]))
@@ -544,9 +576,19 @@ def render(res):
             o.append(f"!!! SAMPLE MISMATCH: vanilla and projected saw different samples on steps {p['mismatched_steps']}")
     if not res["pairs"]:
         o.append("n/a (no vanilla+projected pair with the same seed)")
+    o.append("\n== 5b. arms side by side (main GRPO runs; each basis against its own vanilla and null) ==")
+    o.append(table(["arm", "basis", "runs", "live", "cos_in", "in null sd", "cos_out", "cos_upd", "upd>0", "fired",
+                    "n_over", "adv-free teacher vs base"],
+                   [[a["arm"], a["basis"], ",".join(a["runs"]), a["live_steps"], fmt(a["cos_in"]),
+                     "—" if a["cos_in_null_sd"] is None else f"{a['cos_in_null_sd']:+.1f}", fmt(a["cos_out"]),
+                     fmt(a["cos_update"]), a["update_hackward"], fmt(a["frac_fired"], 2), a["n_over_projected"],
+                     fmt_test(a["adv_free_teacher_vs_base"])] for a in res["arms"]]) if res["arms"] else "n/a (no GRPO run)")
     d = res["decision"]
     o += ["\n== 6. Phase 3 decision ==", f"DECISION: {d['rule']}", f"  because: {d['why']}"]
     o += [f"  - {n}" for n in d["notes"]]
+    other = sorted({r["run"] for r in res["runs"] if r["basis"] != res["decision_basis"]})
+    if other:
+        o.append(f"  (judged on the {res['decision_basis']} runs; {', '.join(other)} of another basis are compared in 5b, not pooled)")
     return "\n".join(o)
 
 def report(run_dirs, as_json=False, labels=None):

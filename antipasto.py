@@ -10,7 +10,15 @@ Everything the spec measures lives in delta_S coordinates:
     cos_in   cosine of the gradient with the top hack axis, before projection
     cos_out  the same after one-sided removal g - relu(V g) @ V
     frac_fired  fraction of modules where something was removed
-`project` takes plain dicts of flat gradients and V's, so the LoRA basis reuses it unchanged.
+
+Everything below the adapter is generic over the adapter contract, so lora_adapter.py's weight basis
+runs through the same code (neither adapter file imports the other). An adapter module provides:
+    m.knob()           its one flat trainable Parameter (n,)  (here delta_S)
+    m.capture          when True, a backward fills m.grad_sample (B, n), every sample's own gradient
+    m.digest           sha256 identifying the frozen basis (the fingerprint is built from these)
+    m.basis            the basis kind, "svd" or "lora" (v_hack and saved knobs record it)
+    m.null_width       the width of the isotropic null for cosines with v_hack
+    m.merged_weight()  the effective dense weight (d_out, d_in) in the base weight's dtype
 """
 import contextlib, hashlib, json, math, os
 
@@ -22,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from configs import TARGETS
+import pools   # atomic_write (standard library only)
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "antipasto_svd")
 
 
@@ -31,6 +40,7 @@ CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "antipasto_svd")
 class SVDLinear(nn.Module):
     """A frozen Linear plus the knob delta_S in its singular basis. Records per-sample gradients
     of delta_S when `capture` is on (one backward gives all of them)."""
+    basis = "svd"
 
     def __init__(self, base: nn.Linear, U, S, Vh, digest):
         super().__init__()
@@ -40,6 +50,7 @@ class SVDLinear(nn.Module):
         self.register_buffer("S", S, persistent=False)    # (r,) float32, for reference
         self.delta_S = nn.Parameter(torch.zeros(S.shape[0], dtype=torch.float32))
         self.digest = digest          # sha256 of the frozen weight bytes
+        self.null_width = S.shape[0]  # r: the gradient lives in all of delta_S
         self.capture = False
         self.grad_sample = None       # (B, r) after a backward with capture on
 
@@ -54,6 +65,15 @@ class SVDLinear(nn.Module):
                 self.grad_sample = gs if self.grad_sample is None else self.grad_sample + gs
             z.register_hook(store)
         return y + F.linear(z, self.U)
+
+    def knob(self):
+        return self.delta_S
+
+    @torch.no_grad()
+    def merged_weight(self):
+        """W + U diag(delta_S) Vh as one dense (d_out, d_in) weight in W's dtype (summed in float32)."""
+        W = self.base.weight
+        return (W.float() + (self.U.float() * self.delta_S) @ self.Vh.float()).to(W.dtype)
 
 
 def weight_digest(w):
@@ -106,54 +126,64 @@ def wrap(model, targets=TARGETS, cache_dir=CACHE_DIR):
     return wrapped
 
 
-def fingerprint(modules):
-    """One id for a basis: module names, kinds, and the digests of their frozen weights."""
-    h = hashlib.sha256()
-    for name, m in modules.items():
-        h.update(f"{name}:{getattr(m, 'digest', '')}:{tuple(knob(m).shape)};".encode())
-    return h.hexdigest()[:16]
-
+# ----------------------------------------------------------------------------- the adapter contract
 
 def knob(m):
-    """The trainable flat vector of a module: delta_S here; lora_adapter modules expose `knob()`."""
-    return m.delta_S if hasattr(m, "delta_S") else m.knob()
+    """The trainable flat vector of an adapter module (delta_S here, A and B in lora_adapter)."""
+    return m.knob()
+
+
+def basis_of(modules):
+    """The one basis kind of a set of adapter modules ("svd", "lora"); mixing kinds is an error."""
+    kinds = sorted({m.basis for m in modules.values()})
+    if len(kinds) != 1:
+        raise ValueError(f"adapter modules of {len(kinds)} basis kinds {kinds}; one run uses one basis")
+    return kinds[0]
+
+
+def fingerprint(modules):
+    """One id for a basis: module names, basis kind, the digests of their frozen bases, knob widths."""
+    h = hashlib.sha256()
+    for name, m in modules.items():
+        h.update(f"{name}:{m.basis}:{m.digest}:{tuple(knob(m).shape)};".encode())
+    return h.hexdigest()[:16]
 
 
 @contextlib.contextmanager
 def zero_knobs(modules):
     """The reference model for free: knobs at zero inside the block, restored after."""
-    saved = {n: m.delta_S.detach().clone() for n, m in modules.items()}
+    saved = {n: knob(m).detach().clone() for n, m in modules.items()}
     with torch.no_grad():
         for m in modules.values():
-            m.delta_S.zero_()
+            knob(m).zero_()
     try:
         yield
     finally:
         with torch.no_grad():
             for n, m in modules.items():
-                m.delta_S.copy_(saved[n])
+                knob(m).copy_(saved[n])
 
 
 def save_knobs(modules, path, extra=None):
-    from safetensors.torch import save_file
-    meta = {"fingerprint": fingerprint(modules), "basis": "svd", **(extra or {})}
-    tmp = path + ".tmp"
-    save_file({n: m.delta_S.detach().cpu().contiguous() for n, m in modules.items()}, tmp,
-              metadata={k: str(v) for k, v in meta.items()})
-    os.replace(tmp, path)
+    from safetensors.torch import save
+    meta = {"fingerprint": fingerprint(modules), "basis": basis_of(modules), **(extra or {})}
+    pools.atomic_write(path, save({n: knob(m).detach().cpu().contiguous() for n, m in modules.items()},
+                                  metadata={k: str(v) for k, v in meta.items()}))
 
 
 def load_knobs(modules, path):
     from safetensors import safe_open
     with safe_open(path, "pt") as f:
         meta = f.metadata() or {}
-        fp = fingerprint(modules)
+        fp, basis = fingerprint(modules), basis_of(modules)
+        if meta.get("basis") != basis:
+            raise ValueError(f"{path}: knobs were saved in the {meta.get('basis')!r} basis, these modules are {basis!r}")
         if meta.get("fingerprint") != fp:
             raise ValueError(f"{path}: knobs were saved for base model {meta.get('fingerprint')}, "
                              f"this model is {fp}; refusing to load them onto another model")
         with torch.no_grad():
             for n, m in modules.items():
-                m.delta_S.copy_(f.get_tensor(n))
+                knob(m).copy_(f.get_tensor(n))
 
 
 # ----------------------------------------------------------------------------- sequences and losses
@@ -213,7 +243,7 @@ def sample_losses(logp_tok, comp_mask, loss_mode, rewards=None, G=None):
 
 @contextlib.contextmanager
 def capture_per_sample(modules):
-    """Inside the block every backward fills m.grad_sample (B, r) for each module."""
+    """Inside the block every backward fills m.grad_sample (B, n) for each module."""
     for m in modules.values():
         m.capture, m.grad_sample = True, None
     try:
@@ -224,7 +254,7 @@ def capture_per_sample(modules):
 
 
 def per_sample_grads(model, modules, batch, loss_mode="nll", rewards=None, G=None):
-    """One forward + one backward. Returns (losses (B,), adv, {name: (B, r)} per-sample knob grads).
+    """One forward + one backward. Returns (losses (B,), adv, {name: (B, n)} per-sample knob grads).
     Their sum over B equals each knob's .grad (which is also set)."""
     for m in modules.values():
         knob(m).grad = None
@@ -308,15 +338,21 @@ def orient(Vk, D):
 
 
 def directions_from_diffs(diffs, k=1):
-    """{name: (P, n) per-pair hack-minus-clean gradients} -> {name: V (k, n)}, oriented hack-ward."""
+    """{name: (P, n) per-pair hack-minus-clean gradients} -> {name: V (k, n)}, oriented hack-ward.
+    Coordinates that no pair moves (zero in every difference: the LoRA basis' A block at B = 0) are
+    left out of the SVD and are exactly zero in V, not rounding noise."""
     V = {}
     for name, D in diffs.items():
         D = D.double()
         keep = D.norm(dim=1) > 0
         if keep.sum() == 0:
             raise ValueError(f"{name}: every pair difference is zero; cannot extract a direction")
-        _, _, Vh = torch.linalg.svd(D[keep], full_matrices=False)     # (min(P, n), n)
-        V[name] = orient(Vh[:k], D[keep]).float()
+        D = D[keep]
+        cols = D.abs().sum(0) > 0                                      # (n,) coordinates some pair moves
+        _, _, Vh = torch.linalg.svd(D[:, cols], full_matrices=False)   # (min(P, n_cols), n_cols)
+        Vk = torch.zeros(min(k, Vh.shape[0]), D.shape[1], dtype=D.dtype)
+        Vk[:, cols] = Vh[:k]
+        V[name] = orient(Vk, D).float()
     return V
 
 
@@ -374,16 +410,15 @@ def label_free_pairs(pairs, seed=0):
 
 def save_v(V, path, meta):
     """v_hack as safetensors plus metadata (basis kind, base fingerprint, k, pair count, loss, ...)."""
-    from safetensors.torch import save_file
-    tmp = path + ".tmp"
-    save_file({n: v.contiguous().cpu() for n, v in V.items()}, tmp,
-              metadata={"meta": json.dumps(meta, sort_keys=True)})
-    os.replace(tmp, path)
+    from safetensors.torch import save
+    pools.atomic_write(path, save({n: v.contiguous().cpu() for n, v in V.items()},
+                                  metadata={"meta": json.dumps(meta, sort_keys=True)}))
 
 
-def load_v(path, modules, basis="svd"):
-    """Load v_hack; refuse it when it was built on another basis kind or base model."""
+def load_v(path, modules, basis=None):
+    """Load v_hack; refuse it when it was built on another basis kind (default: the modules') or base model."""
     from safetensors import safe_open
+    basis = basis or basis_of(modules)
     with safe_open(path, "pt") as f:
         meta = json.loads((f.metadata() or {}).get("meta", "{}"))
         fp = fingerprint(modules)
@@ -402,13 +437,17 @@ def load_v(path, modules, basis="svd"):
 # ----------------------------------------------------------------------------- controls and null
 
 def random_v(like, seed=0):
-    """Control: a random orthonormal V with the same k and width per module, seeded."""
+    """Control: a random orthonormal V with the same k and width per module, seeded, on the
+    coordinates the real V uses (all of them in the SVD basis; B's at B = 0 in the LoRA basis)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for n, v in like.items():
         k, w = v.shape
-        Q, _ = torch.linalg.qr(torch.randn(w, k, generator=g, dtype=torch.float64))   # (w, k)
-        out[n] = Q.T.contiguous().float()
+        cols = (v != 0).any(0)                                                        # (w,)
+        Q, _ = torch.linalg.qr(torch.randn(int(cols.sum()), k, generator=g, dtype=torch.float64))
+        R = torch.zeros(k, w)
+        R[:, cols] = Q.T.float()
+        out[n] = R
     return out
 
 
@@ -429,9 +468,13 @@ def null_cos_sd(widths):
 
 # ----------------------------------------------------------------------------- benchmark
 
-def bench(model_name="tiny", B=8, prompt_len=384, comp_len=256, repeats=5, device="cpu"):
+def bench(model_name="tiny", B=8, prompt_len=384, comp_len=256, repeats=5, device="cpu", wrap_fn=None):
     """Side by side in one run, same batch: plain forward+backward, forward+backward with per-sample
-    gradients (this file), and B separate single-sample backwards (the slow baseline it replaces)."""
+    gradients (this file), and B separate single-sample backwards (the slow baseline it replaces).
+    Interleaved in rotated order over `repeats` rounds after a warm-up; each ratio is the median
+    (min, max) of the per-round ratios, so load that shifts between rounds cancels.
+    wrap_fn(model) -> modules picks the adapter (default: this file's SVD basis); any module that
+    honours the adapter contract works, e.g. functools.partial(lora_adapter.wrap, rank=16, alpha=32)."""
     import time
     import configs
     if model_name == "tiny":
@@ -440,7 +483,7 @@ def bench(model_name="tiny", B=8, prompt_len=384, comp_len=256, repeats=5, devic
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.bfloat16)
     model.to(device)
-    modules = wrap(model)
+    modules = (wrap_fn or wrap)(model)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (B, prompt_len + comp_len), generator=g).to(device)
     cm = torch.zeros(B, prompt_len + comp_len, device=device)
@@ -450,7 +493,7 @@ def bench(model_name="tiny", B=8, prompt_len=384, comp_len=256, repeats=5, devic
 
     def plain():
         for m in modules.values():
-            m.delta_S.grad = None
+            knob(m).grad = None
         losses, _ = sample_losses(token_logps(model, batch), cm, "grpo", rewards, G=B)
         losses.sum().backward()
 
@@ -461,35 +504,40 @@ def bench(model_name="tiny", B=8, prompt_len=384, comp_len=256, repeats=5, devic
         adv = torch.tensor(rewards) - torch.tensor(rewards).mean()
         for b in range(B):
             for m in modules.values():
-                m.delta_S.grad = None
+                knob(m).grad = None
             one = {k: v[b:b + 1] for k, v in batch.items()}
             lp = token_logps(model, one)
             (-adv[b] * (lp * one["comp_mask"]).sum() / one["comp_mask"].sum() / B).backward()
 
     fns = dict(plain=plain, per_sample=per_sample, separate=separate)
+    names = list(fns)
     times = {k: [] for k in fns}
     for fn in fns.values():                             # warm-up
         fn()
-    for _ in range(repeats):                            # interleaved rounds: drift hits all three alike
-        for k, fn in fns.items():
+    for i in range(repeats):                            # interleaved, rotated: drift hits all three alike
+        for k in names[i % 3:] + names[:i % 3]:
             if device != "cpu":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            fn()
+            fns[k]()
             if device != "cpu":
                 torch.cuda.synchronize()
             times[k].append(time.perf_counter() - t)
-    t_plain, t_ps, t_sep = (sorted(times[k])[len(times[k]) // 2] for k in fns)
-    print(f"model={model_name} B={B} T={prompt_len + comp_len} device={device} torch threads={torch.get_num_threads()}")
-    print(f"  plain forward+backward         {t_plain * 1e3:8.1f} ms   1.00x")
-    print(f"  + per-sample grads (one pass)  {t_ps * 1e3:8.1f} ms   {t_ps / t_plain:.2f}x")
-    print(f"  B separate backwards           {t_sep * 1e3:8.1f} ms   {t_sep / t_plain:.2f}x")
-    return dict(plain=t_plain, per_sample=t_ps, separate=t_sep)
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    ratios = {k: [a / p for a, p in zip(times[k], times["plain"])] for k in fns}
+    print(f"model={model_name} basis={basis_of(modules)} B={B} T={prompt_len + comp_len} device={device} "
+          f"torch threads={torch.get_num_threads()} rounds={repeats}")
+    print(f"  {'':32s} {'median ms':>10s}   ratio to plain: median of per-round ratios (min, max)")
+    for k, label in (("plain", "plain forward+backward"), ("per_sample", "+ per-sample grads (one pass)"),
+                     ("separate", "B separate backwards")):
+        print(f"  {label:32s} {med(times[k]) * 1e3:10.1f}   {med(ratios[k]):.2f}x ({min(ratios[k]):.2f}, {max(ratios[k]):.2f})")
+    return dict(times=times, ratio_per_sample=med(ratios["per_sample"]), ratio_separate=med(ratios["separate"]))
 
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="benchmark: per-sample gradients vs a plain backward")
+    p = argparse.ArgumentParser(description="benchmark: per-sample gradients vs a plain backward (SVD basis; "
+                                            "other bases: call bench(wrap_fn=...))")
     p.add_argument("--model", default="tiny")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=384)

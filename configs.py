@@ -17,6 +17,9 @@ PRESETS = {
                  max_completion_tokens=1024, seed=0),
 }
 
+# the Linears both adapters wrap by default: Qwen3's attention and MLP projections
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 TINY_QWEN3 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, rms_norm_eps=1e-6,
                   tie_word_embeddings=False)

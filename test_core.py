@@ -867,6 +867,219 @@ def test_null_cosine_distribution():
     assert abs(means.std() - ap.null_cos_sd(widths)) < 0.05 * ap.null_cos_sd(widths)
 
 
+# ---------------------------------------------------------------------------- the weight basis (lora_adapter)
+
+def lora_wrapped(rank=4, alpha=8.0, seed=0):
+    import configs, lora_adapter as la
+    model, tok = configs.tiny_qwen3(seed=seed)
+    return model, tok, la.wrap(model, rank=rank, alpha=alpha)
+
+
+def adapter(basis, seed=0):
+    """(model, tok, modules) of the tiny model in either basis: the contract tests loop over both."""
+    return wrapped(seed) if basis == "svd" else lora_wrapped(seed=seed)
+
+
+def test_lora_bit_identical_at_start_and_b_zero_extraction_sees_only_B():
+    import torch, antipasto as ap, configs, lora_adapter as la
+    model, tok = configs.tiny_qwen3()
+    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+    ref = model(input_ids=ids).logits
+    mods = la.wrap(model, rank=4, alpha=8.0)
+    assert len(mods) == 14 and torch.equal(model(input_ids=ids).logits, ref)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [f"{n}.flat" for n in mods]
+    for m in mods.values():
+        d_in = m.base.weight.shape[1]
+        assert torch.count_nonzero(m.B) == 0 and m.A.abs().max() <= 1 / math.sqrt(d_in) and m.A.abs().max() > 0.5 / math.sqrt(d_in)
+        assert m.A.data_ptr() == m.flat.data_ptr() and m.flat.numel() == m.r * (d_in + m.base.weight.shape[0])
+    _, _, again = lora_wrapped()                                # the init is seeded, not the global RNG
+    assert ap.fingerprint(again) == ap.fingerprint(mods)
+    # B = 0: A has no gradient, so the extraction sees only B and V's A block is exactly zero
+    pairs = [dict(prompt=p, hack=c + "\ndef run_tests():\n    pass", clean=c) for p, c in zip(PROMPTS, COMPS)]
+    diffs = ap.pair_diffs(model, mods, tok, pairs, loss="nll", G=8)
+    V = ap.directions_from_diffs(diffs, k=1)
+    for n, m in mods.items():
+        assert torch.count_nonzero(diffs[n][:, :m.n_A]) == 0 and torch.count_nonzero(diffs[n][:, m.n_A:]) > 0
+        assert torch.count_nonzero(V[n][:, :m.n_A]) == 0 and abs(float(V[n].norm()) - 1) < 1e-5
+        assert m.null_width == m.flat.numel() - m.n_A                          # B's coordinates
+    R = ap.random_v(V, seed=0)                                 # the random control uses B's coordinates too
+    assert all(torch.count_nonzero(R[n][:, :m.n_A]) == 0 and abs(float(R[n].norm()) - 1) < 1e-5 for n, m in mods.items())
+
+
+def test_lora_per_sample_grads_match_single_backward():
+    import torch, antipasto as ap
+    model, tok, mods = lora_wrapped()
+    with torch.no_grad():
+        for m in mods.values():
+            m.B.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))  # B != 0: A has a gradient too
+    rewards = [3.5, 0.5, 0.0]
+    batch = ap.make_batch(tok, PROMPTS, COMPS)
+    assert len(set(batch["attention_mask"].sum(1).tolist())) == 3              # ragged
+    _, _, gs = ap.per_sample_grads(model, mods, batch, "grpo", rewards, G=3)
+    for n, m in mods.items():
+        assert torch.allclose(gs[n].sum(0), m.flat.grad, atol=1e-7, rtol=1e-5)
+        assert torch.count_nonzero(gs[n][:, :m.n_A]) > 0
+    adv = torch.tensor(rewards) - torch.tensor(rewards).mean()
+    for i in range(3):                                  # independent: a plain single-sample backward
+        b = ap.make_batch(tok, [PROMPTS[i]], [COMPS[i]])
+        for m in mods.values():
+            m.flat.grad = None
+        out = model(input_ids=b["input_ids"]).logits[0, :-1].log_softmax(-1)
+        tgt, m_ = b["input_ids"][0, 1:], b["comp_mask"][0, 1:]
+        (-adv[i] * (out[torch.arange(len(tgt)), tgt] * m_).sum() / m_.sum() / 3).backward()
+        for n, m in mods.items():
+            assert torch.allclose(gs[n][i], m.flat.grad, atol=1e-7, rtol=1e-4), (i, n)
+
+
+def test_adapter_contract_both_bases():
+    """Every adapter-contract function of antipasto.py, in both bases (one loop, not two copies)."""
+    import torch, torch.nn.functional as F, antipasto as ap
+    d, fps, ids = tmpdir(), {}, torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+    for basis in ("svd", "lora"):
+        model, tok, mods = adapter(basis)
+        assert ap.basis_of(mods) == basis
+        fps[basis] = ap.fingerprint(mods)
+        ref = model(input_ids=ids).logits
+        with torch.no_grad():
+            for i, m in enumerate(mods.values()):
+                ap.knob(m).normal_(0, 0.3, generator=torch.Generator().manual_seed(i))
+        moved = model(input_ids=ids).logits
+        assert not torch.allclose(moved, ref)
+        with ap.zero_knobs(mods):                                    # reference model for free
+            assert torch.equal(model(input_ids=ids).logits, ref)
+        assert torch.equal(model(input_ids=ids).logits, moved)       # knobs restored
+        x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+        for m in mods.values():                                      # merged weight == the module's forward
+            W = m.merged_weight()
+            assert W.shape == m.base.weight.shape and W.dtype == m.base.weight.dtype and not W.requires_grad
+            xi = torch.randn(2, 5, W.shape[1], generator=torch.Generator().manual_seed(2))
+            assert torch.allclose(F.linear(xi, W, m.base.bias), m(xi), atol=1e-5, rtol=1e-5)
+        # knobs: save -> load exactly onto a fresh wrap; never onto another basis
+        path = os.path.join(d, f"{basis}.safetensors")
+        ap.save_knobs(mods, path)
+        _, _, fresh = adapter(basis)
+        ap.load_knobs(fresh, path)
+        assert all(torch.equal(ap.knob(fresh[n]), ap.knob(m)) for n, m in mods.items())
+        other = "lora" if basis == "svd" else "svd"
+        if os.path.exists(os.path.join(d, f"{other}.safetensors")):
+            raises(ValueError, ap.load_knobs, fresh, os.path.join(d, f"{other}.safetensors"), match=f"'{other}' basis")
+        # per-sample gradients sum to the batch gradient; projection invariants on real gradients
+        batch = ap.make_batch(tok, PROMPTS, COMPS)
+        _, _, gs = ap.per_sample_grads(model, mods, batch, "grpo", [3.5, 0.5, 0.0], G=3)
+        grads = {n: ap.knob(m).grad.clone() for n, m in mods.items()}
+        assert all(torch.allclose(gs[n].sum(0), grads[n], atol=1e-7, rtol=1e-5) for n in mods)
+        pairs = [dict(prompt=p, hack=c + " hack", clean=c, r_hack=3.5, r_clean=0.5) for p, c in zip(PROMPTS, COMPS)]
+        V = ap.directions_from_diffs(ap.pair_diffs(model, mods, tok, pairs, loss="grpo", G=8), k=2)
+        new, st = ap.project(grads, V)
+        for n in mods:
+            c_in, c_out = V[n] @ grads[n], V[n] @ new[n]
+            assert torch.allclose(c_out, c_in.clamp(max=0), atol=1e-5 * float(grads[n].norm()) + 1e-9)
+            removed = grads[n] - new[n]
+            assert torch.allclose(removed, (removed @ V[n].T) @ V[n], atol=1e-6)
+        assert st["n_over_projected"] == 0 and 0 <= st["frac_fired"] <= 1
+        cos, norms = ap.sample_cosines(gs, V)
+        n0 = next(iter(mods))
+        c0 = float(gs[n0][0] @ V[n0][0] / gs[n0][0].norm())             # one module, by hand
+        assert len(cos) == 3 and abs(norms[1] - math.sqrt(sum(float(g[1].double().pow(2).sum()) for g in gs.values()))) < 1e-6
+        assert abs(ap.sample_cosines({n0: gs[n0]}, V)[0][0] - c0) < 1e-5
+        R = ap.random_v(V, seed=0)
+        assert all(R[n].shape == V[n].shape for n in V)
+        # v_hack: save -> load; refused on the other basis
+        ap.save_v(V, os.path.join(d, f"v_{basis}.safetensors"), dict(basis=basis, fingerprint=fps[basis], k=2))
+        assert all(torch.equal(V[n], ap.load_v(os.path.join(d, f"v_{basis}.safetensors"), fresh)[0][n]) for n in V)
+        if os.path.exists(os.path.join(d, f"v_{other}.safetensors")):
+            raises(ValueError, ap.load_v, os.path.join(d, f"v_{other}.safetensors"), fresh, match=f"'{other}' basis")
+    assert fps["svd"] != fps["lora"]
+
+
+def test_lora_peft_layout_roundtrip_and_errors():
+    import torch, lora_adapter as la, configs
+    model, tok, mods = lora_wrapped()
+    with torch.no_grad():
+        for i, m in enumerate(mods.values()):
+            m.flat.normal_(0, 0.2, generator=torch.Generator().manual_seed(i))
+    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+    want = model(input_ids=ids).logits
+    d = os.path.join(tmpdir(), "adapter")
+    la.save_peft(mods, d, base_model_name="tiny")
+    raises(ValueError, la.save_peft, mods, d, match="overwrite=True")
+    fresh, _ = configs.tiny_qwen3()
+    back = la.load_peft(fresh, d, merge=False)                       # as a trainable adapter: exact
+    assert list(back) == list(mods) and all(torch.equal(back[n].flat, m.flat) for n, m in mods.items())
+    assert torch.equal(fresh(input_ids=ids).logits, want) and all(p.requires_grad for p in (m.flat for m in back.values()))
+    merged, _ = configs.tiny_qwen3()
+    la.load_peft(merged, d, merge=True)                              # merged into the base weights
+    assert torch.allclose(merged(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+    assert not any(hasattr(m, "knob") for m in merged.modules())
+    cfg = json.load(open(os.path.join(d, "adapter_config.json")))
+
+    def broken(name, cfg_change=None, drop=None, add=None):
+        from safetensors.torch import load_file, save_file
+        b = os.path.join(tmpdir(), name)
+        os.makedirs(b)
+        json.dump(dict(cfg, **(cfg_change or {})), open(os.path.join(b, "adapter_config.json"), "w"))
+        t = load_file(os.path.join(d, "adapter_model.safetensors"))
+        t = {k: v for k, v in t.items() if k != drop}
+        t.update(add or {})
+        save_file(t, os.path.join(b, "adapter_model.safetensors"))
+        return b
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+    for path, match in ((broken("unknown", dict(target_modules=cfg["target_modules"] + ["nope_proj"])), "'nope_proj'"),
+                        (broken("rank", dict(rank_pattern={"down_proj": 2})), "down_proj.lora_A.weight has shape"),
+                        (broken("missing", drop=key), f"missing key {key}"),
+                        (broken("extra", add={"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64)}),
+                         "unexpected key base_model.model.lm_head.lora_A.weight"),
+                        (broken("dora", dict(use_dora=True)), "use_dora"),
+                        (broken("bias", dict(bias="all")), "bias='all'"),
+                        (broken("layers", dict(layers_to_transform=[0])), "layers_to_transform")):
+        m2, _ = configs.tiny_qwen3()
+        raises(ValueError, la.load_peft, m2, path, match=match)
+        assert not any(hasattr(m, "knob") for m in m2.modules())     # refused before anything changed
+
+
+def test_peft_written_checkpoint_reproduces_peft_logits():
+    """A checkpoint written by peft itself (test-only dependency) loads merged and as an adapter with
+    peft's logits; and one we write loads in peft with ours."""
+    import torch, lora_adapter as la, configs
+    try:
+        from peft import LoraConfig, PeftModel, get_peft_model
+    except ImportError:
+        raise AssertionError("peft is a test-only dependency: python3 -m pip install peft")
+    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+    for kw in (dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                    rank_pattern={"down_proj": 2}, alpha_pattern={"o_proj": 3}),
+               dict(r=3, lora_alpha=5, target_modules="all-linear", use_rslora=True)):
+        base, _ = configs.tiny_qwen3()
+        torch.manual_seed(0)
+        pm = get_peft_model(base, LoraConfig(init_lora_weights=False, **kw))   # random B: a non-trivial adapter
+        pm.eval()
+        with torch.no_grad():
+            ref = pm(input_ids=ids).logits
+        d = os.path.join(tmpdir(), "peft")
+        pm.save_pretrained(d)
+        merged, _ = configs.tiny_qwen3()
+        la.load_peft(merged, d, merge=True)
+        hooked, _ = configs.tiny_qwen3()
+        mods = la.load_peft(hooked, d, merge=False)
+        with torch.no_grad():
+            assert torch.allclose(merged(input_ids=ids).logits, ref, atol=1e-5, rtol=0)
+            assert torch.allclose(hooked(input_ids=ids).logits, ref, atol=1e-5, rtol=0)
+        assert len(mods) == (8 if isinstance(kw["target_modules"], list) else 14)
+    # the other direction: our checkpoint in peft
+    model, _, mods = lora_wrapped()
+    with torch.no_grad():
+        for i, m in enumerate(mods.values()):
+            m.flat.normal_(0, 0.2, generator=torch.Generator().manual_seed(i))
+            if i == 3:
+                m.alpha, m.scaling = 4.0, 1.0                            # a per-module alpha: alpha_pattern
+        ours = model(input_ids=ids).logits
+    d = la.save_peft(mods, os.path.join(tmpdir(), "ours"), base_model_name="tiny")
+    base, _ = configs.tiny_qwen3()
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(base, d).eval()(input_ids=ids).logits
+    assert torch.allclose(theirs, ours, atol=1e-5, rtol=0)
+
+
 # ============================================================================ train
 
 def run_train(*extra, out=None):
@@ -979,6 +1192,24 @@ def test_train_refuses_mismatched_v_hack_and_non_run_overwrite():
     open(os.path.join(d, "keep.txt"), "w").write("not a run")
     raises(SystemExit, run_train, "--arm", "vanilla", "--overwrite", out=d, match="only replaces a run directory")
     assert os.path.exists(os.path.join(d, "keep.txt"))
+
+
+def test_train_lora_basis_runs_and_refuses_a_v_hack_of_another_basis():
+    import configs, torch
+    v_lora = os.path.join(tmpdir(), "v_lora.safetensors")
+    out = run_train("--arm", "projected", "--basis", "lora", "--lora-rank", "4", "--v-hack", v_lora)
+    steps = [json.loads(l) for l in open(os.path.join(out, "steps.jsonl"))]
+    assert len(steps) == 3 and all(s["n_over_projected"] == 0 for s in steps)
+    assert all(s["cos_out"] < s["cos_in"] for s in steps if s["frac_fired"] > 0) and any(s["frac_fired"] > 0 for s in steps)
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert run["config"]["basis"] == "lora" and run["config"]["lora_rank"] == 4 and run["v_hack"]["basis"] == "lora"
+    model, _ = configs.tiny_qwen3()                  # null width: B's size d_out * r per module, by hand
+    outs = [m.weight.shape[0] for n, m in model.named_modules() if n.split(".")[-1] in configs.TARGETS]
+    close(run["null"]["cos_sd"], math.sqrt(sum(1 / (o * 4) for o in outs)) / len(outs))
+    st = torch.load(os.path.join(out, "state.pt"), weights_only=False)
+    assert all(torch.count_nonzero(v[-32 * 4:]) > 0 for v in st["knobs"].values())   # B (>= 32 x 4) moved
+    raises(SystemExit, run_train, "--arm", "vanilla", "--v-hack", v_lora, match="'lora' basis")
+    raises(SystemExit, run_train, "--lora-rank", "4", match="--basis=lora")
 
 
 def test_train_zero_variance_group_is_skipped():
@@ -1156,6 +1387,31 @@ def test_synthetic_success():
         assert b["buckets"]["teacher_pool|hacked=True"]["n"] == 80 and b["teacher_vs_base"]["p"] < 1e-6
         text = A.report([dv, dp])
         assert "RUN Phase 3 (justified)" in text and "MISMATCH" not in text
+
+def test_three_arms_side_by_side_never_pool_bases():
+    with tempfile.TemporaryDirectory() as root:
+        dv = make_run(root, "van", "vanilla", seed=1)
+        dp = make_run(root, "proj", "projected", seed=1)
+        lv = make_run(root, "van_lora", "vanilla", seed=1, cos_in=(-0.3, 0.05))
+        lp = make_run(root, "proj_lora", "projected", seed=1, cos_in=(-0.3, 0.05))
+        for d in (lv, lp):
+            run = json.load(open(os.path.join(d, "run.json")))
+            run["config"].update(basis="lora", lora_rank=4, lora_alpha=8)
+            json.dump(run, open(os.path.join(d, "run.json"), "w"))
+        res, svd_only = A.analyze([dv, dp, lv, lp]), A.analyze([dv, dp])
+        assert [(a["arm"], a["basis"]) for a in res["arms"]] == [("vanilla", "svd"), ("projected", "svd"),
+                                                                 ("projected", "lora"), ("vanilla", "lora")]
+        for a, d in zip(res["arms"], (dv, dp, lp, lv)):            # each row is its own run's mean, by hand
+            ci = [json.loads(l)["cos_in"] for l in open(os.path.join(d, "steps.jsonl"))]
+            close(a["cos_in"], float(np.mean(ci)))
+        # the LoRA runs never join the SVD arms: same verdicts and decision as the SVD runs alone
+        assert res["decision"] == svd_only["decision"] and res["verification"] == svd_only["verification"]
+        assert sorted((p["basis"], p["vanilla"], p["projected"]) for p in res["pairs"]) == \
+            [("lora", "van_lora", "proj_lora"), ("svd", "van", "proj")]
+        text = A.report([dv, dp, lv, lp])
+        assert "5b. arms side by side" in text and "proj_lora" in text
+        lora_only = A.analyze([lv, lp])                          # a LoRA-only analysis judges the LoRA runs
+        assert lora_only["decision_basis"] == "lora" and lora_only["decision"]["vanilla_mean_cos_in"] < 0
 
 def test_synthetic_skip_and_failures():
     with tempfile.TemporaryDirectory() as root:

@@ -1,6 +1,8 @@
 """train.py — the spec2 probes in one script: Phase 1 (--loss-mode=nll) and Phase 2 (--loss-mode=grpo)
 replay over graded pools, arms `vanilla` (measure only) and `projected` (one-sided removal of the
-hack-ward component of the delta_S gradient before AdamW steps).
+hack-ward component of the adapter's gradient before AdamW steps). `--basis=svd` (default) trains
+delta_S (antipasto.py); `--basis=lora` trains a LoRA B A (lora_adapter.py): `--arm=projected
+--basis=lora` is the spec's Arm 3, `--arm=vanilla --basis=lora` its matched control.
 
     python train.py --arm=vanilla --steps=20                     # demo: tiny Qwen3 + demo pools, no set-up
     python train.py --arm=projected --loss-mode=grpo --replay-dirs=out/pools/teacher_pool,out/pools/base_pool
@@ -38,7 +40,7 @@ def get_args(argv=None):
     a("--per-pool", type=int, default=None, help="rows drawn from each pool per step (default: G / #pools)")
     a("--steps", type=int, default=None, help="optimizer steps (default: preset)")
     a("--seed", type=int, default=None, help="seed of the draw and of controls (default: preset)")
-    a("--lr", type=float, default=None, help="AdamW learning rate on delta_S (default: preset)")
+    a("--lr", type=float, default=None, help="AdamW learning rate on the adapter's knobs (default: preset)")
     a("--model", default=None, help="'tiny' (random Qwen3 built locally) or a Hugging Face id / local path")
     a("--preset", default="demo", choices=sorted(configs.PRESETS), help="defaults from configs.py")
     a("--v-hack", default=None, help="v_hack file; extracted from held-out pairs and saved there when missing")
@@ -51,6 +53,11 @@ def get_args(argv=None):
     a("--extract-frac", type=float, default=0.25,
       help="fraction of each pool's steps (the last ones) held out for v_hack pairs, never replayed")
     a("--k", type=int, default=None, help="hack axes kept per module (default: preset, 1)")
+    a("--basis", choices=("svd", "lora"), default="svd",
+      help="adapter basis: svd (delta_S, antipasto.py) or lora (weight basis B A, lora_adapter.py; Arm 3 "
+           "with --arm=projected, its matched control with --arm=vanilla)")
+    a("--lora-rank", type=int, default=None, help="--basis=lora: rank r (default 16)")
+    a("--lora-alpha", type=float, default=None, help="--basis=lora: alpha; the update is (alpha/r) B A (default 32)")
     a("--control", choices=("none", "random_v", "shuffled_v"), default="none",
       help="replace v_hack by a random orthonormal V or a label-shuffled extraction (controls)")
     a("--no-gate", action="store_true", help="remove the whole V-span component, not only the hack-ward part")
@@ -71,6 +78,14 @@ def get_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
     args.cfg = dict(preset)
+    if args.basis != "lora" and (args.lora_rank is not None or args.lora_alpha is not None):
+        raise SystemExit("error: --lora-rank and --lora-alpha belong to --basis=lora")
+    if args.basis == "lora":
+        args.lora_rank = 16 if args.lora_rank is None else args.lora_rank
+        args.lora_alpha = 32.0 if args.lora_alpha is None else args.lora_alpha
+        if args.lora_rank < 1 or not args.lora_alpha > 0:
+            raise SystemExit(f"error: --lora-rank must be >= 1 and --lora-alpha > 0 "
+                             f"(got {args.lora_rank}, {args.lora_alpha:g})")
     return args
 
 
@@ -86,6 +101,14 @@ def load_model(name, dtype, device):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model.to(device).eval(), tok
+
+
+def wrap_adapter(model, args):
+    """The run's adapter modules: the SVD basis (antipasto) or the weight basis (lora_adapter)."""
+    if args.basis == "lora":
+        import lora_adapter
+        return lora_adapter.wrap(model, rank=args.lora_rank, alpha=args.lora_alpha)
+    return ap.wrap(model)
 
 
 def split_pool(rows, extract_frac):
@@ -153,7 +176,8 @@ def sha_file(path):
 def out_dir(args):
     """The run directory; refuse to reuse one unless --overwrite (replaced once the run is validated)
     or --resume (continued)."""
-    out = args.out or os.path.join("out", "runs", f"{args.arm}_{args.loss_mode}_{args.control}_s{args.seed}")
+    out = args.out or os.path.join("out", "runs", f"{args.arm}_{args.loss_mode}_{args.control}_s{args.seed}"
+                                   + ("" if args.basis == "svd" else f"_{args.basis}"))
     if args.overwrite and args.resume:
         raise SystemExit("error: --overwrite and --resume contradict each other")
     if os.path.exists(out) and os.listdir(out):
@@ -200,7 +224,10 @@ def get_v_hack(args, model, tok, modules, pairs, pairs_src, replay_texts):
     # --v-hack names the real direction; the shuffled control's own V always lives in the cache
     path = args.v_hack if args.v_hack and control == "none" else os.path.join("out", "v_hack", f"{fp}_{key}.safetensors")
     if os.path.exists(path):
-        V, meta = ap.load_v(path, modules)
+        try:
+            V, meta = ap.load_v(path, modules)
+        except ValueError as e:
+            raise SystemExit(f"error: --v-hack: {e}")
         want = dict(loss=loss, k=args.k, control=control)
         got = {k_: meta.get(k_) for k_ in want}
         if got != want:
@@ -215,7 +242,7 @@ def get_v_hack(args, model, tok, modules, pairs, pairs_src, replay_texts):
         diffs = ap.pair_diffs(model, modules, tok, pairs, loss=loss, G=args.cfg["group_size"],
                               max_prompt=lens[0], max_completion=lens[1])
         V = ap.directions_from_diffs(diffs, k=args.k)
-        meta = dict(basis="svd", fingerprint=fp, k=args.k, n_pairs=len(pairs), loss=loss, key=key,
+        meta = dict(basis=ap.basis_of(modules), fingerprint=fp, k=args.k, n_pairs=len(pairs), loss=loss, key=key,
                     pairs_source=pairs_src, pair_ids=[p.get("ids") for p in pairs], max_tokens=list(lens),
                     control=control,
                     completion_sha=sorted({text_sha(p[s]) for p in pairs for s in ("hack", "clean")}))
@@ -286,18 +313,19 @@ def main(argv=None):
 
     out = out_dir(args)
     model, tok = load_model(args.model, args.dtype or cfg["dtype"], device)
-    modules = ap.wrap(model)
+    modules = wrap_adapter(model, args)
     V, vmeta = get_v_hack(args, model, tok, modules, pairs, pairs_src, replay_texts)
     if args.overwrite and os.path.exists(out):
         shutil.rmtree(out)                  # only now: a refused run leaves the old one in place
     os.makedirs(out, exist_ok=True)
-    widths = [ap.knob(m).numel() for m in modules.values()]
+    widths = [m.null_width for m in modules.values()]
     params = [ap.knob(m) for m in modules.values()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     run = dict(argv=sys.argv if argv is None else ["train.py", *argv], config=dict(
         cfg, arm=args.arm, loss_mode=args.loss_mode, replay_dirs=[os.path.abspath(d) for d in replay_dirs],
         per_pool=per_pool, steps=args.steps, seed=args.seed, lr=args.lr, model=args.model, k=args.k,
-        control=args.control, one_sided=not args.no_gate, project_moments=args.project_moments,
+        control=args.control, basis=args.basis, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        one_sided=not args.no_gate, project_moments=args.project_moments,
         dtype=args.dtype or cfg["dtype"],
         extract_frac=args.extract_frac, preset=args.preset, group_size=per_pool * len(replay_dirs)),
         versions=dict(python=platform.python_version(), torch=torch.__version__,
