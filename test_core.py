@@ -948,7 +948,7 @@ def write_gz(path, rows):
 
 def make_run(root, name, arm, *, seed=0, loss_mode="grpo", control="none", steps=20, cos_in=(0.35, 0.05),
              cos_out=(0.01, 0.005), teacher=(0.5, 0.1), base=(0.0, 0.1), over_step=None, null_sd=0.01,
-             pools=("teacher_pool", "base_pool"), rng_seed=None, sample_seed=None):
+             pools=("teacher_pool", "base_pool"), rng_seed=None, sample_seed=None, cos_in_seq=None, cfg=None):
     """20-step run with known properties; the samples are drawn from sample_seed (default seed)
     so a vanilla and projected run of the same seed share identical sample ids."""
     d = os.path.join(root, name)
@@ -957,10 +957,11 @@ def make_run(root, name, arm, *, seed=0, loss_mode="grpo", control="none", steps
     srng = np.random.default_rng(sample_seed if sample_seed is not None else seed)
     json.dump(dict(argv=["train.py"], null=dict(cos_sd=null_sd),
                    config=dict(arm=arm, loss_mode=loss_mode, replay_dirs=[os.path.join(root, p) for p in pools],
-                               per_pool=4, steps=steps, seed=seed, control=control)), open(os.path.join(d, "run.json"), "w"))
+                               per_pool=4, steps=steps, seed=seed, control=control, **(cfg or {}))),
+              open(os.path.join(d, "run.json"), "w"))
     with open(os.path.join(d, "steps.jsonl"), "w") as f:
         for k in range(steps):
-            ci = float(rng.normal(*cos_in))
+            ci = float(rng.normal(*cos_in)) if cos_in_seq is None else float(cos_in_seq[k])
             proj = arm == "projected"
             f.write(json.dumps(dict(step=k, arm=arm, skipped=False, skip_reason=None, n_samples=8, reward_min=0.25,
                                     reward_max=3.5, reward_range=3.25, adv_min=-1.6, adv_max=1.6, adv_abs_mean=1.6,
@@ -993,11 +994,14 @@ def test_synthetic_success():
         assert list(v.values()) == ["success"] * 6, res["verification"]
         d = res["decision"]
         assert d["rule"] == "RUN Phase 3 (justified)", d
-        assert any("projection effective" in n for n in d["notes"]), d["notes"]
+        assert any("projection effective" in n for n in d["mechanics"]), d["mechanics"]
+        assert d["code"] == "run_justified" and d["controls_missing"] == ["random_v", "shuffled_v", "style_v"]
         assert res["pairs"] and res["pairs"][0]["mismatched_steps"] == []
         assert len(res["trajectories"][0]["spark_cos_in"]) == 20
         b = res["buckets"][0]["cos_S_contrib"]
-        assert b["buckets"]["teacher_pool|hacked=True"]["n"] == 80 and b["teacher_vs_base"]["p"] < 1e-6
+        n_teacher = len({(s["src_step"], s["src_sample"]) for s in A.load_run(dv)["samples"]
+                         if s["src_pool"] == "teacher_pool"})
+        assert b["buckets"]["teacher_pool|hacked=True"]["n"] == n_teacher < 80 and b["teacher_vs_base"]["p"] < 1e-6
         text = A.report([dv, dp])
         assert "RUN Phase 3 (justified)" in text and "MISMATCH" not in text
 
@@ -1041,7 +1045,7 @@ def test_decision_reversed_discrimination_is_not_a_run():
         dv = make_run(root, "van", "vanilla", cos_in=(0.0, 0.005), teacher=(-0.3, 0.05), base=(-0.3, 0.05))
         res = A.analyze([dv])
         assert res["decision"]["rule"] == "INVESTIGATE: reversed discrimination", res["decision"]
-        assert any("REVERSED" in n for n in res["decision"]["notes"])
+        assert any("REVERSED" in n for n in res["decision"]["evidence"])
 
 
 def test_advantage_sign_alone_is_not_discrimination():
@@ -1115,6 +1119,104 @@ def test_phase1_labels_from_pool_and_mapping():
         res = A.analyze([d], labels={})
         assert "no label" in res["phase1"][0]["error"]
         assert "!!!" in A.render(res)
+
+def test_paired_t_scipy_values():
+    # independent reference: scipy 1.17.1 scipy.stats.ttest_rel(x, y), scratch session
+    x = [0.41, 0.35, 0.52, 0.30, 0.44, 0.39, 0.47]
+    y = [0.30, 0.33, 0.40, 0.31, 0.29, 0.35, 0.36]
+    w = A.paired_t_test(x, y)
+    close(w["t"], 3.406188781602558)
+    close(w["p"], 0.014385924839406766)
+    assert w["df"] == 6 and w["n"] == 7
+    assert A.paired_t_test([1.0], [0.0])["p"] is None and A.paired_t_test([1.0, 2.0], [0.0, 1.0])["reason"]
+
+
+def test_controls_block_run_paired_by_step():
+    with tempfile.TemporaryDirectory() as root:
+        # vanilla cos_in clears the fixed 0.2 rule, but the label-free control aligns as much on the same steps
+        dv = make_run(root, "van", "vanilla", seed=1, cos_in=(0.35, 0.05))
+        dc = make_run(root, "shuf", "vanilla", seed=1, control="shuffled_v", cos_in=(0.35, 0.05))
+        d = A.analyze([dv, dc])["decision"]
+        assert d["code"] == "skip_not_above_control" and d["rule"].startswith("SKIP"), d
+        v = [json.loads(l)["cos_in"] for l in open(os.path.join(dv, "steps.jsonl"))]
+        c = [json.loads(l)["cos_in"] for l in open(os.path.join(dc, "steps.jsonl"))]
+        close(d["controls"]["shuffled_v"]["mean_diff"], float(np.mean(np.subtract(v, c))))   # paired by step
+        # a control well below vanilla leaves the RUN standing (style control missing: said so)
+        dc2 = make_run(root, "shuf2", "vanilla", seed=1, control="shuffled_v", cos_in=(0.0, 0.05))
+        res = A.analyze([dv, dc2])
+        assert res["decision"]["code"] == "run_justified", res["decision"]
+        text = A.render(res)
+        assert text.splitlines()[0] == "DECISION: RUN Phase 3 (justified) [run_justified]; controls: shuffled_v"
+        assert "python train.py --arm=vanilla --control=style_v --seed=1" in text
+        assert all(len(line) < 120 for line in text.splitlines()), max(text.splitlines(), key=len)
+        assert text.count("cos_in_g") == 2          # the per-step table once per run, nowhere else
+
+
+def synthetic_cos_in(kind, steps=20, n=64, seed=0):
+    """cos_in per step of a mixed-replay batch gradient (sum of 4 teacher NLL gradients minus 4 base
+    ones) with v_hack from pool pairs and the style direction from pool pairs without the hack, all
+    extracted by antipasto's code. kind='style': teacher gradients differ from base ones by a style
+    vector only; kind='hack': by a hack vector only (the teacher's test function), never by style."""
+    import torch, antipasto as ap
+    g = torch.Generator().manual_seed(seed)
+    style, hack = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    shift = style if kind == "style" else hack
+    noise = lambda k: 0.5 * torch.randn(k, n, generator=g, dtype=torch.float64)
+    teacher = lambda k: shift + noise(k)            # teacher NLL gradients
+    no_test = lambda k: (style if kind == "style" else 0.0) + noise(k)   # teacher minus its test function
+    V = ap.directions_from_diffs({"m": teacher(16) - noise(16)})["m"][0].double()
+    S = ap.directions_from_diffs({"m": no_test(16) - noise(16)})["m"][0].double()
+    R = ap.random_v({"m": V[None]}, seed=seed + 1)["m"][0].double()   # not the generator above
+    out = dict(v_hack=[], style_v=[], random_v=[])
+    for _ in range(steps):
+        batch = teacher(4).sum(0) - noise(4).sum(0)
+        for key, v in (("v_hack", V), ("style_v", S), ("random_v", R)):
+            out[key].append(float(batch @ v / batch.norm()))
+    return out
+
+
+def test_style_only_pools_are_not_aligned_with_the_hack():
+    with tempfile.TemporaryDirectory() as root:
+        for kind, code in (("style", "skip_style_confound"), ("hack", "run_hack_aligned")):
+            c = synthetic_cos_in(kind)
+            dirs = [make_run(root, f"{kind}_{ctl}", "vanilla", seed=1, control=ctl, cos_in_seq=c[key])
+                    for ctl, key in (("none", "v_hack"), ("style_v", "style_v"), ("random_v", "random_v"))]
+            res = A.analyze(dirs)
+            d = res["decision"]
+            assert d["code"] == code, (kind, d)
+            assert np.mean(c["v_hack"]) > 0.5          # the fixed rule alone would say RUN in both cases
+            assert ("not aligned with the hack" in d["rule"]) == (kind == "style"), d["rule"]
+            assert "aligned with the hack" in d["rule"]
+            assert json.loads(A.report(dirs, as_json=True))["decision"]["code"] == code
+
+
+def test_between_bucket_tests_count_each_completion_once():
+    with tempfile.TemporaryDirectory() as root:
+        d1 = make_run(root, "van0", "vanilla", seed=0)
+        d2 = make_run(root, "van1", "vanilla", seed=0, rng_seed=7)     # same draws, other values: repeats
+        runs = [A.load_run(d) for d in (d1, d2)]
+        samples = [s for r in runs for s in r["samples"]]
+        w = A.teacher_vs_base(samples)
+        by = {}
+        for s in samples:                                             # independent mean over repeats
+            by.setdefault((s["src_pool"], s["src_step"], s["src_sample"]), []).append(s["cos_S_contrib"])
+        t = [np.mean(v) for k, v in by.items() if k[0] == "teacher_pool"]
+        b = [np.mean(v) for k, v in by.items() if k[0] == "base_pool"]
+        ref = A.welch_t_test(t, b)
+        assert (w["n1"], w["n2"]) == (len(t), len(b)) and w["n1"] + w["n2"] == len(by) < len(samples) // 2
+        close(w["t"], ref["t"])
+        assert w["n_distinct"] == len(by) and "distinct of 320 rows" in A.fmt_test(w)
+
+
+def test_pairs_refuse_runs_that_differ_beyond_the_arm():
+    with tempfile.TemporaryDirectory() as root:
+        dv = make_run(root, "van", "vanilla", seed=1, cfg=dict(lr=1e-3))
+        dp = make_run(root, "proj", "projected", seed=1, cfg=dict(lr=5e-3))
+        res = A.analyze([dv, dp])
+        assert res["pairs"][0]["skipped"].endswith("config lr differ"), res["pairs"]
+        assert "SKIPPED: not the same run but for the arm: config lr differ" in A.render(res)
+        dp2 = make_run(root, "proj2", "projected", seed=1, cfg=dict(lr=1e-3, project_moments=True))
+        assert "skipped" not in A.analyze([dv, dp2])["pairs"][0]
 
 # -----------------------------------------------------------------------------
 # strict loading and CLI
