@@ -265,7 +265,7 @@ def check_vanilla_cos_in(runs):
         return row(m, "no vanilla GRPO steps with cos_in", "n/a", "needs a vanilla GRPO run")
     sd, band = null_band(van)
     mean, pos, neg = float(np.mean(ci)), sum(c > 0 for c in ci), sum(c < 0 for c in ci)
-    z = f"{mean / sd:+.1f} null sd" if sd else "null sd unknown"
+    z = f"{mean / (sd / math.sqrt(len(ci))):+.1f} sd of a {len(ci)}-step null mean" if sd else "null sd unknown"
     outside = sum(abs(c) >= band for c in ci)
     measured = (f"mean {fmt(mean)} ({z}); >0 on {pos}/{len(ci)} steps, <0 on {neg}; "
                 f"|cos_in| >= {band:.3f} on {outside}")
