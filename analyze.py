@@ -541,8 +541,9 @@ def decision(runs, contrib_row, adv_free_row):
                             f"mean cos_in = {m / sem:+.1f} sd of the mean")
         # control runs also widen the isotropic near-zero band (chance alignment with real gradients)
         for ctrl in ("random_v", "shuffled_v"):
+            seeds = {r["seed"] for r in van}              # only controls with a vanilla run of their seed
             rnd = [s["cos_in"] for r in runs if r["control"] == ctrl and r["arm"] == "vanilla"
-                   and r["loss_mode"] == "grpo" for s in live(r) if s["cos_in"] is not None]
+                   and r["loss_mode"] == "grpo" and r["seed"] in seeds for s in live(r) if s["cos_in"] is not None]
             if len(rnd) >= 2:
                 out[f"vs_{ctrl}"] = welch_t_test(ci, rnd)
                 band = max(band, abs(float(np.mean(rnd))) + 2 * float(np.std(rnd, ddof=1)))

@@ -1184,7 +1184,7 @@ def test_synthetic_skip_and_failures():
         # vanilla orthogonal to v_hack, no teacher/base discrimination, projection barely fires
         dv = make_run(root, "van", "vanilla", seed=2, cos_in=(0.0, 0.005), teacher=(0.0, 0.1), base=(0.0, 0.1))
         dp = make_run(root, "proj", "projected", seed=2, cos_in=(0.0, 0.005), teacher=(0.0, 0.1), base=(0.0, 0.1))
-        dr = make_run(root, "rnd", "vanilla", seed=3, control="random_v", cos_in=(0.0, 0.005))
+        dr = make_run(root, "rnd", "vanilla", seed=2, control="random_v", cos_in=(0.0, 0.005))
         res = A.analyze([dv, dp, dr])
         v = verdicts(res)
         assert v["cos_in per step, vanilla arm"] == "likely fail", res["verification"]
