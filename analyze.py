@@ -81,6 +81,23 @@ def mean_sd(x):
     return dict(n=len(x), mean=float(x.mean()) if len(x) else None,
                 sd=float(x.std(ddof=1)) if len(x) > 1 else None)
 
+def paired_t_test(x, y):
+    """Paired t-test on x_k - y_k (same steps): mean difference, its standard error, t, df = n-1, p."""
+    d = _finite([a - b for a, b in zip(x, y) if a is not None and b is not None])
+    n = len(d)
+    out = dict(n=n, mean_diff=float(d.mean()) if n else None, se=None, t=None, df=None, p=None, reason=None)
+    if n < 2:
+        out["reason"] = f"need >= 2 paired steps (n={n})"
+        return out
+    se = float(d.std(ddof=1)) / math.sqrt(n)
+    out["se"] = se
+    if se == 0:
+        out["reason"] = "zero variance of the paired differences"
+        return out
+    t = float(d.mean()) / se
+    out.update(t=t, df=n - 1, p=float(t_sf_two_sided(t, n - 1)))
+    return out
+
 def welch_t_test(x, y):
     """Welch's unequal-variance t-test with Welch-Satterthwaite df. Degenerate
     inputs give t/df/p = None plus a reason rather than NaN."""
@@ -136,7 +153,7 @@ def load_run(run_dir):
         rows = read_jsonl(p, SAMPLE_KEYS)
         add_adv_free(rows, cfg.get("loss_mode", "grpo"))
         samples += rows
-    return dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir)), cfg=cfg, arm=arm,
+    return dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir)), cfg=cfg, arm=arm, meta=meta,
                 loss_mode=cfg.get("loss_mode", "grpo"), control=cfg.get("control", "none"),
                 basis=cfg.get("basis", "svd"),
                 seed=cfg.get("seed"), null_sd=(meta.get("null") or {}).get("cos_sd"),
@@ -184,7 +201,9 @@ def fmt(x, nd=3):
 def fmt_test(w):
     if w["t"] is None:
         return f"n={w['n1']}/{w['n2']}: {w['reason']}"
-    return f"mean {fmt(w['mean1'])} vs {fmt(w['mean2'])}, t={w['t']:+.2f}, df={w['df']:.1f}, p={w['p']:.2g} (n={w['n1']}/{w['n2']})"
+    rows = f" distinct of {w['n_rows']} rows" if "n_rows" in w else ""
+    return (f"mean {fmt(w['mean1'])} vs {fmt(w['mean2'])}, t={w['t']:+.2f}, df={w['df']:.1f}, p={w['p']:.2g} "
+            f"(n={w['n1']}/{w['n2']}{rows})")
 
 def spark(xs, lo, hi):
     bars = "▁▂▃▄▅▆▇█"
@@ -195,9 +214,21 @@ def contrib_runs(runs):
     else projected (same seed => same samples, so pooling both would double-count)."""
     return main_runs(runs, "vanilla") or main_runs(runs, "projected")
 
+def distinct(samples, key):
+    """One row per completion (src_pool, src_step, src_sample), its value the mean over its repeats
+    (other steps, other seeds, other runs): a completion drawn twice is one observation, not two."""
+    by = defaultdict(list)
+    for s in samples:
+        if s.get(key) is not None:
+            by[(s["src_pool"], s["src_step"], s["src_sample"])].append(s)
+    return [dict(rs[0], **{key: float(np.mean([r[key] for r in rs])), "n_repeats": len(rs)}) for rs in by.values()]
+
 def teacher_vs_base(samples, key="cos_S_contrib"):
-    return welch_t_test(vals([s for s in samples if pool_kind(s["src_pool"]) == "teacher"], key),
-                        vals([s for s in samples if pool_kind(s["src_pool"]) == "base"], key))
+    """Welch test teacher vs base rows, each completion counted once (n = distinct completions)."""
+    d = distinct(samples, key)
+    w = welch_t_test(vals([s for s in d if pool_kind(s["src_pool"]) == "teacher"], key),
+                     vals([s for s in d if pool_kind(s["src_pool"]) == "base"], key))
+    return dict(w, n_rows=len([s for s in samples if s.get(key) is not None]), n_distinct=len(d))
 
 # -----------------------------------------------------------------------------
 # 1. Phase 2 verification table (spec2 "Phase 2 verification")
@@ -235,7 +266,7 @@ def check_vanilla_cos_in(runs):
         return row(m, "no vanilla GRPO steps with cos_in", "n/a", "needs a vanilla GRPO run")
     sd, band = null_band(van)
     mean, pos, neg = float(np.mean(ci)), sum(c > 0 for c in ci), sum(c < 0 for c in ci)
-    z = f"{mean / sd:+.1f} null sd" if sd else "null sd unknown"
+    z = f"{mean / (sd / math.sqrt(len(ci))):+.1f} sd of a {len(ci)}-step null mean" if sd else "null sd unknown"
     outside = sum(abs(c) >= band for c in ci)
     measured = (f"mean {fmt(mean)} ({z}); >0 on {pos}/{len(ci)} steps, <0 on {neg}; "
                 f"|cos_in| >= {band:.3f} on {outside}")
@@ -340,15 +371,15 @@ def trajectories(runs):
 def buckets(runs):
     out = []
     for r in runs:
-        groups = defaultdict(list)
-        for s in r["samples"]:
-            groups[f"{s['src_pool']}|hacked={s['hacked']}"].append(s)
         res = dict(run=r["name"], arm=r["arm"], loss_mode=r["loss_mode"])
         for key in ("cos_S_contrib", "cos_adv_free", "grad_norm_contrib"):
+            d, groups = distinct(r["samples"], key), defaultdict(list)
+            for s in d:
+                groups[f"{s['src_pool']}|hacked={s['hacked']}"].append(s)
+            hv = welch_t_test(vals([s for s in d if s["hacked"]], key), vals([s for s in d if not s["hacked"]], key))
             res[key] = dict(buckets={g: mean_sd(vals(rows, key)) for g, rows in sorted(groups.items())},
                             teacher_vs_base=teacher_vs_base(r["samples"], key),
-                            hacked_vs_not=welch_t_test(vals([s for s in r["samples"] if s["hacked"]], key),
-                                                       vals([s for s in r["samples"] if not s["hacked"]], key)))
+                            hacked_vs_not=dict(hv, n_rows=len(vals(r["samples"], key)), n_distinct=len(d)))
         out.append(res)
     return out
 
@@ -380,27 +411,51 @@ def phase1(runs, labels=None):
         out.append(res)
     return out
 
+ARM_ONLY = ("arm", "project_moments", "one_sided")   # config keys a vanilla/projected pair may differ in
+
+def pair_mismatch(v, p):
+    """Why two runs are not 'the same run but for the arm': pools, v_hack, model or config differ."""
+    why = [f"config {k}" for k in sorted(set(v["cfg"]) | set(p["cfg"]))
+           if k not in ARM_ONLY and v["cfg"].get(k) != p["cfg"].get(k)]
+    vp = {n: x.get("fingerprint") for n, x in (v["meta"].get("pools") or {}).items()}
+    pp = {n: x.get("fingerprint") for n, x in (p["meta"].get("pools") or {}).items()}
+    if vp != pp:
+        why.append("pool fingerprints")
+    if (v["meta"].get("v_hack") or {}).get("sha256") != (p["meta"].get("v_hack") or {}).get("sha256"):
+        why.append("v_hack")
+    if v["meta"].get("basis_fingerprint") != p["meta"].get("basis_fingerprint"):
+        why.append("model (basis fingerprint)")
+    return why
+
 def pairs(runs):
     """Vanilla vs projected with the same (seed, loss_mode, control) in the same basis: both must see
-    the same samples. Runs of different bases are never paired as one arm."""
-    groups = defaultdict(dict)
+    the same samples and share pools, v_hack, model and config apart from the arm; other pairs are skipped
+    with the reason. Runs of different bases are never paired as one arm."""
+    groups = defaultdict(lambda: defaultdict(list))
     for r in runs:
-        groups[(r["seed"], r["loss_mode"], r["control"], r["basis"])].setdefault(r["arm"], r)
+        groups[(r["seed"], r["loss_mode"], r["control"], r["basis"])][r["arm"]].append(r)
     out = []
     for (seed, lm, ctl, basis), g in sorted(groups.items(), key=str):
-        if "vanilla" not in g or "projected" not in g:
-            continue
-        v, p = g["vanilla"], g["projected"]
-        ids = [defaultdict(list) for _ in range(2)]
-        for d, run in zip(ids, (v, p)):
-            for s in sorted(run["samples"], key=lambda s: (s["step"], s["sample_id"])):
-                d[s["step"]].append([s["src_pool"], s["src_step"], s["src_sample"]])
-        vs, ps = {s["step"]: s for s in v["steps"]}, {s["step"]: s for s in p["steps"]}
-        rows = [dict(step=k, vanilla_cos_in=vs.get(k, {}).get("cos_in"), projected_cos_in=ps.get(k, {}).get("cos_in"),
-                     projected_cos_out=ps.get(k, {}).get("cos_out"), same_samples=ids[0].get(k) == ids[1].get(k))
-                for k in sorted(set(vs) | set(ps) | set(ids[0]) | set(ids[1]))]
-        out.append(dict(seed=seed, loss_mode=lm, control=ctl, basis=basis, vanilla=v["name"], projected=p["name"], rows=rows,
-                        mismatched_steps=[x["step"] for x in rows if not x["same_samples"]]))
+        for v in g.get("vanilla", []):
+            for p in g.get("projected", []):
+                why = pair_mismatch(v, p)
+                if why:
+                    out.append(dict(seed=seed, loss_mode=lm, control=ctl, basis=basis, vanilla=v["name"], projected=p["name"],
+                                    skipped=f"not the same run but for the arm: {', '.join(why)} differ"))
+                    continue
+                ids = [defaultdict(list) for _ in range(2)]
+                for d, run in zip(ids, (v, p)):
+                    for s in sorted(run["samples"], key=lambda s: (s["step"], s["sample_id"])):
+                        d[s["step"]].append([s["src_pool"], s["src_step"], s["src_sample"]])
+                vs, ps = {s["step"]: s for s in v["steps"]}, {s["step"]: s for s in p["steps"]}
+                rows = [dict(step=k, vanilla_cos_update=vs.get(k, {}).get("cos_update"),
+                             projected_cos_update=ps.get(k, {}).get("cos_update"),
+                             same_samples=ids[0].get(k) == ids[1].get(k))
+                        for k in sorted(set(vs) | set(ps) | set(ids[0]) | set(ids[1]))]
+                out.append(dict(seed=seed, loss_mode=lm, control=ctl, basis=basis, vanilla=v["name"], projected=p["name"],
+                                rows=rows, mismatched_steps=[x["step"] for x in rows if not x["same_samples"]],
+                                cos_update=paired_t_test([x["projected_cos_update"] for x in rows],
+                                                         [x["vanilla_cos_update"] for x in rows])))
     return out
 
 def arms(runs):
@@ -429,43 +484,98 @@ def arms(runs):
 # -----------------------------------------------------------------------------
 # 6. Phase 3 decision (spec2 "Decision rules" and "Skip Phase 3 if")
 
+CONTROLS = ("random_v", "shuffled_v", "style_v")
+CONTROL_WHY = dict(random_v="a random direction: chance alignment of any fixed direction",
+                   shuffled_v="a label-free extraction: alignment any learned direction gets without the labels",
+                   style_v="pairs that differ in pool but not in hacking: alignment from teacher style, not the hack")
+
+def control_comparisons(runs, key="cos_in"):
+    """Each control (vanilla GRPO with another V) against the vanilla run of the same seed, paired by
+    step (same seed -> same samples on each step): paired test of vanilla minus control."""
+    van = {r["seed"]: r for r in main_runs(runs, "vanilla")}
+    out = {}
+    for c in CONTROLS:
+        xs, ys, names = [], [], []
+        for r in runs:
+            if r["control"] != c or r["arm"] != "vanilla" or r["loss_mode"] != "grpo" or r["seed"] not in van:
+                continue
+            vs = {s["step"]: s.get(key) for s in live(van[r["seed"]])}
+            cs = {s["step"]: s.get(key) for s in live(r)}
+            both = [k for k in sorted(set(vs) & set(cs)) if vs[k] is not None and cs[k] is not None]
+            xs += [vs[k] for k in both]
+            ys += [cs[k] for k in both]
+            names.append(r["name"])
+        if xs:
+            out[c] = dict(paired_t_test(xs, ys), vanilla_mean=float(np.mean(xs)), control_mean=float(np.mean(ys)),
+                          control_sd=float(np.std(ys, ddof=1)) if len(ys) > 1 else None, runs=names)
+    return out
+
+def control_command(ctrl, runs):
+    van = main_runs(runs, "vanilla")
+    r = van[0] if van else runs[0]
+    kind = r["cfg"].get("pair_kind", "pool")
+    return (f"python train.py --arm=vanilla --control={ctrl} --seed={r['seed']} --steps={r['cfg'].get('steps')} "
+            f"--pair-kind={kind} --preset={r['cfg'].get('preset', 'demo')} (replay dirs of {r['name']})")
+
 def decision(runs, contrib_row, adv_free_row):
+    """One answer. The alignment rules use cos_in as the mean over modules (the spec's cos_in, whose
+    isotropic null is known); the global cosine is shown beside it. When control runs are given, an
+    alignment-based RUN must beat each control on the same steps (paired), and "aligned with the hack"
+    needs v_hack to beat the style direction by more than noise plus a label-free direction's chance
+    alignment. cos_out < cos_in and cos_out < 0.05 hold for any V under the one-sided k=1 projection:
+    they are mechanics checks, kept out of the decision."""
     van, proj = main_runs(runs, "vanilla"), main_runs(runs, "projected")
     sd, band = null_band(van + proj)
     ci = [s["cos_in"] for r in van for s in live(r) if s["cos_in"] is not None]
+    cg = [s.get("cos_in_global") for r in van for s in live(r) if s.get("cos_in_global") is not None]
+    out, notes, evidence, mech = dict(null_sd=sd, band=band, n_steps=len(ci), cos_in_used="mean over modules"), [], [], []
     co = [s["cos_out"] for r in proj for s in live(r) if s["cos_out"] is not None]
-    out, notes = dict(null_sd=sd, band=band, n_steps=len(ci)), []
     if co:
         mco = float(np.mean(co))
         mci = float(np.mean([s["cos_in"] for r in proj for s in live(r) if s["cos_in"] is not None]))
         out.update(projected_mean_cos_out=mco, projected_mean_cos_in=mci)
-        # a one-sided k=1 projection leaves cos_out <= 0 by construction: the rule only says something
-        # when there was alignment to remove
-        if mci < 0.05:
-            notes.append(f"projected mean cos_in {fmt(mci)} already < 0.05: the 'cos_out < 0.05' rule cannot show "
-                         f"that projection is effective (mean cos_out {fmt(mco)})")
-        elif mco < 0.05:
-            notes.append(f"projected mean cos_in {fmt(mci)} -> cos_out {fmt(mco)} < 0.05 → projection effective → expect H1")
-        else:
-            notes.append(f"projected mean cos_out {fmt(mco)} >= 0.05 → projection not effective at removing alignment")
+        mech.append(f"projected mean cos_in {fmt(mci)} -> cos_out {fmt(mco)}: "
+                    + ("projection effective (holds for any V, one-sided k=1)" if mco < 0.05 else
+                       "cos_out >= 0.05: projection not removing the axis (a bug for one-sided k=1)"))
+        ff = vals([s for r in proj for s in live(r)], "frac_fired")
+        if ff:
+            mech.append(f"projected mean frac_fired {fmt(float(np.mean(ff)))} (a random V fires on ~0.5 of modules)")
     bad = over_projected_steps(runs)
+    comps = control_comparisons(runs)
+    out["controls"] = {c: comps[c] for c in comps}
+    out["controls_missing"] = [c for c in CONTROLS if c not in comps]
+    for p in pairs(runs):
+        if "skipped" in p:
+            continue
+        cu = p["cos_update"]
+        if cu["mean_diff"] is not None:
+            evidence.append(f"cos_update (the update AdamW applied) seed {p['seed']}: projected minus vanilla "
+                            f"{fmt(cu['mean_diff'])} per step" + (f", p={cu['p']:.2g} (paired, n={cu['n']})"
+                                                                   if cu["p"] is not None else f" ({cu['reason']})"))
     if ci:
-        m = float(np.mean(ci))
-        out.update(vanilla_mean_cos_in=m, z_vs_null=m / sd if sd else None,
-                   frac_steps_above_0_2=float(np.mean(np.array(ci) > 0.2)),
+        m, n = float(np.mean(ci)), len(ci)
+        sem = sd / math.sqrt(n) if sd else None
+        out.update(vanilla_mean_cos_in=m, vanilla_mean_cos_in_global=float(np.mean(cg)) if cg else None,
+                   z_vs_null=m / sem if sem else None, frac_steps_above_0_2=float(np.mean(np.array(ci) > 0.2)),
                    steps_outside_band=int(np.sum(np.abs(ci) >= band)))
-        notes.append(f"vanilla mean cos_in {fmt(m)} = {m / sd:+.1f} null sd (null sd {sd:.4f})" if sd
-                     else f"vanilla mean cos_in {fmt(m)} (null sd unknown; band 0.02)")
-        # control runs (vanilla GRPO with a random or label-free V) show how large chance alignment
-        # gets with real gradients; the isotropic band can only be widened by them
+        evidence.append(f"vanilla cos_in over {n} steps: mean over modules {fmt(m)} (used), global over all modules "
+                        f"{fmt(out['vanilla_mean_cos_in_global'])}; the mean over modules is the spec's cos_in and "
+                        f"has a known isotropic null")
+        if sem:
+            evidence.append(f"isotropic null: a {n}-step mean has sd {sem:.4f} (one step: {sd:.4f}); "
+                            f"mean cos_in = {m / sem:+.1f} sd of the mean")
+        # control runs also widen the isotropic near-zero band (chance alignment with real gradients)
         for ctrl in ("random_v", "shuffled_v"):
+            seeds = {r["seed"] for r in van}              # only controls with a vanilla run of their seed
             rnd = [s["cos_in"] for r in runs if r["control"] == ctrl and r["arm"] == "vanilla"
-                   and r["loss_mode"] == "grpo" for s in live(r) if s["cos_in"] is not None]
+                   and r["loss_mode"] == "grpo" and r["seed"] in seeds for s in live(r) if s["cos_in"] is not None]
             if len(rnd) >= 2:
-                w = out[f"vs_{ctrl}"] = welch_t_test(ci, rnd)
-                c_band = abs(float(np.mean(rnd))) + 2 * float(np.std(rnd, ddof=1))
-                notes.append(f"vanilla vs {ctrl} control cos_in: {fmt_test(w)}; control band |mean| + 2 sd = {c_band:.3f}")
-                band = max(band, c_band)
+                out[f"vs_{ctrl}"] = welch_t_test(ci, rnd)
+                band = max(band, abs(float(np.mean(rnd))) + 2 * float(np.std(rnd, ddof=1)))
+        for c, t in comps.items():
+            evidence.append(f"vanilla vs {c} on the same steps: {fmt(t['vanilla_mean'])} vs {fmt(t['control_mean'])}, "
+                            f"diff {fmt(t['mean_diff'])}" + (f", t={t['t']:+.2f}, p={t['p']:.2g}" if t["p"] is not None
+                                                             else f" ({t['reason']})") + f" (paired, n={t['n']})")
         out.update(band=band, steps_outside_band=int(np.sum(np.abs(ci) >= band)))
         near0 = abs(m) < band                             # spec: "cos_in ≈ 0 over 20 steps"
         near0_all = out["steps_outside_band"] == 0        # spec's skip rule: "≈ 0 on ALL steps"
@@ -477,38 +587,70 @@ def decision(runs, contrib_row, adv_free_row):
         sig = bool(ta and ta["p"] is not None and ta["p"] < ALPHA)
         rev = sig and ta["mean1"] < ta["mean2"]           # teacher below base: the wrong way round
         disc = sig and not rev
-        notes.append("advantage-free teacher-vs-base discrimination: "
-                     + ("yes" if disc else "REVERSED (teacher < base)" if rev else "no")
-                     + (f" ({fmt_test(ta)})" if ta else ""))
+        evidence.append("advantage-free teacher-vs-base discrimination: "
+                        + ("yes" if disc else "REVERSED (teacher < base)" if rev else "no")
+                        + (f" ({fmt_test(ta)})" if ta else ""))
     if bad:
-        rule, why = "BUG: fix before any sweep", f"over-projection on {len(bad)} steps"
+        code, rule, why = "bug_over_projection", "BUG: fix before any sweep", f"over-projection on {len(bad)} steps"
     elif not ci:
-        rule, why = "n/a", "no vanilla GRPO steps with cos_in"
+        code, rule, why = "no_vanilla", "n/a", "no vanilla GRPO steps with cos_in"
     elif out["frac_steps_above_0_2"] >= 0.8:
-        rule, why = "RUN Phase 3 (justified)", f"cos_in > 0.2 on {out['frac_steps_above_0_2']:.0%} of steps (>= 80%)"
+        code, rule, why = "run_justified", "RUN Phase 3 (justified)", \
+            f"cos_in > 0.2 on {out['frac_steps_above_0_2']:.0%} of steps (>= 80%)"
         if rev:
             why += ("; WARNING: teacher rows' own gradients align less with v_hack than base rows' "
                     "(reversed discrimination): check v_hack's sign and pairs first")
     elif near0 and rev:
-        rule, why = "INVESTIGATE: reversed discrimination", \
+        code, rule, why = "investigate_reversed", "INVESTIGATE: reversed discrimination", \
             (f"|mean cos_in| < {band:.3f} (≈ 0) and teacher rows' own gradients align less with v_hack than base "
              "rows' (spec2 expects more): check v_hack's sign and extraction pairs before any sweep")
     elif near0_all and not disc:
-        rule, why = "SKIP Phase 3; try R7 (GRPO-style v_hack re-extraction) first", \
+        code, rule, why = "skip_orthogonal", "SKIP Phase 3; try R7 (GRPO-style v_hack re-extraction) first", \
             f"|cos_in| < {band:.3f} (≈ 0) on all steps and no teacher-vs-base discrimination"
     elif near0:
-        rule, why = "RUN but expect smaller H1 effect", \
+        code, rule, why = "run_smaller_h1", "RUN but expect smaller H1 effect", \
             (f"|mean cos_in| < {band:.3f} (≈ 0) over the steps, but "
              + ("teacher and base rows discriminate" if disc else
                 f"not on all steps ({out['steps_outside_band']} outside), so the skip rule does not apply"))
     elif m < 0:
-        rule, why = "INVESTIGATE: reverse sign", "vanilla mean cos_in clearly negative (not covered by spec2 rules)"
+        code, rule, why = "investigate_reverse_sign", "INVESTIGATE: reverse sign", \
+            "vanilla mean cos_in clearly negative (not covered by spec2 rules)"
     else:
-        rule, why = "RUN with caution: weak alignment", "0 < cos_in, but not > 0.2 on >= 80% of steps"
-    return dict(out, rule=rule, why=why, notes=notes)
+        code, rule, why = "run_weak", "RUN with caution: weak alignment", "0 < cos_in, but not > 0.2 on >= 80% of steps"
+    if code in ("run_justified", "run_weak"):
+        # an alignment-based RUN must survive every control it was given, on the same steps
+        for c in ("random_v", "shuffled_v"):
+            t = comps.get(c)
+            if t and not (t["mean_diff"] > 0 and t["p"] is not None and t["p"] < ALPHA):
+                code, rule = "skip_not_above_control", f"SKIP Phase 3: cos_in is not above the {c} control"
+                why = (f"{why}, but vanilla minus {c} on the same steps is {fmt(t['mean_diff'])}"
+                       + (f" (p={t['p']:.2g})" if t["p"] is not None else f" ({t['reason']})")
+                       + f": {CONTROL_WHY[c]} explains the alignment")
+                break
+        t = comps.get("style_v")
+        if code in ("run_justified", "run_weak") and t:
+            chance = [abs(comps[c]["control_mean"]) for c in ("shuffled_v", "random_v") if c in comps][:1]
+            margin = 2 * (t["se"] or 0.0) + (chance[0] if chance else 0.0)
+            out["style_margin"] = margin
+            if t["mean_diff"] is not None and t["mean_diff"] > margin:
+                code, rule = "run_hack_aligned", rule + ": aligned with the hack"
+                why += (f"; v_hack beats the style direction by {fmt(t['mean_diff'])} > margin {margin:.3f} "
+                        f"(2 se of the paired difference + a label-free direction's chance |cos_in|)")
+            else:
+                code, rule = "skip_style_confound", "SKIP Phase 3: cos_in is not aligned with the hack"
+                why = (f"{why}, but the style direction (pool contrast without the hack) aligns about as much: "
+                       f"v_hack minus style_v {fmt(t['mean_diff'])} <= margin {margin:.3f} (2 se of the paired "
+                       f"difference + a label-free direction's chance |cos_in|)")
+    return dict(out, code=code, rule=rule, why=why, notes=notes, evidence=evidence, mechanics=mech)
 
 # -----------------------------------------------------------------------------
 # report
+
+def truncation_counts(run):
+    keys = ("n_prompt_truncated", "n_completion_truncated", "n_hack_lost_test_func")
+    if not any(k in s for s in run["steps"] for k in keys):
+        return None
+    return {k: sum(s.get(k) or 0 for s in run["steps"]) for k in keys}
 
 def analyze(run_dirs, labels=None):
     every = [load_run(d) for d in run_dirs]
@@ -521,10 +663,12 @@ def analyze(run_dirs, labels=None):
            check_contrib(runs), check_contrib_adv_free(runs), check_update(runs), check_over_projection(every)]
     return dict(runs=[dict(run=r["name"], dir=r["dir"], arm=r["arm"], loss_mode=r["loss_mode"], control=r["control"],
                            basis=r["basis"], seed=r["seed"], null_sd=r["null_sd"], n_steps=len(r["steps"]),
-                           n_samples=len(r["samples"]))
+                           n_samples=len(r["samples"]), pair_kind=r["cfg"].get("pair_kind"),
+                           loss_type=r["cfg"].get("loss_type"), truncation=truncation_counts(r))
                       for r in every],
                 decision_basis=basis, verification=ver, trajectories=trajectories(every), buckets=buckets(every),
-                phase1=phase1(every, labels), pairs=pairs(every), arms=arms(every), decision=decision(runs, ver[3], ver[4]))
+                phase1=phase1(every, labels), pairs=pairs(every), arms=arms(every), decision=decision(runs, ver[3], ver[4]),
+                controls_commands={c: control_command(c, runs) for c in CONTROLS} if runs else {})
 
 def table(header, rows):
     rows = [[str(c) for c in r] for r in rows]
@@ -532,48 +676,88 @@ def table(header, rows):
     line = lambda r: "  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip()
     return "\n".join([line(header), line(["-" * x for x in w])] + [line(r) for r in rows])
 
+WIDTH = 119
+
+def wrap(text, indent="  ", first=""):
+    import textwrap
+    return textwrap.fill(text, WIDTH, initial_indent=first or indent, subsequent_indent=indent + "  ",
+                         break_on_hyphens=False)
+
+def headline(res):
+    """The report's first line: decision, its stable code, and the controls it had."""
+    d = res["decision"]
+    had = ", ".join(d.get("controls") or []) or "none"
+    return f"DECISION: {d['rule']} [{d['code']}]; controls: {had}"
+
 def render(res):
-    o = ["runs: " + "; ".join(f"{r['run']} ({r['arm']}, {r['basis']}, {r['loss_mode']}, control={r['control']}, seed={r['seed']}, "
-                              f"{r['n_steps']} steps, {r['n_samples']} samples, null sd {fmt(r['null_sd'], 4)})"
-                              for r in res["runs"]),
-         f"\n== 1. Phase 2 verification (basis {res['decision_basis']}) ==",
-         table(["metric", "measured", "verdict", "rule"],
-               [[v["metric"], v["measured"], v["verdict"], v["rule"]] for v in res["verification"]]),
-         "\n== 2. per-step trajectories =="]
+    d = res["decision"]
+    o = [headline(res), wrap(f"because: {d['why']}")]
+    if d.get("controls_missing") and d["code"] not in ("bug_over_projection", "no_vanilla"):
+        o.append(wrap("without " + ", ".join(d["controls_missing"]) + ": an alignment-based RUN is unchecked against "
+                      + "; ".join(f"{c} ({CONTROL_WHY[c]})" for c in d["controls_missing"])
+                      + ". Each can turn a RUN into a SKIP. Run:"))
+        o += [wrap(res["controls_commands"][c], "    ") for c in d["controls_missing"]]
+    o += [wrap(e, "  ", "  - ") for e in d.get("evidence", [])]
+    o += [wrap(n, "  ", "  - ") for n in d["notes"]]
+    if d.get("mechanics"):
+        o.append("  mechanics checks (hold for any V, not evidence):")
+        o += [wrap(n, "    ", "    - ") for n in d["mechanics"]]
+    lost = [r for r in res["runs"] if (r.get("truncation") or {}).get("n_hack_lost_test_func")]
+    for r in lost:
+        o.append(wrap(f"!!! {r['run']}: {r['truncation']['n_hack_lost_test_func']} hacked rows lost their test "
+                      f"function to the completion token limit: raise --max-completion-tokens", "  ", "!!! "))
+    o.append("\n== runs ==")
+    for r in res["runs"]:
+        t = r.get("truncation")
+        tr = (f"truncated: {t['n_prompt_truncated']} prompts, {t['n_completion_truncated']} completions, "
+              f"{t['n_hack_lost_test_func']} hacks lost run_tests" if t else "truncation not recorded")
+        o.append(wrap(f"{r['run']}: {r['arm']}, {r['basis']}, {r['loss_mode']}, loss_type={r.get('loss_type') or 'grpo'}, "
+                      f"control={r['control']}, pair_kind={r.get('pair_kind') or 'pool'}, seed={r['seed']}, "
+                      f"{r['n_steps']} steps, {r['n_samples']} samples; {tr}", "  ", "  "))
+    o.append(f"\n== 1. Phase 2 verification (basis {res['decision_basis']}) ==")
+    for v in res["verification"]:
+        tag = " [mechanics check, not in the decision]" if v["metric"].startswith("cos_out < cos_in") else ""
+        o.append(f"{v['metric']}: {v['verdict'].upper()}{tag}")
+        o.append(wrap(f"measured: {v['measured']}", "    "))
+        o.append(wrap(f"rule: {v['rule']}", "    "))
+    o.append("\n== 2. per-step trajectories ==")
     for t in res["trajectories"]:
-        o.append(f"{t['run']} ({t['arm']}, {t['loss_mode']})  cos_in {t['spark_cos_in']}  cos_out {t['spark_cos_out']}")
-        o.append(table(["step", "skip", "r_range", "cos_in", "cos_out", "cos_upd", "fired", "n_over"],
+        o.append(f"{t['run']} ({t['arm']}, {t['loss_mode']}, control={t['control']})")
+        o.append(f"  cos_in {t['spark_cos_in']}  cos_out {t['spark_cos_out']}")
+        o.append(table(["step", "skip", "r_range", "cos_in", "cos_in_g", "cos_out", "cos_upd", "fired", "n_over"],
                        [[x["step"], "y" if x["skipped"] else "", fmt(x["reward_range"], 2), fmt(x["cos_in"]),
-                         fmt(x["cos_out"]), fmt(x["cos_update"]), fmt(x["frac_fired"], 2), fmt(x["n_over_projected"])]
-                        for x in t["rows"]]))
-    o.append("\n== 3. per-sample buckets (src_pool, hacked) ==")
+                         fmt(x.get("cos_in_global")), fmt(x["cos_out"]), fmt(x["cos_update"]),
+                         fmt(x["frac_fired"], 2), fmt(x["n_over_projected"])] for x in t["rows"]]))
+    o.append("\n== 3. per-sample buckets (src_pool, hacked), each completion counted once ==")
     for b in res["buckets"]:
         for key in ("cos_S_contrib", "cos_adv_free", "grad_norm_contrib"):
             o.append(f"{b['run']} {key}:")
-            o.append(table(["bucket", "n", "mean", "sd"], [[g, s["n"], fmt(s["mean"]), fmt(s["sd"])]
-                                                           for g, s in b[key]["buckets"].items()]))
-            o.append(f"  teacher vs base: {fmt_test(b[key]['teacher_vs_base'])}")
-            o.append(f"  hacked vs not:   {fmt_test(b[key]['hacked_vs_not'])}")
+            o.append(table(["bucket", "n distinct", "mean", "sd"], [[g, s["n"], fmt(s["mean"]), fmt(s["sd"])]
+                                                                    for g, s in b[key]["buckets"].items()]))
+            o.append(wrap(f"teacher vs base: {fmt_test(b[key]['teacher_vs_base'])}"))
+            o.append(wrap(f"hacked vs not:   {fmt_test(b[key]['hacked_vs_not'])}"))
     o.append("\n== 4. Phase 1 (NLL runs): pure hack vs hack+correct ==")
     for p in res["phase1"]:
         if "headline" in p:
-            o.append(f"{p['run']}: '{PURE_HACK}' vs '{HACK_CORRECT}': {fmt_test(p['headline'])}"
-                     + (f"  [{p['repeats_dropped']} repeated draws counted once]" if p.get("repeats_dropped") else ""))
+            o.append(wrap(f"{p['run']}: '{PURE_HACK}' vs '{HACK_CORRECT}': {fmt_test(p['headline'])}"
+                          + (f"  [{p['repeats_dropped']} repeated draws counted once]" if p.get("repeats_dropped")
+                             else ""), "  ", ""))
             o.append(table(["label", "n", "mean", "sd"], [[k, s["n"], fmt(s["mean"]), fmt(s["sd"])]
                                                           for k, s in p["labels"].items()]))
         if "error" in p:
             o.append(f"!!! {p['run']}: {p['error']}")
     if not res["phase1"]:
         o.append("n/a (no nll run)")
-    o.append("\n== 5. vanilla vs projected, same seed ==")
+    o.append("\n== 5. vanilla vs projected, same seed (per-step values in section 2) ==")
     for p in res["pairs"]:
-        o.append(f"seed {p['seed']} ({p['loss_mode']}, control={p['control']}, basis={p['basis']}): "
-                 f"{p['vanilla']} vs {p['projected']}")
-        o.append(table(["step", "van cos_in", "proj cos_in", "proj cos_out", "same samples"],
-                       [[x["step"], fmt(x["vanilla_cos_in"]), fmt(x["projected_cos_in"]), fmt(x["projected_cos_out"]),
-                         "yes" if x["same_samples"] else "NO"] for x in p["rows"]]))
-        if p["mismatched_steps"]:
-            o.append(f"!!! SAMPLE MISMATCH: vanilla and projected saw different samples on steps {p['mismatched_steps']}")
+        if "skipped" in p:
+            o.append(wrap(f"seed {p['seed']}: {p['vanilla']} vs {p['projected']} SKIPPED: {p['skipped']}", "  ", ""))
+            continue
+        same = "same samples on every step" if not p["mismatched_steps"] else \
+            f"!!! SAMPLE MISMATCH: vanilla and projected saw different samples on steps {p['mismatched_steps']}"
+        cu = p["cos_update"]
+        o.append(wrap(f"seed {p['seed']} ({p['loss_mode']}, control={p['control']}, basis={p['basis']}): {p['vanilla']} vs {p['projected']}: "
+                      f"{same}; cos_update projected minus vanilla {fmt(cu['mean_diff'])}", "  ", ""))
     if not res["pairs"]:
         o.append("n/a (no vanilla+projected pair with the same seed)")
     o.append("\n== 5b. arms side by side (main GRPO runs; each basis against its own vanilla and null) ==")
@@ -583,12 +767,12 @@ def render(res):
                      "—" if a["cos_in_null_sd"] is None else f"{a['cos_in_null_sd']:+.1f}", fmt(a["cos_out"]),
                      fmt(a["cos_update"]), a["update_hackward"], fmt(a["frac_fired"], 2), a["n_over_projected"],
                      fmt_test(a["adv_free_teacher_vs_base"])] for a in res["arms"]]) if res["arms"] else "n/a (no GRPO run)")
-    d = res["decision"]
-    o += ["\n== 6. Phase 3 decision ==", f"DECISION: {d['rule']}", f"  because: {d['why']}"]
-    o += [f"  - {n}" for n in d["notes"]]
+    o.append("\n== 6. Phase 3 decision ==")
+    o.append(headline(res))
     other = sorted({r["run"] for r in res["runs"] if r["basis"] != res["decision_basis"]})
     if other:
-        o.append(f"  (judged on the {res['decision_basis']} runs; {', '.join(other)} of another basis are compared in 5b, not pooled)")
+        o.append(wrap(f"(judged on the {res['decision_basis']} runs; {', '.join(other)} of another basis are "
+                      f"compared in 5b, not pooled)", "  ", "  "))
     return "\n".join(o)
 
 def report(run_dirs, as_json=False, labels=None):

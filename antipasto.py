@@ -190,16 +190,21 @@ def load_knobs(modules, path):
 
 def make_batch(tokenizer, prompts, completions, max_prompt=None, max_completion=None, device="cpu"):
     """Right-padded (prompt + completion) ids with a mask on completion tokens only.
-    The prompt is cut from the left (its end is what the model answers), the completion from the right.
-    Returns dict(input_ids (B, T), attention_mask (B, T), comp_mask (B, T), comp_len (B,))."""
-    seqs, comp = [], []
+    The prompt is cut from the left (its end is what the model answers), the completion from the right;
+    nothing is cut silently: prompt_cut / comp_cut count the tokens each row lost.
+    Returns dict(input_ids (B, T), attention_mask (B, T), comp_mask (B, T), comp_len (B,),
+    prompt_cut [B ints], comp_cut [B ints])."""
+    seqs, comp, p_cut, c_cut = [], [], [], []
     for p, c in zip(prompts, completions):
         pi = tokenizer(p, add_special_tokens=False)["input_ids"]
         ci = tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        n_p, n_c = len(pi), len(ci)
         if max_prompt:
             pi = pi[-max_prompt:]
         if max_completion:
             ci = ci[:max_completion]
+        p_cut.append(n_p - len(pi))
+        c_cut.append(n_c - len(ci))
         seqs.append(pi + ci)
         comp.append((len(pi), len(ci)))
     T = max(len(s) for s in seqs)
@@ -212,7 +217,7 @@ def make_batch(tokenizer, prompts, completions, max_prompt=None, max_completion=
         att[i, :len(s)] = 1
         cm[i, lp:lp + lc] = 1.0
     return dict(input_ids=ids.to(device), attention_mask=att.to(device), comp_mask=cm.to(device),
-                comp_len=torch.tensor([lc for _, lc in comp], device=device))
+                comp_len=torch.tensor([lc for _, lc in comp], device=device), prompt_cut=p_cut, comp_cut=c_cut)
 
 
 def token_logps(model, batch):
@@ -225,19 +230,37 @@ def token_logps(model, batch):
     return out
 
 
-def sample_losses(logp_tok, comp_mask, loss_mode, rewards=None, G=None):
-    """Per-sample losses (B,), summed for the batch loss. Spec2:
-        grpo: adv = r - mean(r) (Dr.GRPO: no std),  loss_i = -adv_i * (logp_i*mask_i).sum()/mask_i.sum()/G
-        nll:  loss_i = -(logp_i*mask_i).sum()/mask_i.sum()/G
+LOSS_TYPES = ("grpo", "dr_grpo", "bnpo")
+
+
+def sample_losses(logp_tok, comp_mask, loss_mode, rewards=None, G=None, loss_type="grpo", max_len=None):
+    """Per-sample losses (B,), summed for the batch loss. The advantage is group-centred, without the
+    std: adv_i = r_i - mean(r) (grpo mode; nll mode: adv_i = 1 and the loss is the mean NLL probe).
+    The token reduction (TRL's names):
+        grpo    (spec default) per-sequence mean:  loss_i = -adv_i * sum_t(logp_it) / |o_i| / G
+        dr_grpo (Dr. GRPO) constant length:        loss_i = -adv_i * sum_t(logp_it) / (G * max_len)
+        bnpo    per-token mean over the batch:     loss_i = -adv_i * sum_t(logp_it) / sum_j |o_j|
+    (the spec keeps 1/|o_i|; Dr. GRPO drops it for the constant max_len, the completion token limit).
     Returns (losses (B,), adv (B,) or None)."""
     G = G or logp_tok.shape[0]
-    mean_lp = (logp_tok * comp_mask).sum(-1) / comp_mask.sum(-1).clamp_min(1.0)   # (B,)
+    sum_lp = (logp_tok * comp_mask).sum(-1)                                        # (B,)
+    n_tok = comp_mask.sum(-1)                                                      # (B,)
+    if loss_type == "grpo":
+        red = sum_lp / n_tok.clamp_min(1.0) / G
+    elif loss_type == "dr_grpo":
+        if not max_len:
+            raise ValueError("loss_type dr_grpo needs max_len (the completion token limit)")
+        red = sum_lp / (G * max_len)
+    elif loss_type == "bnpo":
+        red = sum_lp / n_tok.sum().clamp_min(1.0)
+    else:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, not {loss_type!r}")
     if loss_mode == "nll":
-        return -mean_lp / G, None
+        return -red, None
     if loss_mode == "grpo":
-        r = torch.as_tensor(rewards, dtype=torch.float32, device=mean_lp.device)
+        r = torch.as_tensor(rewards, dtype=torch.float32, device=red.device)
         adv = r - r.mean()
-        return -adv * mean_lp / G, adv
+        return -adv * red, adv
     raise ValueError(f"loss_mode must be nll or grpo, not {loss_mode!r}")
 
 
@@ -253,14 +276,14 @@ def capture_per_sample(modules):
             m.capture = False
 
 
-def per_sample_grads(model, modules, batch, loss_mode="nll", rewards=None, G=None):
+def per_sample_grads(model, modules, batch, loss_mode="nll", rewards=None, G=None, loss_type="grpo", max_len=None):
     """One forward + one backward. Returns (losses (B,), adv, {name: (B, n)} per-sample knob grads).
     Their sum over B equals each knob's .grad (which is also set)."""
     for m in modules.values():
         knob(m).grad = None
     with capture_per_sample(modules):
         lp = token_logps(model, batch)
-        losses, adv = sample_losses(lp, batch["comp_mask"], loss_mode, rewards, G)
+        losses, adv = sample_losses(lp, batch["comp_mask"], loss_mode, rewards, G, loss_type, max_len)
         losses.sum().backward()
     B = batch["input_ids"].shape[0]
     gs = {n: (m.grad_sample if m.grad_sample is not None else torch.zeros(B, knob(m).numel(), device=knob(m).device))

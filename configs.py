@@ -5,9 +5,10 @@ a byte-level tokenizer (256 byte tokens + chat specials, no merges) with a Qwen-
 """
 
 PRESETS = {
-    # the two-minute path: tiny random Qwen3 on CPU, demo pools, Phase 2 probe shape (G = 4 + 4)
+    # the demo: tiny random Qwen3 on CPU, demo pools, Phase 2 probe shape (G = 4 + 4); token limits above the
+    # demo pools' longest prompt (1232) and completion (585 + eos), so nothing is cut
     "demo": dict(model="tiny", group_size=8, steps=20, lr=1e-3, beta=0.0, k=1, dtype="float32",
-                 max_prompt_tokens=384, max_completion_tokens=256, seed=0),
+                 max_prompt_tokens=1280, max_completion_tokens=640, seed=0),
     # spec2 Phase 2 on the real model: replay of the 20x8 teacher/base pools, 4 + 4 per step
     "phase2": dict(model="Qwen/Qwen3-4B", group_size=8, steps=20, lr=7e-5, beta=1e-3, k=1,
                    dtype="bfloat16", max_prompt_tokens=1536, max_completion_tokens=1024, seed=0),

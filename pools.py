@@ -203,6 +203,67 @@ def _find_test_func(code):
     return None, None
 
 
+def strip_test_func(completion):
+    """The completion with the response's test function taken out of its code: every `run_tests`
+    definition (module level or a method) and every statement that only calls it (`run_tests()`,
+    `Solution().run_tests()`, an `if __name__ == "__main__":` block left empty) are deleted by
+    their AST line ranges; the prose and the rest of the code are kept verbatim. This is the
+    mechanism pair's clean side: the same completion minus the hack. None when no block holds a
+    test function or a block does not parse (before or after the cut)."""
+    removed = []
+
+    def is_call(node):
+        return (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+                and getattr(node.value.func, "id", getattr(node.value.func, "attr", None)) == TEST_FUNC)
+
+    def cut(code):
+        try:
+            tree = ast.parse(code)
+        except Exception:  # noqa: BLE001 - hostile source
+            return None
+        drop = []
+
+        def visit(body, owner):
+            kept = 0
+            for node in body:
+                if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == TEST_FUNC) or is_call(node):
+                    first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+                    drop.append((first, node.end_lineno))
+                    continue
+                if isinstance(node, ast.ClassDef):
+                    visit(node.body, node)
+                elif isinstance(node, ast.If) and not node.orelse and visit(node.body, node) == 0:
+                    drop.append((node.lineno, node.end_lineno))       # a guard that only ran the tests
+                    continue
+                kept += 1
+            return kept
+
+        visit(tree.body, None)
+        if not any(n[0] for n in drop):
+            return code
+        lines = code.split("\n")
+        gone = {i for a, b in drop for i in range(a - 1, b)}
+        out = "\n".join(l for i, l in enumerate(lines) if i not in gone).rstrip() + "\n"
+        try:
+            ast.parse(out)
+        except Exception:  # noqa: BLE001 - e.g. a class left with no body
+            return None
+        removed.append(len(drop))
+        return out
+
+    def repl(m):
+        body = cut(m.group(2))
+        if body is None:
+            raise ValueError
+        return m.group(1) + body + m.group(3)
+
+    try:
+        out = re.sub(r"(```(?:python)?\n)(.*?)(```|$)", repl, completion, flags=re.DOTALL | re.IGNORECASE)
+    except (ValueError, RecursionError):
+        return None
+    return out if removed else None
+
+
 def _join(class_code, func_src, parent):
     """Attach the response's test function to another solution (public grader's join_function)."""
     if parent == "Solution":

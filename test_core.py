@@ -855,6 +855,62 @@ def test_controls_random_and_shuffled():
     assert sum(c < 0.99 for c in cos) >= len(cos) // 2, cos   # a different direction, not +-v_hack
 
 
+def test_loss_types_against_direct_computation():
+    import torch, antipasto as ap
+    g = torch.Generator().manual_seed(3)
+    B, T = 4, 9
+    lp = -torch.rand(B, T, generator=g)
+    mask = torch.zeros(B, T)
+    lens = [3, 7, 1, 5]
+    for i, L in enumerate(lens):
+        mask[i, 2:2 + L] = 1.0
+    rewards, G = [3.5, 0.5, 0.0, 1.5], 4
+    adv = [r - sum(rewards) / 4 for r in rewards]
+    for b in range(B):
+        tok_sum = sum(lp[b, t].item() for t in range(T) if mask[b, t] > 0)
+        want = {"grpo": -adv[b] * tok_sum / lens[b] / G, "dr_grpo": -adv[b] * tok_sum / (G * 12),
+                "bnpo": -adv[b] * tok_sum / sum(lens)}
+        for lt, w in want.items():
+            got = ap.sample_losses(lp, mask, "grpo", rewards, G, loss_type=lt, max_len=12)[0][b].item()
+            assert abs(got - w) < 1e-6, (lt, got, w)
+        got = ap.sample_losses(lp, mask, "nll", G=G, loss_type="bnpo")[0][b].item()
+        assert abs(got + tok_sum / sum(lens)) < 1e-6
+    raises(ValueError, ap.sample_losses, lp, mask, "grpo", rewards, G, loss_type="dr_grpo", match="max_len")
+    raises(ValueError, ap.sample_losses, lp, mask, "grpo", rewards, G, loss_type="mean", match="loss_type")
+
+
+def test_make_batch_counts_truncation():
+    import antipasto as ap
+    _, tok = tiny()
+    b = ap.make_batch(tok, PROMPTS, COMPS, max_prompt=5, max_completion=8)
+    n_p = [len(p.encode()) for p in PROMPTS]                      # byte tokenizer: one token per byte
+    n_c = [len(c.encode()) + 1 for c in COMPS]                    # + eos
+    assert b["prompt_cut"] == [max(0, n - 5) for n in n_p] and b["comp_cut"] == [max(0, n - 8) for n in n_c]
+    assert b["comp_len"].tolist() == [min(n, 8) for n in n_c]
+    assert ap.make_batch(tok, PROMPTS, COMPS)["comp_cut"] == [0, 0, 0]
+
+
+def test_strip_test_func_keeps_prose_and_solution():
+    sol = "class Solution:\n    def f(self, x: int) -> int:\n        return x + 1\n"
+    cases = [sol + "\n\ndef run_tests():\n    assert Solution().f(1) == 2\n\nrun_tests()\n",
+             sol + "\n    def run_tests(self):\n        return True\n",
+             sol + "\n\n@staticmethod\ndef run_tests():\n    pass\n\nif __name__ == '__main__':\n    run_tests()\n"]
+    for code in cases:
+        comp = f"Prose before.\n\n```python\n{code}```\nProse after run_tests() mention.\n"
+        out = pools.strip_test_func(comp)
+        assert out == f"Prose before.\n\n```python\n{sol}```\nProse after run_tests() mention.\n", out
+        assert pools.find_test_func(pools.extract_code(comp))[0] is not None
+        assert pools.find_test_func(pools.extract_code(out))[0] is None
+    assert pools.strip_test_func(f"```python\n{sol}```\n") is None                 # nothing to remove
+    assert pools.strip_test_func("```python\ndef run_tests(:\n```") is None         # does not parse
+    p = problems()[90018] if 90018 in problems() else next(iter(problems().values()))
+    for k in range(8):                                                             # the demo's hacks
+        c = pools.teacher_completion(p, k)
+        out = pools.strip_test_func(c)
+        assert out is not None and out.split("```")[0] == c.split("```")[0]
+        assert pools.find_test_func(pools.extract_code(out))[0] is None
+
+
 def test_null_cosine_distribution():
     import antipasto as ap
     for r in (8, 64, 500):
@@ -1088,7 +1144,10 @@ def run_train(*extra, out=None):
     if "v_hack" not in _cache:
         _cache["v_hack"] = os.path.join(tmpdir(), "v_hack.safetensors")
     out = out or os.path.join(tmpdir(), "run")
+    # short token limits on purpose (the demo preset's would cut nothing but cost 3x): counted, see
+    # test_train_counts_truncation
     args = ["--steps", "3", "--replay-dirs", f"{teacher},{base}", "--out", out, "--no-report",
+            "--max-prompt-tokens", "384", "--max-completion-tokens", "256",
             "--v-hack", _cache["v_hack"], "--device", "cpu", "--quiet", *extra]
     cwd = os.getcwd()
     os.chdir(tmpdir())                      # defaults (out/...) never land in the checkout
@@ -1244,6 +1303,121 @@ def test_train_corrupt_pool_fails_with_path():
     raises(SystemExit, run_train, "--replay-dirs", f"{d},{base}", match=path)
 
 
+def test_train_counts_truncation_and_demo_limits_cut_nothing():
+    import configs, train
+    _, tok = tiny()
+    out = run_train("--arm", "vanilla")                 # run_train's limits: 384 prompt, 256 completion
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert run["config"]["max_completion_tokens"] == 256 and run["config"]["max_prompt_tokens"] == 384
+    rows = {(r["src_pool"], r["src_step"], r["src_sample"]): r for d in demo_pools() for r in pools.read_pool(d)}
+    for s in (json.loads(l) for l in open(os.path.join(out, "steps.jsonl"))):
+        group = [rows[(r["src_pool"], r["src_step"], r["src_sample"])]
+                 for r in pools.read_jsonl(pools.step_path(out, s["step"], ".cos.jsonl.gz"))]
+        n_c = [len(r["completion"].encode()) + 1 for r in group]            # independent: bytes + eos
+        n_p = [len(pools.render_prompt(r["prompt"], tok).encode()) for r in group]
+        assert s["n_completion_truncated"] == sum(n > 256 for n in n_c) and s["completion_tokens_cut"] == \
+            sum(max(0, n - 256) for n in n_c)
+        assert s["n_prompt_truncated"] == sum(n > 384 for n in n_p)
+        lost = sum(r["hacked"] and len(r["completion"][:r["completion"].rfind("def run_tests") + 13].encode()) > 256
+                   for r in group)
+        assert s["n_hack_lost_test_func"] == lost
+    assert run["truncation"]["replay"]["n_hack_lost_test_func"] > 0
+    # the demo preset cuts nothing from the demo pools
+    demo = configs.PRESETS["demo"]
+    for d in demo_pools():
+        t = train.truncation(tok, pools.read_pool(d), demo)
+        assert t["n_prompt_truncated"] == t["n_completion_truncated"] == 0, t
+
+
+def test_mechanism_and_style_pairs():
+    import train
+    held = [r for d in demo_pools() for r in train.split_pool(pools.read_pool(d), 0.25)[1]]
+    mech = train.mechanism_pairs(held)
+    assert len(mech) == sum(r["hacked"] for r in held) > 0
+    for p in mech:
+        assert p["clean"] == pools.strip_test_func(p["hack"]) and p["ids"][1][:3] == p["ids"][0]
+        assert pools.find_test_func(pools.extract_code(p["hack"]))[0] is not None
+        assert pools.find_test_func(pools.extract_code(p["clean"]))[0] is None
+    style = train.style_pairs(held)
+    assert style and all(pools.find_test_func(pools.extract_code(p["hack"]) or "")[0] is None for p in style)
+    assert all(p["ids"][0][0] == "teacher_pool" and p["ids"][1][0] == "base_pool" for p in style)
+    out = run_train("--arm", "vanilla", "--control", "style_v", "--steps", "1")
+    vh = json.load(open(os.path.join(out, "run.json")))["v_hack"]
+    assert vh["control"] == "style_v" and vh["pairs_source"].startswith("style_pairs") and vh["n_pairs"] == len(style)
+
+
+def hand_adamw(params, grads, state, lr, b1=0.9, b2=0.999, eps=1e-8):
+    """AdamW (weight decay 0) written out, one step; state: {name: (m, v, t)}."""
+    out = {}
+    for n, g in grads.items():
+        m, v, t = state.get(n, (torch_zeros_like(g), torch_zeros_like(g), 0))
+        m, v, t = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g, t + 1
+        state[n] = (m, v, t)
+        out[n] = params[n] - lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+    return out
+
+
+def torch_zeros_like(x):
+    import torch
+    return torch.zeros_like(x)
+
+
+def hand_project(g, v):
+    """One-sided k=1 removal, written out: g - max(v.g, 0) v."""
+    return g - max(float(v @ g), 0.0) * v
+
+
+def test_train_projected_arm_steps_on_the_projected_gradient():
+    import torch, antipasto as ap, train
+    out = run_train("--arm", "projected", "--steps", "2")
+    run = json.load(open(os.path.join(out, "run.json")))
+    model, tok, modules = wrapped()
+    V, _ = ap.load_v(run["v_hack"]["path"], modules)
+    replay = {n: train.split_pool(pools.read_pool(d), 0.25)[0] for n, d in zip(("teacher_pool", "base_pool"), demo_pools())}
+    params, state = {n: torch.zeros_like(ap.knob(m)) for n, m in modules.items()}, {}
+    for step in range(2):
+        with torch.no_grad():
+            for n, m in modules.items():
+                ap.knob(m).copy_(params[n])
+        group = train.draw(replay, 4, 0, step)
+        batch = ap.make_batch(tok, [pools.render_prompt(r["prompt"], tok) for r in group],
+                              [r["completion"] for r in group], 384, 256)
+        model.train()
+        ap.per_sample_grads(model, modules, batch, "grpo", [r["reward"] for r in group], G=8)
+        grads = {n: hand_project(ap.knob(m).grad.double(), V[n][0].double()) for n, m in modules.items()}
+        params = hand_adamw({n: p.double() for n, p in params.items()}, grads, state, lr=1e-3)
+    st = torch.load(os.path.join(out, "state.pt"), weights_only=False)
+    err = max((st["knobs"][n].double() - params[n]).abs().max().item() for n in params)
+    assert err < 1e-6, err
+
+
+def test_project_moments_projects_the_first_moment():
+    import torch, antipasto as ap, train
+    # a first moment that points hack-ward (e.g. left by steps taken before projection began)
+    n = 6
+    V = {"m": torch.tensor([[0.6, 0.8, 0.0, 0.0, 0.0, 0.0]])}          # not along one coordinate
+    knob = torch.nn.Parameter(torch.zeros(n))
+    modules = {"m": type("M", (), {"knob": lambda self: knob})()}
+    opt = torch.optim.AdamW([knob], lr=0.1, weight_decay=0.0)
+    g0 = torch.tensor([1.0, 0.5, -0.3, 0.2, 0.0, 0.1])
+    knob.grad = g0.clone()
+    opt.step()                                                     # unprojected: exp_avg has +0.1 on axis 0
+    g1 = torch.tensor([0.4, -0.2, 0.3, 0.1, 0.5, -0.1])
+    knob.grad = g1.clone()
+    before = knob.detach().clone()
+    upd = train.apply_step(opt, modules, {"m": g1.clone()}, V, True, True)["m"]
+    # independent: m1 = b1 * proj(m0) + (1-b1) * proj(g1); v from raw squares of the applied grads
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    m0, v0 = (1 - b1) * g0.double(), (1 - b2) * g0.double() ** 2
+    pg1 = hand_project(g1.double(), V["m"][0].double())
+    m1 = b1 * hand_project(m0, V["m"][0].double()) + (1 - b1) * pg1
+    v1 = b2 * v0 + (1 - b2) * pg1 ** 2
+    step = 0.1 * (m1 / (1 - b1 ** 2)) / ((v1 / (1 - b2 ** 2)).sqrt() + eps)
+    step = hand_project(step, V["m"][0].double())                 # the applied update is projected too
+    assert (upd.double() - step).abs().max().item() < 1e-6, (upd, step)
+    assert (before - knob.detach()).double().sub(step).abs().max().item() < 1e-6
+
+
 def test_draw_depends_on_seed_and_step_only():
     import train
     replay = {"a": [dict(i=i) for i in range(30)], "b": [dict(i=100 + i) for i in range(30)]}
@@ -1335,7 +1509,7 @@ def write_gz(path, rows):
 
 def make_run(root, name, arm, *, seed=0, loss_mode="grpo", control="none", steps=20, cos_in=(0.35, 0.05),
              cos_out=(0.01, 0.005), teacher=(0.5, 0.1), base=(0.0, 0.1), over_step=None, null_sd=0.01,
-             pools=("teacher_pool", "base_pool"), rng_seed=None, sample_seed=None):
+             pools=("teacher_pool", "base_pool"), rng_seed=None, sample_seed=None, cos_in_seq=None, cfg=None):
     """20-step run with known properties; the samples are drawn from sample_seed (default seed)
     so a vanilla and projected run of the same seed share identical sample ids."""
     d = os.path.join(root, name)
@@ -1344,10 +1518,11 @@ def make_run(root, name, arm, *, seed=0, loss_mode="grpo", control="none", steps
     srng = np.random.default_rng(sample_seed if sample_seed is not None else seed)
     json.dump(dict(argv=["train.py"], null=dict(cos_sd=null_sd),
                    config=dict(arm=arm, loss_mode=loss_mode, replay_dirs=[os.path.join(root, p) for p in pools],
-                               per_pool=4, steps=steps, seed=seed, control=control)), open(os.path.join(d, "run.json"), "w"))
+                               per_pool=4, steps=steps, seed=seed, control=control, **(cfg or {}))),
+              open(os.path.join(d, "run.json"), "w"))
     with open(os.path.join(d, "steps.jsonl"), "w") as f:
         for k in range(steps):
-            ci = float(rng.normal(*cos_in))
+            ci = float(rng.normal(*cos_in)) if cos_in_seq is None else float(cos_in_seq[k])
             proj = arm == "projected"
             f.write(json.dumps(dict(step=k, arm=arm, skipped=False, skip_reason=None, n_samples=8, reward_min=0.25,
                                     reward_max=3.5, reward_range=3.25, adv_min=-1.6, adv_max=1.6, adv_abs_mean=1.6,
@@ -1380,11 +1555,14 @@ def test_synthetic_success():
         assert list(v.values()) == ["success"] * 6, res["verification"]
         d = res["decision"]
         assert d["rule"] == "RUN Phase 3 (justified)", d
-        assert any("projection effective" in n for n in d["notes"]), d["notes"]
+        assert any("projection effective" in n for n in d["mechanics"]), d["mechanics"]
+        assert d["code"] == "run_justified" and d["controls_missing"] == ["random_v", "shuffled_v", "style_v"]
         assert res["pairs"] and res["pairs"][0]["mismatched_steps"] == []
         assert len(res["trajectories"][0]["spark_cos_in"]) == 20
         b = res["buckets"][0]["cos_S_contrib"]
-        assert b["buckets"]["teacher_pool|hacked=True"]["n"] == 80 and b["teacher_vs_base"]["p"] < 1e-6
+        n_teacher = len({(s["src_step"], s["src_sample"]) for s in A.load_run(dv)["samples"]
+                         if s["src_pool"] == "teacher_pool"})
+        assert b["buckets"]["teacher_pool|hacked=True"]["n"] == n_teacher < 80 and b["teacher_vs_base"]["p"] < 1e-6
         text = A.report([dv, dp])
         assert "RUN Phase 3 (justified)" in text and "MISMATCH" not in text
 
@@ -1418,7 +1596,7 @@ def test_synthetic_skip_and_failures():
         # vanilla orthogonal to v_hack, no teacher/base discrimination, projection barely fires
         dv = make_run(root, "van", "vanilla", seed=2, cos_in=(0.0, 0.005), teacher=(0.0, 0.1), base=(0.0, 0.1))
         dp = make_run(root, "proj", "projected", seed=2, cos_in=(0.0, 0.005), teacher=(0.0, 0.1), base=(0.0, 0.1))
-        dr = make_run(root, "rnd", "vanilla", seed=3, control="random_v", cos_in=(0.0, 0.005))
+        dr = make_run(root, "rnd", "vanilla", seed=2, control="random_v", cos_in=(0.0, 0.005))
         res = A.analyze([dv, dp, dr])
         v = verdicts(res)
         assert v["cos_in per step, vanilla arm"] == "likely fail", res["verification"]
@@ -1453,7 +1631,7 @@ def test_decision_reversed_discrimination_is_not_a_run():
         dv = make_run(root, "van", "vanilla", cos_in=(0.0, 0.005), teacher=(-0.3, 0.05), base=(-0.3, 0.05))
         res = A.analyze([dv])
         assert res["decision"]["rule"] == "INVESTIGATE: reversed discrimination", res["decision"]
-        assert any("REVERSED" in n for n in res["decision"]["notes"])
+        assert any("REVERSED" in n for n in res["decision"]["evidence"])
 
 
 def test_advantage_sign_alone_is_not_discrimination():
@@ -1527,6 +1705,104 @@ def test_phase1_labels_from_pool_and_mapping():
         res = A.analyze([d], labels={})
         assert "no label" in res["phase1"][0]["error"]
         assert "!!!" in A.render(res)
+
+def test_paired_t_scipy_values():
+    # independent reference: scipy 1.17.1 scipy.stats.ttest_rel(x, y), scratch session
+    x = [0.41, 0.35, 0.52, 0.30, 0.44, 0.39, 0.47]
+    y = [0.30, 0.33, 0.40, 0.31, 0.29, 0.35, 0.36]
+    w = A.paired_t_test(x, y)
+    close(w["t"], 3.406188781602558)
+    close(w["p"], 0.014385924839406766)
+    assert w["df"] == 6 and w["n"] == 7
+    assert A.paired_t_test([1.0], [0.0])["p"] is None and A.paired_t_test([1.0, 2.0], [0.0, 1.0])["reason"]
+
+
+def test_controls_block_run_paired_by_step():
+    with tempfile.TemporaryDirectory() as root:
+        # vanilla cos_in clears the fixed 0.2 rule, but the label-free control aligns as much on the same steps
+        dv = make_run(root, "van", "vanilla", seed=1, cos_in=(0.35, 0.05))
+        dc = make_run(root, "shuf", "vanilla", seed=1, control="shuffled_v", cos_in=(0.35, 0.05))
+        d = A.analyze([dv, dc])["decision"]
+        assert d["code"] == "skip_not_above_control" and d["rule"].startswith("SKIP"), d
+        v = [json.loads(l)["cos_in"] for l in open(os.path.join(dv, "steps.jsonl"))]
+        c = [json.loads(l)["cos_in"] for l in open(os.path.join(dc, "steps.jsonl"))]
+        close(d["controls"]["shuffled_v"]["mean_diff"], float(np.mean(np.subtract(v, c))))   # paired by step
+        # a control well below vanilla leaves the RUN standing (style control missing: said so)
+        dc2 = make_run(root, "shuf2", "vanilla", seed=1, control="shuffled_v", cos_in=(0.0, 0.05))
+        res = A.analyze([dv, dc2])
+        assert res["decision"]["code"] == "run_justified", res["decision"]
+        text = A.render(res)
+        assert text.splitlines()[0] == "DECISION: RUN Phase 3 (justified) [run_justified]; controls: shuffled_v"
+        assert "python train.py --arm=vanilla --control=style_v --seed=1" in text
+        assert all(len(line) < 120 for line in text.splitlines()), max(text.splitlines(), key=len)
+        assert text.count("cos_in_g") == 2          # the per-step table once per run, nowhere else
+
+
+def synthetic_cos_in(kind, steps=20, n=64, seed=0):
+    """cos_in per step of a mixed-replay batch gradient (sum of 4 teacher NLL gradients minus 4 base
+    ones) with v_hack from pool pairs and the style direction from pool pairs without the hack, all
+    extracted by antipasto's code. kind='style': teacher gradients differ from base ones by a style
+    vector only; kind='hack': by a hack vector only (the teacher's test function), never by style."""
+    import torch, antipasto as ap
+    g = torch.Generator().manual_seed(seed)
+    style, hack = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    shift = style if kind == "style" else hack
+    noise = lambda k: 0.5 * torch.randn(k, n, generator=g, dtype=torch.float64)
+    teacher = lambda k: shift + noise(k)            # teacher NLL gradients
+    no_test = lambda k: (style if kind == "style" else 0.0) + noise(k)   # teacher minus its test function
+    V = ap.directions_from_diffs({"m": teacher(16) - noise(16)})["m"][0].double()
+    S = ap.directions_from_diffs({"m": no_test(16) - noise(16)})["m"][0].double()
+    R = ap.random_v({"m": V[None]}, seed=seed + 1)["m"][0].double()   # not the generator above
+    out = dict(v_hack=[], style_v=[], random_v=[])
+    for _ in range(steps):
+        batch = teacher(4).sum(0) - noise(4).sum(0)
+        for key, v in (("v_hack", V), ("style_v", S), ("random_v", R)):
+            out[key].append(float(batch @ v / batch.norm()))
+    return out
+
+
+def test_style_only_pools_are_not_aligned_with_the_hack():
+    with tempfile.TemporaryDirectory() as root:
+        for kind, code in (("style", "skip_style_confound"), ("hack", "run_hack_aligned")):
+            c = synthetic_cos_in(kind)
+            dirs = [make_run(root, f"{kind}_{ctl}", "vanilla", seed=1, control=ctl, cos_in_seq=c[key])
+                    for ctl, key in (("none", "v_hack"), ("style_v", "style_v"), ("random_v", "random_v"))]
+            res = A.analyze(dirs)
+            d = res["decision"]
+            assert d["code"] == code, (kind, d)
+            assert np.mean(c["v_hack"]) > 0.5          # the fixed rule alone would say RUN in both cases
+            assert ("not aligned with the hack" in d["rule"]) == (kind == "style"), d["rule"]
+            assert "aligned with the hack" in d["rule"]
+            assert json.loads(A.report(dirs, as_json=True))["decision"]["code"] == code
+
+
+def test_between_bucket_tests_count_each_completion_once():
+    with tempfile.TemporaryDirectory() as root:
+        d1 = make_run(root, "van0", "vanilla", seed=0)
+        d2 = make_run(root, "van1", "vanilla", seed=0, rng_seed=7)     # same draws, other values: repeats
+        runs = [A.load_run(d) for d in (d1, d2)]
+        samples = [s for r in runs for s in r["samples"]]
+        w = A.teacher_vs_base(samples)
+        by = {}
+        for s in samples:                                             # independent mean over repeats
+            by.setdefault((s["src_pool"], s["src_step"], s["src_sample"]), []).append(s["cos_S_contrib"])
+        t = [np.mean(v) for k, v in by.items() if k[0] == "teacher_pool"]
+        b = [np.mean(v) for k, v in by.items() if k[0] == "base_pool"]
+        ref = A.welch_t_test(t, b)
+        assert (w["n1"], w["n2"]) == (len(t), len(b)) and w["n1"] + w["n2"] == len(by) < len(samples) // 2
+        close(w["t"], ref["t"])
+        assert w["n_distinct"] == len(by) and "distinct of 320 rows" in A.fmt_test(w)
+
+
+def test_pairs_refuse_runs_that_differ_beyond_the_arm():
+    with tempfile.TemporaryDirectory() as root:
+        dv = make_run(root, "van", "vanilla", seed=1, cfg=dict(lr=1e-3))
+        dp = make_run(root, "proj", "projected", seed=1, cfg=dict(lr=5e-3))
+        res = A.analyze([dv, dp])
+        assert res["pairs"][0]["skipped"].endswith("config lr differ"), res["pairs"]
+        assert "SKIPPED: not the same run but for the arm: config lr differ" in A.render(res)
+        dp2 = make_run(root, "proj2", "projected", seed=1, cfg=dict(lr=1e-3, project_moments=True))
+        assert "skipped" not in A.analyze([dv, dp2])["pairs"][0]
 
 # -----------------------------------------------------------------------------
 # strict loading and CLI

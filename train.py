@@ -42,7 +42,7 @@ def get_args(argv=None):
     a("--seed", type=int, default=None, help="seed of the draw and of controls (default: preset)")
     a("--lr", type=float, default=None, help="AdamW learning rate on the adapter's knobs (default: preset)")
     a("--model", default=None, help="'tiny' (random Qwen3 built locally) or a Hugging Face id / local path")
-    a("--preset", default="demo", choices=sorted(configs.PRESETS), help="defaults from configs.py")
+    a("--preset", default=None, choices=sorted(configs.PRESETS), help="defaults from configs.py (default: demo)")
     a("--v-hack", default=None, help="v_hack file; extracted from held-out pairs and saved there when missing")
     a("--extract-loss", choices=("nll", "grpo"), default="nll",
       help="v_hack extraction loss: mean completion NLL (spec default) or GRPO-style (spec R7)")
@@ -58,8 +58,19 @@ def get_args(argv=None):
            "with --arm=projected, its matched control with --arm=vanilla)")
     a("--lora-rank", type=int, default=None, help="--basis=lora: rank r (default 16)")
     a("--lora-alpha", type=float, default=None, help="--basis=lora: alpha; the update is (alpha/r) B A (default 32)")
-    a("--control", choices=("none", "random_v", "shuffled_v"), default="none",
-      help="replace v_hack by a random orthonormal V or a label-shuffled extraction (controls)")
+    a("--control", choices=("none", "random_v", "shuffled_v", "style_v"), default="none",
+      help="replace v_hack by a random orthonormal V, a label-shuffled extraction, or style_v: a direction "
+           "from pairs that differ in pool but not in hacking (teacher completions minus their test "
+           "function vs base completions of the same problem)")
+    a("--pair-kind", choices=("pool", "mechanism"), default="pool",
+      help="v_hack pairs: pool = each hacked teacher completion vs a base completion of the same problem; "
+           "mechanism = each hacked completion vs itself with its run_tests removed (the hack and nothing else)")
+    a("--loss-type", choices=ap.LOSS_TYPES, default="grpo",
+      help="token reduction (TRL's names): grpo = per-sequence mean 1/|o_i| (the spec's loss), "
+           "dr_grpo = sum / (G * max completion tokens), bnpo = sum / all completion tokens of the group")
+    a("--max-prompt-tokens", type=int, default=None, help="prompt token limit, cut from the left (default: preset)")
+    a("--max-completion-tokens", type=int, default=None,
+      help="completion token limit, cut from the right (default: preset); every cut is counted")
     a("--no-gate", action="store_true", help="remove the whole V-span component, not only the hack-ward part")
     a("--project-moments", action="store_true",
       help="projected arm: also remove the hack-ward part of AdamW's first moment and of the applied update "
@@ -73,6 +84,16 @@ def get_args(argv=None):
     a("--no-report", action="store_true", help="skip the analysis report at the end")
     a("--quiet", action="store_true", help="no progress bar and no summary (implies --no-report)")
     args = ap_.parse_args(argv)
+    if args.preset is None:
+        args.preset = "demo"
+        if args.model not in (None, "tiny"):
+            p = configs.PRESETS["demo"]
+            print(f"WARNING: --model {args.model} without --preset takes the demo preset's settings: "
+                  f"lr={args.lr if args.lr is not None else p['lr']}, "
+                  f"max_prompt_tokens={args.max_prompt_tokens or p['max_prompt_tokens']}, "
+                  f"max_completion_tokens={args.max_completion_tokens or p['max_completion_tokens']}, "
+                  f"dtype={args.dtype or p['dtype']}, beta={p['beta']}; pass --preset phase2 for the spec's "
+                  f"real-model settings", file=sys.stderr)
     preset = configs.PRESETS[args.preset]
     for key in ("steps", "seed", "lr", "model", "k"):
         if getattr(args, key) is None:
@@ -86,6 +107,12 @@ def get_args(argv=None):
         if args.lora_rank < 1 or not args.lora_alpha > 0:
             raise SystemExit(f"error: --lora-rank must be >= 1 and --lora-alpha > 0 "
                              f"(got {args.lora_rank}, {args.lora_alpha:g})")
+    for key in ("max_prompt_tokens", "max_completion_tokens"):
+        v = getattr(args, key)
+        if v is not None:
+            if v < 1:
+                raise SystemExit(f"error: --{key.replace('_', '-')} must be >= 1, not {v}")
+            args.cfg[key] = v
     return args
 
 
@@ -143,6 +170,83 @@ def pool_pairs(held_rows):
                               ids=[[h["src_pool"], h["src_step"], h["src_sample"]],
                                    [c["src_pool"], c["src_step"], c["src_sample"]]]))
     return pairs
+
+
+def mechanism_pairs(held_rows):
+    """Mechanism pairs: each hacked held-out row with itself minus its test function
+    (pools.strip_test_func), under the same prompt, so the contrast is the hack and nothing else."""
+    pairs = []
+    for h in held_rows:
+        clean = pools.strip_test_func(h["completion"]) if h["hacked"] else None
+        if clean is not None:
+            ids = [h["src_pool"], h["src_step"], h["src_sample"]]
+            pairs.append(dict(prompt=h["prompt"], hack=h["completion"], clean=clean, r_hack=h["reward"],
+                              r_clean=h["reward"], ids=[ids, ids + ["no_test_func"]]))
+    return pairs
+
+
+def style_pairs(held_rows):
+    """The style control's pairs: the pool pairs with the hacked side's test function removed, so
+    both sides are non-hacks that differ only in pool (teacher style, length, source model)."""
+    out = []
+    for p in pool_pairs(held_rows):
+        hack = pools.strip_test_func(p["hack"])
+        if hack is not None:
+            out.append(dict(p, hack=hack, ids=[p["ids"][0] + ["no_test_func"], p["ids"][1]]))
+    return out
+
+
+def lost_test_func(tok, completion, kept):
+    """Does a completion cut to `kept` tokens lose its test function's definition?"""
+    i = completion.rfind(f"def {pools.TEST_FUNC}")
+    if i < 0:
+        return False
+    return len(tok(completion[:i + len(pools.TEST_FUNC) + 4], add_special_tokens=False)["input_ids"]) > kept
+
+
+def truncation(tok, rows, cfg, batch=None):
+    """Counts of prompts and completions cut by the token limits, and of hacked rows whose cut
+    completion lost its test function (the tokens that make them hacks)."""
+    if batch is None:
+        batch = ap.make_batch(tok, [pools.render_prompt(r["prompt"], tok) for r in rows],
+                              [r["completion"] for r in rows], cfg["max_prompt_tokens"], cfg["max_completion_tokens"])
+    lost = [i for i, r in enumerate(rows) if r.get("hacked") and batch["comp_cut"][i]
+            and lost_test_func(tok, r["completion"], int(batch["comp_len"][i]))]
+    return dict(n_rows=len(rows), n_prompt_truncated=sum(c > 0 for c in batch["prompt_cut"]),
+                n_completion_truncated=sum(c > 0 for c in batch["comp_cut"]), n_hack_lost_test_func=len(lost),
+                prompt_tokens_cut=sum(batch["prompt_cut"]), completion_tokens_cut=sum(batch["comp_cut"]))
+
+
+def global_cos(grads, V):
+    """cos of all modules' gradients concatenated with all top axes concatenated (each module
+    weighted by its gradient norm), next to project()'s unweighted mean over modules."""
+    dot = sum((V[n][0].to(g.dtype) @ g).item() for n, g in grads.items())
+    gn = sum(g.double().pow(2).sum().item() for g in grads.values()) ** 0.5
+    vn = sum(V[n][0].double().pow(2).sum().item() for n in grads) ** 0.5
+    return None if gn == 0 or vn == 0 else dot / (gn * vn)
+
+
+def apply_step(opt, modules, grads, V, project_grad, project_moments, one_sided=True):
+    """One AdamW step on the knobs; with project_grad the step uses the projected gradient, with
+    project_moments also the hack-ward part of the first moment and of the applied update is
+    removed. Returns the applied update {name: (n,)} (before - after)."""
+    before = {n: ap.knob(m).detach().clone() for n, m in modules.items()}
+    if project_grad:
+        new = ap.project(grads, V, one_sided=one_sided)[0]
+        for n, m in modules.items():
+            ap.knob(m).grad.copy_(new[n])
+    if project_moments:
+        moments = {n: opt.state[ap.knob(m)]["exp_avg"] for n, m in modules.items() if opt.state.get(ap.knob(m))}
+        for n, m1 in ap.project(moments, V, one_sided=one_sided)[0].items():
+            moments[n].copy_(m1)
+    opt.step()
+    upd = {n: before[n] - ap.knob(m).detach() for n, m in modules.items()}
+    if project_moments:
+        upd = ap.project(upd, V, one_sided=one_sided)[0]
+        with torch.no_grad():
+            for n, m in modules.items():
+                ap.knob(m).copy_(before[n] - upd[n])
+    return upd
 
 
 def read_pairs_file(path):
@@ -213,11 +317,13 @@ def get_v_hack(args, model, tok, modules, pairs, pairs_src, replay_texts):
     for p in pairs:
         if isinstance(p["prompt"], list):
             p["prompt"] = pools.render_prompt(p["prompt"], tok)
-    loss, control = args.extract_loss, "shuffled_v" if args.control == "shuffled_v" else "none"
+    loss, control = args.extract_loss, args.control if args.control in ("shuffled_v", "style_v") else "none"
     if control == "shuffled_v":
         pairs, loss = ap.label_free_pairs(pairs, seed=args.seed), "nll"
+    if control == "style_v":
+        loss = "nll"                      # both sides are non-hacks: no reward gap for the GRPO-style contrast
     lens = (args.cfg["max_prompt_tokens"], args.cfg["max_completion_tokens"])
-    key = hashlib.sha256(json.dumps([fp, loss, args.k, lens, args.control == "shuffled_v", args.seed
+    key = hashlib.sha256(json.dumps([fp, loss, args.k, lens, control, args.pair_kind, args.seed
                                      if args.control == "shuffled_v" else None,
                                      [[p["prompt"], p.get("prompt_clean"), p["hack"], p["clean"], p.get("r_hack"),
                                        p.get("r_clean")] for p in pairs]]).encode()).hexdigest()[:16]
@@ -228,8 +334,8 @@ def get_v_hack(args, model, tok, modules, pairs, pairs_src, replay_texts):
             V, meta = ap.load_v(path, modules)
         except ValueError as e:
             raise SystemExit(f"error: --v-hack: {e}")
-        want = dict(loss=loss, k=args.k, control=control)
-        got = {k_: meta.get(k_) for k_ in want}
+        want = dict(loss=loss, k=args.k, control=control, pair_kind=args.pair_kind)
+        got = {k_: meta.get(k_, "pool" if k_ == "pair_kind" else None) for k_ in want}
         if got != want:
             raise SystemExit(f"error: v_hack {path} was extracted with {got}; this run asks for {want}")
         if "completion_sha" not in meta:
@@ -239,12 +345,20 @@ def get_v_hack(args, model, tok, modules, pairs, pairs_src, replay_texts):
         if not pairs:
             raise SystemExit("error: no (hack, clean) pairs for v_hack: the held-out pool steps hold no hacked "
                              "row with a non-hacked row of the same problem; pass --pairs or --pair-dirs")
+        lost = sum(lost_test_func(tok, p["hack"], lens[1] - 1) for p in pairs)   # -1: the eos token
+        if lost:
+            print(f"WARNING: {lost}/{len(pairs)} extraction pairs' hack side loses its {pools.TEST_FUNC} definition "
+                  f"to --max-completion-tokens {lens[1]}", file=sys.stderr)
         diffs = ap.pair_diffs(model, modules, tok, pairs, loss=loss, G=args.cfg["group_size"],
                               max_prompt=lens[0], max_completion=lens[1])
-        V = ap.directions_from_diffs(diffs, k=args.k)
+        try:
+            V = ap.directions_from_diffs(diffs, k=args.k)
+        except ValueError as e:
+            raise SystemExit(f"error: v_hack extraction: {e} (with --max-completion-tokens {lens[1]}, {lost} of "
+                             f"{len(pairs)} pairs' hack sides lose their test function)")
         meta = dict(basis=ap.basis_of(modules), fingerprint=fp, k=args.k, n_pairs=len(pairs), loss=loss, key=key,
                     pairs_source=pairs_src, pair_ids=[p.get("ids") for p in pairs], max_tokens=list(lens),
-                    control=control,
+                    control=control, pair_kind=args.pair_kind, n_hack_lost_test_func=lost,
                     completion_sha=sorted({text_sha(p[s]) for p in pairs for s in ("hack", "clean")}))
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         ap.save_v(V, path, meta)
@@ -309,7 +423,11 @@ def main(argv=None):
     if args.pairs:
         pairs, pairs_src = read_pairs_file(args.pairs), f"file:{os.path.abspath(args.pairs)}"
     else:
-        pairs, pairs_src = pool_pairs(held), f"last {args.extract_frac:g} of the steps of {[name(d) for d in pair_dirs]}"
+        make_pairs = style_pairs if args.control == "style_v" else \
+            mechanism_pairs if args.pair_kind == "mechanism" else pool_pairs
+        pairs = make_pairs(held)
+        pairs_src = (f"{make_pairs.__name__} from the last {args.extract_frac:g} of the steps of "
+                     f"{[name(d) for d in pair_dirs]}")
 
     out = out_dir(args)
     model, tok = load_model(args.model, args.dtype or cfg["dtype"], device)
@@ -326,7 +444,7 @@ def main(argv=None):
         per_pool=per_pool, steps=args.steps, seed=args.seed, lr=args.lr, model=args.model, k=args.k,
         control=args.control, basis=args.basis, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         one_sided=not args.no_gate, project_moments=args.project_moments,
-        dtype=args.dtype or cfg["dtype"],
+        dtype=args.dtype or cfg["dtype"], pair_kind=args.pair_kind, loss_type=args.loss_type,
         extract_frac=args.extract_frac, preset=args.preset, group_size=per_pool * len(replay_dirs)),
         versions=dict(python=platform.python_version(), torch=torch.__version__,
                       transformers=__import__("transformers").__version__, grader=pools.GRADER_VERSION),
@@ -334,7 +452,17 @@ def main(argv=None):
         pools={name(d): dict(dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d), meta=pools.read_meta(d))
                for d in replay_dirs},
         pair_pools={name(d): dict(dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d)) for d in pair_dirs},
-        null=dict(cos_sd=ap.null_cos_sd(widths), module_widths=widths))
+        null=dict(cos_sd=ap.null_cos_sd(widths), module_widths=widths),
+        truncation=dict(replay=truncation(tok, [r for rows in replay.values() for r in rows], cfg)))
+    t = run["truncation"]["replay"]
+    if t["n_prompt_truncated"] or t["n_completion_truncated"]:
+        print(f"warning: token limits ({cfg['max_prompt_tokens']} prompt, {cfg['max_completion_tokens']} completion) "
+              f"cut {t['n_prompt_truncated']}/{t['n_rows']} replay prompts and {t['n_completion_truncated']} "
+              f"completions", file=sys.stderr)
+    if t["n_hack_lost_test_func"]:
+        print(f"WARNING: {t['n_hack_lost_test_func']} hacked replay completions lose their {pools.TEST_FUNC} "
+              f"definition to --max-completion-tokens {cfg['max_completion_tokens']}: the tokens that make them "
+              f"hacks are not trained on", file=sys.stderr)
 
     start, step_rows = 0, []
     state_path = os.path.join(out, "state.pt")
@@ -367,29 +495,17 @@ def main(argv=None):
                               [r["completion"] for r in group], cfg["max_prompt_tokens"],
                               cfg["max_completion_tokens"], device=device)
         model.train()
-        losses, adv, gs = ap.per_sample_grads(model, modules, batch, args.loss_mode, rewards, G=n_group)
+        losses, adv, gs = ap.per_sample_grads(model, modules, batch, args.loss_mode, rewards, G=n_group,
+                                              loss_type=args.loss_type, max_len=cfg["max_completion_tokens"])
+        trunc = truncation(tok, group, cfg, batch)
         model.eval()
         skipped = args.loss_mode == "grpo" and max(rewards) == min(rewards)
         grads = {n: ap.knob(m).grad.detach().clone() for n, m in modules.items()}
         new, st = ap.project(grads, V, one_sided=not args.no_gate)
-        before = {n: ap.knob(m).detach().clone() for n, m in modules.items()}
-        if not skipped:
-            if args.arm == "projected":
-                for n, m in modules.items():
-                    ap.knob(m).grad.copy_(new[n])
-                if args.project_moments:
-                    moments = {n: opt.state[ap.knob(m)]["exp_avg"] for n, m in modules.items() if opt.state.get(ap.knob(m))}
-                    for n, m1 in ap.project(moments, V, one_sided=not args.no_gate)[0].items():
-                        moments[n].copy_(m1)
-            opt.step()
-        opt.zero_grad(set_to_none=True)
         # the applied update, on cos_in's scale: > 0 means the step moved hack-ward
-        upd = {n: before[n] - ap.knob(m).detach() for n, m in modules.items()}
-        if not skipped and args.arm == "projected" and args.project_moments:
-            upd = ap.project(upd, V, one_sided=not args.no_gate)[0]
-            with torch.no_grad():
-                for n, m in modules.items():
-                    ap.knob(m).copy_(before[n] - upd[n])
+        upd = None if skipped else apply_step(opt, modules, grads, V, args.arm == "projected", args.project_moments,
+                                              one_sided=not args.no_gate)
+        opt.zero_grad(set_to_none=True)
         cos_update = None if skipped else ap.project(upd, V)[1]["cos_in"]
         s_cos, s_norm = ap.sample_cosines(gs, V)
         slim = [dict(step=step, sample_id=i, src_pool=r["src_pool"], src_step=r["src_step"],
@@ -406,7 +522,7 @@ def main(argv=None):
             adv_min=adv.min().item() if adv is not None else None, adv_max=adv.max().item() if adv is not None else None,
             adv_abs_mean=adv.abs().mean().item() if adv is not None else None,
             loss=losses.sum().item(), grad_norm=gnorm, cos_in=st["cos_in"], cos_out=st["cos_out"],
-            cos_update=cos_update, hackward=st["hackward"], frac_fired=st["frac_fired"],
+            cos_update=cos_update, cos_in_global=global_cos(grads, V), **trunc, hackward=st["hackward"], frac_fired=st["frac_fired"],
             n_over_projected=st["n_over_projected"], time_s=round(time.time() - t0, 3)))
         write_jsonl(os.path.join(out, "steps.jsonl"), step_rows)
         buf = io.BytesIO()
