@@ -761,12 +761,14 @@ def render(res):
     if not res["pairs"]:
         o.append("n/a (no vanilla+projected pair with the same seed)")
     o.append("\n== 5b. arms side by side (main GRPO runs; each basis against its own vanilla and null) ==")
-    o.append(table(["arm", "basis", "runs", "live", "cos_in", "in null sd", "cos_out", "cos_upd", "upd>0", "fired",
-                    "n_over", "adv-free teacher vs base"],
-                   [[a["arm"], a["basis"], ",".join(a["runs"]), a["live_steps"], fmt(a["cos_in"]),
+    o.append(table(["arm", "basis", "live", "cos_in", "in null sd", "cos_out", "cos_upd", "upd>0", "fired", "n_over"],
+                   [[a["arm"], a["basis"], a["live_steps"], fmt(a["cos_in"]),
                      "—" if a["cos_in_null_sd"] is None else f"{a['cos_in_null_sd']:+.1f}", fmt(a["cos_out"]),
-                     fmt(a["cos_update"]), a["update_hackward"], fmt(a["frac_fired"], 2), a["n_over_projected"],
-                     fmt_test(a["adv_free_teacher_vs_base"])] for a in res["arms"]]) if res["arms"] else "n/a (no GRPO run)")
+                     fmt(a["cos_update"]), a["update_hackward"], fmt(a["frac_fired"], 2), a["n_over_projected"]]
+                    for a in res["arms"]]) if res["arms"] else "n/a (no GRPO run)")
+    for a in res["arms"]:
+        o.append(wrap(f"{a['arm']} {a['basis']} ({', '.join(a['runs'])}): advantage-free teacher vs base "
+                      f"{fmt_test(a['adv_free_teacher_vs_base'])}", "  ", "  "))
     o.append("\n== 6. Phase 3 decision ==")
     o.append(headline(res))
     other = sorted({r["run"] for r in res["runs"] if r["basis"] != res["decision_basis"]})
