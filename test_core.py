@@ -830,6 +830,7 @@ def test_train_zero_variance_group_is_skipped():
     teacher, _ = demo_pools()
     d = os.path.join(tmpdir(), "flat_pool")
     os.makedirs(d)
+    shutil.copy(os.path.join(teacher, "meta.json"), d)
     for s in pools.pool_steps(teacher)[:15]:          # not the held-out steps that built v_hack
         rows = pools.read_jsonl(pools.step_path(teacher, s))
         pools.write_pool_step(d, s, [dict(r, reward=3.5) for r in rows])
