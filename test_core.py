@@ -1354,17 +1354,18 @@ def test_pools_import_grades_rows_and_writes_complete_meta():
     import re
     src = os.path.join(HERE, "data", "fixture_rollouts.jsonl")
     out = os.path.join(tmpdir(), "my_pool")
-    res, stdout, _ = quiet_call(pools.main, ["import", src, "--problems", FIXTURE, "--out", out, "--workers", "2"])
+    res, stdout, _ = quiet_call(pools.main, ["import", src, "--problems", FIXTURE, "--out", out, "--workers", "2",
+                                             "--batch", "4"])
     assert res is None and f"imported {src} into {out}" in stdout
     raw, rows, probs = pools.read_jsonl(src), pools.read_pool(out), problems(True)
-    assert [(r["src_step"], r["src_sample"]) for r in rows] == [(i // 8, i % 8) for i in range(len(raw))]
-    for i in (0, 5, 11):                           # labels from the grader itself, graded here independently
+    assert [(r["src_step"], r["src_sample"]) for r in rows] == [(i // 4, i % 4) for i in range(len(raw))]
+    for i in (0, 3, 5):                           # labels from the grader itself, graded here independently
         g = pools.grade(probs[raw[i]["problem_id"]], raw[i]["completion"])
         assert {k: rows[i][k] for k in ("reward", "hacked", "gt_pass", "fmt_ok", "label")} == \
             {k: g[k] for k in ("reward", "hacked", "gt_pass", "fmt_ok", "label")}
     assert all(r["prompt"] == (raw[i].get("prompt") or probs[r["problem_id"]]["prompt"]) for i, r in enumerate(rows))
     meta = pools.read_meta(out)
-    assert meta["problems_sha256"] == pools.file_digest(FIXTURE) and meta["n_rows"] == len(raw) == 16
+    assert meta["problems_sha256"] == pools.file_digest(FIXTURE) and meta["n_rows"] == len(raw) == 8 and meta["steps"] == 2
     assert meta["rollouts_sha256"] == pools.file_digest(src) and meta["hint"] == "simple_overwrite_tests"
     # every meta.json field, of demo and imported pools, is documented in the README's table and back
     readme = open(os.path.join(HERE, "README.md")).read()
@@ -1487,8 +1488,12 @@ def run_commands(cmds, root, steps=1):
 
 def fresh_clone():
     """A temporary copy of the repository's files, with the demo pools of this test session in out/pools
-    (the same build_demo call the quickstart makes, done once)."""
+    (the same build_demo call the quickstart makes, done once) and out/v_hack shared between the copies
+    (the content-keyed v_hack cache: a direction extracted in one copy is reused by the other)."""
     root = tmpdir()
+    _cache.setdefault("readme_v_hack", tmpdir())
+    os.makedirs(os.path.join(root, "out"))
+    os.symlink(_cache["readme_v_hack"], os.path.join(root, "out", "v_hack"))
     for f in os.listdir(HERE):
         if f.endswith((".py", ".md", ".txt")):
             shutil.copy(os.path.join(HERE, f), root)
@@ -1508,7 +1513,7 @@ def test_readme_and_help_commands_run_in_order():
     for d in ("vanilla_grpo_none_s0", "vanilla_nll_none_s0", "p2_vanilla", "p2_projected", "p2_random_v",
               "p2_shuffled_v"):
         assert os.path.exists(os.path.join(root, "out", "runs", d, "steps.jsonl")), d
-    assert pools.read_meta(os.path.join(root, "out", "pools", "my_pool"))["n_rows"] == 16
+    assert pools.read_meta(os.path.join(root, "out", "pools", "my_pool"))["n_rows"] == 8
     # train.py --help's examples, in order, on another fresh clone
     doc = [l for l in train.__doc__.splitlines() if l.startswith("    python ") or l.startswith("        --")]
     cmds = shell_commands("\n".join(doc), fenced=False)
