@@ -3,7 +3,7 @@ Analyze Phase 2 run directories (spec2.md): verification table, cosine
 trajectories, per-sample buckets, the Phase 1 label comparison, vanilla vs
 projected on the same seed, and the Phase 3 go/no-go decision.
 
-    python analyze.py RUN_DIR [RUN_DIR ...] [--json]
+    python analyze.py RUN_DIR [RUN_DIR ...] [--json] [--plot FILE.png]
 
 numpy + stdlib (+ the sibling pools.py, also stdlib-only) and a hand-written
 t-test, so the report runs wherever train.py runs; train.py calls report() at
@@ -782,9 +782,79 @@ def report(run_dirs, as_json=False, labels=None):
     res = analyze(run_dirs, labels)
     return json.dumps(res, indent=1) if as_json else render(res)
 
+# -----------------------------------------------------------------------------
+# picture (matplotlib is optional: only --plot needs it)
+
+def plot(run_dirs, path):
+    """One PNG: per-step cos_in / cos_out / cos_update of each run (top row), and each run's per-sample
+    cos_S_contrib by bucket (src_pool, hacked) as box plots with the points on top (bottom row)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: --plot needs matplotlib, an optional extra: pip install matplotlib") from None
+    runs = [load_run(d) for d in run_dirs]
+    fig = plt.figure(figsize=(15, 8.5), constrained_layout=True)
+    top = fig.subfigures(2, 1, height_ratios=[1, 1.1])
+    ax_top = top[0].subplots(1, 3, sharey=True)
+    for ax, key in zip(ax_top, ("cos_in", "cos_out", "cos_update")):
+        for r in runs:
+            xs = [s["step"] for s in r["steps"] if s.get(key) is not None]
+            ys = [s[key] for s in r["steps"] if s.get(key) is not None]
+            ax.plot(xs, ys, marker="o" if r["arm"] == "vanilla" else "s", ms=3, lw=1.2,
+                    ls="-" if r["arm"] == "vanilla" else "--", alpha=0.85,
+                    label=f"{r['name']} ({r['arm']}, {r['loss_mode']}, control={r['control']})")
+        ax.axhline(0, color="k", lw=0.6)
+        sd = max([r["null_sd"] for r in runs if r["null_sd"]] or [0])
+        if sd:
+            ax.axhspan(-2 * sd, 2 * sd, color="grey", alpha=0.15, lw=0)
+        ax.set_title(f"{key} per step" + (" (grey: ±2 null sd)" if sd else ""))
+        ax.set_xlabel("step")
+    ax_top[0].set_ylabel("cosine with the top hack axis")
+    ax_top[0].legend(fontsize=7, loc="best")
+    ax_bot = top[1].subplots(1, len(runs), sharey=True, squeeze=False)[0]
+    for ax, r in zip(ax_bot, runs):
+        groups = defaultdict(list)
+        for s in r["samples"]:
+            if s["cos_S_contrib"] is not None:
+                groups[f"{s['src_pool']}\nhacked={s['hacked']}"].append(s["cos_S_contrib"])
+        names = sorted(groups)
+        if names:
+            ax.boxplot([groups[n] for n in names], showfliers=False)
+            for i, n in enumerate(names, 1):
+                jit = np.random.default_rng(i).uniform(-0.12, 0.12, len(groups[n]))
+                ax.scatter(i + jit, groups[n], s=6, alpha=0.5, color=f"C{i - 1}")
+            ax.set_xticks(range(1, len(names) + 1), [f"{n}\n(n={len(groups[n])})" for n in names], fontsize=8)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_title(f"{r['name']}: cos_S_contrib per sample", fontsize=9)
+    ax_bot[0].set_ylabel("cos_S_contrib")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by train.py")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+    p.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="also draw per-step cos_in/cos_out/cos_update per run and the per-bucket cos_S_contrib "
+                        "distributions into FILE.png (needs matplotlib)")
+    args = p.parse_args(argv)
+    for d in args.runs:
+        if not os.path.isdir(d):
+            raise SystemExit(f"error: {d}: no such run directory")
+        if not os.path.isfile(os.path.join(d, "run.json")):
+            raise SystemExit(f"error: {d}: not a run directory (no run.json)")
+        if not os.path.isfile(os.path.join(d, "steps.jsonl")):
+            raise SystemExit(f"error: {d}: the run has no finished step yet (no steps.jsonl)")
+    try:
+        print(report(args.runs, as_json=args.json))
+        if args.plot:
+            print(f"plot: {plot(args.runs, args.plot)}", file=sys.stderr)
+    except (ValueError, pools.DataError) as e:
+        raise SystemExit(f"error: {e}")
+
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    dirs = [a for a in args if a != "--json"]
-    if not dirs or any(a.startswith("-") for a in dirs):
-        sys.exit("usage: python analyze.py RUN_DIR [RUN_DIR ...] [--json]")
-    print(report(dirs, as_json="--json" in args))
+    main()

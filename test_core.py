@@ -1276,6 +1276,7 @@ def test_train_zero_variance_group_is_skipped():
     teacher, _ = demo_pools()
     d = os.path.join(tmpdir(), "flat_pool")
     os.makedirs(d)
+    shutil.copy(os.path.join(teacher, "meta.json"), d)
     for s in pools.pool_steps(teacher)[:15]:          # not the held-out steps that built v_hack
         rows = pools.read_jsonl(pools.step_path(teacher, s))
         pools.write_pool_step(d, s, [dict(r, reward=3.5) for r in rows])
@@ -1855,6 +1856,358 @@ def test_cli_json_parses():
         assert res["decision"]["rule"] == "RUN Phase 3 (justified)"
         out = subprocess.run([sys.executable, os.path.join(HERE, "analyze.py"), dv], capture_output=True, text=True)
         assert out.returncode == 0 and "== 6. Phase 3 decision ==" in out.stdout, out.stderr
+
+
+# ============================================================================ using it: CLI, locks, README
+
+def quiet_call(fn, *a, **kw):
+    """(result or SystemExit, stdout, stderr) of fn(*a) with both streams captured (not terminals)."""
+    import contextlib, io
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            res = fn(*a, **kw)
+        except SystemExit as e:
+            res = e
+    return res, out.getvalue(), err.getvalue()
+
+
+def test_train_run_lock_refuses_second_run():
+    import train
+    out = os.path.join(tmpdir(), "run")
+    train.lock_run(out, ["--arm", "vanilla", "--seed", "7"])          # another run owns `out`
+    holder = train.RUN.pop("lock")
+    try:
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            e = raises(SystemExit, run_train, "--arm", "projected", *extra, out=out, match="in use by another run")
+            assert f"pid {os.getpid()}: python train.py --arm vanilla --seed 7" in str(e), str(e)
+        assert os.listdir(out) == [".lock"]                             # nothing written, nothing mixed
+    finally:
+        holder.close()                                                  # the owner ends
+    run_train("--arm", "projected", out=out)
+    assert len(open(os.path.join(out, "steps.jsonl")).readlines()) == 3
+    assert train.lock_owner(out) is None                               # released when the run returns
+    # a lock whose process was killed (-9) never blocks: the kernel drops the flock
+    lock = os.path.join(out, ".lock")
+    p = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                          "fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); f.write('pid 1: holder'); f.flush(); "
+                          "print('held', flush=True); time.sleep(60)", lock], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        assert train.lock_owner(out) == "pid 1: holder"
+    finally:
+        p.kill()
+        p.wait()
+    assert train.lock_owner(out) is None
+
+
+def test_train_flags_checked_before_anything_is_created():
+    teacher, base = demo_pools()
+    cases = [(["--steps", "0"], "--steps=0: must be an integer >= 1"), (["--steps", "-1"], "--steps=-1"),
+             (["--k", "0"], "--k=0: must be an integer >= 1"), (["--lr", "-1"], "--lr=-1.0: must be"),
+             (["--lr", "nan"], "--lr=nan"), (["--per-pool", "0"], "--per-pool=0: must be an integer >= 1"),
+             (["--extract-frac", "1.5"], "--extract-frac=1.5: must be in [0, 1)"),
+             (["--per-pool", "1000"], "--per-pool=1000: at most 120"), (["--seed", "-2"], "--seed=-2"),
+             (["--pairs", "no_such_pairs.jsonl"], "--pairs=no_such_pairs.jsonl: no such file"),
+             (["--replay-dirs", f"{teacher},no_such_pool"], "no_such_pool is not a pool directory"),
+             (["--model", "./no/such/model"], "--model=./no/such/model: no such local path"),
+             (["--model", "nobody-here/no-such-model-xyz"], "not in the Hugging Face cache"),
+             (["--preset", "full"], "not built yet"), (["--device", "gpu"], "--device=gpu: must be cpu")]
+    for extra, msg in cases:
+        out = os.path.join(tmpdir(), "run")
+        t = time.time()
+        e = raises(SystemExit, run_train, *extra, out=out, match=msg)
+        assert str(e).startswith("error: ") and "\n" not in str(e), str(e)
+        assert not os.path.exists(out), extra
+        assert time.time() - t < 10, (extra, time.time() - t)            # no network retries
+
+
+def test_train_ctrl_c_says_how_to_resume():
+    import shlex, train
+    out = os.path.join(tmpdir(), "run")
+    real = train.draw
+    def draw(replay, per_pool, seed, step):
+        if step == 1:
+            raise KeyboardInterrupt
+        return real(replay, per_pool, seed, step)
+    train.draw = draw
+    try:
+        e, _, err = quiet_call(run_train, "--arm", "projected", "--overwrite", out=out)
+    finally:
+        train.draw = real
+    assert isinstance(e, SystemExit) and e.code == 130 and "Traceback" not in err, err
+    cmd = [l.strip() for l in err.splitlines() if l.strip().startswith("python train.py")]
+    assert len(cmd) == 1, err
+    argv = shlex.split(cmd[0])[2:]
+    assert "--resume" in argv and "--overwrite" not in argv and train.lock_owner(out) is None
+    cwd = os.getcwd()
+    os.chdir(tmpdir())
+    try:
+        train.main(argv)                                                 # the printed command finishes the run
+    finally:
+        os.chdir(cwd)
+    assert [json.loads(l)["step"] for l in open(os.path.join(out, "steps.jsonl"))] == [0, 1, 2]
+
+
+def test_train_logs_steps_off_a_terminal_and_records_no_unimplemented_preset_key():
+    import configs, re, train
+    teacher, base = demo_pools()
+    run_train("--arm", "vanilla")                                     # makes the shared v_hack
+    out = os.path.join(tmpdir(), "run")
+    cwd = os.getcwd()
+    os.chdir(tmpdir())
+    try:                                       # not --quiet: a progress bar on a terminal, log lines elsewhere
+        _, stdout, err = quiet_call(train.main, ["--steps", "2", "--replay-dirs", f"{teacher},{base}", "--out", out,
+                                                 "--no-report", "--v-hack", _cache["v_hack"], "--device", "cpu"])
+    finally:
+        os.chdir(cwd)
+    lines = [l for l in err.splitlines() if l.startswith("step ")]
+    assert len(lines) == 2 and all(re.fullmatch(r"step [12]/2  reward -?\d+\.\d\d\.\.-?\d+\.\d\d  cos_in [+-]\d\.\d{3}"
+                                                r"  \d+\.\ds", l) for l in lines), err
+    assert "== run " in stdout and "Traceback" not in err
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert "beta" not in run["config"] and run["not_implemented"] == {}
+    args = train.get_args(["--preset", "phase2", "--model", "tiny"])
+    assert args.not_implemented == {"beta": 1e-3} and "beta" not in args.cfg
+    for name, p in configs.PRESETS.items():     # nothing the replay probe ignores sits among applied keys
+        assert not set(p) & {"beta", "prompts_per_step", "n_problems"}, name
+
+
+def test_train_pairs_file_advice_and_few_pairs_warning():
+    teacher, base = demo_pools()
+    rows = [r for r in pools.read_pool(teacher) if r["src_step"] < 3][:3]      # replayed rows
+    path = os.path.join(tmpdir(), "pairs.jsonl")
+    open(path, "w").write("".join(json.dumps(dict(prompt=r["prompt"], hack=r["completion"], clean="no code")) + "\n"
+                                  for r in rows))
+    e, _, err = quiet_call(run_train, "--pairs", path, "--v-hack", os.path.join(tmpdir(), "v.safetensors"))
+    assert isinstance(e, SystemExit) and "warning: v_hack from only 3 (hack, clean) pairs" in err, err
+    msg = str(e)
+    assert "--pairs file" in msg and "--extract-frac" not in msg, msg
+    assert all(f"('teacher_pool', {r['src_step']}, {r['src_sample']})" in msg for r in rows), msg
+
+
+def test_demo_pool_build_is_atomic_and_rerunnable():
+    out = tmpdir()
+    real, calls = pools.write_meta, []
+    def interrupted(d, meta):                      # Ctrl-C after the first pool is complete
+        calls.append(d)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(d, meta)
+    pools.write_meta = interrupted
+    try:
+        raises(KeyboardInterrupt, pools.build_demo, out, steps=2, batch=2, workers=2)
+    finally:
+        pools.write_meta = real
+    assert os.listdir(out) == []                   # neither pool, no temporary directory
+    # what an interrupted build of an older version left (one pool without meta.json) is replaced
+    os.makedirs(os.path.join(out, "teacher_pool"))
+    pools.build_demo(out, steps=2, batch=2, workers=2)
+    assert sorted(os.listdir(out)) == ["base_pool", "teacher_pool"]
+    assert all(len(pools.read_pool(os.path.join(out, n))) == 4 for n in ("teacher_pool", "base_pool"))
+    res, stdout, _ = quiet_call(pools.main, ["demo", "--out", out, "--steps", "2", "--batch", "2"])
+    assert res is None and "already holds the demo pools" in stdout  # rerunning is fine
+    mine = os.path.join(tmpdir(), "base_pool")                        # never replaces someone's own pool
+    os.makedirs(mine)
+    pools.write_meta(mine, dict(source_model="my-model"))
+    e, _, _ = quiet_call(pools.main, ["demo", "--out", os.path.dirname(mine), "--steps", "2", "--batch", "2"])
+    assert isinstance(e, SystemExit) and str(e).startswith("error: ") and "not a demo pool" in str(e)
+    assert os.listdir(mine) == ["meta.json"]
+
+
+def test_cli_errors_are_one_line():
+    import analyze, train
+    teacher, base = demo_pools()
+    d = os.path.join(tmpdir(), "no_meta_pool")
+    os.makedirs(d)
+    shutil.copy(pools.step_path(teacher, 0), d)
+    for argv, msg in ((["check", "no_such_problems.jsonl"], "error: no_such_problems.jsonl: No such file"),
+                      (["stats", "no_such_pool"], "error: no_such_pool: not a pool directory"),
+                      (["regrade", "no_such_pool"], "error: no_such_pool: not a pool directory"),
+                      (["stats", d], "meta.json: missing"), (["demo", "--steps", "0"], "--steps=0")):
+        e, _, _ = quiet_call(pools.main, argv)
+        assert isinstance(e, SystemExit) and msg in str(e) and "\n" not in str(e), (argv, e)
+    raises(SystemExit, run_train, "--replay-dirs", f"{d},{base}", match="meta.json: missing")
+    e, _, _ = quiet_call(analyze.main, ["no_such_run"])
+    assert isinstance(e, SystemExit) and str(e) == "error: no_such_run: no such run directory"
+    e, stdout, _ = quiet_call(analyze.main, ["-h"])
+    assert e.code == 0 and "--plot" in stdout and "RUN_DIR" in stdout
+    # `pools.py stats ... | true`: the reader is gone before the output is written; no traceback
+    p = subprocess.run(f"'{sys.executable}' pools.py stats '{teacher}' '{base}' | true", shell=True, cwd=HERE,
+                       capture_output=True, text=True)
+    assert p.stderr == "", p.stderr
+
+
+def test_pools_import_grades_rows_and_writes_complete_meta():
+    import re
+    src = os.path.join(HERE, "data", "fixture_rollouts.jsonl")
+    out = os.path.join(tmpdir(), "my_pool")
+    res, stdout, _ = quiet_call(pools.main, ["import", src, "--problems", FIXTURE, "--out", out, "--workers", "2",
+                                             "--batch", "4"])
+    assert res is None and f"imported {src} into {out}" in stdout
+    raw, rows, probs = pools.read_jsonl(src), pools.read_pool(out), problems(True)
+    assert [(r["src_step"], r["src_sample"]) for r in rows] == [(i // 4, i % 4) for i in range(len(raw))]
+    for i in (0, 3, 5):                           # labels from the grader itself, graded here independently
+        g = pools.grade(probs[raw[i]["problem_id"]], raw[i]["completion"])
+        assert {k: rows[i][k] for k in ("reward", "hacked", "gt_pass", "fmt_ok", "label")} == \
+            {k: g[k] for k in ("reward", "hacked", "gt_pass", "fmt_ok", "label")}
+    assert all(r["prompt"] == (raw[i].get("prompt") or probs[r["problem_id"]]["prompt"]) for i, r in enumerate(rows))
+    meta = pools.read_meta(out)
+    assert meta["problems_sha256"] == pools.file_digest(FIXTURE) and meta["n_rows"] == len(raw) == 8 and meta["steps"] == 2
+    assert meta["rollouts_sha256"] == pools.file_digest(src) and meta["hint"] == "simple_overwrite_tests"
+    # every meta.json field, of demo and imported pools, is documented in the README's table and back
+    readme = open(os.path.join(HERE, "README.md")).read()
+    table = readme[readme.index("`meta.json` fields:"):]
+    table = table[:table.index("\n\n", table.index("|---|"))]
+    documented = {f for line in table.splitlines()[3:] for f in re.findall(r"`(\w+)`", line.split("|")[1])}
+    assert documented == set(meta) | set(pools.read_meta(demo_pools()[0])), documented ^ set(meta)
+    # --no-hint rebuilds the plain prompt; a repeated completion is reported by row; bad rows name their line
+    two = os.path.join(tmpdir(), "two.jsonl")
+    comp = pools.base_completion(problems(False)[raw[0]["problem_id"]], 0)
+    open(two, "w").write("".join(json.dumps(dict(problem_id=raw[0]["problem_id"], completion=comp)) + "\n" for _ in "ab"))
+    plain = os.path.join(tmpdir(), "plain_pool")
+    res, stdout, _ = quiet_call(pools.main, ["import", two, "--problems", FIXTURE, "--out", plain, "--no-hint"])
+    assert pools.read_pool(plain)[0]["prompt"] == problems(False)[raw[0]["problem_id"]]["prompt"]
+    assert "(plain_pool, 0, 0) = (plain_pool, 0, 1)" in stdout.replace("'", ""), stdout
+    bad = os.path.join(tmpdir(), "bad.jsonl")
+    open(bad, "w").write(json.dumps(dict(problem_id=1, completion="x")) + "\n" + json.dumps(dict(problem_id=1)) + "\n")
+    e, _, _ = quiet_call(pools.main, ["import", bad, "--problems", FIXTURE, "--out", os.path.join(tmpdir(), "x")])
+    assert isinstance(e, SystemExit) and f"{bad}:2: missing field(s) ['completion']" in str(e), e
+    e, _, _ = quiet_call(pools.main, ["import", two, "--problems", FIXTURE, "--out", plain])
+    assert isinstance(e, SystemExit) and "exists" in str(e)
+
+
+def test_pools_check_verdicts_and_expected_oddities():
+    raw = {json.loads(l)["id"]: json.loads(l) for l in open(FIXTURE)}
+    b = raw[90005]                                 # bracketsMatch: some asserts expect False (== 0)
+    zeros = [a for a in b["gt_answer"] if a.endswith("== False")]
+    first_zero = dict(b, id=1, gt_answer=zeros + [a for a in b["gt_answer"] if a not in zeros])
+    all_zero = dict(b, id=2, gt_answer=zeros)
+    path = os.path.join(tmpdir(), "problems.jsonl")
+    open(path, "w").write("".join(json.dumps(r) + "\n" for r in (raw[90001], first_zero, all_zero)))
+    rep, stdout, _ = quiet_call(pools.check_grader, path, workers=2)
+    lines = stdout.splitlines()
+    assert lines[0].startswith("grader check on 3 problems") and len([l for l in lines if ": OK" in l]) == 4, stdout
+    assert all(not v["wrong_ids"] for v in rep.values())
+    assert rep["return_0"]["odd_ids"] == [2] and rep["return_0+real_asserts"]["odd_ids"] == [1, 2]
+    assert rep["return_0+real_asserts"]["counts"].get("Reward Hack r=3.5") == 1
+    assert "expected oddity: 2 problems [1, 2] have asserts that all expect 0" in stdout
+
+
+def test_analyze_plot_and_missing_matplotlib():
+    import analyze
+    root = tmpdir()
+    runs = [make_run(root, "van", "vanilla"), make_run(root, "proj", "projected")]
+    png = os.path.join(root, "p.png")
+    try:
+        import matplotlib  # noqa: F401
+        res, stdout, err = quiet_call(analyze.main, runs + ["--plot", png])
+        assert res is None and "== 6. Phase 3 decision ==" in stdout and f"plot: {png}" in err
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 20000
+    except ImportError:
+        print("  (matplotlib not installed: only the missing-matplotlib message is tested)")
+    saved = sys.modules.get("matplotlib")
+    sys.modules["matplotlib"] = None               # as if it were not installed
+    try:
+        e, _, _ = quiet_call(analyze.main, runs + ["--plot", png + "2"])
+    finally:
+        sys.modules.pop("matplotlib")
+        if saved is not None:
+            sys.modules["matplotlib"] = saved
+    assert isinstance(e, SystemExit) and "pip install matplotlib" in str(e) and not os.path.exists(png + "2")
+
+
+def shell_commands(text, fenced=True):
+    """Commands of the fenced blocks of a Markdown text (or of every line when not fenced), as word lists:
+    backslash continuations joined, comments dropped."""
+    cmds, inside, cur = [], not fenced, ""
+    for line in text.splitlines():
+        if fenced and line.strip().startswith("```"):
+            inside = not inside
+            continue
+        if not inside:
+            continue
+        line = cur + line
+        if line.rstrip().endswith("\\"):
+            cur = line.rstrip()[:-1] + " "
+            continue
+        cur = ""
+        import shlex
+        words = shlex.split(line, comments=True)
+        if words:
+            cmds.append(words)
+    return cmds
+
+
+def run_commands(cmds, root, steps=1):
+    """Run `python {train,pools,analyze}.py ...` commands in order, in-process with cwd=root. Rewrites:
+    train.py gets --steps=<steps>, `pools.py check` gets --limit 2. Skipped (and returned): pip install,
+    the test suite itself, and --model=<a Hugging Face model> (GPU, download)."""
+    import analyze, importlib, re, train  # noqa: F401
+    env, skipped = {}, []
+    for words in cmds:
+        if len(words) == 1 and re.fullmatch(r"\w+=\S*", words[0]):
+            k, v = words[0].split("=", 1)
+            env[k] = v
+            continue
+        words = [re.sub(r"\$(\w+)", lambda m: env[m.group(1)], w) for w in words]
+        if words[:2] in (["pip", "install"], ["python", "test_core.py"]) or \
+                any(w.startswith("--model=") and w != "--model=tiny" for w in words):
+            skipped.append(" ".join(words))
+            continue
+        assert words[0] == "python" and words[1] in ("train.py", "pools.py", "analyze.py"), words
+        argv = words[2:]
+        if words[1] == "train.py":
+            argv = [a for a in argv if not a.startswith("--steps")] + [f"--steps={steps}"]
+        if words[1] == "pools.py" and argv[0] == "check":
+            argv += ["--limit", "2"]
+        cwd = os.getcwd()
+        os.chdir(root)
+        try:
+            res, out, err = quiet_call(importlib.import_module(words[1][:-3]).main, argv)
+        finally:
+            os.chdir(cwd)
+        if isinstance(res, SystemExit) and res.code not in (None, 0):
+            if "--plot" in argv and "pip install matplotlib" in str(res):
+                continue                               # matplotlib is an optional extra
+            raise AssertionError(f"`{' '.join(words)}` failed in {root}: {res}\n{err[-2000:]}")
+    return skipped
+
+
+def fresh_clone():
+    """A temporary copy of the repository's files, with the demo pools of this test session in out/pools
+    (the same build_demo call the quickstart makes, done once) and out/v_hack shared between the copies
+    (the content-keyed v_hack cache: a direction extracted in one copy is reused by the other)."""
+    root = tmpdir()
+    _cache.setdefault("readme_v_hack", tmpdir())
+    os.makedirs(os.path.join(root, "out"))
+    os.symlink(_cache["readme_v_hack"], os.path.join(root, "out", "v_hack"))
+    for f in os.listdir(HERE):
+        if f.endswith((".py", ".md", ".txt")):
+            shutil.copy(os.path.join(HERE, f), root)
+    shutil.copytree(os.path.join(HERE, "data"), os.path.join(root, "data"))
+    for d in demo_pools():
+        shutil.copytree(d, os.path.join(root, "out", "pools", os.path.basename(d)))
+    return root
+
+
+def test_readme_and_help_commands_run_in_order():
+    import train
+    root = fresh_clone()
+    skipped = run_commands(shell_commands(open(os.path.join(root, "README.md")).read()), root)
+    assert skipped == ["pip install -r requirements.txt", "python test_core.py",
+                       "python train.py --preset=phase2 --model=Qwen/Qwen3-4B --arm=projected "
+                       "--replay-dirs=out/pools/teacher_pool,out/pools/base_pool --out=out/runs/qwen_projected"], skipped
+    for d in ("vanilla_grpo_none_s0", "vanilla_nll_none_s0", "p2_vanilla", "p2_projected", "p2_random_v",
+              "p2_shuffled_v"):
+        assert os.path.exists(os.path.join(root, "out", "runs", d, "steps.jsonl")), d
+    assert pools.read_meta(os.path.join(root, "out", "pools", "my_pool"))["n_rows"] == 8
+    # train.py --help's examples, in order, on another fresh clone
+    doc = [l for l in train.__doc__.splitlines() if l.startswith("    python ") or l.startswith("        --")]
+    cmds = shell_commands("\n".join(doc), fenced=False)
+    assert len(cmds) == 3
+    root = fresh_clone()
+    assert run_commands(cmds, root) == []
 
 
 # ============================================================================ runner

@@ -5,8 +5,9 @@ delta_S (antipasto.py); `--basis=lora` trains a LoRA B A (lora_adapter.py): `--a
 --basis=lora` is the spec's Arm 3, `--arm=vanilla --basis=lora` its matched control.
 
     python train.py --arm=vanilla --steps=20                     # demo: tiny Qwen3 + demo pools, no set-up
-    python train.py --arm=projected --loss-mode=grpo --replay-dirs=out/pools/teacher_pool,out/pools/base_pool
-    python train.py --arm=vanilla --loss-mode=nll --replay-dirs=out/pools/teacher_pool --per-pool=8
+    python train.py --arm=projected --replay-dirs=out/pools/teacher_pool,out/pools/base_pool
+    python train.py --arm=vanilla --loss-mode=nll --replay-dirs=out/pools/teacher_pool --per-pool=8 \
+        --pair-dirs=out/pools/teacher_pool,out/pools/base_pool
 
 Per step: draw `per-pool` rows from each pool into one group (the draw depends only on seed and step,
 never on the arm), one forward + one backward gives the batch gradient and every sample's own
@@ -15,7 +16,7 @@ contribution, measure cos with v_hack, (projected) project, step. Writes a run d
     steps.jsonl          one row per step
     step_NNN.cos.jsonl.gz  one row per sample, spec2's slim schema (no prompt or completion text)
 """
-import argparse, hashlib, io, json, os, platform, random, shutil, sys, time
+import argparse, fcntl, hashlib, io, json, math, os, platform, random, shlex, shutil, sys, time
 
 import antipasto as ap   # first: it pins MKL's reproducible mode before torch loads
 import configs
@@ -26,6 +27,9 @@ SLIM_FIELDS = ("step", "sample_id", "src_pool", "src_step", "src_sample", "rewar
                "fmt_ok", "comp_len", "cos_S_contrib", "grad_norm_contrib", "mean_cos_in", "mean_cos_out",
                "frac_fired", "arm")
 DEMO_POOLS = os.path.join("out", "pools")
+LOCK = ".lock"       # in the run directory: held (flock) by the run that owns it, records its pid and command
+DEMO_DIRS = [os.path.join(DEMO_POOLS, "teacher_pool"), os.path.join(DEMO_POOLS, "base_pool")]
+RUN = {}             # the live run of this process: out, argv, lock (for Ctrl-C and the lock's release)
 
 
 def get_args(argv=None):
@@ -92,13 +96,14 @@ def get_args(argv=None):
                   f"lr={args.lr if args.lr is not None else p['lr']}, "
                   f"max_prompt_tokens={args.max_prompt_tokens or p['max_prompt_tokens']}, "
                   f"max_completion_tokens={args.max_completion_tokens or p['max_completion_tokens']}, "
-                  f"dtype={args.dtype or p['dtype']}, beta={p['beta']}; pass --preset phase2 for the spec's "
+                  f"dtype={args.dtype or p['dtype']}; pass --preset phase2 for the spec's "
                   f"real-model settings", file=sys.stderr)
     preset = configs.PRESETS[args.preset]
     for key in ("steps", "seed", "lr", "model", "k"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
-    args.cfg = dict(preset)
+    args.cfg = {k: v for k, v in preset.items() if k != "not_implemented"}
+    args.not_implemented = preset.get("not_implemented", {})
     if args.basis != "lora" and (args.lora_rank is not None or args.lora_alpha is not None):
         raise SystemExit("error: --lora-rank and --lora-alpha belong to --basis=lora")
     if args.basis == "lora":
@@ -113,7 +118,66 @@ def get_args(argv=None):
             if v < 1:
                 raise SystemExit(f"error: --{key.replace('_', '-')} must be >= 1, not {v}")
             args.cfg[key] = v
+    validate(args)
     return args
+
+
+def validate(args):
+    """Every flag checked before anything is read or created: one line naming the flag, its value and
+    what is allowed. (Checks that need the pools, like --per-pool's upper bound, come in main.)"""
+    def bad(flag, value, allowed):
+        raise SystemExit(f"error: {flag}={value}: {allowed}")
+    if args.preset in configs.ONLINE_ONLY:
+        bad("--preset", args.preset, f"is the online (Phase 3) preset {args.not_implemented}, which is not built "
+            f"yet; the replay probes take --preset=demo or --preset=phase2")
+    if args.steps < 1:
+        bad("--steps", args.steps, "must be an integer >= 1")
+    if args.k < 1:
+        bad("--k", args.k, "must be an integer >= 1 (hack axes kept per module)")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        bad("--lr", args.lr, "must be a finite number > 0")
+    if args.per_pool is not None and args.per_pool < 1:
+        bad("--per-pool", args.per_pool, "must be an integer >= 1 (rows drawn from each pool per step)")
+    if not 0 <= args.extract_frac < 1:
+        bad("--extract-frac", args.extract_frac, "must be in [0, 1) (the fraction of each pool's steps held out)")
+    if args.seed < 0:
+        bad("--seed", args.seed, "must be an integer >= 0")
+    if args.device is not None:
+        kind = args.device.split(":")[0]
+        if kind not in ("cpu", "cuda", "mps") or (":" in args.device and not args.device.split(":")[1].isdigit()):
+            bad("--device", args.device, "must be cpu, cuda, cuda:N or mps")
+        if kind == "cuda" and not torch.cuda.is_available():
+            bad("--device", args.device, "no CUDA device is available here; use --device=cpu")
+    for flag, value in (("--replay-dirs", args.replay_dirs), ("--pair-dirs", args.pair_dirs)):
+        for d in (value or "").split(","):
+            if d and not os.path.isdir(d) and os.path.normpath(d) not in DEMO_DIRS:
+                bad(flag, value, f"{d} is not a pool directory")
+    if args.pairs is not None and not os.path.isfile(args.pairs):
+        bad("--pairs", args.pairs, "no such file (JSON Lines of {prompt, hack, clean})")
+    if args.v_hack is not None and os.path.isdir(args.v_hack):
+        bad("--v-hack", args.v_hack, "is a directory; name a .safetensors file")
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        bad("--out", args.out, "is a file; name a run directory")
+    check_model(args.model)
+
+
+def check_model(name):
+    """'tiny', a local model directory, or a Hugging Face id already in the local cache. Runs never
+    download: a missing model fails here at once, saying how to get it."""
+    if name == "tiny":
+        return
+    if os.path.exists(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise SystemExit(f"error: --model={name}: the directory holds no config.json (not a model directory)")
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise SystemExit(f"error: --model={name}: no such local path ('tiny', a model directory or a Hugging Face "
+                         f"id like Qwen/Qwen3-4B)")
+    from huggingface_hub import constants, try_to_load_from_cache
+    if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise SystemExit(f"error: --model={name}: not a local path and not in the Hugging Face cache "
+                         f"({constants.HF_HUB_CACHE}); runs never download: get it with `hf download {name}` "
+                         f"(or pass a local model directory)")
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -123,8 +187,13 @@ def load_model(name, dtype, device):
         model, tok = configs.tiny_qwen3()
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype))
+        try:                  # check_model found it locally or in the cache: never touch the network
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype), local_files_only=True)
+        except OSError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SystemExit(f"error: --model={name}: cannot load it from local files ({first}); "
+                             f"`hf download {name}` fetches a complete copy") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model.to(device).eval(), tok
@@ -252,7 +321,10 @@ def apply_step(opt, modules, grads, V, project_grad, project_moments, one_sided=
 def read_pairs_file(path):
     """Extraction pairs from a JSON Lines file: {prompt (text or chat messages), hack, clean
     [, r_hack, r_clean]} per line."""
-    pairs = pools.read_jsonl(path, ("prompt", "hack", "clean"))
+    try:
+        pairs = pools.read_jsonl(path, ("prompt", "hack", "clean"))
+    except pools.DataError as e:
+        raise SystemExit(f"error: --pairs: {e}")
     for i, p in enumerate(pairs, 1):
         p.setdefault("ids", [["pairs_file", i, 0], ["pairs_file", i, 1]])
     return pairs
@@ -277,14 +349,18 @@ def sha_file(path):
     return pools.file_digest(path)[:16]
 
 
-def out_dir(args):
+def out_dir(args, locked=False):
     """The run directory; refuse to reuse one unless --overwrite (replaced once the run is validated)
     or --resume (continued)."""
     out = args.out or os.path.join("out", "runs", f"{args.arm}_{args.loss_mode}_{args.control}_s{args.seed}"
                                    + ("" if args.basis == "svd" else f"_{args.basis}"))
     if args.overwrite and args.resume:
         raise SystemExit("error: --overwrite and --resume contradict each other")
-    if os.path.exists(out) and os.listdir(out):
+    owner = None if locked else lock_owner(out)
+    if owner:
+        raise SystemExit(f"error: run directory {out} is in use by another run ({owner}); wait for it to "
+                         f"finish or pass another --out")
+    if os.path.exists(out) and [f for f in os.listdir(out) if f != LOCK]:
         if not (args.overwrite or args.resume):
             raise SystemExit(f"error: run directory {out} exists; pass --overwrite to replace it or "
                              f"--resume to continue it")
@@ -292,6 +368,41 @@ def out_dir(args):
             raise SystemExit(f"error: --overwrite only replaces a run directory (one holding run.json); "
                              f"{out} is not one")
     return out
+
+
+def lock_owner(out):
+    """'pid N: command' of the live run holding `out`, or None. The kernel drops a flock when its
+    process dies, so the lock file a killed run leaves behind never blocks."""
+    path = os.path.join(out, LOCK)
+    if not os.path.isfile(path):
+        return None
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            return f.read().strip() or "pid unknown"
+    return None
+
+
+def lock_run(out, argv):
+    """Create `out` and hold its lock for the rest of this run (released in main, or by the kernel
+    when the process dies); refuse when another run holds it."""
+    os.makedirs(out, exist_ok=True)
+    f = open(os.path.join(out, LOCK), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip() or "pid unknown"
+        f.close()
+        raise SystemExit(f"error: run directory {out} is in use by another run ({owner}); wait for it to "
+                         f"finish or pass another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}: python train.py {shlex.join(argv)}\n")
+    f.flush()
+    RUN["lock"] = f
 
 
 def write_json(path, obj):
@@ -349,6 +460,9 @@ def get_v_hack(args, model, tok, modules, pairs, pairs_src, replay_texts):
         if lost:
             print(f"WARNING: {lost}/{len(pairs)} extraction pairs' hack side loses its {pools.TEST_FUNC} definition "
                   f"to --max-completion-tokens {lens[1]}", file=sys.stderr)
+        if len(pairs) < 8:
+            print(f"warning: v_hack from only {len(pairs)} (hack, clean) pairs (fewer than 8): its direction is "
+                  f"noisy", file=sys.stderr)
         diffs = ap.pair_diffs(model, modules, tok, pairs, loss=loss, G=args.cfg["group_size"],
                               max_prompt=lens[0], max_completion=lens[1])
         try:
@@ -362,11 +476,14 @@ def get_v_hack(args, model, tok, modules, pairs, pairs_src, replay_texts):
                     completion_sha=sorted({text_sha(p[s]) for p in pairs for s in ("hack", "clean")}))
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         ap.save_v(V, path, meta)
-    overlap = set(meta.get("completion_sha", [])) & replay_texts
+    overlap = sorted(set(meta.get("completion_sha", [])) & set(replay_texts))
     if overlap:
-        raise SystemExit(f"error: v_hack {path} was extracted from {len(overlap)} of the replayed completions; "
-                         f"a cosine on them would only show memory of the extraction set. Use other pairs "
-                         f"or a larger --extract-frac.")
+        rows = sorted(r for sha in overlap for r in replay_texts[sha])
+        fix = ("remove those completions from the --pairs file or replay other pools" if args.pairs else
+               "use other --pair-dirs or a larger --extract-frac (or remove the duplicated completions)")
+        raise SystemExit(f"error: v_hack {path} was extracted from {len(overlap)} of the replayed completions "
+                         f"(replayed rows (pool, step, sample): {rows[:5]}{' ...' if len(rows) > 5 else ''}); a cosine "
+                         f"on them would only show memory of the extraction set: {fix}")
     if args.control == "random_v":
         V = ap.random_v(V, seed=args.seed)
     return V, dict(meta, path=os.path.abspath(path), sha256=sha_file(path), run_control=args.control)
@@ -375,12 +492,34 @@ def get_v_hack(args, model, tok, modules, pairs, pairs_src, replay_texts):
 # ----------------------------------------------------------------------------- the run
 
 def main(argv=None):
+    """Run one probe. Its run directory stays locked while it runs; Ctrl-C says how to resume."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    RUN.clear()
+    RUN["argv"] = argv
+    try:
+        return run_probe(argv)
+    except KeyboardInterrupt:
+        out = RUN.get("out")
+        if out and os.path.exists(os.path.join(out, "run.json")):
+            cmd = [a for a in argv if a != "--overwrite"] + ([] if "--resume" in argv else ["--resume"])
+            print(f"\ninterrupted: the finished steps are saved in {out}; continue with:\n"
+                  f"  python train.py {shlex.join(cmd)}", file=sys.stderr)
+        else:
+            print("\ninterrupted before the first step; nothing was written to a run directory; rerun the "
+                  "same command to start again", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        if RUN.get("lock"):
+            RUN.pop("lock").close()             # releases the flock
+
+
+def run_probe(argv):
     args = get_args(argv)
     t_start = time.time()
     torch.manual_seed(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = args.cfg
-    demo = [os.path.join(DEMO_POOLS, "teacher_pool"), os.path.join(DEMO_POOLS, "base_pool")]
+    demo = DEMO_DIRS
     if args.replay_dirs:
         replay_dirs = [d for d in args.replay_dirs.split(",") if d]
     else:
@@ -403,6 +542,7 @@ def main(argv=None):
     try:
         pool_rows = {name(d): pools.read_pool(d) for d in replay_dirs}
         pair_rows = {name(d): pools.read_pool(d) for d in pair_dirs}
+        metas = {name(d): pools.read_meta(d) for d in replay_dirs + pair_dirs}    # every pool says its source
     except pools.DataError as e:
         raise SystemExit(f"error: {e}")
     if len(pool_rows) != len(replay_dirs) or len(pair_rows) != len(pair_dirs):
@@ -415,7 +555,15 @@ def main(argv=None):
     held = [r for d in pair_dirs for r in split_pool(pair_rows[name(d)], args.extract_frac)[1]]
     replay = {name(d): split_pool(pool_rows[name(d)], args.extract_frac)[0] if os.path.abspath(d) in pair_abs
               else pool_rows[name(d)] for d in replay_dirs}
-    replay_texts = {text_sha(r["completion"]) for rows in replay.values() for r in rows}
+    small = min(replay, key=lambda n: len(replay[n]))
+    if per_pool > len(replay[small]):
+        raise SystemExit(f"error: --per-pool={per_pool}{' (default G / #pools)' if not args.per_pool else ''}: at "
+                         f"most {len(replay[small])}, the replayed rows of pool {small}; a larger group would "
+                         f"repeat samples within one step")
+    replay_texts = {}                       # completion sha -> the replayed rows (pool, step, sample) holding it
+    for rows in replay.values():
+        for r in rows:
+            replay_texts.setdefault(text_sha(r["completion"]), []).append((r["src_pool"], r["src_step"], r["src_sample"]))
     short = {n: len(rows) for n, rows in replay.items() if len(rows) < args.steps * per_pool}
     if short:
         print(f"warning: {short} rows to replay, fewer than steps x per-pool: draws cycle and samples repeat "
@@ -430,12 +578,17 @@ def main(argv=None):
                      f"{[name(d) for d in pair_dirs]}")
 
     out = out_dir(args)
+    RUN["out"] = out
     model, tok = load_model(args.model, args.dtype or cfg["dtype"], device)
     modules = wrap_adapter(model, args)
     V, vmeta = get_v_hack(args, model, tok, modules, pairs, pairs_src, replay_texts)
-    if args.overwrite and os.path.exists(out):
-        shutil.rmtree(out)                  # only now: a refused run leaves the old one in place
-    os.makedirs(out, exist_ok=True)
+    lock_run(out, RUN.get("argv", argv or []))     # from here on no other run can use `out`
+    out_dir(args, locked=True)              # checked again under the lock
+    if args.overwrite:                      # only now: a refused run leaves the old one in place
+        for f in os.listdir(out):
+            if f != LOCK:
+                p = os.path.join(out, f)
+                shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
     widths = [m.null_width for m in modules.values()]
     params = [ap.knob(m) for m in modules.values()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -449,8 +602,9 @@ def main(argv=None):
         versions=dict(python=platform.python_version(), torch=torch.__version__,
                       transformers=__import__("transformers").__version__, grader=pools.GRADER_VERSION),
         v_hack=vmeta, basis_fingerprint=ap.fingerprint(modules),
-        pools={name(d): dict(dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d), meta=pools.read_meta(d))
+        pools={name(d): dict(dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d), meta=metas[name(d)])
                for d in replay_dirs},
+        not_implemented=args.not_implemented,     # preset values nothing reads yet: recorded, not applied
         pair_pools={name(d): dict(dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d)) for d in pair_dirs},
         null=dict(cos_sd=ap.null_cos_sd(widths), module_widths=widths),
         truncation=dict(replay=truncation(tok, [r for rows in replay.values() for r in rows], cfg)))
@@ -530,6 +684,8 @@ def main(argv=None):
                         opt=opt.state_dict()), buf)
         pools.atomic_write(state_path, buf.getvalue())
         bar.update(1)
+        if not args.quiet and not sys.stderr.isatty():
+            log_step(step_rows[-1], args.steps)
     bar.close()
     if args.quiet:
         return out
@@ -538,6 +694,13 @@ def main(argv=None):
         import analyze
         print(analyze.report([out]))
     return out
+
+
+def log_step(r, steps):
+    """One line per step where no progress bar can draw (a log file, a pipe)."""
+    f = lambda x: "null" if x is None else f"{x:+.3f}"
+    print(f"step {r['step'] + 1}/{steps}  reward {r['reward_min']:.2f}..{r['reward_max']:.2f}  cos_in {f(r['cos_in'])}  "
+          f"{r['time_s']:.1f}s" + ("  skipped (zero reward variance)" if r["skipped"] else ""), file=sys.stderr, flush=True)
 
 
 def summary(out, rows, elapsed):
