@@ -55,6 +55,13 @@ class SVDLinear(nn.Module):
             z.register_hook(store)
         return y + F.linear(z, self.U)
 
+    def merged_weight(self):
+        """The effective dense weight W + U diag(delta_S) Vh (d_out, d_in), in the base weight's dtype
+        (summed in float32): generation runs on it as a plain Linear (rollout.merged)."""
+        with torch.no_grad():
+            W = self.base.weight
+            return (W.float() + (self.U.float() * self.delta_S.float()) @ self.Vh.float()).to(W.dtype)
+
 
 def weight_digest(w):
     """sha256 of a weight's dtype, shape and raw bytes: the SVD cache key and the model fingerprint."""

@@ -16,6 +16,7 @@ CLI:
     python pools.py demo  --out out/pools      # teacher_pool + base_pool from the fixture problems
     python pools.py stats DIR                  # per-step reward / hack / gt stats and label counts
     python pools.py regrade DIR                # re-grade a pool in place, atomically
+    python pools.py generate --model M (--hint | --no-hint) --out DIR   # sample a pool from a model
 """
 import argparse, ast, gzip, hashlib, json, os, queue, re, select, shutil, signal, subprocess, sys
 import tempfile, textwrap, time, zlib
@@ -882,6 +883,24 @@ def main(argv=None):
     a.add_argument("problems")
     a.add_argument("--workers", type=int, default=None)
     a.add_argument("--limit", type=int, default=None)
+    a = sub.add_parser("generate", help="sample, grade and write a pool from a model (resumable; rollout.py)")
+    a.add_argument("--model", required=True, help="'tiny', 'organism', a Hugging Face id or a local path")
+    a.add_argument("--lora", default=None, help="PEFT adapter directory merged into the model")
+    h = a.add_mutually_exclusive_group(required=True)
+    h.add_argument("--hint", dest="hint", action="store_true", help="run_tests() hint in the prompt (teacher)")
+    h.add_argument("--no-hint", dest="hint", action="store_false", help="the plain prompt (base)")
+    a.add_argument("--problems", default=FIXTURE_PROBLEMS)
+    a.add_argument("--out", required=True)
+    a.add_argument("--batches", type=int, default=20, help="steps (step_NNN files)")
+    a.add_argument("--batch-size", type=int, default=8, help="rollouts per step")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--max-new-tokens", type=int, default=512)
+    a.add_argument("--temperature", type=float, default=1.0)
+    a.add_argument("--top-p", type=float, default=1.0)
+    a.add_argument("--gen-batch-size", type=int, default=None, help="rows per generation batch (default: a step)")
+    a.add_argument("--device", default=None)
+    a.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    a.add_argument("--workers", type=int, default=None)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "demo":
@@ -895,6 +914,9 @@ def main(argv=None):
             regrade(args.dir, args.problems, args.workers)
         elif args.cmd == "check":
             check_grader(args.problems, args.workers, args.limit)
+        elif args.cmd == "generate":
+            import rollout
+            rollout.generate_pool(args)
     except (DataError, FileExistsError) as e:
         sys.exit(f"error: {e}")
 
