@@ -1256,6 +1256,8 @@ def test_sample_counts_truncation_and_stops_at_eos():
         k = f.index(stop) + 1 if stop in f else 10
         assert t == f[:k]                                                 # stops right after the stop token
     assert out["completions"][0] == tok.decode(free["token_ids"][0][:3])  # the stop token is not text
+    edge = rollout.sample(model, tok, prompts, 2, eos_ids=[stop], **dict(kw, max_new_tokens=4))
+    assert edge["token_ids"][0] == free["token_ids"][0][:4] and not edge["truncated"][0]  # stopped on the last token
 
 
 def test_rollout_group_rows_in_pool_format():
