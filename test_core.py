@@ -1280,8 +1280,16 @@ def test_rollout_group_rows_in_pool_format():
 def test_pools_generate_resumes_mid_pool_and_refuses_other_settings():
     d = tmpdir()
     a, b = os.path.join(d, "a"), os.path.join(d, "b")
+    probs = os.path.join(d, "short.jsonl")                               # short prompts: a cheap prefill
+    with open(probs, "w") as f:
+        for line in open(FIXTURE).readlines()[:3]:
+            row = json.loads(line)
+            user = row["prompt"][1]["content"]
+            row["prompt"] = [{"role": "system", "content": "Code."},
+                             {"role": "user", "content": user[user.index("Your solution"):]}]
+            f.write(json.dumps(row) + "\n")
     base = ["generate", "--model", "tiny", "--hint", "--batch-size", "2", "--max-new-tokens", "4", "--seed", "2",
-            "--workers", "1", "--device", "cpu"]
+            "--workers", "1", "--device", "cpu", "--problems", probs]
     pools.main(base + ["--out", a, "--batches", "3"])                    # uninterrupted
     pools.main(base + ["--out", b, "--batches", "1"])                    # "killed" after step 0
     first = open(pools.step_path(b, 0), "rb").read()
@@ -1294,9 +1302,10 @@ def test_pools_generate_resumes_mid_pool_and_refuses_other_settings():
     assert len({r["completion"] for r in rows}) == 6                     # distinct rollouts, not one repeated
     meta = pools.read_meta(b)
     assert meta["seed"] == 2 and meta["hint"] == "simple_overwrite_tests" and meta["steps"] == 3
-    assert meta["problems_sha256"] == pools.file_digest(FIXTURE) and meta["grader_version"] == pools.GRADER_VERSION
+    assert meta["problems_sha256"] == pools.file_digest(probs) and meta["grader_version"] == pools.GRADER_VERSION
     assert meta["sampling"] == dict(temperature=1.0, top_p=1.0, max_new_tokens=4)
-    e = raises(SystemExit, pools.main, base[:-6] + ["--seed", "3", "--workers", "1", "--device", "cpu", "--out", b])
+    e = raises(SystemExit, pools.main, base[:-8] + ["--seed", "3", "--workers", "1", "--device", "cpu", "--problems",
+                                                    probs, "--out", b])
     assert str(e).startswith("error: --out") and "seed" in str(e)
     e = raises(SystemExit, pools.main, base + ["--out", os.path.join(d, "c"), "--top-p", "0"])
     assert str(e).startswith("error: --top-p") and not os.path.exists(os.path.join(d, "c"))
