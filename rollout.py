@@ -263,6 +263,8 @@ def check_generate_args(a):
                                  ("--top-p", a.top_p, 0 < a.top_p <= 1, "a number in (0, 1]")):
         if not ok:
             raise SystemExit(f"error: {flag} {v}: must be {allowed}")
+    if a.gen_batch_size is not None and a.gen_batch_size < 1:
+        raise SystemExit(f"error: --gen-batch-size {a.gen_batch_size}: must be an integer >= 1")
     if not os.path.isfile(a.problems):
         raise SystemExit(f"error: --problems {a.problems}: no such file")
     if a.lora is not None:
