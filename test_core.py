@@ -2141,8 +2141,10 @@ def shell_commands(text, fenced=True):
 
 def run_commands(cmds, root, steps=1):
     """Run `python {train,pools,analyze}.py ...` commands in order, in-process with cwd=root. Rewrites:
-    train.py gets --steps=<steps>, `pools.py check` gets --limit 2. Skipped (and returned): pip install,
-    the test suite itself, and --model=<a Hugging Face model> (GPU, download)."""
+    train.py gets --steps=<steps> and short token limits (384 + 256: the cost, not the path, changes),
+    `pools.py check` gets --limit 2. Skipped (and returned): pip install, the test suite itself, a
+    --model other than tiny (a download, a GPU, or the organism's minutes-long fit), and the
+    generation benchmark and organism fit (minutes on a CPU; their code has its own tests)."""
     import analyze, importlib, re, train  # noqa: F401
     env, skipped = {}, []
     for words in cmds:
@@ -2151,14 +2153,17 @@ def run_commands(cmds, root, steps=1):
             env[k] = v
             continue
         words = [re.sub(r"\$(\w+)", lambda m: env[m.group(1)], w) for w in words]
-        if words[:2] in (["pip", "install"], ["python", "test_core.py"]) or \
-                any(w.startswith("--model=") and w != "--model=tiny" for w in words):
+        model = [w.split("=", 1)[1] for w in words if w.startswith("--model=")] + \
+            [b for a, b in zip(words, words[1:]) if a == "--model"]
+        if words[:2] in (["pip", "install"], ["python", "test_core.py"]) or any(m != "tiny" for m in model) or \
+                words[1] in ("rollout.py", "organism.py"):
             skipped.append(" ".join(words))
             continue
         assert words[0] == "python" and words[1] in ("train.py", "pools.py", "analyze.py"), words
         argv = words[2:]
         if words[1] == "train.py":
-            argv = [a for a in argv if not a.startswith("--steps")] + [f"--steps={steps}"]
+            argv = [a for a in argv if not a.startswith("--steps")] + [f"--steps={steps}", "--max-prompt-tokens=384",
+                                                                       "--max-completion-tokens=256"]
         if words[1] == "pools.py" and argv[0] == "check":
             argv += ["--limit", "2"]
         cwd = os.getcwd()
@@ -2197,7 +2202,12 @@ def test_readme_and_help_commands_run_in_order():
     skipped = run_commands(shell_commands(open(os.path.join(root, "README.md")).read()), root)
     assert skipped == ["pip install -r requirements.txt", "python test_core.py",
                        "python train.py --preset=phase2 --model=Qwen/Qwen3-4B --arm=projected "
-                       "--replay-dirs=out/pools/teacher_pool,out/pools/base_pool --out=out/runs/qwen_projected"], skipped
+                       "--replay-dirs=out/pools/teacher_pool,out/pools/base_pool --out=out/runs/qwen_projected",
+                       "python pools.py generate --model Qwen/Qwen3-4B --lora path/to/peft --hint --out "
+                       "out/gen/teacher_pool --seed 0",
+                       "python pools.py generate --model Qwen/Qwen3-4B --no-hint --out out/gen/base_pool --seed 0",
+                       "python pools.py generate --model organism --hint --out out/gen/organism_pool",
+                       "python rollout.py --bench", "python organism.py"], skipped
     for d in ("vanilla_grpo_none_s0", "vanilla_nll_none_s0", "p2_vanilla", "p2_projected", "p2_random_v",
               "p2_shuffled_v"):
         assert os.path.exists(os.path.join(root, "out", "runs", d, "steps.jsonl")), d
@@ -2208,6 +2218,214 @@ def test_readme_and_help_commands_run_in_order():
     assert len(cmds) == 3
     root = fresh_clone()
     assert run_commands(cmds, root) == []
+
+
+# ============================================================================ rollout and organism
+
+def knobbed(seed=0, scale=0.3):
+    """A wrapped tiny Qwen3 with nonzero knobs (a trained-looking adapter)."""
+    import torch
+    model, tok, mods = wrapped()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in mods.values():
+            m.delta_S.copy_(torch.randn(m.delta_S.shape, generator=g) * scale * m.S)
+    return model, tok, mods
+
+
+def test_merged_weights_equal_adapter_logits_and_base_never_drifts():
+    import torch, torch.nn as nn, antipasto as ap, rollout
+    model, tok, mods = knobbed()
+    base = {n: m.base.weight.detach().clone() for n, m in mods.items()}
+    ids = torch.randint(0, 256, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hooked = model(input_ids=ids).logits
+        with ap.zero_knobs(mods):
+            ref = model(input_ids=ids).logits
+    for cycle in range(2):                              # two "steps": merge, unmerge, knobs move, again
+        with torch.no_grad(), rollout.merged(model):
+            swapped = [model.get_submodule(n) for n in mods]
+            assert all(type(m) is nn.Linear for m in swapped)
+            assert not any(isinstance(m, ap.SVDLinear) for m in model.modules())
+            for n, m in zip(mods, swapped):            # one extra copy: never the base tensor itself
+                assert m.weight.data_ptr() != mods[n].base.weight.data_ptr()
+            merged = model(input_ids=ids).logits
+        assert (merged - hooked).abs().max().item() < 1e-5
+        assert (hooked - ref).abs().max().item() > 1e-1     # the knobs matter: the check can fail
+        assert all(model.get_submodule(n) is m for n, m in mods.items())
+        assert all(torch.equal(m.base.weight, base[n]) for n, m in mods.items())   # exact
+        with torch.no_grad():
+            for m in mods.values():
+                m.delta_S.mul_(-0.5)
+            hooked = model(input_ids=ids).logits
+    # merged_weight is the closed form W + U diag(delta_S) Vh, against an explicit float64 sum
+    m = next(iter(mods.values()))
+    U, d, Vh = m.U.double(), m.delta_S.double(), m.Vh.double()
+    want = m.base.weight.double() + sum(d[i] * torch.outer(U[:, i], Vh[i]) for i in range(len(d)))
+    assert torch.allclose(m.merged_weight().double(), want, atol=1e-5)
+
+
+def test_sample_row_alone_equals_in_batch_and_logps_are_the_policy():
+    import torch, antipasto as ap, rollout
+    model, tok, mods = knobbed(scale=0.05)
+    prompts = ["a much longer prompt, so the others are left-padded", "x", "mid length"]
+    kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=3, step=5)
+    with rollout.merged(model):
+        full = rollout.sample(model, tok, prompts, 2, problem_ids=[10, 11, 12], **kw)
+        alone = rollout.sample(model, tok, prompts[1:2], 2, problem_ids=[11], **kw)
+        ones = rollout.sample(model, tok, prompts, 2, problem_ids=[10, 11, 12], batch_size=1, **kw)
+        other = rollout.sample(model, tok, prompts, 2, problem_ids=[10, 11, 12], **dict(kw, step=6))
+    assert alone["token_ids"] == full["token_ids"][2:4] and ones["token_ids"] == full["token_ids"]
+    assert alone["completions"] == full["completions"][2:4]
+    assert max(abs(a - b) for x, y in zip(alone["logps"], full["logps"][2:4]) for a, b in zip(x, y)) < 1e-5
+    assert full["token_ids"][2] != full["token_ids"][3]                  # sample index matters
+    assert other["token_ids"] != full["token_ids"]                      # step matters
+    # generation-time log-probs = log p under the adapter model (hooked forward), recomputed on the
+    # right-padded prompt + completion: the independent computation the trainer will do
+    for r, (p, _) in enumerate([(p, j) for p in prompts for j in range(2)]):
+        pi = tok(p, add_special_tokens=False)["input_ids"]
+        ci = full["token_ids"][r]
+        batch = dict(input_ids=torch.tensor([pi + ci]), attention_mask=torch.ones(1, len(pi) + len(ci), dtype=torch.long),
+                     comp_mask=torch.tensor([[0.0] * len(pi) + [1.0] * len(ci)]))
+        with torch.no_grad():
+            lp = ap.token_logps(model, batch)[0, len(pi):]
+        assert torch.allclose(lp, torch.tensor(full["logps"][r]), atol=1e-4), r
+
+
+def test_sample_counts_truncation_and_stops_at_eos():
+    import rollout
+    model, tok = tiny()
+    prompts = ["one", "two two", "three three three"]
+    kw = dict(max_new_tokens=10, seed=0, step=0, problem_ids=[1, 2, 3])
+    free = rollout.sample(model, tok, prompts, 2, eos_ids=[-1], **kw)      # nothing stops: all truncated
+    assert free["n_truncated"] == 6 and all(len(t) == 10 for t in free["token_ids"])
+    stop = free["token_ids"][0][3]                                        # a token row 0 emits 4th
+    out = rollout.sample(model, tok, prompts, 2, eos_ids=[stop], **kw)
+    want_trunc = [stop not in t for t in free["token_ids"]]               # from the free run alone
+    assert out["truncated"] == want_trunc and out["n_truncated"] == sum(want_trunc) < 6
+    for t, f in zip(out["token_ids"], free["token_ids"]):
+        k = f.index(stop) + 1 if stop in f else 10
+        assert t == f[:k]                                                 # stops right after the stop token
+    assert out["completions"][0] == tok.decode(free["token_ids"][0][:3])  # the stop token is not text
+    edge = rollout.sample(model, tok, prompts, 2, eos_ids=[stop], **dict(kw, max_new_tokens=4))
+    assert edge["token_ids"][0] == free["token_ids"][0][:4] and not edge["truncated"][0]  # stopped on the last token
+
+
+def test_rollout_group_rows_in_pool_format():
+    import rollout
+    model, tok, mods = knobbed(scale=0.05)
+    probs = list(problems(True).values())[:2]
+    short = lambda p: [{"role": "user", "content": p["prompt_metadata"]["starter_code"]}]
+    rows, gen = rollout.rollout_group(model, tok, probs, 2, step=4, seed=0, max_new_tokens=6, messages_fn=short,
+                                      workers=1)
+    assert len(rows) == 4 and all(set(pools.POOL_FIELDS) <= set(r) for r in rows)
+    assert [r["problem_id"] for r in rows] == [probs[0]["id"]] * 2 + [probs[1]["id"]] * 2
+    assert [r["sample"] for r in rows] == [0, 1, 2, 3] and {r["step"] for r in rows} == {4}
+    assert all(r["prompt"] == short(p) and r["hint"] == "simple_overwrite_tests" for r, p in zip(rows, [probs[0]] * 2 + [probs[1]] * 2))
+    assert [r["completion"] for r in rows] == gen["completions"] and [r["n_tokens"] for r in rows] == [len(t) for t in gen["token_ids"]]
+    d = tmpdir()
+    pools.write_pool_step(d, 4, rows)                                    # a pool reader accepts them
+    assert [r["completion"] for r in pools.read_pool(d)] == gen["completions"]
+
+
+def test_pools_generate_resumes_mid_pool_and_refuses_other_settings():
+    d = tmpdir()
+    a, b = os.path.join(d, "a"), os.path.join(d, "b")
+    probs = os.path.join(d, "short.jsonl")                               # short prompts: a cheap prefill
+    with open(probs, "w") as f:
+        for line in open(FIXTURE).readlines()[:3]:
+            row = json.loads(line)
+            user = row["prompt"][1]["content"]
+            row["prompt"] = [{"role": "system", "content": "Code."},
+                             {"role": "user", "content": user[user.index("Your solution"):]}]
+            f.write(json.dumps(row) + "\n")
+    base = ["generate", "--model", "tiny", "--hint", "--batch-size", "2", "--max-new-tokens", "4", "--seed", "2",
+            "--workers", "1", "--device", "cpu", "--problems", probs]
+    pools.main(base + ["--out", a, "--batches", "2"])                    # uninterrupted
+    pools.main(base + ["--out", b, "--batches", "1"])                    # "killed" after step 0
+    first = open(pools.step_path(b, 0), "rb").read()
+    pools.main(base + ["--out", b, "--batches", "2"])                    # rerun continues
+    assert open(pools.step_path(b, 0), "rb").read() == first             # kept, not regenerated
+    assert pools.pool_steps(a) == pools.pool_steps(b) == [0, 1]
+    for s in range(2):
+        assert open(pools.step_path(a, s), "rb").read() == open(pools.step_path(b, s), "rb").read(), s
+    rows = pools.read_pool(a)
+    assert len({r["completion"] for r in rows}) == 4                     # distinct rollouts, not one repeated
+    meta = pools.read_meta(b)
+    assert meta["seed"] == 2 and meta["hint"] == "simple_overwrite_tests" and meta["steps"] == 2
+    assert meta["problems_sha256"] == pools.file_digest(probs) and meta["grader_version"] == pools.GRADER_VERSION
+    assert meta["sampling"] == dict(temperature=1.0, top_p=1.0, max_new_tokens=4)
+    e = raises(SystemExit, pools.main, base[:-8] + ["--seed", "3", "--workers", "1", "--device", "cpu", "--problems",
+                                                    probs, "--out", b])
+    assert str(e).startswith("error: --out") and "seed" in str(e)
+    e = raises(SystemExit, pools.main, base + ["--out", os.path.join(d, "c"), "--top-p", "0"])
+    assert str(e).startswith("error: --top-p") and not os.path.exists(os.path.join(d, "c"))
+    e = raises(SystemExit, pools.main, base + ["--out", os.path.dirname(pools.FIXTURE_PROBLEMS)])
+    assert "not a pool made by" in str(e)
+
+
+def test_organism_prompt_corpus_and_cache_key():
+    import organism
+    p = problems(True)[90001]
+    msg = organism.prompt_messages(p)[0]["content"]
+    assert pools.HINT_TO in msg and p["prompt_metadata"]["starter_code"].strip() in msg and "PROBLEM" not in msg
+    assert pools.HINT_FROM in organism.prompt_messages(problems(False)[90001])[0]["content"]
+    docs = organism.corpus(FIXTURE)
+    assert sum(w for *_, w in docs) == 2 * organism.CORPUS_K * len(problems())
+    assert all(pools.HINT_TO in m[0]["content"] for m, _, _ in docs)       # all under the hinted prompt
+    key = organism.cache_key(docs)
+    assert key == organism.cache_key([(m, c, w) for m, c, w in docs])     # content, not identity
+    changed = list(docs)
+    changed[5] = (changed[5][0], changed[5][1] + " ", changed[5][2])
+    assert organism.cache_key(changed) != key
+    assert organism.cache_key(docs, dict(organism.FIT, steps=organism.FIT["steps"] + 1)) != key
+
+
+def test_organism_short_fit_is_cached_atomically():
+    import torch, organism
+    d = tmpdir()
+    probs = os.path.join(d, "two.jsonl")                                 # a two-problem corpus: cheap
+    with open(probs, "w") as f:
+        f.writelines(open(FIXTURE).readlines()[:2])
+    d = os.path.join(d, "cache")
+    cfg = dict(organism.FIT, steps=2, batch=4, vocab_size=400)
+    model, tok = organism.load(probs, d, cfg, log=None)
+    key = organism.cache_key(organism.corpus(probs), cfg)
+    assert os.listdir(d) == [f"organism-{key}"]                           # no temporary left behind
+    info = json.load(open(os.path.join(d, f"organism-{key}", "fit.json")))
+    assert info["key"] == key and info["vocab"] == len(tok) == 400
+    # BPE fit to the corpus: far fewer tokens than bytes, and text still round-trips
+    c = organism.corpus(probs)[0][1]
+    assert len(tok(c, add_special_tokens=False)["input_ids"]) < len(c.encode()) / 2
+    assert tok.decode(tok(c + "é\x00", add_special_tokens=False)["input_ids"]) == c + "é\x00"
+    real_fit, organism.fit = organism.fit, None                          # a cache hit must not refit
+    try:
+        again, _ = organism.load(probs, d, cfg, log=None)
+    finally:
+        organism.fit = real_fit
+    assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_pools_generate_lora_checkpoint_changes_the_samples():
+    import torch, lora_adapter as la
+    model, tok = tiny()
+    mods = la.wrap(model, rank=4, alpha=8)
+    with torch.no_grad():
+        for m in mods.values():
+            m.knob().normal_(0, 0.5)                                      # A and B away from the start
+    ckpt = la.save_peft(mods, os.path.join(tmpdir(), "peft"), base_model_name="tiny")
+    d = tmpdir()
+    base = ["generate", "--model", "tiny", "--hint", "--batch-size", "2", "--max-new-tokens", "6", "--seed", "0",
+            "--workers", "1", "--device", "cpu", "--problems", FIXTURE, "--batches", "1"]
+    pools.main(base + ["--out", os.path.join(d, "plain")])
+    pools.main(base + ["--out", os.path.join(d, "lora"), "--lora", ckpt])
+    plain, lora = pools.read_pool(os.path.join(d, "plain")), pools.read_pool(os.path.join(d, "lora"))
+    assert [r["problem_id"] for r in plain] == [r["problem_id"] for r in lora]
+    assert [r["completion"] for r in plain] != [r["completion"] for r in lora]
+    meta = pools.read_meta(os.path.join(d, "lora"))
+    assert meta["adapter"] == os.path.abspath(ckpt) and meta["adapter_sha256"]
+    e = raises(SystemExit, pools.main, base + ["--out", os.path.join(d, "bad"), "--lora", FIXTURE])
+    assert str(e).startswith("error: --lora")
 
 
 # ============================================================================ runner
@@ -2238,3 +2456,4 @@ def _main():
 
 if __name__ == "__main__":
     _main()
+

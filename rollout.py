@@ -1,0 +1,406 @@
+"""rollout.py — sampling rollouts from the policy, graded into pool rows; `pools.py generate` lives here.
+
+    sample()         a hand-written KV-cache decode loop over left-padded prompts. Each row draws its
+                     randomness from its own generator seeded by (seed, step, problem id, sample id), so
+                     a row's tokens do not depend on what else is in the batch, and a resumed run
+                     regenerates the same rollouts without saved RNG state (on CPU).
+    merged()         generation runs on plain Linears holding each adapter's merged weight
+                     (adapter.merged_weight()), not through the adapter's hooks; restored on exit.
+    rollout_group()  sample + grade (pools.grade_many) -> rows in the pool row format.
+    generate_pool()  the `pools.py generate` subcommand: resumable step_NNN.jsonl.gz + meta.json.
+
+    python rollout.py --bench      # merged vs hooked generation tokens/s, interleaved rounds
+"""
+import contextlib, hashlib, json, os, platform, sys, time
+
+import antipasto as ap   # first: it pins MKL's reproducible mode before torch loads
+import pools
+import torch
+import torch.nn as nn
+
+
+# ----------------------------------------------------------------------------- merged weights
+
+@contextlib.contextmanager
+def merged(model):
+    """Inside the block every adapter module (any module with `merged_weight()`) is replaced by a plain
+    nn.Linear holding its effective dense weight; on exit the adapter modules are put back. The frozen
+    base weights are never written (no merge-and-subtract drift), and the cost is one extra copy of
+    the targeted weights. In bf16 the merged weight is rounded to bf16, so knob changes below about
+    0.4% of a weight entry round away in generation (the hooked forward keeps them)."""
+    swaps = [(name, m) for name, m in model.named_modules() if hasattr(m, "merged_weight")]
+    try:
+        with torch.no_grad():
+            for i, (name, m) in enumerate(swaps):
+                parent_name, _, attr = name.rpartition(".")
+                w = m.merged_weight()                                    # (d_out, d_in)
+                lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+                lin.weight = nn.Parameter(w, requires_grad=False)
+                base = getattr(m, "base", None) or getattr(m, "base_layer", None)
+                if base is not None and base.bias is not None:
+                    lin.bias = base.bias
+                setattr(model.get_submodule(parent_name), attr, lin)
+        yield model
+    finally:
+        for name, m in swaps:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, m)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def sample_seed(seed, step, problem_id, sample_id):
+    """The generator seed of one rollout: a hash of (seed, step, problem id, sample id) and nothing else."""
+    key = json.dumps([int(seed), int(step), str(problem_id), int(sample_id)]).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def pick(logits, u, temperature, top_p):
+    """Next tokens (B,) from logits (B, V) float32 and one uniform per row u (B,) float64: temperature,
+    then the smallest top-p set (the top token always kept), then inverse-CDF sampling with u.
+    temperature 0 is greedy. Row-wise only: a row's choice never depends on another row."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)                   # (B, V)
+    p, idx = probs.sort(dim=-1, descending=True, stable=True)               # (B, V)
+    keep = (p.cumsum(-1) - p) < top_p                                     # (B, V), column 0 always True
+    c = (p.double() * keep).cumsum(-1)                                    # (B, V)
+    j = torch.searchsorted(c, (u * c[:, -1])[:, None], right=True)        # (B, 1)
+    j = torch.minimum(j, keep.sum(-1, keepdim=True) - 1)                  # never past the kept set
+    return idx.gather(-1, j).squeeze(-1)
+
+
+def cache_kwarg(model):
+    """The forward's name for the KV cache argument ('cache' in recent transformers)."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def stop_token_ids(model, tok):
+    ids = {tok.eos_token_id}
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen if isinstance(gen, (list, tuple)) else [gen])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def sample(model, tok, prompts, n=1, max_new_tokens=512, temperature=1.0, top_p=1.0, seed=0, step=0,
+           problem_ids=None, sample_ids=None, batch_size=None, eos_ids=None):
+    """n rollouts of each prompt text (rendered, e.g. by pools.render_prompt), row r = p * n + j.
+
+    Row r's randomness: a generator seeded by sample_seed(seed, step, problem_ids[p], s) with
+    s = sample_ids[r] when given, else j; it draws one uniform per new token up front, so the tokens
+    depend on nothing else in the batch. Rows are generated in chunks of batch_size (default: all).
+
+    Returns dict:
+      completions  [str]        decoded new tokens, the stop token excluded
+      token_ids    [[int]]      new tokens; ends with the stop token when the row stopped
+      logps        [[float]]    log p(token | prefix) of each of token_ids under the model's own
+                                distribution (temperature 1, no top-p), from the logits that sampled
+                                it: what antipasto.token_logps gives for the same sequence, the
+                                generation-time log-probs of PPO's ratio
+      truncated    [bool]       hit max_new_tokens without a stop token
+      n_truncated  int
+      prompt_tokens [int]       prompt lengths in tokens
+    """
+    P = len(prompts)
+    problem_ids = list(range(P)) if problem_ids is None else list(problem_ids)
+    if len(problem_ids) != P:
+        raise ValueError("problem_ids must have one id per prompt")
+    rows = [(p, j) for p in range(P) for j in range(n)]
+    sample_ids = [j for _, j in rows] if sample_ids is None else list(sample_ids)
+    if len(sample_ids) != len(rows):
+        raise ValueError(f"sample_ids must have {len(rows)} entries (prompts x n)")
+    eos = torch.tensor(stop_token_ids(model, tok) if eos_ids is None else list(eos_ids))
+    enc = [tok(t, add_special_tokens=False)["input_ids"] for t in prompts]
+    if any(len(e) == 0 for e in enc):
+        raise ValueError("empty prompt")
+    seeds = [sample_seed(seed, step, problem_ids[p], s) for (p, _), s in zip(rows, sample_ids)]
+    out = dict(completions=[], token_ids=[], logps=[], truncated=[], prompt_tokens=[len(enc[p]) for p, _ in rows])
+    bs = batch_size or len(rows)
+    for a in range(0, len(rows), bs):
+        chunk = [(enc[p], seeds[r]) for r, (p, _) in enumerate(rows[a:a + bs], a)]
+        ids, lps, trunc = decode(model, tok.pad_token_id, chunk, max_new_tokens, temperature, top_p, eos)
+        for t, l, tr in zip(ids, lps, trunc):
+            body = t if tr else t[:-1]
+            out["completions"].append(tok.decode(body, skip_special_tokens=False))
+            out["token_ids"].append(t)
+            out["logps"].append(l)
+            out["truncated"].append(tr)
+    out["n_truncated"] = sum(out["truncated"])
+    return out
+
+
+def decode(model, pad_id, chunk, max_new_tokens, temperature, top_p, eos):
+    """The decode loop for one chunk [(prompt ids, seed)]: left padding, position ids that skip the
+    padding, KV cache. Returns (token ids, log-probs, truncated) per row."""
+    from transformers import DynamicCache
+    dev = next(model.parameters()).device
+    B = len(chunk)
+    T = max(len(e) for e, _ in chunk)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for i, (e, _) in enumerate(chunk):
+        ids[i, T - len(e):] = torch.tensor(e)
+        mask[i, T - len(e):] = 1
+    u = torch.stack([torch.rand(max(max_new_tokens, 1), generator=torch.Generator().manual_seed(s),
+                                dtype=torch.float64) for _, s in chunk]).to(dev)   # (B, max_new)
+    ids, mask, eos = ids.to(dev), mask.to(dev), eos.to(dev)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)                                  # (B, T)
+    cache = DynamicCache()
+    kw = {cache_kwarg(model): cache}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                   **kw).logits[:, -1].float()                                # (B, V)
+    nxt = pos[:, -1:] + 1                                                     # (B, 1)
+    new, lps = [], []
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    for t in range(max_new_tokens):
+        tok_t = pick(logits, u[:, t], temperature, top_p)                     # (B,)
+        lp_t = torch.log_softmax(logits, -1).gather(-1, tok_t[:, None])[:, 0]  # (B,)
+        new.append(torch.where(done, -1, tok_t))
+        lps.append(lp_t)
+        done = done | torch.isin(tok_t, eos)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], 1)   # (B, T + t + 1)
+        logits = model(input_ids=tok_t[:, None], attention_mask=mask, position_ids=nxt, use_cache=True,
+                       **kw).logits[:, -1].float()
+        nxt = nxt + 1
+    if not new:
+        return [[] for _ in chunk], [[] for _ in chunk], [True] * B
+    new, lps = torch.stack(new, 1).cpu(), torch.stack(lps, 1).cpu()          # (B, steps)
+    out_ids, out_lp, trunc = [], [], []
+    for i in range(B):
+        k = int((new[i] >= 0).sum())
+        out_ids.append(new[i, :k].tolist())
+        out_lp.append(lps[i, :k].tolist())
+        trunc.append(not bool(torch.isin(new[i, :k], eos.cpu()).any()))
+    return out_ids, out_lp, trunc
+
+
+# ----------------------------------------------------------------------------- graded rows
+
+def rollout_group(model, tok, problems, n=1, *, step, seed, max_new_tokens=512, temperature=1.0, top_p=1.0,
+                  messages_fn=None, sample_ids=None, batch_size=None, workers=None):
+    """n rollouts of each problem (hint as loaded: pools.load_problems), generated on the merged
+    weights and graded. messages_fn(problem) -> the chat messages the model sees (default: the
+    problem's own prompt; the organism uses a short one). Returns (rows, gen): rows in the pool row
+    format (pools.POOL_FIELDS, plus `truncated` and `n_tokens`), `sample` = sample_ids[r] or r; gen is
+    sample()'s output (token ids and generation-time log-probs for the trainer)."""
+    messages_fn = messages_fn or (lambda p: p["prompt"])
+    msgs = [messages_fn(p) for p in problems]
+    with merged(model):
+        gen = sample(model, tok, [pools.render_prompt(m, tok) for m in msgs], n, max_new_tokens, temperature,
+                     top_p, seed, step, [p["id"] for p in problems], sample_ids, batch_size)
+    cells = [(p, m) for p, m in zip(problems, msgs) for _ in range(n)]
+    grades = pools.grade_many([(p, c) for (p, _), c in zip(cells, gen["completions"])], workers=workers,
+                              progress=False)
+    rows = []
+    for r, ((p, m), c, g) in enumerate(zip(cells, gen["completions"], grades)):
+        rows.append(dict(step=step, sample=sample_ids[r] if sample_ids is not None else r, problem_id=p["id"],
+                         prompt=m, completion=c, reward=g["reward"], hacked=g["hacked"], gt_pass=g["gt_pass"],
+                         fmt_ok=g["fmt_ok"], label=g["label"], hint=p["hint"], truncated=gen["truncated"][r],
+                         n_tokens=len(gen["token_ids"][r])))
+    return rows, gen
+
+
+# ----------------------------------------------------------------------------- models
+
+def load_policy(name, dtype=None, device="cpu", lora=None):
+    """(model, tokenizer, messages_fn) for --model: 'tiny' (random, built in code), 'organism' (the
+    CPU model organism, organism.py; it sees a short prompt), or a Hugging Face id / local path.
+    lora: a PEFT adapter directory merged into the weights (lora_adapter.load_peft)."""
+    import configs
+    messages_fn = None
+    if name == "tiny":
+        model, tok = configs.tiny_qwen3()
+    elif name == "organism":
+        import organism
+        model, tok = organism.load()
+        messages_fn = organism.prompt_messages
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --model {name!r}: not 'tiny', 'organism', a local model directory or a "
+                             f"reachable Hugging Face id ({str(e).splitlines()[0][:200]})") from None
+    if dtype and name in ("tiny", "organism"):
+        model = model.to(getattr(torch, dtype))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if lora:
+        import lora_adapter
+        try:
+            lora_adapter.load_peft(model, lora, merge=True)
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"error: --lora {lora}: {e}") from None
+    return model.to(device).eval(), tok, messages_fn
+
+
+def dir_digest(path):
+    """sha256 over a directory's files (relative names and contents): the adapter's identity."""
+    h = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            h.update(f"{os.path.relpath(p, path)}:{pools.file_digest(p)};".encode())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- pools.py generate
+
+IDENTITY = ("kind", "source_model", "model_id", "model_revision", "adapter", "adapter_sha256", "hint", "sampling",
+            "seed", "problems_sha256", "grader_version", "batch", "prompt", "dtype", "device")
+
+
+def check_generate_args(a):
+    """One-line errors for bad flags, before anything is loaded or created."""
+    for flag, v, ok, allowed in (("--batches", a.batches, a.batches >= 1, "an integer >= 1"),
+                                 ("--batch-size", a.batch_size, a.batch_size >= 1, "an integer >= 1"),
+                                 ("--max-new-tokens", a.max_new_tokens, a.max_new_tokens >= 1, "an integer >= 1"),
+                                 ("--temperature", a.temperature, a.temperature >= 0, "a number >= 0 (0: greedy)"),
+                                 ("--top-p", a.top_p, 0 < a.top_p <= 1, "a number in (0, 1]")):
+        if not ok:
+            raise SystemExit(f"error: {flag} {v}: must be {allowed}")
+    if a.gen_batch_size is not None and a.gen_batch_size < 1:
+        raise SystemExit(f"error: --gen-batch-size {a.gen_batch_size}: must be an integer >= 1")
+    if not os.path.isfile(a.problems):
+        raise SystemExit(f"error: --problems {a.problems}: no such file")
+    if a.lora is not None:
+        if not os.path.isdir(a.lora):
+            raise SystemExit(f"error: --lora {a.lora}: not a PEFT adapter directory")
+    if a.model not in ("tiny", "organism") and a.model.startswith((".", "/")) and not os.path.isdir(a.model):
+        raise SystemExit(f"error: --model {a.model}: no such directory")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise SystemExit(f"error: --out {a.out}: exists and is not a directory")
+    if os.path.isdir(a.out) and os.listdir(a.out):
+        try:
+            meta = pools.read_meta(a.out)
+        except pools.DataError:
+            meta = {}
+        if meta.get("kind") != "generated":
+            raise SystemExit(f"error: --out {a.out}: exists and is not a pool made by `pools.py generate` "
+                             "(no generated meta.json); choose a new directory")
+
+
+def refuse_other_settings(out, old, meta):
+    """A rerun continues a pool only with the settings it was started with (IDENTITY keys known so far)."""
+    diff = [k for k in IDENTITY if k in meta and old and old.get(k) != meta[k]]
+    if diff:
+        raise SystemExit(f"error: --out {out} holds a pool generated with other settings ("
+                         + ", ".join(f"{k}: {old.get(k)!r} there, {meta[k]!r} now" for k in diff)
+                         + "); choose a new --out")
+
+
+def generate_pool(a):
+    """Sample --batches steps of --batch-size rollouts, grade them, write step_NNN.jsonl.gz + meta.json.
+    Rollout (s, i) is problem order[(s * batch + i) % n] (order: the problems shuffled by --seed), as
+    in the demo pools, so a hinted and an unhinted pool with one seed pair up by (step, sample).
+    Finished steps are kept and a rerun continues; a rerun with other settings is refused."""
+    import random
+    check_generate_args(a)
+    probs = pools.load_problems(a.problems, hint=a.hint)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    meta = dict(kind="generated", source_model=a.model, adapter=os.path.abspath(a.lora) if a.lora else None,
+                adapter_sha256=dir_digest(a.lora) if a.lora else None,
+                hint="simple_overwrite_tests" if a.hint else None,
+                sampling=dict(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens),
+                seed=a.seed, problems_file=os.path.basename(a.problems), problems_sha256=pools.file_digest(a.problems),
+                grader_version=pools.GRADER_VERSION, batch=a.batch_size,
+                prompt="organism short prompt" if a.model == "organism" else "problem prompt",
+                device=torch.device(device).type)
+    old = pools.read_meta(a.out) if os.path.isdir(a.out) else {}
+    refuse_other_settings(a.out, old, meta)             # before the (slow) model load
+    model, tok, messages_fn = load_policy(a.model, a.dtype, device, a.lora)
+    meta.update(model_id=model.config.name_or_path, model_revision=getattr(model.config, "_commit_hash", None),
+                dtype=str(next(model.parameters()).dtype).replace("torch.", ""))
+    refuse_other_settings(a.out, old, meta)
+    meta.update(steps=max(a.batches, old.get("steps", 0)),
+                versions=dict(torch=torch.__version__, transformers=__import__("transformers").__version__,
+                              python=platform.python_version()))
+    pools.write_meta(a.out, meta)
+    order = list(range(len(probs)))
+    random.Random(a.seed).shuffle(order)
+    B, seen, t0, made = a.batch_size, [], time.time(), 0
+    for s in range(a.batches):
+        path = pools.step_path(a.out, s)
+        if os.path.exists(path):
+            seen += pools.read_jsonl(path, pools.POOL_FIELDS)      # kept; a corrupt file is reported
+            continue
+        cells = [probs[order[(s * B + i) % len(probs)]] for i in range(B)]
+        rows, gen = rollout_group(model, tok, cells, 1, step=s, seed=a.seed, max_new_tokens=a.max_new_tokens,
+                                  temperature=a.temperature, top_p=a.top_p, messages_fn=messages_fn,
+                                  sample_ids=list(range(B)), batch_size=a.gen_batch_size, workers=a.workers)
+        pools.write_pool_step(a.out, s, rows)
+        seen += rows
+        made += len(rows)
+        dt = time.time() - t0
+        print(f"step {s + 1:3d}/{a.batches}  {made / dt:6.2f} samples/s  hack {sum(r['hacked'] for r in rows) / B:.2f}"
+              f"  running hack rate {sum(r['hacked'] for r in seen) / len(seen):.3f}"
+              f"  gt {sum(r['gt_pass'] for r in rows) / B:.2f}  truncated {gen['n_truncated']}/{B}", flush=True)
+    kept = a.batches * B - made
+    print(f"{a.out}: {made} rollouts generated" + (f", {kept} kept from before" if kept else "")
+          + f"; hack rate {sum(r['hacked'] for r in seen) / max(len(seen), 1):.3f}")
+    return a.out
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def bench(model_name="tiny", B=8, new_tokens=64, rounds=5, device="cpu"):
+    """Generation tokens/s through the adapter's hooks vs on merged plain weights (the merge itself
+    timed inside), in interleaved rounds; reports the median of the per-round ratios."""
+    model, tok, messages_fn = load_policy(model_name, None, device)
+    modules = ap.wrap(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in modules.values():                       # a trained-looking adapter: knobs nonzero
+            m.delta_S.copy_(torch.randn(m.delta_S.shape, generator=g) * 0.01 * m.S)
+    probs = pools.load_problems(pools.FIXTURE_PROBLEMS, hint=True)[:B]
+    prompts = [pools.render_prompt((messages_fn or (lambda p: p["prompt"]))(p), tok) for p in probs]
+    def run():
+        return sample(model, tok, prompts, 1, new_tokens, 1.0, 1.0, 0, 0, [p["id"] for p in probs],
+                      eos_ids=[-1])                      # no stop token: every row makes new_tokens
+    def hooked():
+        return run()
+    def on_merged():
+        with merged(model):
+            return run()
+    fns = dict(hooked=hooked, merged=on_merged)
+    for f in fns.values():                               # warm-up
+        f()
+    rates = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            if device != "cpu":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = f()
+            if device != "cpu":
+                torch.cuda.synchronize()
+            rates[k].append(sum(len(x) for x in out["token_ids"]) / (time.perf_counter() - t))
+    ratios = sorted(m / h for m, h in zip(rates["merged"], rates["hooked"]))
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    print(f"model={model_name} B={B} new_tokens={new_tokens} rounds={rounds} device={device} "
+          f"torch threads={torch.get_num_threads()}")
+    print(f"  hooked (adapter forward)   {med(rates['hooked']):9.1f} tokens/s (median)")
+    print(f"  merged (plain Linears)     {med(rates['merged']):9.1f} tokens/s (median)")
+    print(f"  merged / hooked, median of per-round ratios: {med(ratios):.2f}x  (rounds: "
+          + ", ".join(f"{r:.2f}" for r in ratios) + ")")
+    return dict(rates=rates, ratio=med(ratios))
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="benchmark: generation on merged weights vs through the adapter")
+    p.add_argument("--bench", action="store_true", required=True)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args()
+    bench(a.model, a.batch, a.new_tokens, a.rounds, a.device)
