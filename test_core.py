@@ -1138,6 +1138,9 @@ def test_peft_written_checkpoint_reproduces_peft_logits():
 
 # ============================================================================ train
 
+TEST_LIMITS = (128, 128)   # run_train's prompt and completion token limits: short on purpose (cost), cuts counted
+
+
 def run_train(*extra, out=None):
     import train
     teacher, base = demo_pools()
@@ -1147,7 +1150,7 @@ def run_train(*extra, out=None):
     # short token limits on purpose (the demo preset's would cut nothing but cost 3x): counted, see
     # test_train_counts_truncation
     args = ["--steps", "3", "--replay-dirs", f"{teacher},{base}", "--out", out, "--no-report",
-            "--max-prompt-tokens", "384", "--max-completion-tokens", "256",
+            "--max-prompt-tokens", str(TEST_LIMITS[0]), "--max-completion-tokens", str(TEST_LIMITS[1]),
             "--v-hack", _cache["v_hack"], "--device", "cpu", "--quiet", *extra]
     cwd = os.getcwd()
     os.chdir(tmpdir())                      # defaults (out/...) never land in the checkout
@@ -1307,19 +1310,20 @@ def test_train_corrupt_pool_fails_with_path():
 def test_train_counts_truncation_and_demo_limits_cut_nothing():
     import configs, train
     _, tok = tiny()
-    out = run_train("--arm", "vanilla")                 # run_train's limits: 384 prompt, 256 completion
+    out = run_train("--arm", "vanilla")                 # run_train's limits: TEST_LIMITS
     run = json.load(open(os.path.join(out, "run.json")))
-    assert run["config"]["max_completion_tokens"] == 256 and run["config"]["max_prompt_tokens"] == 384
+    assert (run["config"]["max_prompt_tokens"], run["config"]["max_completion_tokens"]) == TEST_LIMITS
     rows = {(r["src_pool"], r["src_step"], r["src_sample"]): r for d in demo_pools() for r in pools.read_pool(d)}
     for s in (json.loads(l) for l in open(os.path.join(out, "steps.jsonl"))):
         group = [rows[(r["src_pool"], r["src_step"], r["src_sample"])]
                  for r in pools.read_jsonl(pools.step_path(out, s["step"], ".cos.jsonl.gz"))]
         n_c = [len(r["completion"].encode()) + 1 for r in group]            # independent: bytes + eos
         n_p = [len(pools.render_prompt(r["prompt"], tok).encode()) for r in group]
-        assert s["n_completion_truncated"] == sum(n > 256 for n in n_c) and s["completion_tokens_cut"] == \
-            sum(max(0, n - 256) for n in n_c)
-        assert s["n_prompt_truncated"] == sum(n > 384 for n in n_p)
-        lost = sum(r["hacked"] and len(r["completion"][:r["completion"].rfind("def run_tests") + 13].encode()) > 256
+        P, C = TEST_LIMITS
+        assert s["n_completion_truncated"] == sum(n > C for n in n_c) and s["completion_tokens_cut"] == \
+            sum(max(0, n - C) for n in n_c)
+        assert s["n_prompt_truncated"] == sum(n > P for n in n_p)
+        lost = sum(r["hacked"] and len(r["completion"][:r["completion"].rfind("def run_tests") + 13].encode()) > C
                    for r in group)
         assert s["n_hack_lost_test_func"] == lost
     assert run["truncation"]["replay"]["n_hack_lost_test_func"] > 0
@@ -1382,7 +1386,7 @@ def test_train_projected_arm_steps_on_the_projected_gradient():
                 ap.knob(m).copy_(params[n])
         group = train.draw(replay, 4, 0, step)
         batch = ap.make_batch(tok, [pools.render_prompt(r["prompt"], tok) for r in group],
-                              [r["completion"] for r in group], 384, 256)
+                              [r["completion"] for r in group], *TEST_LIMITS)
         model.train()
         ap.per_sample_grads(model, modules, batch, "grpo", [r["reward"] for r in group], G=8)
         grads = {n: hand_project(ap.knob(m).grad.double(), V[n][0].double()) for n, m in modules.items()}
@@ -2141,7 +2145,7 @@ def shell_commands(text, fenced=True):
 
 def run_commands(cmds, root, steps=1):
     """Run `python {train,pools,analyze}.py ...` commands in order, in-process with cwd=root. Rewrites:
-    train.py gets --steps=<steps> and short token limits (384 + 256: the cost, not the path, changes),
+    train.py gets --steps=<steps> and short token limits (128 + 128: the cost, not the path, changes),
     `pools.py check` gets --limit 2. Skipped (and returned): pip install, the test suite itself, a
     --model other than tiny (a download, a GPU, or the organism's minutes-long fit), and the
     generation benchmark and organism fit (minutes on a CPU; their code has its own tests)."""
@@ -2162,8 +2166,8 @@ def run_commands(cmds, root, steps=1):
         assert words[0] == "python" and words[1] in ("train.py", "pools.py", "analyze.py"), words
         argv = words[2:]
         if words[1] == "train.py":
-            argv = [a for a in argv if not a.startswith("--steps")] + [f"--steps={steps}", "--max-prompt-tokens=384",
-                                                                       "--max-completion-tokens=256"]
+            argv = [a for a in argv if not a.startswith("--steps")] + [f"--steps={steps}", "--max-prompt-tokens=128",
+                                                                       "--max-completion-tokens=128"]
         if words[1] == "pools.py" and argv[0] == "check":
             argv += ["--limit", "2"]
         cwd = os.getcwd()
