@@ -177,6 +177,16 @@ def live(run):
 def vals(rows, key):
     return [r[key] for r in rows if r.get(key) is not None]
 
+EXPERIMENT = ("basis", "pair_kind", "loss_type", "max_prompt_tokens", "max_completion_tokens", "model",
+              "lora_rank", "lora_alpha", "replay_dirs", "per_pool", "lr", "k", "one_sided")
+DEFAULTS = dict(basis="svd", pair_kind="pool", loss_type="grpo")   # what runs that predate a field used
+
+def experiment(r):
+    """What runs must share to be judged together: everything that changes v_hack or the gradient,
+    apart from the arm, the control and the seed."""
+    c = dict(r["cfg"], basis=r["basis"])
+    return json.dumps([c.get(k, DEFAULTS.get(k)) for k in EXPERIMENT])
+
 def main_runs(runs, arm):
     """The Phase 2 runs proper: GRPO loss, no control direction."""
     return [r for r in runs if r["arm"] == arm and r["loss_mode"] == "grpo" and r["control"] == "none"]
@@ -237,7 +247,8 @@ def row(metric, measured, verdict, rule, **extra):
     return dict(metric=metric, measured=measured, verdict=verdict, rule=rule, **extra)
 
 def check_reward_range(runs):
-    steps = [s for r in runs if r["loss_mode"] == "grpo" for s in r["steps"]]
+    # runs of one seed draw the same samples on each step: count each (seed, step) once
+    steps = list({(r["seed"], s["step"]): s for r in runs if r["loss_mode"] == "grpo" for s in r["steps"]}.values())
     m = "r.max()-r.min() per step (GRPO runs)"
     if not steps:
         return row(m, "no GRPO steps", "n/a", "needs a GRPO run")
@@ -364,7 +375,7 @@ def trajectories(runs):
         out.append(dict(run=r["name"], arm=r["arm"], loss_mode=r["loss_mode"], control=r["control"],
                         spark_cos_in=spark(ci, min(xs), max(xs)), spark_cos_out=spark(co, min(xs), max(xs)),
                         rows=[{k: s.get(k) for k in ("step", "skipped", "reward_range", "cos_in", "cos_out",
-                                                      "cos_update", "frac_fired", "n_over_projected")}
+                                                      "cos_update", "cos_in_global", "frac_fired", "n_over_projected")}
                               for s in r["steps"]]))
     return out
 
@@ -465,21 +476,27 @@ def arms(runs):
     its own basis' vanilla arm and null sd."""
     out = []
     for arm, basis in (("vanilla", "svd"), ("projected", "svd"), ("projected", "lora"), ("vanilla", "lora")):
-        rs = [r for r in main_runs(runs, arm) if r["basis"] == basis]
-        if not rs:
-            continue
-        st = [s for r in rs for s in live(r)]
-        m = lambda key: float(np.mean(vals(st, key))) if vals(st, key) else None
-        sd = max([r["null_sd"] for r in rs if r["null_sd"] is not None], default=None)
-        ci = m("cos_in")
-        cu = vals(st, "cos_update")
-        w = teacher_vs_base([s for r in rs for s in r["samples"]], "cos_adv_free")
-        out.append(dict(arm=arm, basis=basis, runs=[r["name"] for r in rs], live_steps=len(st), cos_in=ci,
-                        cos_in_null_sd=ci / sd if ci is not None and sd else None, null_sd=sd, cos_out=m("cos_out"),
-                        cos_update=m("cos_update"), update_hackward=f"{sum(c > 0 for c in cu)}/{len(cu)}",
-                        frac_fired=m("frac_fired"), n_over_projected=sum(s["n_over_projected"] or 0 for s in st),
-                        adv_free_teacher_vs_base=w))
+        by = defaultdict(list)
+        for r in main_runs(runs, arm):
+            if r["basis"] == basis:
+                by[experiment(r)].append(r)
+        for rs in by.values():
+            out.append(arm_row(arm, basis, rs))
     return out
+
+def arm_row(arm, basis, rs):
+    """One row of the arms table: main runs of one arm in one experiment."""
+    st = [s for r in rs for s in live(r)]
+    m = lambda key: float(np.mean(vals(st, key))) if vals(st, key) else None
+    sd = max([r["null_sd"] for r in rs if r["null_sd"] is not None], default=None)
+    ci = m("cos_in")
+    cu = vals(st, "cos_update")
+    w = teacher_vs_base([s for r in rs for s in r["samples"]], "cos_adv_free")
+    return dict(arm=arm, basis=basis, runs=[r["name"] for r in rs], live_steps=len(st), cos_in=ci,
+                cos_in_null_sd=ci / sd if ci is not None and sd else None, null_sd=sd, cos_out=m("cos_out"),
+                cos_update=m("cos_update"), update_hackward=f"{sum(c > 0 for c in cu)}/{len(cu)}",
+                frac_fired=m("frac_fired"), n_over_projected=sum(s["n_over_projected"] or 0 for s in st),
+                adv_free_teacher_vs_base=w)
 
 # -----------------------------------------------------------------------------
 # 6. Phase 3 decision (spec2 "Decision rules" and "Skip Phase 3 if")
@@ -492,7 +509,9 @@ CONTROL_WHY = dict(random_v="a random direction: chance alignment of any fixed d
 def control_comparisons(runs, key="cos_in"):
     """Each control (vanilla GRPO with another V) against the vanilla run of the same seed, paired by
     step (same seed -> same samples on each step): paired test of vanilla minus control."""
-    van = {r["seed"]: r for r in main_runs(runs, "vanilla")}
+    van = {}
+    for r in main_runs(runs, "vanilla"):                # one vanilla run per seed (the first given)
+        van.setdefault(r["seed"], r)
     out = {}
     for c in CONTROLS:
         xs, ys, names = [], [], []
@@ -513,9 +532,18 @@ def control_comparisons(runs, key="cos_in"):
 def control_command(ctrl, runs):
     van = main_runs(runs, "vanilla")
     r = van[0] if van else runs[0]
-    kind = r["cfg"].get("pair_kind", "pool")
-    return (f"python train.py --arm=vanilla --control={ctrl} --seed={r['seed']} --steps={r['cfg'].get('steps')} "
-            f"--pair-kind={kind} --preset={r['cfg'].get('preset', 'demo')} (replay dirs of {r['name']})")
+    c = r["cfg"]
+    cmd = (f"python train.py --arm=vanilla --control={ctrl} --seed={r['seed']} --steps={c.get('steps')} "
+           f"--preset={c.get('preset', 'demo')} --pair-kind={c.get('pair_kind', 'pool')} "
+           f"--loss-type={c.get('loss_type', 'grpo')} --basis={r['basis']}")
+    if r["basis"] == "lora":
+        cmd += f" --lora-rank={c.get('lora_rank')} --lora-alpha={c.get('lora_alpha')}"
+    for k in ("model", "lr", "max_prompt_tokens", "max_completion_tokens", "per_pool", "k"):
+        if c.get(k) is not None:
+            cmd += f" --{k.replace('_', '-')}={c[k]}"
+    if c.get("replay_dirs"):
+        cmd += f" --replay-dirs={','.join(c['replay_dirs'])}"
+    return cmd + f" --out={os.path.join(os.path.dirname(r['dir']), r['name'] + '_' + ctrl)}"
 
 def decision(runs, contrib_row, adv_free_row):
     """One answer. The alignment rules use cos_in as the mean over modules (the spec's cos_in, whose
@@ -654,11 +682,16 @@ def truncation_counts(run):
 
 def analyze(run_dirs, labels=None):
     every = [load_run(d) for d in run_dirs]
-    # the verification and decision judge one basis (SVD when present): runs of another basis are
-    # never pooled into the same arm; they appear in the arms table, trajectories and buckets
-    kinds = sorted({r["basis"] for r in every})
-    basis = "svd" if "svd" in kinds else kinds[0]
-    runs = [r for r in every if r["basis"] == basis]
+    # the verification and decision judge one experiment (same basis, pair kind, loss type, token limits,
+    # model, pools, ...; SVD first, then the one with most runs) that has a vanilla GRPO run: runs of
+    # another experiment are never pooled into its arms; they appear in the arms table, trajectories
+    # and buckets
+    groups = defaultdict(list)
+    for r in every:
+        groups[experiment(r)].append(r)
+    cands = [g for g in groups.values() if main_runs(g, "vanilla")] or list(groups.values())
+    runs = max(cands, key=lambda g: (g[0]["basis"] == "svd", len(g), -every.index(g[0])))
+    basis = runs[0]["basis"]
     ver = [check_reward_range(runs), check_vanilla_cos_in(runs), check_projection(runs),
            check_contrib(runs), check_contrib_adv_free(runs), check_update(runs), check_over_projection(every)]
     return dict(runs=[dict(run=r["name"], dir=r["dir"], arm=r["arm"], loss_mode=r["loss_mode"], control=r["control"],
@@ -666,7 +699,7 @@ def analyze(run_dirs, labels=None):
                            n_samples=len(r["samples"]), pair_kind=r["cfg"].get("pair_kind"),
                            loss_type=r["cfg"].get("loss_type"), truncation=truncation_counts(r))
                       for r in every],
-                decision_basis=basis, verification=ver, trajectories=trajectories(every), buckets=buckets(every),
+                decision_basis=basis, decision_runs=[r["name"] for r in runs], verification=ver, trajectories=trajectories(every), buckets=buckets(every),
                 phase1=phase1(every, labels), pairs=pairs(every), arms=arms(every), decision=decision(runs, ver[3], ver[4]),
                 controls_commands={c: control_command(c, runs) for c in CONTROLS} if runs else {})
 
@@ -704,7 +737,7 @@ def render(res):
         o += [wrap(n, "    ", "    - ") for n in d["mechanics"]]
     lost = [r for r in res["runs"] if (r.get("truncation") or {}).get("n_hack_lost_test_func")]
     for r in lost:
-        o.append(wrap(f"!!! {r['run']}: {r['truncation']['n_hack_lost_test_func']} hacked rows lost their test "
+        o.append(wrap(f"{r['run']}: {r['truncation']['n_hack_lost_test_func']} hacked rows lost their test "
                       f"function to the completion token limit: raise --max-completion-tokens", "  ", "!!! "))
     o.append("\n== runs ==")
     for r in res["runs"]:
@@ -771,10 +804,11 @@ def render(res):
                       f"{fmt_test(a['adv_free_teacher_vs_base'])}", "  ", "  "))
     o.append("\n== 6. Phase 3 decision ==")
     o.append(headline(res))
-    other = sorted({r["run"] for r in res["runs"] if r["basis"] != res["decision_basis"]})
+    other = [r["run"] for r in res["runs"] if r["run"] not in res["decision_runs"]]
     if other:
-        o.append(wrap(f"(judged on the {res['decision_basis']} runs; {', '.join(other)} of another basis are "
-                      f"compared in 5b, not pooled)", "  ", "  "))
+        o.append(wrap(f"(judged on {', '.join(res['decision_runs'])}, one experiment in the {res['decision_basis']} "
+                      f"basis; {', '.join(other)} differ in basis, pair kind, loss type, token limits, model or "
+                      f"pools: shown in 5b and the trajectories, never pooled)", "  ", "  "))
     return "\n".join(o)
 
 def report(run_dirs, as_json=False, labels=None):

@@ -1250,6 +1250,8 @@ def test_train_single_pool_needs_pair_source_and_overwrite_keeps_refused():
 def test_train_refuses_mismatched_v_hack_and_non_run_overwrite():
     run_train("--arm", "vanilla")                                   # makes the shared v_hack (k=1, nll)
     raises(SystemExit, run_train, "--arm", "vanilla", "--k", "2", match="this run asks for")
+    e = raises(SystemExit, run_train, "--arm", "vanilla", "--max-completion-tokens", "64", match="this run asks for")
+    assert "max_tokens" in str(e)                                  # a named v_hack of other token limits
     d = tmpdir()
     open(os.path.join(d, "keep.txt"), "w").write("not a run")
     raises(SystemExit, run_train, "--arm", "vanilla", "--overwrite", out=d, match="only replaces a run directory")
@@ -1596,6 +1598,38 @@ def test_three_arms_side_by_side_never_pool_bases():
         lora_only = A.analyze([lv, lp])                          # a LoRA-only analysis judges the LoRA runs
         assert lora_only["decision_basis"] == "lora" and lora_only["decision"]["vanilla_mean_cos_in"] < 0
 
+def test_decision_judges_one_experiment_and_matches_controls_within_it():
+    with tempfile.TemporaryDirectory() as root:
+        lora = dict(basis="lora", lora_rank=4, lora_alpha=8)
+        lv = make_run(root, "van_lora", "vanilla", seed=1, cfg=lora)
+        lp = make_run(root, "proj_lora", "projected", seed=1, cfg=lora)
+        sr = make_run(root, "rnd_svd", "vanilla", seed=1, control="random_v", cos_in=(0.0, 0.05))
+        res = A.analyze([lv, lp, sr])          # an SVD control alone must not take the decision from LoRA
+        assert res["decision_basis"] == "lora" and res["decision"]["code"] != "no_vanilla"
+        assert res["decision_runs"] == ["van_lora", "proj_lora"] and "random_v" in res["decision"]["controls_missing"]
+        # a control run with other token limits is another experiment: never paired with vanilla
+        v = make_run(root, "van", "vanilla", seed=2, cfg=dict(max_prompt_tokens=1280, max_completion_tokens=640))
+        r = make_run(root, "rnd", "vanilla", seed=2, control="random_v", cos_in=(0.35, 0.05),
+                     cfg=dict(max_prompt_tokens=128, max_completion_tokens=128))
+        d = A.analyze([v, r])["decision"]
+        assert "random_v" in d["controls_missing"] and "random_v" not in d["controls"]
+        r2 = make_run(root, "rnd2", "vanilla", seed=2, control="random_v", cos_in=(0.35, 0.05),
+                      cfg=dict(max_prompt_tokens=1280, max_completion_tokens=640))
+        d = A.analyze([v, r2])["decision"]
+        assert "random_v" in d["controls"] and d["code"] == "skip_not_above_control"
+        # pool and mechanism vanilla runs are separate rows, never one mean
+        m = make_run(root, "van_mech", "vanilla", seed=2, cos_in=(-0.3, 0.05),
+                     cfg=dict(max_prompt_tokens=1280, max_completion_tokens=640, pair_kind="mechanism"))
+        arms = A.analyze([v, m])["arms"]
+        assert sorted(a["runs"] for a in arms) == [["van"], ["van_mech"]]
+        # the trajectories carry the global cosine, and the reward-range row counts each (seed, step) once
+        res = A.analyze([v, r2])
+        assert all("cos_in_global" in x for t in res["trajectories"] for x in t["rows"])
+        assert "over 20 live steps" in res["verification"][0]["measured"], res["verification"][0]["measured"]
+        cmd = A.control_command("style_v", [A.load_run(v)])
+        assert "--max-prompt-tokens=1280" in cmd and "--basis=svd" in cmd and "--replay-dirs=" in cmd
+
+
 def test_synthetic_skip_and_failures():
     with tempfile.TemporaryDirectory() as root:
         # vanilla orthogonal to v_hack, no teacher/base discrimination, projection barely fires
@@ -1916,7 +1950,9 @@ def test_train_flags_checked_before_anything_is_created():
              (["--replay-dirs", f"{teacher},no_such_pool"], "no_such_pool is not a pool directory"),
              (["--model", "./no/such/model"], "--model=./no/such/model: no such local path"),
              (["--model", "nobody-here/no-such-model-xyz"], "not in the Hugging Face cache"),
-             (["--preset", "full"], "not built yet"), (["--device", "gpu"], "--device=gpu: must be cpu")]
+             (["--preset", "full"], "not built yet"), (["--device", "gpu"], "--device=gpu: must be cpu"),
+             (["--pairs", FIXTURE, "--control", "style_v"], "cannot be combined with --control=style_v"),
+             (["--pair-kind", "mechanism", "--extract-loss", "grpo"], "--extract-loss=grpo: weights a pair")]
     for extra, msg in cases:
         out = os.path.join(tmpdir(), "run")
         t = time.time()

@@ -127,6 +127,12 @@ def validate(args):
     what is allowed. (Checks that need the pools, like --per-pool's upper bound, come in main.)"""
     def bad(flag, value, allowed):
         raise SystemExit(f"error: {flag}={value}: {allowed}")
+    if args.pairs is not None and (args.control == "style_v" or args.pair_kind == "mechanism"):
+        bad("--pairs", args.pairs, "takes the file's pairs as they are: it cannot be combined with "
+            "--control=style_v or --pair-kind=mechanism, which build their own pairs from the pools")
+    if args.pair_kind == "mechanism" and args.extract_loss == "grpo":
+        bad("--extract-loss", "grpo", "weights a pair by its reward gap, which mechanism pairs (a hack and itself "
+            "without its test function, never graded) do not have: use --extract-loss=nll with --pair-kind=mechanism")
     if args.preset in configs.ONLINE_ONLY:
         bad("--preset", args.preset, f"is the online (Phase 3) preset {args.not_implemented}, which is not built "
             f"yet; the replay probes take --preset=demo or --preset=phase2")
@@ -445,7 +451,7 @@ def get_v_hack(args, model, tok, modules, pairs, pairs_src, replay_texts):
             V, meta = ap.load_v(path, modules)
         except ValueError as e:
             raise SystemExit(f"error: --v-hack: {e}")
-        want = dict(loss=loss, k=args.k, control=control, pair_kind=args.pair_kind)
+        want = dict(loss=loss, k=args.k, control=control, pair_kind=args.pair_kind, max_tokens=list(lens))
         got = {k_: meta.get(k_, "pool" if k_ == "pair_kind" else None) for k_ in want}
         if got != want:
             raise SystemExit(f"error: v_hack {path} was extracted with {got}; this run asks for {want}")
@@ -500,7 +506,7 @@ def main(argv=None):
         return run_probe(argv)
     except KeyboardInterrupt:
         out = RUN.get("out")
-        if out and os.path.exists(os.path.join(out, "run.json")):
+        if out and RUN.get("written") and os.path.exists(os.path.join(out, "run.json")):
             cmd = [a for a in argv if a != "--overwrite"] + ([] if "--resume" in argv else ["--resume"])
             print(f"\ninterrupted: the finished steps are saved in {out}; continue with:\n"
                   f"  python train.py {shlex.join(cmd)}", file=sys.stderr)
@@ -623,9 +629,11 @@ def run_probe(argv):
     if args.resume and os.path.exists(state_path):
         with open(os.path.join(out, "run.json")) as f:
             old = json.load(f)
-        same = lambda c: {k: v for k, v in c.items() if k != "steps"}   # a resume may extend --steps
+        # a resume may extend --steps; fields added since a run began take the value that run had
+        same = lambda c: {k: v for k, v in dict(dict(pair_kind="pool", loss_type="grpo", basis="svd"), **c).items()
+                          if k != "steps"}
         diff = sorted(k for k in set(same(old["config"])) | set(same(run["config"]))
-                      if old["config"].get(k) != run["config"].get(k))
+                      if same(old["config"]).get(k) != same(run["config"]).get(k))
         if old["v_hack"]["sha256"] != vmeta["sha256"]:
             diff.append("v_hack")
         if diff:
@@ -638,6 +646,7 @@ def run_probe(argv):
         start = st["step"] + 1
         step_rows = [r for r in pools.read_jsonl(os.path.join(out, "steps.jsonl")) if r["step"] < start]
     write_json(os.path.join(out, "run.json"), run)
+    RUN["written"] = True                   # from here on `out` is this run's (an --overwrite has replaced it)
 
     n_group = per_pool * len(replay_dirs)
     bar = pools._bar(args.steps - start, f"{args.arm}/{args.loss_mode}", enabled=not args.quiet)
