@@ -1998,7 +1998,9 @@ def test_train_logs_steps_off_a_terminal_and_records_no_unimplemented_preset_key
     os.chdir(tmpdir())
     try:                                       # not --quiet: a progress bar on a terminal, log lines elsewhere
         _, stdout, err = quiet_call(train.main, ["--steps", "2", "--replay-dirs", f"{teacher},{base}", "--out", out,
-                                                 "--no-report", "--v-hack", _cache["v_hack"], "--device", "cpu"])
+                                                 "--no-report", "--v-hack", _cache["v_hack"], "--device", "cpu",
+                                                 "--max-prompt-tokens", str(TEST_LIMITS[0]),
+                                                 "--max-completion-tokens", str(TEST_LIMITS[1])])
     finally:
         os.chdir(cwd)
     lines = [l for l in err.splitlines() if l.startswith("step ")]
