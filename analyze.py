@@ -605,7 +605,12 @@ def decision(runs, contrib_row, adv_free_row):
                             f"diff {fmt(t['mean_diff'])}" + (f", t={t['t']:+.2f}, p={t['p']:.2g}" if t["p"] is not None
                                                              else f" ({t['reason']})") + f" (paired, n={t['n']})")
         out.update(band=band, steps_outside_band=int(np.sum(np.abs(ci) >= band)))
-        near0 = abs(m) < band                             # spec: "cos_in ≈ 0 over 20 steps"
+        # spec: "cos_in ≈ 0 over 20 steps". The mean is judged against the label-free controls on the same
+        # steps (paired) when there are any, else against the isotropic null; the widened per-step band
+        # serves the per-step skip rule only (a noisy control must not make any mean "≈ 0")
+        free = [comps[c] for c in ("random_v", "shuffled_v") if c in comps and comps[c]["p"] is not None]
+        near0 = all(t["p"] >= ALPHA for t in free) if free else abs(m) < null_band(van + proj)[1]
+        out["mean_near0_by"] = "paired controls" if free else "isotropic null band"
         near0_all = out["steps_outside_band"] == 0        # spec's skip rule: "≈ 0 on ALL steps"
         if not near0_all:
             notes.append(f"|cos_in| >= {band:.3f} on {out['steps_outside_band']}/{len(ci)} steps")
@@ -630,14 +635,14 @@ def decision(runs, contrib_row, adv_free_row):
                     "(reversed discrimination): check v_hack's sign and pairs first")
     elif near0 and rev:
         code, rule, why = "investigate_reversed", "INVESTIGATE: reversed discrimination", \
-            (f"|mean cos_in| < {band:.3f} (≈ 0) and teacher rows' own gradients align less with v_hack than base "
+            (f"mean cos_in ≈ 0 ({out['mean_near0_by']}) and teacher rows' own gradients align less with v_hack than base "
              "rows' (spec2 expects more): check v_hack's sign and extraction pairs before any sweep")
     elif near0_all and not disc:
         code, rule, why = "skip_orthogonal", "SKIP Phase 3; try R7 (GRPO-style v_hack re-extraction) first", \
             f"|cos_in| < {band:.3f} (≈ 0) on all steps and no teacher-vs-base discrimination"
     elif near0:
         code, rule, why = "run_smaller_h1", "RUN but expect smaller H1 effect", \
-            (f"|mean cos_in| < {band:.3f} (≈ 0) over the steps, but "
+            (f"mean cos_in ≈ 0 ({out['mean_near0_by']}) over the steps, but "
              + ("teacher and base rows discriminate" if disc else
                 f"not on all steps ({out['steps_outside_band']} outside), so the skip rule does not apply"))
     elif m < 0:

@@ -1630,6 +1630,19 @@ def test_decision_judges_one_experiment_and_matches_controls_within_it():
         assert "--max-prompt-tokens=1280" in cmd and "--basis=svd" in cmd and "--replay-dirs=" in cmd
 
 
+def test_a_noisy_control_does_not_make_the_mean_near_zero():
+    with tempfile.TemporaryDirectory() as root:
+        v = make_run(root, "van", "vanilla", seed=3, cos_in=(0.15, 0.05))
+        r = make_run(root, "rnd", "vanilla", seed=3, control="random_v", cos_in=(0.0, 0.05))
+        sh = make_run(root, "shuf", "vanilla", seed=3, control="shuffled_v", cos_in=(0.0, 0.4))
+        d = A.analyze([v, r, sh])["decision"]
+        assert d["band"] > 0.5                       # the noisy control widens the per-step band ...
+        assert d["mean_near0_by"] == "paired controls"
+        # ... but the mean is judged paired: above random_v, not above the noisy shuffled_v -> no RUN
+        assert d["controls"]["random_v"]["p"] < 0.05 and d["controls"]["shuffled_v"]["p"] >= 0.05
+        assert d["code"] == "skip_not_above_control", d["code"]
+
+
 def test_synthetic_skip_and_failures():
     with tempfile.TemporaryDirectory() as root:
         # vanilla orthogonal to v_hack, no teacher/base discrimination, projection barely fires
