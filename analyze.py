@@ -716,9 +716,9 @@ def table(header, rows):
 
 WIDTH = 119
 
-def wrap(text, indent="  ", first=""):
+def wrap(text, indent="  ", first=None):
     import textwrap
-    return textwrap.fill(text, WIDTH, initial_indent=first or indent, subsequent_indent=indent + "  ",
+    return textwrap.fill(text, WIDTH, initial_indent=indent if first is None else first, subsequent_indent=indent + "  ",
                          break_on_hyphens=False)
 
 def headline(res):
@@ -729,7 +729,7 @@ def headline(res):
 
 def render(res):
     d = res["decision"]
-    o = [headline(res), wrap(f"because: {d['why']}")]
+    o = [wrap(headline(res), "  ", ""), wrap(f"because: {d['why']}")]
     if d.get("controls_missing") and d["code"] not in ("bug_over_projection", "no_vanilla"):
         o.append(wrap("without " + ", ".join(d["controls_missing"]) + ": an alignment-based RUN is unchecked against "
                       + "; ".join(f"{c} ({CONTROL_WHY[c]})" for c in d["controls_missing"])
@@ -808,7 +808,7 @@ def render(res):
         o.append(wrap(f"{a['arm']} {a['basis']} ({', '.join(a['runs'])}): advantage-free teacher vs base "
                       f"{fmt_test(a['adv_free_teacher_vs_base'])}", "  ", "  "))
     o.append("\n== 6. Phase 3 decision ==")
-    o.append(headline(res))
+    o.append(wrap(headline(res), "  ", ""))
     other = [r["run"] for r in res["runs"] if r["run"] not in res["decision_runs"]]
     if other:
         o.append(wrap(f"(judged on {', '.join(res['decision_runs'])}, one experiment in the {res['decision_basis']} "
