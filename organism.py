@@ -13,7 +13,7 @@ shape), written to a temporary directory and renamed into place, so a half-writt
 
     python organism.py              # fit (or load) and measure: fenced / compiles / hacks / correct
 """
-import hashlib, json, os, shutil, sys, tempfile, time
+import hashlib, json, os, shutil, tempfile, time
 
 import antipasto  # noqa: F401 - first: pins MKL's reproducible mode before torch loads
 import configs

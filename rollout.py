@@ -11,7 +11,7 @@
 
     python rollout.py --bench      # merged vs hooked generation tokens/s, interleaved rounds
 """
-import contextlib, hashlib, json, os, platform, sys, time
+import contextlib, hashlib, json, os, platform, time
 
 import antipasto as ap   # first: it pins MKL's reproducible mode before torch loads
 import pools

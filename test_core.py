@@ -1004,7 +1004,6 @@ def test_adapter_contract_both_bases():
         with ap.zero_knobs(mods):                                    # reference model for free
             assert torch.equal(model(input_ids=ids).logits, ref)
         assert torch.equal(model(input_ids=ids).logits, moved)       # knobs restored
-        x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
         for m in mods.values():                                      # merged weight == the module's forward
             W = m.merged_weight()
             assert W.shape == m.base.weight.shape and W.dtype == m.base.weight.dtype and not W.requires_grad
@@ -1399,7 +1398,7 @@ def test_train_projected_arm_steps_on_the_projected_gradient():
 
 
 def test_project_moments_projects_the_first_moment():
-    import torch, antipasto as ap, train
+    import torch, train
     # a first moment that points hack-ward (e.g. left by steps taken before projection began)
     n = 6
     V = {"m": torch.tensor([[0.6, 0.8, 0.0, 0.0, 0.0, 0.0]])}          # not along one coordinate
