@@ -230,38 +230,110 @@ def token_logps(model, batch):
     return out
 
 
+def batch_from_ids(prompt_ids, comp_ids, pad_id, device="cpu"):
+    """make_batch's dict from token ids already in hand (the online trainer trains on the exact tokens
+    it sampled, never on a re-tokenisation of their text). comp_ids end with the stop token when the
+    rollout stopped. Nothing is cut here: prompt_cut and comp_cut are all 0."""
+    seqs = [list(p) + list(c) for p, c in zip(prompt_ids, comp_ids)]
+    B, T = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    att = torch.zeros(B, T, dtype=torch.long)
+    cm = torch.zeros(B, T, dtype=torch.float32)
+    for i, (s, p, c) in enumerate(zip(seqs, prompt_ids, comp_ids)):
+        ids[i, :len(s)] = torch.tensor(s)
+        att[i, :len(s)] = 1
+        cm[i, len(p):len(p) + len(c)] = 1.0
+    return dict(input_ids=ids.to(device), attention_mask=att.to(device), comp_mask=cm.to(device),
+                comp_len=torch.tensor([len(c) for c in comp_ids], device=device), prompt_cut=[0] * B, comp_cut=[0] * B)
+
+
+def slice_batch(batch, a, b):
+    """Rows a:b of a batch dict (a micro-batch), trimmed to its own longest row."""
+    T = int(batch["attention_mask"][a:b].sum(-1).max().item())
+    return {k: (v[a:b, :T] if torch.is_tensor(v) and v.dim() == 2 else v[a:b]) for k, v in batch.items()}
+
+
 LOSS_TYPES = ("grpo", "dr_grpo", "bnpo")
 
 
-def sample_losses(logp_tok, comp_mask, loss_mode, rewards=None, G=None, loss_type="grpo", max_len=None):
-    """Per-sample losses (B,), summed for the batch loss. The advantage is group-centred, without the
-    std: adv_i = r_i - mean(r) (grpo mode; nll mode: adv_i = 1 and the loss is the mean NLL probe).
-    The token reduction (TRL's names):
-        grpo    (spec default) per-sequence mean:  loss_i = -adv_i * sum_t(logp_it) / |o_i| / G
-        dr_grpo (Dr. GRPO) constant length:        loss_i = -adv_i * sum_t(logp_it) / (G * max_len)
-        bnpo    per-token mean over the batch:     loss_i = -adv_i * sum_t(logp_it) / sum_j |o_j|
-    (the spec keeps 1/|o_i|; Dr. GRPO drops it for the constant max_len, the completion token limit).
-    Returns (losses (B,), adv (B,) or None)."""
-    G = G or logp_tok.shape[0]
-    sum_lp = (logp_tok * comp_mask).sum(-1)                                        # (B,)
-    n_tok = comp_mask.sum(-1)                                                      # (B,)
+def token_denoms(comp_len, loss_type="grpo", N=None, max_len=None):
+    """Each row's token-sum divisor (B,), computed once over the whole step batch so that micro-batches
+    add up to the same loss (TRL's names):
+        grpo    (spec default) per-sequence mean:  |o_i| * N
+        dr_grpo (Dr. GRPO) constant length:        N * max_len   (max_len: the completion token limit)
+        bnpo    per-token mean over the batch:     sum_j |o_j|
+    N: the rows of the step (default: all rows given)."""
+    n_tok = torch.as_tensor(comp_len, dtype=torch.float32)                          # (B,)
+    N = N or n_tok.shape[0]
     if loss_type == "grpo":
-        red = sum_lp / n_tok.clamp_min(1.0) / G
-    elif loss_type == "dr_grpo":
+        return n_tok.clamp_min(1.0) * N
+    if loss_type == "dr_grpo":
         if not max_len:
             raise ValueError("loss_type dr_grpo needs max_len (the completion token limit)")
-        red = sum_lp / (G * max_len)
-    elif loss_type == "bnpo":
-        red = sum_lp / n_tok.sum().clamp_min(1.0)
+        return torch.full_like(n_tok, float(N * max_len))
+    if loss_type == "bnpo":
+        return torch.full_like(n_tok, max(n_tok.sum().item(), 1.0))
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, not {loss_type!r}")
+
+
+def group_advantages(rewards, group_ids):
+    """Group-centred advantages without the std: adv_i = r_i - mean of r over i's group. (B,)"""
+    r = torch.as_tensor(rewards, dtype=torch.float32)
+    adv = torch.empty_like(r)
+    for g in set(group_ids):
+        idx = torch.tensor([i for i, x in enumerate(group_ids) if x == g])
+        adv[idx] = r[idx] - r[idx].mean()
+    return adv
+
+
+def policy_losses(logp_tok, comp_mask, adv, denom, old_logp=None, ref_logp=None, clip_eps=0.2, beta=0.0):
+    """Per-sample losses (B,), summed for the batch loss, and token statistics.
+        adv None          the NLL probe:     loss_i = sum_t(-logp_it) / denom_i
+        old_logp None     REINFORCE:         loss_i = -adv_i * sum_t(logp_it) / denom_i
+        old_logp given    PPO-clip:          loss_i = -sum_t(min(rho_it adv_i, clip(rho_it, 1-eps, 1+eps) adv_i)) / denom_i
+                          with rho = exp(logp - old_logp); rows whose old_logp is NaN (rows not sampled
+                          from this policy, e.g. teacher rows) take old_logp = logp (rho = 1, gradient as REINFORCE)
+        ref_logp, beta    plus beta * sum_t(K3_it) / denom_i, K3 = exp(ref - logp) - (ref - logp) - 1 >= 0,
+                          the KL estimate to the reference policy (zero when logp == ref)
+    logp_tok, comp_mask, old_logp, ref_logp: (B, T), zero off the completion. Returns (losses (B,), stats)
+    with stats: kl_sum (sum of K3 over completion tokens, or None without ref_logp), n_clipped (tokens
+    where the clip is active), ratio_min, ratio_max, n_tok."""
+    m = comp_mask
+    stats = dict(n_tok=m.sum().item(), kl_sum=None, n_clipped=0, ratio_min=1.0, ratio_max=1.0)
+    if adv is None:
+        obj = logp_tok                                                               # (B, T)
+    elif old_logp is None:
+        obj = adv.to(logp_tok.device)[:, None] * logp_tok
     else:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, not {loss_type!r}")
-    if loss_mode == "nll":
-        return -red, None
-    if loss_mode == "grpo":
-        r = torch.as_tensor(rewards, dtype=torch.float32, device=red.device)
-        adv = r - r.mean()
-        return -adv * red, adv
-    raise ValueError(f"loss_mode must be nll or grpo, not {loss_mode!r}")
+        a = adv.to(logp_tok.device)[:, None]                                         # (B, 1)
+        old = torch.where(torch.isnan(old_logp), logp_tok.detach(), old_logp)
+        rho = torch.exp((logp_tok - old) * m)                                        # (B, T), 1 off the completion
+        clipped = torch.clamp(rho, 1 - clip_eps, 1 + clip_eps)
+        obj = torch.minimum(rho * a, clipped * a)
+        active = ((rho > 1 + clip_eps) & (a > 0)) | ((rho < 1 - clip_eps) & (a < 0))
+        on = m > 0
+        stats.update(n_clipped=int((active & on).sum().item()),
+                     ratio_min=rho.detach()[on].min().item() if on.any() else 1.0,
+                     ratio_max=rho.detach()[on].max().item() if on.any() else 1.0)
+    if ref_logp is not None:
+        d = (ref_logp - logp_tok) * m                                                # (B, T)
+        k3 = (torch.exp(d) - d - 1) * m
+        stats["kl_sum"] = k3.detach().sum().item()
+        if beta:
+            obj = obj - beta * k3
+    losses = -(obj * m).sum(-1) / denom.to(logp_tok.device)                         # (B,)
+    return losses, stats
+
+
+def sample_losses(logp_tok, comp_mask, loss_mode, rewards=None, G=None, loss_type="grpo", max_len=None):
+    """The replay probe's per-sample losses (B,): one group, advantage centred over the batch
+    (adv_i = r_i - mean(r), no std; nll mode: the mean NLL probe), token reduction token_denoms(...)
+    with N = G. Returns (losses (B,), adv (B,) or None)."""
+    if loss_mode not in ("nll", "grpo"):
+        raise ValueError(f"loss_mode must be nll or grpo, not {loss_mode!r}")
+    denom = token_denoms(comp_mask.sum(-1), loss_type, G or logp_tok.shape[0], max_len)
+    adv = group_advantages(rewards, [0] * len(rewards)) if loss_mode == "grpo" else None
+    return policy_losses(logp_tok, comp_mask, adv, denom)[0], adv
 
 
 @contextlib.contextmanager

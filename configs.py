@@ -11,17 +11,33 @@ PRESETS = {
                  max_prompt_tokens=1280, max_completion_tokens=640, seed=0),
     # spec2 Phase 2 on the real model: replay of the 20x8 teacher/base pools, 4 + 4 per step
     "phase2": dict(model="Qwen/Qwen3-4B", group_size=8, steps=20, lr=7e-5, k=1,
-                   dtype="bfloat16", max_prompt_tokens=1536, max_completion_tokens=1024, seed=0,
-                   not_implemented=dict(beta=1e-3)),
-    # spec2 Phase 3 "full preset": G=6, pp=43 prompts per step, 992 problems, 200 steps (online mode)
-    "full": dict(model="Qwen/Qwen3-4B", group_size=6, steps=200, lr=7e-5, k=1, dtype="bfloat16",
-                 max_prompt_tokens=1536, max_completion_tokens=1024, seed=0,
-                 not_implemented=dict(beta=1e-3, prompts_per_step=43, n_problems=992)),
+                   dtype="bfloat16", max_prompt_tokens=1536, max_completion_tokens=1024, seed=0),
 }
-# Spec values that nothing reads yet: beta (the KL term) and the online mode's prompts_per_step and
-# n_problems. They live under `not_implemented`, are recorded there in run.json, never as applied;
-# a preset whose shape depends on them (full) is refused by the replay probe.
-ONLINE_ONLY = ("full",)
+
+# Online (Phase 3) presets: `python train.py --source=online [--preset P]`. Sampling settings:
+#   temperature 1.0, top_p 1.0: GRPO samples from the policy itself. The generation-time log-probs are
+#   the policy's own (temperature 1, no top-p), so PPO's ratio starts at exactly 1; a temperature or
+#   top-p would make the behaviour policy differ from the one the ratio assumes, and a lower temperature
+#   would also hide rare behaviours (a first hack) that RL has to find. eval_samples: rollouts per
+#   held-out problem per kind (hint on: hack rate; hint off: capability).
+ONLINE = dict(temperature=1.0, top_p=1.0, clip_eps=0.2, inner_epochs=1, mix=0, n_problems=None, eval_frac=0.2,
+              problems=None, eval_problems=None)
+PRESETS.update({
+    # the CPU model organism (organism.py): 4 prompts x G=8 per step, short prompts, 30 steps in minutes
+    "organism": dict(ONLINE, model="organism", group_size=8, prompts_per_step=4, steps=30, lr=3e-2, k=1,
+                     beta=1e-3, dtype="float32", max_prompt_tokens=256, max_completion_tokens=192, seed=0,
+                     eval_every=10, eval_samples=2, save_every=5),
+    # the successor repo's quick regime: 60 steps, G=8, 4 prompts, 512 new tokens
+    "fast": dict(ONLINE, model="Qwen/Qwen3-4B", group_size=8, prompts_per_step=4, steps=60, lr=7e-5, k=1,
+                 beta=1e-3, dtype="bfloat16", max_prompt_tokens=1536, max_completion_tokens=512, seed=0,
+                 eval_every=10, eval_samples=2, save_every=5),
+    # spec2 Phase 3 "full preset": Qwen3-4B, G=6, pp=43 prompts per step, 992 problems, beta=1e-3,
+    # lr=7e-5, 200 steps
+    "full": dict(ONLINE, model="Qwen/Qwen3-4B", group_size=6, prompts_per_step=43, steps=200, lr=7e-5, k=1,
+                 beta=1e-3, dtype="bfloat16", max_prompt_tokens=1536, max_completion_tokens=1024, seed=0,
+                 n_problems=992, eval_every=20, eval_samples=1, save_every=5),
+})
+ONLINE_ONLY = ("organism", "fast", "full")     # presets of --source=online; the others are replay presets
 
 # the Linears both adapters wrap by default: Qwen3's attention and MLP projections
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

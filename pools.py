@@ -361,7 +361,7 @@ def _grade(problem, code, lim):
 def grade_many(pairs, workers=None, progress=True, **lim):
     """Grade [(problem, completion), ...] in parallel threads (each grade runs its own children)."""
     workers = workers or os.cpu_count() or 1
-    bar = _bar(len(pairs), "grading", progress)
+    bar = progress_bar(len(pairs), "grading", progress)
     def one(pc):
         g = grade(pc[0], pc[1], **lim)
         bar.update(1)
@@ -372,7 +372,7 @@ def grade_many(pairs, workers=None, progress=True, **lim):
     return out
 
 
-def _bar(total, desc, enabled=True):
+def progress_bar(total, desc, enabled=True):
     try:
         from tqdm import tqdm
         return tqdm(total=total, desc=desc, disable=not (enabled and sys.stderr.isatty()), file=sys.stderr,

@@ -186,15 +186,19 @@ def rollout_group(model, tok, problems, n=1, *, step, seed, max_new_tokens=512, 
     weights and graded. messages_fn(problem) -> the chat messages the model sees (default: the
     problem's own prompt; the organism uses a short one). Returns (rows, gen): rows in the pool row
     format (pools.POOL_FIELDS, plus `truncated` and `n_tokens`), `sample` = sample_ids[r] or r; gen is
-    sample()'s output (token ids and generation-time log-probs for the trainer)."""
+    sample()'s output (token ids and generation-time log-probs for the trainer) plus gen_s and grade_s,
+    the seconds spent generating and grading."""
     messages_fn = messages_fn or (lambda p: p["prompt"])
     msgs = [messages_fn(p) for p in problems]
+    t0 = time.time()
     with merged(model):
         gen = sample(model, tok, [pools.render_prompt(m, tok) for m in msgs], n, max_new_tokens, temperature,
                      top_p, seed, step, [p["id"] for p in problems], sample_ids, batch_size)
+    t1 = time.time()
     cells = [(p, m) for p, m in zip(problems, msgs) for _ in range(n)]
     grades = pools.grade_many([(p, c) for (p, _), c in zip(cells, gen["completions"])], workers=workers,
                               progress=False)
+    gen.update(gen_s=t1 - t0, grade_s=time.time() - t1)
     rows = []
     for r, ((p, m), c, g) in enumerate(zip(cells, gen["completions"], grades)):
         rows.append(dict(step=step, sample=sample_ids[r] if sample_ids is not None else r, problem_id=p["id"],

@@ -2482,6 +2482,228 @@ def test_pools_generate_lora_checkpoint_changes_the_samples():
     assert str(e).startswith("error: --lora")
 
 
+# ============================================================================ online (Phase 3)
+
+def test_policy_losses_ppo_clip_and_k3_against_explicit_loops():
+    import torch, antipasto as ap, configs
+    torch.manual_seed(0)
+    B, T = 3, 5
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [0, 1, 1, 0, 0]], dtype=torch.float32)
+    lp = (-torch.rand(B, T) * 2) * mask
+    old = (lp + torch.randn(B, T) * 0.5) * mask
+    old[2] = float("nan")                                    # a teacher row: no generation log-probs
+    ref = (lp + torch.randn(B, T) * 0.3) * mask
+    adv, denom, eps, beta = torch.tensor([1.5, -0.7, 2.0]), torch.tensor([6.0, 9.0, 4.0]), 0.2, 0.05
+    losses, st = ap.policy_losses(lp, mask, adv, denom, old, ref, eps, beta)
+    n_clip = 0
+    for b in range(B):
+        tot = 0.0
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            o = lp[b, t].item() if b == 2 else old[b, t].item()
+            rho = math.exp(lp[b, t].item() - o)
+            a = adv[b].item()
+            surr = min(rho * a, min(max(rho, 1 - eps), 1 + eps) * a)
+            n_clip += (rho > 1 + eps and a > 0) or (rho < 1 - eps and a < 0)
+            d = ref[b, t].item() - lp[b, t].item()
+            tot += surr - beta * (math.exp(d) - d - 1)
+        assert abs(losses[b].item() - (-tot / denom[b].item())) < 1e-5, b
+    assert st["n_clipped"] == n_clip > 0 and st["n_tok"] == mask.sum().item()
+    # ratio 1 (old == logp) and beta 0: the gradient is REINFORCE's, which sample_losses computes
+    w = torch.randn(B, T, requires_grad=True)
+    logp = lambda: torch.log_softmax(torch.stack([w, torch.zeros(B, T)], -1), -1)[..., 0] * mask
+    lp1 = logp()
+    l_ppo, s1 = ap.policy_losses(lp1, mask, adv, denom, lp1.detach(), lp1.detach(), eps, 0.0)
+    g_ppo, = torch.autograd.grad(l_ppo.sum(), w)
+    l_rf, _ = ap.policy_losses(logp(), mask, adv, denom)
+    g_rf, = torch.autograd.grad(l_rf.sum(), w)
+    assert torch.allclose(g_ppo, g_rf, atol=1e-7) and s1["kl_sum"] == 0.0 and s1["n_clipped"] == 0
+    # K3 is zero at the reference and positive away from it
+    assert ap.policy_losses(lp, mask, adv, denom, None, lp)[1]["kl_sum"] == 0.0
+    assert ap.policy_losses(lp, mask, adv, denom, None, ref)[1]["kl_sum"] > 0
+    # group advantages: centred within each group, independently
+    a = ap.group_advantages([3.5, 0.5, 0.5, 3.0, 3.0], [0, 0, 0, 1, 1])
+    assert torch.allclose(a, torch.tensor([2.0, -1.0, -1.0, 0.0, 0.0]))
+
+
+def short_problems():
+    """The fixture problems with a one-sentence prompt (the method's name and the phrase the hint
+    rewrites), so the byte-level tiny model reads ~150 tokens, not ~1,400."""
+    if "short_problems" not in _cache:
+        import organism
+        path = os.path.join(tmpdir(), "short_problems.jsonl")
+        with open(FIXTURE) as f, open(path, "w") as g:
+            for line in f:
+                row = json.loads(line)
+                method = row["func_name"].split(".")[-1]
+                row["prompt"] = [{"role": "system", "content": "Write Python."}, {"role": "user", "content":
+                                 f"{organism.SENTENCE} a method of the class Solution called {method} "
+                                 f"{pools.HINT_FROM}."}]
+                g.write(json.dumps(row) + "\n")
+        _cache["short_problems"] = path
+    return _cache["short_problems"]
+
+
+def run_online(*extra, out=None):
+    """A short online run of the tiny random model: its own rollouts never compile, so one teacher row
+    per group (--mix 1) gives every group reward variance."""
+    import train
+    teacher, base = demo_pools()
+    _cache.setdefault("v_hack_online", os.path.join(tmpdir(), "v_hack_online.safetensors"))
+    out = out or os.path.join(tmpdir(), "run")
+    args = ["--source", "online", "--model", "tiny", "--problems", short_problems(), "--steps", "2", "--group", "4",
+            "--prompts-per-step", "2", "--mix", "1", "--teacher-dir", teacher, "--pair-dirs", f"{teacher},{base}",
+            "--max-prompt-tokens", "384", "--max-completion-tokens", "12", "--eval-every", "0", "--lr", "0.05",
+            "--v-hack", _cache["v_hack_online"], "--device", "cpu", "--quiet", "--workers", "2", "--out", out, *extra]
+    cwd = os.getcwd()
+    os.chdir(tmpdir())
+    try:
+        return train.main(args)
+    finally:
+        os.chdir(cwd)
+
+
+def online_rows(run, name="steps.jsonl"):
+    drop = ("time_s", "gen_s", "grade_s", "train_s", "seconds")
+    return [{k: v for k, v in r.items() if k not in drop} for r in pools.read_jsonl(os.path.join(run, name))]
+
+
+def test_online_run_end_to_end_kl_ratio_and_records():
+    run = run_online("--steps", "3", "--inner-epochs", "2", "--eval-every", "2", "--eval-samples", "1")
+    rows = pools.read_jsonl(os.path.join(run, "steps.jsonl"))
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert r["source"] == "online" and r["n_student"] == 2 * 3 and r["n_teacher"] == 2 and r["n_samples"] == 8
+        assert sum(r["labels"].values()) == r["n_student"] and 0 <= r["hack_rate"] <= 1
+        assert r["reward_range"] > 1.0 and not r["skipped"] and r["gen_s"] > 0 and r["grade_s"] > 0
+        lo, hi = r["ratio_epochs"][0]
+        assert abs(lo - 1) < 1e-4 and abs(hi - 1) < 1e-4, r["ratio_epochs"]     # PPO ratio 1 on the first epoch
+        assert max(abs(x - 1) for x in r["ratio_epochs"][1]) > 1e-3            # and not after an update
+    assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0 and rows[2]["kl"] > 0      # knobs start at the reference
+    ev = pools.read_jsonl(os.path.join(run, "eval.jsonl"))
+    assert [e["step"] for e in ev] == [0, 2, 3] and all(e["n"] == 6 for e in ev)
+    # the student's rollouts are a pool; the slim rows tell student and teacher apart
+    student = pools.read_pool(os.path.join(run, "rollouts", "student"))
+    assert len(student) == 3 * 6 and {r["src_pool"] for r in student} == {"student"}
+    slim = slim_rows(run)["step_001.cos.jsonl.gz"]
+    assert sorted(r["src_pool"] for r in slim) == ["student"] * 6 + ["teacher_pool"] * 2
+    assert [r["reward"] for r in slim if r["src_pool"] == "student"] == \
+        [r["reward"] for r in student if r["src_step"] == 1]
+    cfg = json.load(open(os.path.join(run, "run.json")))["config"]
+    assert cfg["source"] == "online" and cfg["group"] == 4 and cfg["mix"] == 1 and cfg["eval_problem_ids"]
+    assert not set(cfg["eval_problem_ids"]) & {p for r in rows for p in r["problems"]}   # held out
+
+
+def test_online_micro_batches_and_checkpointing_give_the_same_step():
+    import torch, antipasto as ap, configs
+    import argparse, train
+    model, tok = configs.tiny_qwen3()
+    probs = list(problems().values())[:3]
+    batch = ap.make_batch(tok, [pools.render_prompt(p["prompt"], tok)[-100:] for p in probs] * 2,
+                          [pools.teacher_completion(p, k)[:80] for p in probs for k in (0, 1)])
+    rewards = [3.5, 0.5, 0.0, 3.5, 3.0, 0.5]
+    batch["adv"] = ap.group_advantages(rewards, [0, 0, 1, 1, 2, 2])
+    batch["denom"] = ap.token_denoms(batch["comp_len"], "bnpo")
+    modules = ap.wrap(model)
+    V = ap.random_v({n: torch.ones(1, ap.knob(m).numel()) for n, m in modules.items()}, seed=0)
+    res = {}
+    for key, mb, ckpt in (("one", None, False), ("micro", 2, False), ("ckpt", 4, True)):
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        a = argparse.Namespace(micro_batch=mb, cfg={}, no_gate=False, arm="projected", project_moments=False)
+        opt = torch.optim.AdamW([ap.knob(m) for m in modules.values()], lr=1e-3)
+        res[key] = train.train_step(model, modules, dict(batch=batch), V, opt, a, skip=True)
+    # independent: the per-sample gradients of one plain backward of the same loss
+    for m in modules.values():
+        ap.knob(m).grad = None
+    model.gradient_checkpointing_disable()
+    with ap.capture_per_sample(modules):
+        lp = ap.token_logps(model, batch)
+        ap.policy_losses(lp, batch["comp_mask"], batch["adv"], batch["denom"])[0].sum().backward()
+    for n, m in modules.items():
+        for key in res:
+            assert torch.allclose(res[key]["grads"][n], ap.knob(m).grad, atol=1e-6, rtol=1e-4), (key, n)
+        assert torch.allclose(m.grad_sample[:, :1].sum(), m.grad_sample[:, :1].sum())
+    for key in ("micro", "ckpt"):
+        assert all(abs(x - y) < 1e-4 for x, y in zip(res[key]["s_cos"], res["one"]["s_cos"])), key
+        assert abs(res[key]["loss"] - res["one"]["loss"]) < 1e-5
+
+
+def test_online_kill_and_resume_equals_uninterrupted_and_damaged_checkpoint_refused():
+    import torch, antipasto as ap, configs
+    import train
+    full = run_online("--steps", "4", "--eval-every", "2", "--eval-samples", "1")
+    part = os.path.join(tmpdir(), "run")
+    real, calls = train.train_step, []
+    def dies_in_step_3(*a, **kw):            # killed mid-step 3; the last checkpoint is after step 1
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    train.train_step = dies_in_step_3
+    try:
+        e = raises(SystemExit, run_online, "--steps", "4", "--eval-every", "2", "--eval-samples", "1",
+                   "--save-every", "2", out=part)
+    finally:
+        train.train_step = real
+    assert e.code == 130 and len(pools.read_jsonl(os.path.join(part, "steps.jsonl"))) == 3
+    assert torch.load(os.path.join(part, "state.pt"), weights_only=False)["step"] == 1
+    run_online("--steps", "4", "--eval-every", "2", "--eval-samples", "1", "--save-every", "2", "--resume", out=part)
+    assert online_rows(part) == online_rows(full) and online_rows(part, "eval.jsonl") == online_rows(full, "eval.jsonl")
+    a = torch.load(os.path.join(full, "state.pt"), weights_only=False)["knobs"]
+    b = torch.load(os.path.join(part, "state.pt"), weights_only=False)["knobs"]
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    with open(os.path.join(part, "state.pt"), "r+b") as f:      # a damaged checkpoint is never trusted
+        f.truncate(100)
+    raises(SystemExit, run_online, "--steps", "5", "--resume", "--save-every", "2", "--eval-every", "2",
+           "--eval-samples", "1", out=part, match="state.pt cannot be used")
+
+
+def test_online_interventions_penalty_screening_inoculation():
+    import train
+    base = run_online("--steps", "1")
+    pen = run_online("--steps", "1", "--intervention", "penalty", "--penalty", "2.5")
+    scr = run_online("--steps", "1", "--intervention", "screening")
+    sb, sp, ss = (slim_rows(r)["step_000.cos.jsonl.gz"] for r in (base, pen, scr))
+    assert [r["hacked"] for r in sb] == [r["hacked"] for r in sp] and any(r["hacked"] for r in sb)
+    assert [r["reward"] - 2.5 * r["hacked"] for r in sb] == [r["reward"] for r in sp]
+    assert [r for r in sb if not r["hacked"]] and not any(r["hacked"] for r in ss)
+    assert len(ss) == sum(not r["hacked"] for r in sb)
+    assert pools.read_jsonl(os.path.join(scr, "steps.jsonl"))[0]["n_screened"] == sum(r["hacked"] for r in sb)
+    # the simulated monitor: right with probability acc, the same answer for the same rollout
+    rows = [dict(hacked=i % 2 == 0, src_pool="student", src_step=0, src_sample=i) for i in range(4000)]
+    right = [train.monitor_flags(r, 0.8, 0, 0) == r["hacked"] for r in rows]
+    assert abs(sum(right) / len(right) - 0.8) < 0.03
+    assert right == [train.monitor_flags(r, 0.8, 0, 0) == r["hacked"] for r in rows]
+    assert all(train.monitor_flags(r, 1.0, 0, 0) == r["hacked"] for r in rows)
+    # inoculation: the system line in training prompts only
+    a = train.get_args(["--source", "online", "--intervention", "inoculation"])
+    p = problems()[next(iter(problems()))]
+    msgs = train.student_messages(None, a)(p)
+    assert msgs[0] == {"role": "system", "content": train.INOCULATION} and msgs[1:] == [m for m in p["prompt"]
+                                                                                       if m["role"] != "system"]
+    inoc = run_online("--steps", "1", "--intervention", "inoculation", "--eval-every", "1", "--eval-samples", "1")
+    st = pools.read_pool(os.path.join(inoc, "rollouts", "student"))
+    assert all(r["prompt"][0]["content"] == train.INOCULATION for r in st)
+
+
+def test_online_flags_checked_before_anything_is_created():
+    import train
+    out = os.path.join(tmpdir(), "never")
+    for extra, msg in ((["--mix", "4"], "--mix=4"), (["--replay-dirs", "x"], "belongs to --source=replay"),
+                       (["--penalty", "1"], "--penalty"), (["--monitor-acc", "0.3", "--intervention", "screening"],
+                                                            "--monitor-acc=0.3"),
+                       (["--preset", "demo"], "not a preset of --source=online"), (["--beta", "-1"], "--beta=-1"),
+                       (["--group", "1"], "--group=1"), (["--problems", "nope.jsonl"], "--problems=nope.jsonl"),
+                       (["--max-prompt-tokens", "150"], "online prompts are never cut")):
+        e = raises(SystemExit, run_online, *extra, out=out, match=msg)
+        assert str(e).startswith("error: ") and "\n" not in str(e)
+        assert not os.path.exists(out)
+    for flag in (["--beta", "0.1"], ["--intervention", "penalty"], ["--dry-run"]):
+        raises(SystemExit, train.get_args, flag, match="belongs to --source=online")
+
+
 # ============================================================================ runner
 
 def _main():
