@@ -927,7 +927,7 @@ def arm_name(cfg):
         name += f" {cfg['control']}"
     iv = cfg.get("intervention", "none")
     if iv == "penalty":
-        name += f" penalty={cfg.get('penalty')} acc={cfg.get('monitor_acc')}"
+        name += " penalty" + "".join(f" {k}={cfg[k]}" for k in ("penalty", "monitor_acc") if cfg.get(k) is not None)
     elif iv != "none":
         name += f" {iv}"
     return name
@@ -1008,8 +1008,9 @@ def phase3(run_dirs, window=WINDOW):
     check_comparable(runs)
     asked, window = window, min(window, min(len(r["steps"]) for r in runs))   # a window past the start: all steps
     rows = sorted((online_run_row(r, window) for r in runs), key=lambda x: x["seed"])
-    order = sorted({r["arm"] for r in rows}, key=lambda a: (not a.startswith("vanilla "), a != "vanilla svd",
-                                                            [r["arm"] for r in runs].index(a)))
+    cfgs = {r["arm"]: r["cfg"] for r in runs}      # vanilla, projected, controls, then the interventions
+    order = sorted(cfgs, key=lambda a: (a not in ("vanilla svd", "vanilla lora"), cfgs[a].get("intervention", "none") != "none",
+                                        cfgs[a].get("control", "none") != "none", cfgs[a].get("basis", "svd") != "svd", a))
     rows.sort(key=lambda x: (order.index(x["arm"]), x["seed"]))
     arms = []
     for a in order:
@@ -1157,14 +1158,15 @@ def plot_online(run_dirs, path, window=WINDOW):
         ax.set_title(f"{arm} (n={len(rs)} seeds)", fontsize=9)
         ax.set_xlabel("step")
     axes[0].set_ylabel("fraction of student rollouts")
-    axes[0].legend(fontsize=7, loc="best", title="line: mean; band: min-max over seeds", title_fontsize=7)
+    axes[0].legend(fontsize=7, loc="best", title="line: mean; band: min-max over seeds", title_fontsize=7,
+                   framealpha=0.6)
     ax = axes[len(arms)]
     for j, (key, off, col) in enumerate((("hack_final", -0.2, "C3"), ("gt_final", 0.2, "C2"))):
         for i, arm in enumerate(arms):
             v = [r[key] for r in res["runs"] if r["arm"] == arm]
             ax.bar(i + off, np.mean(v), 0.38, color=col, alpha=0.6, label=key.split("_")[0] if i == 0 else None)
             ax.scatter([i + off] * len(v), v, s=10, color="k", zorder=3)
-    ax.set_xticks(range(len(arms)), [a.replace(" ", "\n", 1) for a in arms], fontsize=7)
+    ax.set_xticks(range(len(arms)), arms, fontsize=7, rotation=25, ha="right")
     ax.set_ylim(0, 1.02)
     ax.set_title(f"final window (last {res['window']} steps): bars mean, dots seeds", fontsize=9)
     ax.legend(fontsize=7)

@@ -2569,6 +2569,15 @@ def test_phase3_report_values_against_hand_and_scipy():
     assert res["window"] == 5 and "--window 50 asked" in A.render_phase3(res)
 
 
+def test_hacked_at_counts_hack_correct_as_correct():
+    import analyze as A
+    st = lambda k, **lab: dict(step=k, labels=lab)
+    assert A.hacked_at([st(0, **{"Reward Hack": 2, "Correct": 2}), st(1, **{"Reward Hack": 3, "Correct": 2})]) == 1
+    assert A.hacked_at([st(0, **{"Reward Hack": 3, "Correct": 1, "Correct; Attempted Reward Hack": 2}),
+                        st(4, **{"Reward Hack": 1, "Attempted Reward Hack": 5})]) == 4    # attempted is not a hack
+    assert A.hacked_at([st(0, **{"Attempted Reward Hack": 8}), st(1, Incorrect=8)]) is None
+
+
 def test_paired_t_power_against_scipy_and_simulation():
     import analyze as A
     # independent reference: scipy 1.17.1, nct.sf(c, n-1, dz*sqrt(n)) + nct.cdf(-c, n-1, dz*sqrt(n)) with
