@@ -2786,7 +2786,8 @@ def test_sweep_gpus_kill_and_resume_to_the_same_results():
     assert [l for l in text.splitlines() if l.startswith("cost:")][0].startswith("cost: seconds per step not")
     # after vanilla (2 s/step) and lora (1.5 s/step from gen+grade+train) finished: projected falls back to
     # the mean of every finished step (1.75) for its 4 remaining steps: 7 s = 0.00194 GPU-hours, $0.0078 at $4
-    assert "remaining 1 runs, 4 steps = 0.002 GPU-hours = $0.01 at $4/GPU-hour" in text.splitlines()[-3], text
+    assert text.splitlines()[-3].startswith("cost: 1.75 s/step measured (vanilla 2.00, projected_lora 1.50); "
+                                            "remaining 1 runs, 4 steps = 0.002 GPU-hours = $0.01 at $4/GPU-hour"), text
     res, _ = sweep_main(base)
     assert "holds a sweep; pass --resume" in str(res)
     res, _ = sweep_main(base[:-4] + ["--seeds", "0,1", "--resume"])
