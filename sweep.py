@@ -115,9 +115,8 @@ def get_args(argv=None):
 def grid(args):
     """The manifest: every run's name, arm, seed, --out and train.py flags, seed-major (seed 0 of every arm,
     then seed 1, ...) so that the stop rule can be applied early."""
-    flags = {a: ARMS[a] + (sum(([f"--{k}={v}"] for k, v in (("penalty", args.penalty),
-                                                              ("monitor-acc", args.monitor_acc)) if v is not None), [])
-                           if a == "penalty" else []) for a in args.arms}
+    pen = [f"--{k}={v}" for k, v in (("penalty", args.penalty), ("monitor-acc", args.monitor_acc)) if v is not None]
+    flags = {a: ARMS[a] + (pen if a == "penalty" else []) for a in args.arms}
     out = os.path.abspath(args.out)
     runs = []
     for seed in args.seeds:
@@ -237,7 +236,7 @@ def open_sweep(args):
         diff = [k for k in GRID_KEYS if old.get(k) != sweep[k]]
         if diff:
             raise SystemExit(f"error: --resume: {path} is another grid ({', '.join(diff)} differ); use another --out")
-        return dict(old, no_stop=args.no_stop, window=args.window, stop_margin=args.stop_margin)
+        return dict(sweep, last=old.get("last"))      # the same grid; paths of here (the directory may have moved)
     if os.path.isdir(args.out) and os.listdir(args.out):
         raise SystemExit(f"error: {args.out} exists and is not a sweep (no sweep.json): use another --out")
     return sweep
@@ -253,6 +252,18 @@ def launch(sweep, run, device):
     print(f"start {run['name']}" + (f" on GPU {device}" if device is not None else "") + f": {shlex.join(cmd)}",
           flush=True)
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE), log
+
+
+def lock_sweep(out):
+    """Hold OUT/.lock (flock) for this process: a second sweep of the same directory is refused; the kernel
+    drops the lock when the process dies."""
+    import fcntl
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise SystemExit(f"error: {out} is in use by another sweep.py; wait for it or use another --out") from None
+    return f
 
 
 def run_sweep(sweep, args):
@@ -369,10 +380,13 @@ def main(argv=None):
             print(f"# {r['name']}: {st}" + ("" if st == "done" else f"\n{shlex.join(command(sweep, r))}"))
         print(cost_line(sweep, args.usd_per_gpu_hour))
         return 0
-    write_manifest(sweep)
     if args.slurm:
+        write_manifest(sweep)
         write_slurm(sweep, args)
         return 0
+    os.makedirs(sweep["out"], exist_ok=True)
+    lock = lock_sweep(sweep["out"])   # noqa: F841 - held until this process exits
+    write_manifest(sweep)
     return run_sweep(sweep, args)
 
 
