@@ -273,15 +273,15 @@ def run_sweep(sweep, args):
     queue = [r for r in sweep["runs"] if status(r, sweep["steps"]) != "done"]
     print(f"{len(sweep['runs']) - len(queue)} of {len(sweep['runs'])} runs finished already", flush=True)
     print(cost_line(sweep, args.usd_per_gpu_hour), flush=True)
-    running, failed, stopped = {}, [], None
+    running, failed, stopped, decided = {}, [], None, sweep["no_stop"]
     try:
         while queue or running:
-            if queue and not stopped and not sweep["no_stop"]:
-                decided, why = stop_check(sweep)
-                if why:
-                    stopped = why
-                    print(f"stopping: {why}", flush=True)
             while queue and not stopped and len(running) < len(slots):
+                if not decided:                 # before each launch, until the rule is decided
+                    decided, stopped = stop_check(sweep)
+                    if stopped:
+                        print(f"stopping: {stopped}", flush=True)
+                        break
                 run = queue.pop(0)
                 slot = next(s for s in slots if s not in [v[1] for v in running.values()])
                 proc, log = launch(sweep, run, slot)
@@ -326,7 +326,7 @@ def run_task(args):
         print(f"{run['name']}: finished already")
         return 0
     if not sweep["no_stop"]:
-        decided, why = stop_check(sweep)
+        why = stop_check(sweep)[1]
         if why:
             print(f"{run['name']}: not started: {why}")
             return 0
@@ -371,6 +371,13 @@ def write_slurm(sweep, args):
 
 def main(argv=None):
     args = get_args(argv)
+    try:
+        return dispatch(args)
+    except (ValueError, pools.DataError) as e:      # a malformed run file: its path and line, one line
+        raise SystemExit(f"error: {e}") from None
+
+
+def dispatch(args):
     if args.task is not None:
         return run_task(args)
     sweep = open_sweep(args)

@@ -2869,8 +2869,8 @@ def test_sweep_stops_then_no_stop_finishes_and_slurm_tasks_resume():
         assert r.returncode == (3 if k == 1 else 0), (k, r.stdout, r.stderr)
     r = subprocess.run(["bash", script], env=dict(env, SLURM_ARRAY_TASK_ID="1"), capture_output=True, text=True)
     assert r.returncode == 0 and "--resume" in r.stdout, r.stdout
-    r = subprocess.run(["bash", script], env=dict(env, SLURM_ARRAY_TASK_ID="1"), capture_output=True, text=True)
-    assert r.returncode == 0 and "projected_s0: finished already" in r.stdout
+    res, text = sweep_main(["--out", out2, "--task", "1"])             # a third start: nothing to do
+    assert res == 0 and "projected_s0: finished already" in text
     import analyze as A
     assert len(A.phase3([os.path.join(out2, "runs", n) for n in ("vanilla_s0", "projected_s0",
                                                                   "projected_lora_s0")])["runs"]) == 3
