@@ -135,7 +135,7 @@ def t_crit_two_sided(alpha, df):
 def normal_cdf(z):
     return 0.5 * math.erfc(-z / math.sqrt(2.0))
 
-def paired_t_power(dz, n, alpha=ALPHA, grid=8001):
+def paired_t_power(dz, n, alpha=ALPHA, grid=2001):
     """Power of the two-sided paired t-test at alpha with n pairs when the true mean difference is dz
     sd's of the differences. T = (Z + delta) / S with delta = dz*sqrt(n), Z ~ N(0,1) and S = sqrt(V/df),
     V ~ chi2(df), df = n-1 (the noncentral t); power = E_S[Phi(delta - c S) + Phi(-delta - c S)],
@@ -157,7 +157,9 @@ def paired_t_power(dz, n, alpha=ALPHA, grid=8001):
 def seeds_needed(d, alpha=ALPHA, power=0.8, n_max=10000):
     """Smallest number of seeds n >= 2 at which a two-sided paired t-test at alpha has `power` to detect
     the observed effect, taking it as true: dz = mean(d) / sd(d) of the paired differences d, power from
-    paired_t_power (exact noncentral t, not the normal approximation). Power grows with n: binary search."""
+    paired_t_power (exact noncentral t). The normal approximation n0 = ((z_alpha/2 + z_power) / dz)^2 (never
+    above the exact n: a z-test beats a t-test at equal n) is the start; power grows with n, so walking up
+    from there ends at the smallest n."""
     d = _finite(d)
     out = dict(n=None, dz=None, alpha=alpha, power=power, reason=None)
     if len(d) < 2:
@@ -171,14 +173,20 @@ def seeds_needed(d, alpha=ALPHA, power=0.8, n_max=10000):
     if dz == 0:
         out["reason"] = "no observed effect"
         return out
-    if paired_t_power(abs(dz), n_max, alpha) < power:
+    lo, hi = -40.0, 40.0                                   # z_power = Phi^-1(power) by bisection
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if normal_cdf(mid) < power else (lo, mid)
+    n0 = ((t_crit_two_sided(alpha, 1e12) + lo) / abs(dz)) ** 2
+    n = max(2, math.ceil(n0))
+    while n <= n_max and paired_t_power(abs(dz), n, alpha) < power:
+        n += 1
+    while n > 2 and paired_t_power(abs(dz), n - 1, alpha) >= power:   # a safeguard: n0 is below the exact n
+        n -= 1
+    if n > n_max:
         out["reason"] = f"more than {n_max} seeds"
         return out
-    lo, hi = 1, n_max                                      # power(lo) < power <= power(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if paired_t_power(abs(dz), mid, alpha) >= power else (mid, hi)
-    out["n"] = hi
+    out["n"] = n
     return out
 
 # -----------------------------------------------------------------------------
@@ -1148,7 +1156,7 @@ def plot_online(run_dirs, path, window=WINDOW):
     colors = dict(hack="C3", correct="C2", attempted="C1", incorrect="C7")
     for ax, arm in zip(axes, arms):
         rs = [r for r in runs if r["arm"] == arm]
-        xs = rs[0]["steps"] and [s["step"] for s in rs[0]["steps"]]
+        xs = [s["step"] for s in rs[0]["steps"]]                 # the same steps in every run (checked)
         for kind in MIX:
             m = np.array([label_mix(r)[1][kind] for r in rs])    # (seeds, steps)
             ax.plot(xs, m.mean(0), color=colors[kind], lw=1.5, label=kind)
