@@ -178,6 +178,9 @@ def seeds_needed(d, alpha=ALPHA, power=0.8, n_max=10000):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if normal_cdf(mid) < power else (lo, mid)
     n0 = ((t_crit_two_sided(alpha, 1e12) + lo) / abs(dz)) ** 2
+    if n0 > n_max:
+        out["reason"] = f"more than {n_max} seeds"
+        return out
     n = max(2, math.ceil(n0))
     while n <= n_max and paired_t_power(abs(dz), n, alpha) < power:
         n += 1
