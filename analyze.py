@@ -964,6 +964,11 @@ def load_online(run_dir):
         bad = sorted(set(s["labels"]) - set(LABELS)) if isinstance(s["labels"], dict) else ["(not an object)"]
         if bad:
             raise ValueError(f"{path}:{i}: unknown labels {bad}; allowed: {', '.join(LABELS)}")
+        num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+        if not all(num(s[k]) and 0 <= s[k] <= 1 for k in ("hack_rate", "gt_rate")) or \
+                not all(isinstance(v, int) and v >= 0 for v in s["labels"].values()):
+            raise ValueError(f"{path}:{i}: hack_rate and gt_rate must be numbers in [0, 1] and label counts "
+                             f"integers >= 0")
     ev = os.path.join(run_dir, "eval.jsonl")
     evals = sorted(read_jsonl(ev, EVAL_KEYS), key=lambda e: e["step"]) if os.path.exists(ev) else []
     return dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir)), cfg=cfg, arm=arm_name(cfg),

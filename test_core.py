@@ -2622,6 +2622,10 @@ def test_phase3_refuses_what_it_cannot_compare():
     with open(os.path.join(bad, "steps.jsonl"), "a") as f:
         f.write(json.dumps(dict(step=5, hack_rate=0, gt_rate=0, labels={"Hacked": 1})) + "\n")
     raises(ValueError, A.load_online, bad, match="steps.jsonl:6: unknown labels ['Hacked']")
+    bad = make_online_run(root, "x_rate", [0] * 5, [0] * 5)
+    with open(os.path.join(bad, "steps.jsonl"), "a") as f:
+        f.write(json.dumps(dict(step=5, hack_rate=None, gt_rate=0, labels={})) + "\n")
+    raises(ValueError, A.load_online, bad, match="steps.jsonl:6: hack_rate and gt_rate must be numbers")
     # the CLI: one-line errors, a replay run mixed with online runs refused, --json parses
     replay = make_run(root, "replay", "vanilla")
     e, _, _ = quiet_call(A.main, [dirs[0], replay])
