@@ -2519,7 +2519,7 @@ def phase3_runs(root, **kw):
                             ("lora", ("projected", "lora"))):
             f = round(final[arm][seed] * 20)                       # hacks over the window's 2 x 10 rollouts
             hack = [0, 0, 9 if arm == "vanilla" else 1, f // 2, f - f // 2]   # step 2 (outside) differs
-            corr = [3, 3, 0, 10 - f // 2, 1]
+            corr = [3, 3, 0, 10 - f // 2, min(1, 10 - (f - f // 2))]
             dirs.append(make_online_run(root, f"{arm}_s{seed}", hack, corr, arm=a, seed=seed, cfg=dict(basis=b),
                                         evals=((0, 0.1, 0.3), (5, 0.5 + seed / 10, 0.25)), **kw))
     return dirs
@@ -2537,7 +2537,7 @@ def test_phase3_report_values_against_hand_and_scipy():
             r = by[arm, seed]
             close(r["hack_final"], v)
             f = round(v * 20)
-            close(r["gt_final"], ((10 - f // 2) + 1) / 20)
+            close(r["gt_final"], ((10 - f // 2) + min(1, 10 - (f - f // 2))) / 20)
             close(r["eval_hack"], 0.5 + seed / 10)
             assert r["capability"] == 0.25 and r["eval_step"] == 5
     # hacked: first step with Reward Hack > Correct (+ Correct; Attempted): vanilla step 2 (9 > 0)
