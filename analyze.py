@@ -1188,6 +1188,8 @@ def plot_online(run_dirs, path, window=WINDOW):
     ax.legend(fontsize=7)
     for ax in axes[n:]:
         ax.axis("off")
+    fig.suptitle(f"student rollouts' labels per step, per arm (line: mean, band: min-max over seeds; shaded: the "
+                 f"final window); correct = passes the ground truth, hack = 'Reward Hack'", fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
