@@ -943,6 +943,10 @@ def arm_name(cfg):
         name += f" {iv}"
     return name
 
+def finished(step_rows, steps):
+    """A finished online run: its steps.jsonl rows are steps 0..steps-1."""
+    return sorted(s["step"] for s in step_rows) == list(range(steps))
+
 def hacked_at(steps):
     """First step where hack rollouts exceed correct ones (the public environment's rule), else None."""
     for s in steps:
@@ -998,7 +1002,7 @@ def check_comparable(runs):
         if (r["arm"], r["seed"]) in seen:
             raise ValueError(f"two runs of arm '{r['arm']}' seed {r['seed']}: {seen[r['arm'], r['seed']]} and {r['dir']}")
         seen[r["arm"], r["seed"]] = r["dir"]
-        if [s["step"] for s in r["steps"]] != list(range(r["cfg"]["steps"])):
+        if not finished(r["steps"], r["cfg"]["steps"]):
             raise ValueError(f"{r['dir']}: unfinished ({len(r['steps'])} of {r['cfg']['steps']} steps): "
                              f"finish it (sweep.py --resume) or leave it out")
     seeds = defaultdict(set)

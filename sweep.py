@@ -146,7 +146,7 @@ def status(run, steps):
     if not os.path.isdir(run["out"]) or not os.listdir(run["out"]):
         return "new"
     path = os.path.join(run["out"], "steps.jsonl")
-    if os.path.exists(path) and [r["step"] for r in pools.read_jsonl(path, ("step",))] == list(range(steps)):
+    if os.path.exists(path) and analyze.finished(pools.read_jsonl(path, ("step",)), steps):
         return "done"
     return "partial"
 
