@@ -2856,6 +2856,11 @@ def test_sweep_stops_then_no_stop_finishes_and_slurm_tasks_resume():
     assert "sweep stopped: 8 of 9 runs finished" in text and not os.path.exists(os.path.join(out, "runs",
                                                                                              "projected_lora_s2"))
     assert sum(l.startswith("cost: ") for l in text.splitlines()) == 1 + 8    # before the first run, after each
+    res, text = sweep_main(base + ["--resume", "--slurm"])             # the same sweep as a job array:
+    assert res == 0                                                   # its last task is not started either
+    res, text = sweep_main(["--out", out, "--task", "8"])
+    assert res == 0 and text.startswith("projected_lora_s2: not started: no separation after 3 seeds x 1 arm")
+    assert not os.path.exists(os.path.join(out, "runs", "projected_lora_s2"))
     res, text = sweep_main(base + ["--resume", "--no-stop"], dict(FAKE_SAME="1"))
     assert res == 0 and "start projected_lora_s2" in text and "sweep ended: 9 of 9 runs finished" in text
     # SLURM: the script's array tasks run locally, one by one; a killed task restarted resumes its run
