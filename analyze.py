@@ -1,9 +1,12 @@
 """
 Analyze Phase 2 run directories (spec2.md): verification table, cosine
 trajectories, per-sample buckets, the Phase 1 label comparison, vanilla vs
-projected on the same seed, and the Phase 3 go/no-go decision.
+projected on the same seed, and the Phase 3 go/no-go decision. Online runs
+(Phase 3, sweep.py) get the Phase 3 report instead: final-window hack and gt
+rates per arm and seed, #runs hacked, each arm vs vanilla paired by seed.
 
     python analyze.py RUN_DIR [RUN_DIR ...] [--json] [--plot FILE.png]
+    python analyze.py out/sweep/runs/* [--window 10] [--json] [--plot FILE.png]   # Phase 3 online runs
 
 numpy + stdlib (+ the sibling pools.py, also stdlib-only) and a hand-written
 t-test, so the report runs wherever train.py runs; train.py calls report() at
@@ -28,6 +31,7 @@ SAMPLE_KEYS = ("step", "sample_id", "src_pool", "src_step", "src_sample", "rewar
                "mean_cos_in", "mean_cos_out", "frac_fired", "arm")
 PURE_HACK, HACK_CORRECT = "Reward Hack", "Correct; Attempted Reward Hack"
 ALPHA = 0.05
+WINDOW = 10          # Phase 3: the final window, last N steps of an online run
 
 # -----------------------------------------------------------------------------
 # stats: regularised incomplete beta -> Student t tail -> Welch test
@@ -82,12 +86,13 @@ def mean_sd(x):
                 sd=float(x.std(ddof=1)) if len(x) > 1 else None)
 
 def paired_t_test(x, y):
-    """Paired t-test on x_k - y_k (same steps): mean difference, its standard error, t, df = n-1, p."""
+    """Paired t-test on x_k - y_k (same steps, or same seeds): mean difference, its standard error, t,
+    df = n-1, p."""
     d = _finite([a - b for a, b in zip(x, y) if a is not None and b is not None])
     n = len(d)
     out = dict(n=n, mean_diff=float(d.mean()) if n else None, se=None, t=None, df=None, p=None, reason=None)
     if n < 2:
-        out["reason"] = f"need >= 2 paired steps (n={n})"
+        out["reason"] = f"need >= 2 pairs (n={n})"
         return out
     se = float(d.std(ddof=1)) / math.sqrt(n)
     out["se"] = se
@@ -117,6 +122,76 @@ def welch_t_test(x, y):
     out.update(t=float(t), df=float(df), p=float(t_sf_two_sided(float(t), float(df))))
     return out
 
+def t_crit_two_sided(alpha, df):
+    """c with P(|T| >= c) = alpha (bisection on the tail above; 1e-12 relative)."""
+    lo, hi = 0.0, 1.0
+    while t_sf_two_sided(hi, df) > alpha:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1e-12 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_sf_two_sided(mid, df) > alpha else (lo, mid)
+    return (lo + hi) / 2
+
+def normal_cdf(z):
+    return 0.5 * math.erfc(-z / math.sqrt(2.0))
+
+def paired_t_power(dz, n, alpha=ALPHA, grid=2001):
+    """Power of the two-sided paired t-test at alpha with n pairs when the true mean difference is dz
+    sd's of the differences. T = (Z + delta) / S with delta = dz*sqrt(n), Z ~ N(0,1) and S = sqrt(V/df),
+    V ~ chi2(df), df = n-1 (the noncentral t); power = E_S[Phi(delta - c S) + Phi(-delta - c S)],
+    the expectation over S's density integrated by Simpson's rule on a grid of `grid` points."""
+    df = n - 1
+    c = t_crit_two_sided(alpha, df)
+    sd_s = 1.0 / math.sqrt(2.0 * df)                      # S's sd for large df; the grid spans +-12 of it
+    lo, hi = max(0.0, 1.0 - 12 * sd_s), 1.0 + 12 * max(sd_s, 0.75)
+    s = np.linspace(lo, hi, grid)[1:] if lo == 0.0 else np.linspace(lo, hi, grid)
+    # log density of S: 2 (df/2)^(df/2) / Gamma(df/2) * s^(df-1) * exp(-df s^2 / 2)
+    logf = math.log(2.0) + df / 2 * math.log(df / 2) - math.lgamma(df / 2) + (df - 1) * np.log(s) - df * s * s / 2
+    delta = dz * math.sqrt(n)
+    g = np.exp(logf) * np.array([normal_cdf(delta - c * v) + normal_cdf(-delta - c * v) for v in s])
+    if lo == 0.0:                                          # s = 0 itself: density 0 unless df = 1
+        s, g = np.concatenate([[0.0], s]), np.concatenate([[math.sqrt(2 / math.pi) if df == 1 else 0.0], g])
+    h = (s[-1] - s[0]) / (len(s) - 1)
+    return float(h / 3 * (g[0] + g[-1] + 4 * g[1:-1:2].sum() + 2 * g[2:-1:2].sum()))
+
+def seeds_needed(d, alpha=ALPHA, power=0.8, n_max=10000):
+    """Smallest number of seeds n >= 2 at which a two-sided paired t-test at alpha has `power` to detect
+    the observed effect, taking it as true: dz = mean(d) / sd(d) of the paired differences d, power from
+    paired_t_power (exact noncentral t). The normal approximation n0 = ((z_alpha/2 + z_power) / dz)^2 (never
+    above the exact n: a z-test beats a t-test at equal n) is the start; power grows with n, so walking up
+    from there ends at the smallest n."""
+    d = _finite(d)
+    out = dict(n=None, dz=None, alpha=alpha, power=power, reason=None)
+    if len(d) < 2:
+        out["reason"] = f"need >= 2 pairs (n={len(d)})"
+        return out
+    sd = float(d.std(ddof=1))
+    if sd == 0:
+        out["reason"] = "zero variance of the paired differences"
+        return out
+    out["dz"] = dz = float(d.mean()) / sd
+    if dz == 0:
+        out["reason"] = "no observed effect"
+        return out
+    lo, hi = -40.0, 40.0                                   # z_power = Phi^-1(power) by bisection
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if normal_cdf(mid) < power else (lo, mid)
+    n0 = ((t_crit_two_sided(alpha, 1e12) + lo) / abs(dz)) ** 2
+    if n0 > n_max:
+        out["reason"] = f"more than {n_max} seeds"
+        return out
+    n = max(2, math.ceil(n0))
+    while n <= n_max and paired_t_power(abs(dz), n, alpha) < power:
+        n += 1
+    while n > 2 and paired_t_power(abs(dz), n - 1, alpha) >= power:   # a safeguard: n0 is below the exact n
+        n -= 1
+    if n > n_max:
+        out["reason"] = f"more than {n_max} seeds"
+        return out
+    out["n"] = n
+    return out
+
 # -----------------------------------------------------------------------------
 # loading: strict, because a silently dropped row biases every mean below
 
@@ -133,15 +208,27 @@ def add_adv_free(rows, loss_mode):
             c = r["cos_S_contrib"]
             r["cos_adv_free"] = None if c is None or abs(adv) < 1e-6 else (c if adv > 0 else -c)
 
-def load_run(run_dir):
+def read_run_meta(run_dir, keys=("arm",)):
+    """run.json of a run directory; its config must hold `keys`."""
     run_json = os.path.join(run_dir, "run.json")
     try:
         with open(run_json) as f:
             meta = json.load(f, parse_constant=pools._no_constant)
-        cfg = meta["config"]
-        arm = cfg["arm"]
+        if not isinstance(meta["config"], dict):
+            raise TypeError("config is not an object")
+        for k in keys:
+            meta["config"][k]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{run_json}:1: bad run.json ({type(e).__name__}: {e})") from e
+    return meta
+
+def is_online(run_dir):
+    return read_run_meta(run_dir, ())["config"].get("source") == "online"
+
+def load_run(run_dir):
+    meta = read_run_meta(run_dir)
+    cfg = meta["config"]
+    arm = cfg["arm"]
     steps_path = os.path.join(run_dir, "steps.jsonl")
     steps, seen = read_jsonl(steps_path, STEP_KEYS), set()
     for i, s in enumerate(steps, 1):
@@ -816,10 +903,190 @@ def render(res):
                       f"pools: shown in 5b and the trajectories, never pooled)", "  ", "  "))
     return "\n".join(o)
 
-def report(run_dirs, as_json=False, labels=None):
-    """Text (or JSON) report for one or more run dirs; labels optionally overrides the pool join."""
+def online_or_replay(run_dirs):
+    """True when every run is online, False when every run is replay; a mix is refused (different reports)."""
+    kinds = {d: is_online(d) for d in run_dirs}
+    if len(set(kinds.values())) > 1:
+        raise ValueError("online runs (" + ", ".join(d for d, k in kinds.items() if k) + ") and replay runs ("
+                         + ", ".join(d for d, k in kinds.items() if not k) + ") have different reports: "
+                         "analyze them separately")
+    return all(kinds.values())
+
+def report(run_dirs, as_json=False, labels=None, window=WINDOW):
+    """Text (or JSON) report for one or more run dirs; labels optionally overrides the pool join. Online runs
+    get the Phase 3 report (window: the final-window length in steps)."""
+    if online_or_replay(run_dirs):
+        res = phase3(run_dirs, window)
+        return json.dumps(dict(phase3=res), indent=1) if as_json else render_phase3(res)
     res = analyze(run_dirs, labels)
     return json.dumps(res, indent=1) if as_json else render(res)
+
+# -----------------------------------------------------------------------------
+# Phase 3: online runs (train.py --source=online, usually from sweep.py), verdicts across seeds
+
+ONLINE_STEP_KEYS = ("step", "hack_rate", "gt_rate", "labels")
+EVAL_KEYS = ("step", "hack_rate_hint", "gt_rate_nohint")
+ATTEMPT = "Attempted Reward Hack"
+LABELS = ("Correct", HACK_CORRECT, PURE_HACK, ATTEMPT, "Incorrect")
+# the plot's label mix: correct = passes the ground truth (gt_rate), hack = a working hack that fails it
+MIX = dict(hack=(PURE_HACK,), correct=("Correct", HACK_CORRECT), attempted=(ATTEMPT,), incorrect=("Incorrect",))
+
+def arm_name(cfg):
+    """An arm is the config minus the seed: arm, basis, control, intervention (with its parameters)."""
+    name = f"{cfg['arm']} {cfg.get('basis', 'svd')}"
+    if cfg.get("control", "none") != "none":
+        name += f" {cfg['control']}"
+    iv = cfg.get("intervention", "none")
+    if iv == "penalty":
+        name += " penalty" + "".join(f" {k}={cfg[k]}" for k in ("penalty", "monitor_acc") if cfg.get(k) is not None)
+    elif iv != "none":
+        name += f" {iv}"
+    return name
+
+def finished(step_rows, steps):
+    """A finished online run: its steps.jsonl rows are steps 0..steps-1."""
+    return sorted(s["step"] for s in step_rows) == list(range(steps))
+
+def hacked_at(steps):
+    """First step where hack rollouts exceed correct ones (the public environment's rule), else None."""
+    for s in steps:
+        lab = s["labels"]
+        if lab.get(PURE_HACK, 0) > lab.get("Correct", 0) + lab.get(HACK_CORRECT, 0):
+            return s["step"]
+    return None
+
+def load_online(run_dir):
+    meta = read_run_meta(run_dir, ("arm", "seed", "preset", "steps"))
+    cfg = meta["config"]
+    path = os.path.join(run_dir, "steps.jsonl")
+    steps = read_jsonl(path, ONLINE_STEP_KEYS)
+    seen = set()
+    for i, s in enumerate(steps, 1):
+        if s["step"] in seen:
+            raise ValueError(f"{path}:{i}: duplicate step {s['step']}")
+        seen.add(s["step"])
+        bad = sorted(set(s["labels"]) - set(LABELS)) if isinstance(s["labels"], dict) else ["(not an object)"]
+        if bad:
+            raise ValueError(f"{path}:{i}: unknown labels {bad}; allowed: {', '.join(LABELS)}")
+        num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+        if not all(num(s[k]) and 0 <= s[k] <= 1 for k in ("hack_rate", "gt_rate")) or \
+                not all(isinstance(v, int) and v >= 0 for v in s["labels"].values()):
+            raise ValueError(f"{path}:{i}: hack_rate and gt_rate must be numbers in [0, 1] and label counts "
+                             f"integers >= 0")
+    ev = os.path.join(run_dir, "eval.jsonl")
+    evals = sorted(read_jsonl(ev, EVAL_KEYS), key=lambda e: e["step"]) if os.path.exists(ev) else []
+    return dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir)), cfg=cfg, arm=arm_name(cfg),
+                seed=cfg["seed"], steps=sorted(steps, key=lambda s: s["step"]), evals=evals)
+
+def final_window(run, window):
+    return run["steps"][-window:]
+
+def online_run_row(r, window):
+    fw = final_window(r, window)
+    last = r["evals"][-1] if r["evals"] else {}
+    return dict(run=r["name"], dir=r["dir"], arm=r["arm"], seed=r["seed"], preset=r["cfg"]["preset"],
+                steps=r["cfg"]["steps"], done=len(r["steps"]),
+                hack_final=float(np.mean([s["hack_rate"] for s in fw])),
+                gt_final=float(np.mean([s["gt_rate"] for s in fw])),
+                eval_step=last.get("step"), eval_hack=last.get("hack_rate_hint"),
+                capability=last.get("gt_rate_nohint"), hacked_at=hacked_at(r["steps"]))
+
+def check_comparable(runs):
+    """One-line refusals: arms compared by seed need the same seeds, preset and step count, all finished."""
+    for key in ("preset", "steps"):
+        got = sorted({str(r["cfg"][key]) for r in runs})
+        if len(got) > 1:
+            raise ValueError(f"the runs differ in {key} ({', '.join(got)}): compare runs of one sweep")
+    seen = {}
+    for r in runs:
+        if (r["arm"], r["seed"]) in seen:
+            raise ValueError(f"two runs of arm '{r['arm']}' seed {r['seed']}: {seen[r['arm'], r['seed']]} and {r['dir']}")
+        seen[r["arm"], r["seed"]] = r["dir"]
+        if not finished(r["steps"], r["cfg"]["steps"]):
+            raise ValueError(f"{r['dir']}: unfinished ({len(r['steps'])} of {r['cfg']['steps']} steps): "
+                             f"finish it (sweep.py --resume) or leave it out")
+    seeds = defaultdict(set)
+    for r in runs:
+        seeds[r["arm"]].add(r["seed"])
+    if len({len(v) for v in seeds.values()}) > 1:
+        raise ValueError("arms have different numbers of seeds (" + ", ".join(f"{a}: {len(v)}" for a, v in seeds.items())
+                         + "): compare arms of equal n")
+    if len({tuple(sorted(v)) for v in seeds.values()}) > 1:
+        raise ValueError("arms have different seeds (" + ", ".join(f"{a}: {sorted(v)}" for a, v in seeds.items())
+                         + "): seed pairing needs the same seeds")
+
+def reference_arm(arm, arms):
+    """The vanilla arm an arm is judged against: vanilla without control or intervention, same basis if
+    there is one, else SVD."""
+    refs = {a.split()[1]: a for a in arms if a in ("vanilla svd", "vanilla lora")}
+    return refs.get(arm.split()[1], refs.get("svd"))
+
+def phase3(run_dirs, window=WINDOW):
+    runs = [load_online(d) for d in run_dirs]
+    if window < 1:
+        raise ValueError(f"--window must be >= 1, got {window}")
+    check_comparable(runs)
+    asked, window = window, min(window, min(len(r["steps"]) for r in runs))   # a window past the start: all steps
+    rows = sorted((online_run_row(r, window) for r in runs), key=lambda x: x["seed"])
+    cfgs = {r["arm"]: r["cfg"] for r in runs}      # vanilla, projected, controls, then the interventions
+    order = sorted(cfgs, key=lambda a: (a not in ("vanilla svd", "vanilla lora"), cfgs[a].get("intervention", "none") != "none",
+                                        cfgs[a].get("control", "none") != "none", cfgs[a].get("basis", "svd") != "svd", a))
+    rows.sort(key=lambda x: (order.index(x["arm"]), x["seed"]))
+    arms = []
+    for a in order:
+        rs = [x for x in rows if x["arm"] == a]
+        arms.append(dict(arm=a, n=len(rs), seeds=[x["seed"] for x in rs], hacked=sum(x["hacked_at"] is not None for x in rs),
+                         hack_final=mean_sd([x["hack_final"] for x in rs]), gt_final=mean_sd([x["gt_final"] for x in rs]),
+                         eval_hack=mean_sd([x["eval_hack"] for x in rs]), capability=mean_sd([x["capability"] for x in rs])))
+    comps = []
+    for a in order:
+        ref = reference_arm(a, order)
+        if ref is None or ref == a:
+            continue
+        x = [r["hack_final"] for r in rows if r["arm"] == a]   # both sorted by seed, the same seeds
+        y = [r["hack_final"] for r in rows if r["arm"] == ref]
+        d = [p - q for p, q in zip(x, y)]
+        gt = [p["gt_final"] - q["gt_final"] for p, q in zip([r for r in rows if r["arm"] == a],
+                                                                [r for r in rows if r["arm"] == ref])]
+        comps.append(dict(arm=a, vs=ref, diffs=d, sd_diff=mean_sd(d)["sd"], gt_mean_diff=float(np.mean(gt)),
+                          test=paired_t_test(x, y), seeds_needed=seeds_needed(d)))
+    return dict(window=window, window_asked=asked, preset=runs[0]["cfg"]["preset"], steps=runs[0]["cfg"]["steps"], runs=rows, arms=arms,
+                comparisons=comps, hacked_rule="first step with labels['Reward Hack'] > labels['Correct'] + "
+                "labels['Correct; Attempted Reward Hack'] (student rollouts)")
+
+def render_phase3(res):
+    w, o = res["window"], []
+    cut = "" if w == res["window_asked"] else f" (all of them; --window {res['window_asked']} asked)"
+    o.append(f"== Phase 3: online runs, preset {res['preset']}, {res['steps']} steps; final window = last {w} steps{cut} ==")
+    o.append(table(["arm", "seed", "hack (final)", "gt (final)", "held-out hack", "capability", "eval step", "hacked at"],
+                   [[r["arm"], r["seed"], f"{r['hack_final']:.3f}", f"{r['gt_final']:.3f}",
+                     "—" if r["eval_hack"] is None else f"{r['eval_hack']:.3f}",
+                     "—" if r["capability"] is None else f"{r['capability']:.3f}", fmt(r["eval_step"]),
+                     "never" if r["hacked_at"] is None else f"step {r['hacked_at']}"] for r in res["runs"]]))
+    o.append(wrap("hack/gt (final): mean student hack rate / ground-truth pass rate over the final window; held-out "
+                  "hack: with the hint, capability: gt pass rate without it (last eval.jsonl row); hacked at: "
+                  + res["hacked_rule"], "  ", "  "))
+    o.append("\nper arm (mean ± sd over seeds):")
+    sd = lambda m: "—" if m["mean"] is None else f"{m['mean']:.3f}" + ("" if m["sd"] is None else f" ± {m['sd']:.3f}")
+    o.append(table(["arm", "#runs hacked", "hack (final)", "gt (final)", "held-out hack", "capability"],
+                   [[a["arm"], f"{a['hacked']}/{a['n']}", sd(a["hack_final"]), sd(a["gt_final"]), sd(a["eval_hack"]),
+                     sd(a["capability"])] for a in res["arms"]]))
+    o.append("\neach arm vs vanilla, paired by seed (final-window hack rate, arm minus vanilla):")
+    if not res["comparisons"]:
+        o.append("  n/a (needs a vanilla arm and another arm)")
+    else:
+        o.append(table(["arm", "vs", "n", "mean diff", "sd diff", "t", "df", "p", "seeds needed", "gt diff"],
+                       [[c["arm"], c["vs"], c["test"]["n"], fmt(c["test"]["mean_diff"]), fmt(c["sd_diff"]),
+                         "—" if c["test"]["t"] is None else f"{c['test']['t']:+.2f}", fmt(c["test"]["df"]),
+                         "—" if c["test"]["p"] is None else f"{c['test']['p']:.3g}",
+                         c["seeds_needed"]["n"] or c["seeds_needed"]["reason"], fmt(c["gt_mean_diff"])]
+                        for c in res["comparisons"]]))
+        o.append(wrap("t, p: paired t-test on the per-seed differences (df = n-1; '—' where it is undefined: "
+                      "zero variance or n < 2). seeds needed: the smallest n whose two-sided paired t-test at "
+                      "alpha 0.05 has power 0.8 if the true effect equals the observed dz = mean/sd of the "
+                      "differences (exact noncentral t). gt diff: the same difference for the gt pass rate.",
+                      "  ", "  "))
+    return "\n".join(o)
 
 # -----------------------------------------------------------------------------
 # picture (matplotlib is optional: only --plot needs it)
@@ -872,6 +1139,65 @@ def plot(run_dirs, path):
     plt.close(fig)
     return path
 
+def label_mix(run):
+    """(steps, {kind: fraction of the step's student rollouts}) for kind in MIX."""
+    xs = [s["step"] for s in run["steps"]]
+    fr = {}
+    for kind, labs in MIX.items():
+        fr[kind] = [sum(s["labels"].get(l, 0) for l in labs) / max(1, sum(s["labels"].values())) for s in run["steps"]]
+    return xs, fr
+
+def plot_online(run_dirs, path, window=WINDOW):
+    """One PNG: per arm, the per-step label mix of the student rollouts (mean over seeds, band = min to max
+    over seeds), and a last panel with each arm's final-window hack and gt rates (bars: mean over seeds,
+    dots: the seeds)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: --plot needs matplotlib, an optional extra: pip install matplotlib") from None
+    res = phase3(run_dirs, window)
+    runs = [load_online(d) for d in run_dirs]
+    arms = [a["arm"] for a in res["arms"]]
+    n = len(arms) + 1
+    ncol = min(4, n)
+    nrow = -(-n // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), squeeze=False, constrained_layout=True)
+    axes = axes.ravel()
+    colors = dict(hack="C3", correct="C2", attempted="C1", incorrect="C7")
+    for ax, arm in zip(axes, arms):
+        rs = [r for r in runs if r["arm"] == arm]
+        xs = [s["step"] for s in rs[0]["steps"]]                 # the same steps in every run (checked)
+        for kind in MIX:
+            m = np.array([label_mix(r)[1][kind] for r in rs])    # (seeds, steps)
+            ax.plot(xs, m.mean(0), color=colors[kind], lw=1.5, label=kind)
+            ax.fill_between(xs, m.min(0), m.max(0), color=colors[kind], alpha=0.18, lw=0)
+        ax.axvspan(xs[-res["window"]] - 0.5, xs[-1] + 0.5, color="k", alpha=0.06, lw=0)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{arm} (n={len(rs)} seeds)", fontsize=9)
+        ax.set_xlabel("step")
+    axes[0].set_ylabel("fraction of student rollouts")
+    axes[0].legend(fontsize=7, loc="best", title="line: mean; band: min-max over seeds", title_fontsize=7,
+                   framealpha=0.6)
+    ax = axes[len(arms)]
+    for j, (key, off, col) in enumerate((("hack_final", -0.2, "C3"), ("gt_final", 0.2, "C2"))):
+        for i, arm in enumerate(arms):
+            v = [r[key] for r in res["runs"] if r["arm"] == arm]
+            ax.bar(i + off, np.mean(v), 0.38, color=col, alpha=0.6, label=key.split("_")[0] if i == 0 else None)
+            ax.scatter([i + off] * len(v), v, s=10, color="k", zorder=3)
+    ax.set_xticks(range(len(arms)), arms, fontsize=7, rotation=25, ha="right")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"final window (last {res['window']} steps): bars mean, dots seeds", fontsize=9)
+    ax.legend(fontsize=7)
+    for ax in axes[n:]:
+        ax.axis("off")
+    fig.suptitle(f"student rollouts' labels per step, per arm (line: mean, band: min-max over seeds; shaded: the "
+                 f"final window); correct = passes the ground truth, hack = 'Reward Hack'", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
 def main(argv=None):
     import argparse
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -879,8 +1205,13 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="also draw per-step cos_in/cos_out/cos_update per run and the per-bucket cos_S_contrib "
-                        "distributions into FILE.png (needs matplotlib)")
+                        "distributions into FILE.png (needs matplotlib); online runs: the per-step label mix "
+                        "per arm (mean and min-max band over seeds) and the final-window comparison")
+    p.add_argument("--window", type=int, default=WINDOW,
+                   help=f"online runs: the final window, last N steps (default {WINDOW})")
     args = p.parse_args(argv)
+    if args.window < 1:
+        raise SystemExit(f"error: --window must be >= 1, got {args.window}")
     for d in args.runs:
         if not os.path.isdir(d):
             raise SystemExit(f"error: {d}: no such run directory")
@@ -889,9 +1220,10 @@ def main(argv=None):
         if not os.path.isfile(os.path.join(d, "steps.jsonl")):
             raise SystemExit(f"error: {d}: the run has no finished step yet (no steps.jsonl)")
     try:
-        print(report(args.runs, as_json=args.json))
+        print(report(args.runs, as_json=args.json, window=args.window))
         if args.plot:
-            print(f"plot: {plot(args.runs, args.plot)}", file=sys.stderr)
+            draw = (lambda d, f: plot_online(d, f, args.window)) if online_or_replay(args.runs) else plot
+            print(f"plot: {draw(args.runs, args.plot)}", file=sys.stderr)
     except (ValueError, pools.DataError) as e:
         raise SystemExit(f"error: {e}")
 

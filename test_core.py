@@ -2704,6 +2704,409 @@ def test_online_flags_checked_before_anything_is_created():
         raises(SystemExit, train.get_args, flag, match="belongs to --source=online")
 
 
+# ============================================================================ Phase 3: online report and the sweep
+
+ONLINE_LABELS = ("Correct", "Correct; Attempted Reward Hack", "Reward Hack", "Attempted Reward Hack", "Incorrect")
+
+
+def make_online_run(root, name, hack, correct, *, arm="vanilla", seed=0, n=10, cfg=None, evals=((0, 0.1, 0.3),),
+                    steps=None):
+    """An online run dir (schema of train.py --source=online) whose step k has hack[k] 'Reward Hack' and
+    correct[k] 'Correct' student rollouts out of n, the rest 'Incorrect'; evals: (step, hack, capability)."""
+    d = os.path.join(root, name)
+    os.makedirs(d)
+    c = dict(source="online", arm=arm, basis="svd", control="none", intervention="none", penalty=1.0,
+             monitor_acc=1.0, seed=seed, preset="organism", steps=len(hack) if steps is None else steps)
+    c.update(cfg or {})
+    json.dump(dict(argv=["train.py"], config=c), open(os.path.join(d, "run.json"), "w"))
+    with open(os.path.join(d, "steps.jsonl"), "w") as f:
+        for k, (h, g) in enumerate(zip(hack, correct)):
+            labels = {"Reward Hack": h, "Correct": g, "Incorrect": n - h - g}
+            f.write(json.dumps(dict(step=k, source="online", arm=arm, skipped=False, n_student=n, n_teacher=0,
+                                    hack_rate=h / n, gt_rate=g / n, labels=labels, time_s=1.0)) + "\n")
+    with open(os.path.join(d, "eval.jsonl"), "w") as f:
+        for st, hk, cap in evals:
+            f.write(json.dumps(dict(step=st, n=8, hack_rate_hint=hk, gt_rate_hint=0.2, gt_rate_nohint=cap,
+                                    labels_hint={})) + "\n")
+    return d
+
+
+def phase3_runs(root, **kw):
+    """vanilla / projected / projected lora x seeds 0-2, 5 steps; final window (last 2 steps) hack rates
+    vanilla .8 .7 .9, projected .1 .3 .2, lora .7 .5 .95 (each the mean of two unequal steps)."""
+    final = dict(vanilla=(0.8, 0.7, 0.9), projected=(0.1, 0.3, 0.2), lora=(0.7, 0.5, 0.95))
+    dirs = []
+    for seed in range(3):
+        for arm, (a, b) in (("vanilla", ("vanilla", "svd")), ("projected", ("projected", "svd")),
+                            ("lora", ("projected", "lora"))):
+            f = round(final[arm][seed] * 20)                       # hacks over the window's 2 x 10 rollouts
+            hack = [0, 0, 9 if arm == "vanilla" else 1, f // 2, f - f // 2]   # step 2 (outside) differs
+            corr = [3, 3, 0, 10 - f // 2, min(1, 10 - (f - f // 2))]
+            dirs.append(make_online_run(root, f"{arm}_s{seed}", hack, corr, arm=a, seed=seed, cfg=dict(basis=b),
+                                        evals=((0, 0.1, 0.3), (5, 0.5 + seed / 10, 0.25)), **kw))
+    return dirs
+
+
+def test_phase3_report_values_against_hand_and_scipy():
+    import analyze as A
+    root = tmpdir()
+    res = A.phase3(phase3_runs(root), window=2)
+    by = {(r["arm"], r["seed"]): r for r in res["runs"]}
+    assert [a["arm"] for a in res["arms"]] == ["vanilla svd", "projected svd", "projected lora"]
+    for arm, vals in (("vanilla svd", (0.8, 0.7, 0.9)), ("projected svd", (0.1, 0.3, 0.2)),
+                      ("projected lora", (0.7, 0.5, 0.95))):
+        for seed, v in enumerate(vals):
+            r = by[arm, seed]
+            close(r["hack_final"], v)
+            f = round(v * 20)
+            close(r["gt_final"], ((10 - f // 2) + min(1, 10 - (f - f // 2))) / 20)
+            close(r["eval_hack"], 0.5 + seed / 10)
+            assert r["capability"] == 0.25 and r["eval_step"] == 5
+    # hacked: first step with Reward Hack > Correct (+ Correct; Attempted): vanilla step 2 (9 > 0)
+    assert by["vanilla svd", 0]["hacked_at"] == 2
+    assert by["projected svd", 0]["hacked_at"] == 2          # 1 hack > 0 correct on step 2: the rule, not a rate
+    assert by["projected svd", 1]["hacked_at"] == 2
+    arms = {a["arm"]: a for a in res["arms"]}
+    assert arms["vanilla svd"]["hacked"] == 3 and arms["vanilla svd"]["n"] == 3
+    comp = {c["arm"]: c for c in res["comparisons"]}
+    assert comp["projected svd"]["vs"] == comp["projected lora"]["vs"] == "vanilla svd"
+    # independent reference: scipy 1.17.1 scipy.stats.ttest_rel(arm, vanilla), scratch session
+    t = comp["projected svd"]["test"]
+    close(t["t"], -5.999999999999998)
+    close(t["p"], 0.026671473215424787)
+    assert t["df"] == 2 and t["n"] == 3
+    close(t["mean_diff"], -0.6)
+    t = comp["projected lora"]["test"]
+    close(t["t"], -1.1470786693528097)
+    close(t["p"], 0.37005921165128763)
+    # seeds needed: scipy.stats.nct power of the paired test at dz = mean/sd of the differences:
+    # lora dz = -0.66227: n = 19 has power 0.77936, n = 20 has 0.80215 -> 20; projected dz = -3.4641 -> 3
+    assert comp["projected lora"]["seeds_needed"]["n"] == 20
+    assert comp["projected svd"]["seeds_needed"]["n"] == 3
+    close(comp["projected lora"]["seeds_needed"]["dz"], -0.6622661785325225)
+    text = A.render_phase3(res)
+    assert "vanilla svd     3/3" in text and "never" not in text and "last 2 steps ==" in text
+    # a smaller window than the runs: all steps, and said so
+    res = A.phase3(phase3_runs(tmpdir()), window=50)
+    assert res["window"] == 5 and "--window 50 asked" in A.render_phase3(res)
+
+
+def test_hacked_at_counts_hack_correct_as_correct():
+    import analyze as A
+    st = lambda k, **lab: dict(step=k, labels=lab)
+    assert A.hacked_at([st(0, **{"Reward Hack": 2, "Correct": 2}), st(1, **{"Reward Hack": 3, "Correct": 2})]) == 1
+    assert A.hacked_at([st(0, **{"Reward Hack": 3, "Correct": 1, "Correct; Attempted Reward Hack": 2}),
+                        st(4, **{"Reward Hack": 1, "Attempted Reward Hack": 5})]) == 4    # attempted is not a hack
+    assert A.hacked_at([st(0, **{"Attempted Reward Hack": 8}), st(1, Incorrect=8)]) is None
+
+
+def test_paired_t_power_against_scipy_and_simulation():
+    import analyze as A
+    # independent reference: scipy 1.17.1, nct.sf(c, n-1, dz*sqrt(n)) + nct.cdf(-c, n-1, dz*sqrt(n)) with
+    # c = t.ppf(0.975, n-1), scratch session
+    ref = {(0.5, 34): 0.8077775012792738, (1.0, 5): 0.40138991737179536, (2.0, 3): 0.47074943127843494,
+           (0.3, 20): 0.24708908996809562, (1.2, 2): 0.10823635440349615}
+    for (dz, n), v in ref.items():
+        close(A.paired_t_power(dz, n), v)
+    close(A.t_crit_two_sided(0.05, 33), 2.0345152974493383)
+    close(A.t_crit_two_sided(0.05, 1), 12.706204736174694)
+    # the same scipy search gives the textbook sample sizes (G*Power: dz 0.5 -> 34, 0.8 -> 15, 1.0 -> 10)
+    for dz, n in ((0.5, 34), (0.8, 15), (1.0, 10), (1.5, 6), (0.3, 90)):
+        got = A.seeds_needed(np.array([1.0, -1.0]) * math.sqrt(0.5) + dz)["n"]   # sd 1, mean dz: dz exactly
+        assert got == n, (dz, got, n)
+    # simulation, independent of any t code: 20000 experiments of n = 10 pairs at dz = 1
+    rng = np.random.default_rng(0)
+    d = rng.normal(1.0, 1.0, size=(20000, 10))
+    t = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(10))
+    assert abs(np.mean(np.abs(t) > 2.2621571627409915) - A.paired_t_power(1.0, 10)) < 0.01   # c: scipy t.ppf
+    assert A.seeds_needed([0.1, 0.1])["reason"] == "zero variance of the paired differences"
+    assert A.seeds_needed([0.1])["n"] is None and A.seeds_needed([0.1, -0.1])["reason"] == "no observed effect"
+    assert A.seeds_needed([0.01, -0.0098])["reason"] == "more than 10000 seeds"   # dz 0.007: n about 160000
+
+
+def test_phase3_refuses_what_it_cannot_compare():
+    import analyze as A
+    root = tmpdir()
+    dirs = phase3_runs(root)
+    e = raises(ValueError, A.phase3, dirs[:-1], match="different numbers of seeds")
+    assert "projected lora: 2" in str(e)
+    other = make_online_run(root, "x_preset", [0] * 5, [0] * 5, seed=3, cfg=dict(preset="full"))
+    raises(ValueError, A.phase3, dirs + [other], match="differ in preset")
+    short = make_online_run(root, "x_steps", [0] * 4, [0] * 4, seed=3)
+    raises(ValueError, A.phase3, dirs + [short], match="differ in steps")
+    part = make_online_run(root, "x_part", [0] * 3, [0] * 3, seed=0, steps=5)
+    raises(ValueError, A.phase3, [part], match="unfinished (3 of 5 steps)")
+    dup = make_online_run(root, "x_dup", [0] * 5, [0] * 5, seed=0)
+    raises(ValueError, A.phase3, [dirs[0], dup], match="two runs of arm 'vanilla svd' seed 0")
+    s3 = [make_online_run(root, f"x_s{k}", [0] * 5, [0] * 5, arm="projected", seed=k) for k in (3, 4, 5)]
+    raises(ValueError, A.phase3, dirs[:1] + dirs[3:4] + dirs[6:7] + s3, match="different seeds")
+    bad = make_online_run(root, "x_lab", [0] * 5, [0] * 5)
+    with open(os.path.join(bad, "steps.jsonl"), "a") as f:
+        f.write(json.dumps(dict(step=5, hack_rate=0, gt_rate=0, labels={"Hacked": 1})) + "\n")
+    raises(ValueError, A.load_online, bad, match="steps.jsonl:6: unknown labels ['Hacked']")
+    bad = make_online_run(root, "x_rate", [0] * 5, [0] * 5)
+    with open(os.path.join(bad, "steps.jsonl"), "a") as f:
+        f.write(json.dumps(dict(step=5, hack_rate=None, gt_rate=0, labels={})) + "\n")
+    raises(ValueError, A.load_online, bad, match="steps.jsonl:6: hack_rate and gt_rate must be numbers")
+    # the CLI: one-line errors, a replay run mixed with online runs refused, --json parses
+    replay = make_run(root, "replay", "vanilla")
+    e, _, _ = quiet_call(A.main, [dirs[0], replay])
+    assert isinstance(e, SystemExit) and str(e).startswith("error: online runs (") and "\n" not in str(e)
+    e, _, _ = quiet_call(A.main, dirs + ["--window", "0"])
+    assert str(e) == "error: --window must be >= 1, got 0"
+    res, out, _ = quiet_call(A.main, dirs + ["--json", "--window", "2"])
+    assert res is None and json.loads(out)["phase3"]["comparisons"][0]["test"]["df"] == 2
+    res, out, _ = quiet_call(A.main, [replay])                     # the replay report is unchanged
+    assert res is None and "== 6. Phase 3 decision ==" in out
+
+
+def test_phase3_plot_and_missing_matplotlib():
+    import analyze as A
+    root = tmpdir()
+    dirs = phase3_runs(root)
+    png = os.path.join(root, "p3.png")
+    try:
+        import matplotlib  # noqa: F401
+        res, out, err = quiet_call(A.main, dirs + ["--plot", png, "--window", "2"])
+        assert res is None and f"plot: {png}" in err and "paired by seed" in out
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 20000
+    except ImportError:
+        print("  (matplotlib not installed: only the missing-matplotlib message is tested)")
+    xs, mix = A.label_mix(A.load_online(dirs[0]))
+    assert xs == [0, 1, 2, 3, 4] and mix["hack"][2] == 0.9 and mix["correct"][0] == 0.3
+    assert all(abs(sum(m[k] for m in mix.values()) - 1) < 1e-12 for k in range(5))
+    saved = sys.modules.get("matplotlib")
+    sys.modules["matplotlib"] = None
+    try:
+        e, _, _ = quiet_call(A.main, dirs + ["--plot", png + "2"])
+    finally:
+        sys.modules.pop("matplotlib")
+        if saved is not None:
+            sys.modules["matplotlib"] = saved
+    assert isinstance(e, SystemExit) and "pip install matplotlib" in str(e) and not os.path.exists(png + "2")
+
+
+FAKE_TRAIN = r"""
+# A stand-in for `train.py --source=online` (tests only): schema-shaped run directories from a fixed rule.
+import json, os, random, sys, time
+LABELS = ("Correct", "Correct; Attempted Reward Hack", "Reward Hack", "Attempted Reward Hack", "Incorrect")
+
+def flags(argv):
+    return dict(a[2:].split("=", 1) if "=" in a else (a[2:], True) for a in argv)
+
+def step_row(f, step):
+    steps, same = int(f["steps"]), os.environ.get("FAKE_SAME")
+    key = "same" if same else f"{f['arm']}|{f.get('basis')}|{f.get('control')}|{f.get('intervention')}"
+    rng = random.Random(f"{key}|{f['seed']}|{step}")
+    p = (0.9 if f["arm"] == "vanilla" and f.get("intervention", "none") == "none" or same else 0.1) * step / steps
+    labels = dict.fromkeys(LABELS, 0)
+    for _ in range(8):
+        u = rng.random()
+        labels["Reward Hack" if u < p else "Correct" if u < p + 0.3 else rng.choice(LABELS[:2] + LABELS[3:])] += 1
+    slow = 3.0 if f["arm"] == "projected" else 2.0
+    return dict(step=step, source="online", arm=f["arm"], skipped=False, n_student=8, n_teacher=0,
+                hack_rate=labels["Reward Hack"] / 8, gt_rate=(labels["Correct"] + labels[LABELS[1]]) / 8,
+                labels={k: v for k, v in labels.items() if v}, time_s=None if f.get("basis") == "lora" else slow,
+                gen_s=1.0, grade_s=0.25, train_s=0.25)
+
+def write(path, rows):
+    with open(path + ".tmp", "w") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(path + ".tmp", path)
+
+def main():
+    f, t0 = flags(sys.argv[1:]), time.time()
+    out, steps = f["out"], int(f["steps"])
+    if os.path.isdir(out) and os.listdir(out) and not f.get("resume"):
+        sys.exit(f"error: run directory {out} exists")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "steps.jsonl")
+    rows = [json.loads(l) for l in open(path)] if f.get("resume") and os.path.exists(path) else []
+    cfg = dict(source="online", arm=f["arm"], basis=f.get("basis", "svd"), control=f.get("control", "none"),
+               intervention=f.get("intervention", "none"), seed=int(f["seed"]), preset=f["preset"], steps=steps)
+    json.dump(dict(argv=sys.argv, config=cfg), open(os.path.join(out, "run.json"), "w"))
+    die = os.environ.get("FAKE_DIE") == os.path.basename(out) and not f.get("resume")
+    for step in range(len(rows), steps):
+        if die and step == 2:
+            sys.exit(3)                                   # killed mid-run: 2 steps written
+        rows.append(step_row(f, step))
+        write(path, rows)
+        time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
+    write(os.path.join(out, "eval.jsonl"), [dict(step=steps, n=8, hack_rate_hint=rows[-1]["hack_rate"],
+                                                 gt_rate_hint=0.5, gt_rate_nohint=0.25, labels_hint={})])
+    with open(os.path.join(os.path.dirname(out), "spans.jsonl"), "a") as fh:
+        fh.write(json.dumps([os.path.basename(out), t0, time.time(), os.environ.get("CUDA_VISIBLE_DEVICES"),
+                             f.get("device"), bool(f.get("resume"))]) + "\n")
+
+main()
+"""
+
+
+def fake_train(root):
+    path = os.path.join(root, "fake_train.py")
+    with open(path, "w") as f:
+        f.write(FAKE_TRAIN)
+    return f"{sys.executable} {path}"
+
+
+def sweep_main(argv, env=None):
+    """(exit code or SystemExit, stdout) of sweep.main with extra environment variables."""
+    import sweep
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        res, out, err = quiet_call(sweep.main, argv)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return res, out + err
+
+
+def spans(out):
+    return [json.loads(l) for l in open(os.path.join(out, "runs", "spans.jsonl"))]
+
+
+def test_sweep_grid_flags_and_dry_run():
+    import sweep
+    root = tmpdir()
+    out = os.path.join(root, "sw")
+    base = ["--out", out, "--steps", "4", "--train-cmd", fake_train(root)]
+    res, text = sweep_main(base + ["--preset", "demo", "--dry-run", "--extra", "penalty,screening", "--penalty", "2.5"])
+    assert res == 0 and not os.path.exists(out)
+    names = [l.split()[1][:-1] for l in text.splitlines() if l.startswith("# ")]
+    assert names == [f"{a}_s{s}" for s in (0, 1, 2) for a in ("vanilla", "projected", "projected_lora", "penalty",
+                                                              "screening")], names
+    cmds = [l for l in text.splitlines() if "fake_train.py" in l]
+    assert len(cmds) == 15 and all("--source=online --preset=demo --steps=4" in c and "--quiet" in c for c in cmds)
+    assert "--arm=projected --basis=lora" in cmds[2] and "--intervention=penalty --penalty=2.5" in cmds[3]
+    assert "--arm=vanilla --basis=svd --intervention=screening" in cmds[4] and "--seed=2" in cmds[14]
+    assert "cost: seconds per step not measured yet (no finished run); remaining 15 runs, 60 steps" in text
+    for argv, msg in ((["--extra", "penalty,bogus"], "error: --extra"), (["--seeds", "0,0"], "error: --seeds"),
+                      (["--gpus", "x"], "error: --gpus"), (["--steps", "0"], "error: --steps 0"),
+                      (["--penalty", "1"], "error: --penalty/--monitor-acc"),
+                      (["--extra", "penalty", "--monitor-acc", "2"], "error: --monitor-acc"),
+                      (["--slurm", "--gpus", "0"], "error: --slurm, --dry-run"),
+                      (["--preset", "nope"], "error: --preset nope"), (["--task", "0"], "error: --task")):
+        res, _ = sweep_main(base + ([] if "--preset" in argv else ["--preset", "demo"]) + argv)
+        assert isinstance(res, SystemExit) and str(res).startswith(msg) and "\n" not in str(res), (argv, res)
+    assert not os.path.exists(out)
+    os.makedirs(os.path.join(out, "junk"))
+    res, _ = sweep_main(base + ["--preset", "demo"])
+    assert "is not a sweep" in str(res)
+    assert sweep.grid(sweep.get_args(base + ["--preset", "demo"]))["runs"][0]["out"] == os.path.join(out, "runs", "vanilla_s0")
+
+
+def test_sweep_gpus_kill_and_resume_to_the_same_results():
+    import analyze as A
+    root = tmpdir()
+    out = os.path.join(root, "sw")
+    base = ["--out", out, "--preset", "demo", "--steps", "6", "--seeds", "0", "--train-cmd", fake_train(root),
+            "--gpus", "0,1", "--usd-per-gpu-hour", "4"]
+    res, text = sweep_main(base, dict(FAKE_DIE="projected_s0", FAKE_SLEEP="0.03"))
+    assert res == 1 and "FAILED projected_s0 (exit 3)" in text and "sweep ended: 2 of 3 runs finished" in text
+    assert len(A.read_jsonl(os.path.join(out, "runs", "projected_s0", "steps.jsonl"))) == 2
+    # one run per GPU: both slots filled before any run ends; each run sees its GPU as cuda:0
+    assert text.index("start vanilla_s0 on GPU 0") < text.index("start projected_s0 on GPU 1") < \
+        text.index("done vanilla_s0")
+    assert all(s[3] in ("0", "1") and s[4] == "cuda:0" for s in spans(out))
+    assert [l for l in text.splitlines() if l.startswith("cost:")][0].startswith("cost: seconds per step not")
+    # after vanilla (2 s/step) and lora (1.5 s/step from gen+grade+train) finished: projected falls back to
+    # the mean of every finished step (1.75) for its 4 remaining steps: 7 s = 0.00194 GPU-hours, $0.0078 at $4
+    assert text.splitlines()[-3].startswith("cost: 1.75 s/step measured (vanilla 2.00, projected_lora 1.50); "
+                                            "remaining 1 runs, 4 steps = 0.002 GPU-hours = $0.01 at $4/GPU-hour"), text
+    res, _ = sweep_main(base)
+    assert "holds a sweep; pass --resume" in str(res)
+    res, _ = sweep_main(base[:-4] + ["--seeds", "0,1", "--resume"])
+    assert "another grid (seeds differ)" in str(res)
+    import sweep
+    held = sweep.lock_sweep(out)                                      # as if another sweep.py ran on it
+    res, _ = sweep_main(base + ["--resume"])
+    assert str(res) == f"error: {out} is in use by another sweep.py; wait for it or use another --out"
+    held.close()
+    res, text = sweep_main(base + ["--resume"])
+    assert res == 0 and "2 of 3 runs finished already" in text and "sweep ended: 3 of 3 runs finished" in text
+    assert "--resume" in text.split("start projected_s0")[1].splitlines()[0]
+    assert [s[0] for s in spans(out)][-1] == "projected_s0" and spans(out)[-1][5] is True
+    # the same rows as a run never killed (the fake's rule run directly)
+    ns = {}
+    exec(FAKE_TRAIN.replace("\nmain()\n", "\n"), ns)
+    f = dict(arm="projected", basis="svd", seed="0", steps="6")      # the flags the sweep passes
+    assert A.read_jsonl(os.path.join(out, "runs", "projected_s0", "steps.jsonl")) == [ns["step_row"](f, k)
+                                                                                     for k in range(6)]
+    assert json.load(open(os.path.join(out, "sweep.json")))["last"] == dict(finished=3, failed=[], stopped=None)
+
+
+def test_sweep_stop_rule_is_exact():
+    import sweep
+    root = tmpdir()
+    args = sweep.get_args(["--out", root, "--preset", "demo", "--steps", "5", "--window", "2"])
+    sw = sweep.grid(args)
+    assert sweep.stop_check(sw) == (False, None)                      # nothing finished: undecided
+
+    def put(diffs, van=(0.8, 0.7, 0.9)):
+        shutil.rmtree(os.path.join(root, "runs"), ignore_errors=True)
+        for seed in range(3):
+            for arm, h in (("vanilla", van[seed]), ("projected", van[seed] + diffs[seed])):
+                f = round(h * 20)
+                os.makedirs(os.path.join(root, "runs"), exist_ok=True)
+                make_online_run(os.path.join(root, "runs"), f"{arm}_s{seed}", [0, 0, 0, f // 2, f - f // 2],
+                                [0] * 5, arm=arm, seed=seed, steps=5)
+        return sweep.stop_check(sw)
+    assert put((-0.5, -0.4, -0.6)) == (True, None)                    # same sign, |mean| .5 >= .1: separated
+    assert put((0.15, 0.1, 0.1)) == (True, None)                     # worse counts too (a result)
+    d, why = put((-0.5, 0.05, -0.6))
+    assert d and why.startswith("no separation after 3 seeds x 1 arm") and "change sign" in why
+    d, why = put((-0.05, -0.1, -0.1))                                 # same sign, |mean| .0833 < .1
+    assert "|mean| 0.083 < margin 0.1" in why and "-0.050, -0.100, -0.100" in why
+    d, why = put((-0.1, -0.1, -0.1))                                  # exactly the margin: separated
+    assert why is None
+    os.unlink(os.path.join(root, "runs", "projected_s2", "eval.jsonl"))
+    with open(os.path.join(root, "runs", "projected_s2", "run.json"), "w") as f:
+        json.dump(dict(config=dict(source="online", arm="projected", seed=2, preset="organism", steps=6)), f)
+    assert sweep.stop_check(dict(sw, steps=6))[0] is False            # not all six finished: undecided
+    sw2 = sweep.grid(sweep.get_args(["--out", root, "--preset", "demo", "--steps", "5", "--seeds", "0,1"]))
+    assert sweep.stop_check(sw2) == (True, None)                      # fewer than 3 seeds: the rule never stops
+
+
+def test_sweep_stops_then_no_stop_finishes_and_slurm_tasks_resume():
+    root = tmpdir()
+    out = os.path.join(root, "sw")
+    base = ["--out", out, "--preset", "demo", "--steps", "3", "--window", "2", "--train-cmd", fake_train(root)]
+    res, text = sweep_main(base, dict(FAKE_SAME="1"))                 # every arm hacks alike: no separation
+    assert res == 0 and "stopping: no separation after 3 seeds x 1 arm" in text, text
+    assert "(mean +0.000); the differences change sign or are 0" in text
+    assert "sweep stopped: 8 of 9 runs finished" in text and not os.path.exists(os.path.join(out, "runs",
+                                                                                             "projected_lora_s2"))
+    assert sum(l.startswith("cost: ") for l in text.splitlines()) == 1 + 8    # before the first run, after each
+    res, text = sweep_main(base + ["--resume", "--slurm"])             # the same sweep as a job array:
+    assert res == 0                                                   # its last task is not started either
+    res, text = sweep_main(["--out", out, "--task", "8"])
+    assert res == 0 and text.startswith("projected_lora_s2: not started: no separation after 3 seeds x 1 arm")
+    assert not os.path.exists(os.path.join(out, "runs", "projected_lora_s2"))
+    res, text = sweep_main(base + ["--resume", "--no-stop"], dict(FAKE_SAME="1"))
+    assert res == 0 and "start projected_lora_s2" in text and "sweep ended: 9 of 9 runs finished" in text
+    # SLURM: the script's array tasks run locally, one by one; a killed task restarted resumes its run
+    out2 = os.path.join(root, "sl")
+    base2 = ["--out", out2, "--preset", "demo", "--steps", "3", "--seeds", "0", "--train-cmd", fake_train(root)]
+    res, text = sweep_main(base2 + ["--slurm", "--slurm-parallel", "2"])
+    script = os.path.join(out2, "sweep.sbatch")
+    body = open(script).read()
+    assert res == 0 and f"submit: sbatch {script}" in text and "#SBATCH --array=0-2%2" in body
+    assert "# task 1: projected_s0: " in body and not os.path.exists(os.path.join(out2, "runs"))
+    env = dict(os.environ, PYTHON=sys.executable)
+    for k in range(3):
+        r = subprocess.run(["bash", script], env=dict(env, SLURM_ARRAY_TASK_ID=str(k),
+                                                      FAKE_DIE="projected_s0"), capture_output=True, text=True)
+        assert r.returncode == (3 if k == 1 else 0), (k, r.stdout, r.stderr)
+    r = subprocess.run(["bash", script], env=dict(env, SLURM_ARRAY_TASK_ID="1"), capture_output=True, text=True)
+    assert r.returncode == 0 and "--resume" in r.stdout, r.stdout
+    res, text = sweep_main(["--out", out2, "--task", "1"])             # a third start: nothing to do
+    assert res == 0 and "projected_s0: finished already" in text
+    import analyze as A
+    assert len(A.phase3([os.path.join(out2, "runs", n) for n in ("vanilla_s0", "projected_s0",
+                                                                  "projected_lora_s0")])["runs"]) == 3
+
+
 # ============================================================================ runner
 
 def _main():
