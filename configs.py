@@ -24,7 +24,7 @@ ONLINE = dict(temperature=1.0, top_p=1.0, clip_eps=0.2, inner_epochs=1, mix=0, n
               problems=None, eval_problems=None)
 PRESETS.update({
     # the CPU model organism (organism.py): 4 prompts x G=8 per step, short prompts, 30 steps in minutes
-    "organism": dict(ONLINE, model="organism", group_size=8, prompts_per_step=4, steps=30, lr=3e-2, k=1,
+    "organism": dict(ONLINE, model="organism", group_size=8, prompts_per_step=4, steps=30, lr=1e-2, k=1,
                      beta=1e-3, dtype="float32", max_prompt_tokens=256, max_completion_tokens=192, seed=0,
                      eval_every=10, eval_samples=2, save_every=5),
     # the successor repo's quick regime: 60 steps, G=8, 4 prompts, 512 new tokens

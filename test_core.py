@@ -1962,7 +1962,7 @@ def test_train_flags_checked_before_anything_is_created():
              (["--replay-dirs", f"{teacher},no_such_pool"], "no_such_pool is not a pool directory"),
              (["--model", "./no/such/model"], "--model=./no/such/model: no such local path"),
              (["--model", "nobody-here/no-such-model-xyz"], "not in the Hugging Face cache"),
-             (["--preset", "full"], "not built yet"), (["--device", "gpu"], "--device=gpu: must be cpu"),
+             (["--preset", "full"], "not a preset of --source=replay"), (["--device", "gpu"], "--device=gpu: must be cpu"),
              (["--pairs", FIXTURE, "--control", "style_v"], "cannot be combined with --control=style_v"),
              (["--pair-kind", "mechanism", "--extract-loss", "grpo"], "--extract-loss=grpo: weights a pair")]
     for extra, msg in cases:
@@ -2001,7 +2001,7 @@ def test_train_ctrl_c_says_how_to_resume():
     assert [json.loads(l)["step"] for l in open(os.path.join(out, "steps.jsonl"))] == [0, 1, 2]
 
 
-def test_train_logs_steps_off_a_terminal_and_records_no_unimplemented_preset_key():
+def test_train_logs_steps_off_a_terminal_and_replay_records_no_online_key():
     import configs, re, train
     teacher, base = demo_pools()
     run_train("--arm", "vanilla")                                     # makes the shared v_hack
@@ -2020,11 +2020,10 @@ def test_train_logs_steps_off_a_terminal_and_records_no_unimplemented_preset_key
                                                 r"  \d+\.\ds", l) for l in lines), err
     assert "== run " in stdout and "Traceback" not in err
     run = json.load(open(os.path.join(out, "run.json")))
-    assert "beta" not in run["config"] and run["not_implemented"] == {}
-    args = train.get_args(["--preset", "phase2", "--model", "tiny"])
-    assert args.not_implemented == {"beta": 1e-3} and "beta" not in args.cfg
-    for name, p in configs.PRESETS.items():     # nothing the replay probe ignores sits among applied keys
-        assert not set(p) & {"beta", "prompts_per_step", "n_problems"}, name
+    assert not set(run["config"]) & {"beta", "prompts_per_step", "n_problems", "mix", "inner_epochs"}
+    for name, p in configs.PRESETS.items():     # nothing the replay probe ignores sits in a replay preset
+        online = {"beta", "prompts_per_step", "n_problems", "temperature"} <= set(p)
+        assert online == (name in configs.ONLINE_ONLY), name
 
 
 def test_train_pairs_file_advice_and_few_pairs_warning():
