@@ -2196,7 +2196,8 @@ def run_commands(cmds, root, steps=1):
     """Run `python {train,pools,analyze}.py ...` commands in order, in-process with cwd=root. Rewrites:
     train.py gets --steps=<steps> and short token limits (128 + 128: the cost, not the path, changes),
     `pools.py check` gets --limit 2. Skipped (and returned): pip install, the test suite itself, a
-    --model other than tiny (a download, a GPU, or the organism's minutes-long fit), and the
+    --model other than tiny (a download, a GPU, or the organism's minutes-long fit; online runs default
+    to the organism, their --dry-run loads nothing and runs), and the
     generation benchmark and organism fit (minutes on a CPU; their code has its own tests)."""
     import analyze, importlib, re, train  # noqa: F401
     env, skipped = {}, []
@@ -2208,8 +2209,9 @@ def run_commands(cmds, root, steps=1):
         words = [re.sub(r"\$(\w+)", lambda m: env[m.group(1)], w) for w in words]
         model = [w.split("=", 1)[1] for w in words if w.startswith("--model=")] + \
             [b for a, b in zip(words, words[1:]) if a == "--model"]
+        organism = words[1] == "train.py" and "--source=online" in words and "--dry-run" not in words and not model
         if words[:2] in (["pip", "install"], ["python", "test_core.py"]) or any(m != "tiny" for m in model) or \
-                words[1] in ("rollout.py", "organism.py"):
+                words[1] in ("rollout.py", "organism.py") or organism:
             skipped.append(" ".join(words))
             continue
         assert words[0] == "python" and words[1] in ("train.py", "pools.py", "analyze.py"), words
@@ -2260,6 +2262,8 @@ def test_readme_and_help_commands_run_in_order():
                        "out/gen/teacher_pool --seed 0",
                        "python pools.py generate --model Qwen/Qwen3-4B --no-hint --out out/gen/base_pool --seed 0",
                        "python pools.py generate --model organism --hint --out out/gen/organism_pool",
+                       "python train.py --source=online --steps=30",
+                       "python train.py --source=online --steps=30 --arm=projected --out=out/runs/online_projected_s0",
                        "python rollout.py --bench", "python organism.py"], skipped
     for d in ("vanilla_grpo_none_s0", "vanilla_nll_none_s0", "p2_vanilla", "p2_projected", "p2_random_v",
               "p2_shuffled_v"):
@@ -2268,9 +2272,9 @@ def test_readme_and_help_commands_run_in_order():
     # train.py --help's examples, in order, on another fresh clone
     doc = [l for l in train.__doc__.splitlines() if l.startswith("    python ") or l.startswith("        --")]
     cmds = shell_commands("\n".join(doc), fenced=False)
-    assert len(cmds) == 3
+    assert len(cmds) == 5
     root = fresh_clone()
-    assert run_commands(cmds, root) == []
+    assert run_commands(cmds, root) == ["python train.py --source=online --steps=30"]
 
 
 # ============================================================================ rollout and organism

@@ -10,7 +10,7 @@ delta_S (antipasto.py); `--basis=lora` trains a LoRA B A (lora_adapter.py): `--a
     python train.py --arm=vanilla --loss-mode=nll --replay-dirs=out/pools/teacher_pool --per-pool=8 \
         --pair-dirs=out/pools/teacher_pool,out/pools/base_pool
     python train.py --source=online --steps=30                   # Phase 3 on the CPU model organism
-    python train.py --source=online --preset=full --problems=train.jsonl --dry-run   # config + memory
+    python train.py --source=online --preset=full --problems=data/fixture_problems.jsonl --dry-run
 
 Per step: draw `per-pool` rows from each pool into one group (the draw depends only on seed and step,
 never on the arm), one forward + one backward gives the batch gradient and every sample's own
@@ -239,7 +239,8 @@ def validate(args):
         bad("--v-hack", args.v_hack, "is a directory; name a .safetensors file")
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         bad("--out", args.out, "is a file; name a run directory")
-    check_model(args.model)
+    if not args.dry_run:                    # a dry run reads the model's shape only (model_shape)
+        check_model(args.model)
 
 
 def validate_online(args, bad):
