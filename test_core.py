@@ -2559,6 +2559,7 @@ def run_online(*extra, out=None):
             "--prompts-per-step", "2", "--mix", "1", "--teacher-dir", teacher, "--pair-dirs", f"{teacher},{base}",
             "--max-prompt-tokens", "384", "--max-completion-tokens", "12", "--eval-every", "0", "--lr", "0.05",
             "--v-hack", _cache["v_hack_online"], "--device", "cpu", "--quiet", "--workers", "2", "--out", out, *extra]
+    _cache["online_argv"] = args
     cwd = os.getcwd()
     os.chdir(tmpdir())
     try:
@@ -2674,6 +2675,15 @@ def test_online_interventions_penalty_screening_inoculation():
     assert [r for r in sb if not r["hacked"]] and not any(r["hacked"] for r in ss)
     assert len(ss) == sum(not r["hacked"] for r in sb)
     assert pools.read_jsonl(os.path.join(scr, "steps.jsonl"))[0]["n_screened"] == sum(r["hacked"] for r in sb)
+    real = train.monitor_flags                # a monitor that flags everything: screening leaves no row
+    train.monitor_flags = lambda *a: True
+    try:
+        none = run_online("--steps", "2", "--intervention", "screening")
+    finally:
+        train.monitor_flags = real
+    rows = pools.read_jsonl(os.path.join(none, "steps.jsonl"))
+    assert [r["skip_reason"] for r in rows] == ["screening dropped every rollout"] * 2 and rows[0]["n_screened"] == 8
+    assert slim_rows(none)["step_001.cos.jsonl.gz"] == []
     # the simulated monitor: right with probability acc, the same answer for the same rollout
     rows = [dict(hacked=i % 2 == 0, src_pool="student", src_step=0, src_sample=i) for i in range(4000)]
     right = [train.monitor_flags(r, 0.8, 0, 0) == r["hacked"] for r in rows]
@@ -2689,6 +2699,27 @@ def test_online_interventions_penalty_screening_inoculation():
     inoc = run_online("--steps", "1", "--intervention", "inoculation", "--eval-every", "1", "--eval-samples", "1")
     st = pools.read_pool(os.path.join(inoc, "rollouts", "student"))
     assert all(r["prompt"][0]["content"] == train.INOCULATION for r in st)
+
+
+def test_two_online_runs_grading_at_once_equal_a_run_alone():
+    """Two train.py processes generating and grading at the same time on one machine (each with its
+    own sandbox uids) give exactly the rows of the same run alone."""
+    alone = run_online("--seed", "3")
+    argv = list(_cache["online_argv"])
+    procs, outs = [], []
+    for i in range(2):
+        out = os.path.join(tmpdir(), "run")
+        a = [x if x != alone else out for x in argv]
+        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *a], cwd=tmpdir(),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        outs.append(out)
+    for p in procs:
+        log = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, log[-2000:]
+    for out in outs:
+        assert online_rows(out) == online_rows(alone)
+        assert [r["label"] for r in pools.read_pool(os.path.join(out, "rollouts", "student"))] == \
+            [r["label"] for r in pools.read_pool(os.path.join(alone, "rollouts", "student"))]
 
 
 def test_online_flags_checked_before_anything_is_created():

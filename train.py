@@ -869,6 +869,14 @@ def run_probe(argv):
         else:
             g = replay_group(tok, S, args, step, device)
         t1 = time.time()
+        if not g["rows"]:                   # online screening left no row: the step trains nothing
+            step_rows.append(dict(g["record"], step=step, arm=args.arm, skipped=True, n_samples=0, kl=None,
+                                  skip_reason="screening dropped every rollout", train_s=0.0,
+                                  time_s=round(time.time() - t0, 3)))
+            write_jsonl(os.path.join(out, "steps.jsonl"), step_rows)
+            pools.atomic_write(pools.step_path(out, step, ".cos.jsonl.gz"), pools.gz_jsonl_bytes([]))
+            end_of_step(out, step, args, cfg, model, tok, messages_fn, S, modules, opt, vmeta, eval_rows, bar, step_rows)
+            continue
         results = [train_step(model, modules, g, V, opt, args, skip=g["skipped"])
                    for _ in range(cfg["inner_epochs"] if online else 1)]
         r0 = results[0]                     # the cosines and per-sample contributions of the first epoch
@@ -899,15 +907,7 @@ def run_probe(argv):
         row["time_s"] = round(time.time() - t0, 3)
         step_rows.append(row)
         write_jsonl(os.path.join(out, "steps.jsonl"), step_rows)
-        last = step == args.steps - 1
-        if online and cfg["eval_every"] and ((step + 1) % cfg["eval_every"] == 0 or last):
-            eval_rows.append(evaluate(model, tok, messages_fn, S, args, step + 1))
-            write_jsonl(os.path.join(out, "eval.jsonl"), eval_rows)
-        if (step + 1) % cfg["save_every"] == 0 or last:
-            save_state(out, step, modules, opt, vmeta)
-        bar.update(1)
-        if not args.quiet and not sys.stderr.isatty():
-            log_step(step_rows[-1], args.steps)
+        end_of_step(out, step, args, cfg, model, tok, messages_fn, S, modules, opt, vmeta, eval_rows, bar, step_rows)
     bar.close()
     if args.quiet:
         return out
@@ -916,6 +916,19 @@ def run_probe(argv):
         import analyze
         print(analyze.report([out]))
     return out
+
+
+def end_of_step(out, step, args, cfg, model, tok, messages_fn, S, modules, opt, vmeta, eval_rows, bar, step_rows):
+    """After a step's row is written: the held-out evaluation (online), the checkpoint, progress."""
+    last = step == args.steps - 1
+    if args.source == "online" and cfg["eval_every"] and ((step + 1) % cfg["eval_every"] == 0 or last):
+        eval_rows.append(evaluate(model, tok, messages_fn, S, args, step + 1))
+        write_jsonl(os.path.join(out, "eval.jsonl"), eval_rows)
+    if (step + 1) % cfg["save_every"] == 0 or last:
+        save_state(out, step, modules, opt, vmeta)
+    bar.update(1)
+    if not args.quiet and not sys.stderr.isatty():
+        log_step(step_rows[-1], args.steps)
 
 
 def replay_group(tok, S, args, step, device):
@@ -1049,6 +1062,17 @@ def online_group(model, tok, modules, messages_fn, S, args, step):
             n_screened = len(cells) - len(keep)
             comp_cut = {keep.index(i): v for i, v in comp_cut.items() if i in keep}
             cells, rewards = [cells[i] for i in keep], [rewards[i] for i in keep]
+    labels = {}
+    for r in rows:
+        labels[r["label"]] = labels.get(r["label"], 0) + 1
+    n = len(rows)
+    record = dict(source="online", n_student=n, n_teacher=len(probs) * mix, n_screened=n_screened, n_flagged=n_flag,
+                  hack_rate=sum(r["hacked"] for r in rows) / n, gt_rate=sum(r["gt_pass"] for r in rows) / n,
+                  labels=labels, reward_mean=sum(r["reward"] for r in rows) / n,
+                  comp_len_mean=sum(len(t) for t in gen["token_ids"]) / n, truncated_frac=gen["n_truncated"] / n,
+                  problems=[p["id"] for p in probs], gen_s=round(gen["gen_s"], 3), grade_s=round(gen["grade_s"], 3))
+    if not cells:                                   # screening dropped every rollout: nothing to train on
+        return dict(rows=[], record=dict(record, n_zero_var_groups=len(probs)))
     dev = next(model.parameters()).device
     prompt_ids = {}
     for r, _, _ in cells:
@@ -1075,18 +1099,8 @@ def online_group(model, tok, modules, messages_fn, S, args, step):
             part = ap.slice_batch(batch, a, min(a + mb, len(cells)))
             ref[a:a + mb, :part["input_ids"].shape[1]] = ap.token_logps(model, part)
         batch["ref_logp"] = ref
-    st_rows = [r for r in rows]
-    labels = {}
-    for r in st_rows:
-        labels[r["label"]] = labels.get(r["label"], 0) + 1
-    n = len(st_rows)
-    record = dict(source="online", n_student=n, n_teacher=len(probs) * mix, n_screened=n_screened, n_flagged=n_flag,
-                  hack_rate=sum(r["hacked"] for r in st_rows) / n, gt_rate=sum(r["gt_pass"] for r in st_rows) / n,
-                  labels=labels, reward_mean=sum(r["reward"] for r in st_rows) / n,
-                  comp_len_mean=sum(len(t) for t in gen["token_ids"]) / n, truncated_frac=gen["n_truncated"] / n,
-                  n_zero_var_groups=sum(1 for gi in set(groups) if len({rewards[i] for i in range(len(cells))
-                                                                         if groups[i] == gi}) == 1),
-                  problems=[p["id"] for p in probs], gen_s=round(gen["gen_s"], 3), grade_s=round(gen["grade_s"], 3))
+    record["n_zero_var_groups"] = len(probs) - len(set(groups)) + sum(
+        1 for gi in set(groups) if len({rewards[i] for i in range(len(cells)) if groups[i] == gi}) == 1)
     trunc = truncation(tok, [r for r, _, _ in cells], c, batch)
     return dict(rows=[r for r, _, _ in cells], rewards=rewards, adv=adv, batch=batch, trunc=trunc,
                 skipped=bool((adv == 0).all()) and not c["beta"], record=record)
@@ -1217,19 +1231,24 @@ def model_shape(name):
 def log_step(r, steps):
     """One line per step where no progress bar can draw (a log file, a pipe)."""
     f = lambda x: "null" if x is None else f"{x:+.3f}"
-    print(f"step {r['step'] + 1}/{steps}  reward {r['reward_min']:.2f}..{r['reward_max']:.2f}  cos_in {f(r['cos_in'])}  "
-          f"{r['time_s']:.1f}s" + ("  skipped (zero reward variance)" if r["skipped"] else ""), file=sys.stderr, flush=True)
+    rng = "" if r.get("reward_min") is None else f"reward {r['reward_min']:.2f}..{r['reward_max']:.2f}  "
+    hack = f"hack {r['hack_rate']:.2f}  " if "hack_rate" in r else ""
+    print(f"step {r['step'] + 1}/{steps}  {rng}{hack}cos_in {f(r.get('cos_in'))}  {r['time_s']:.1f}s"
+          + (f"  skipped ({r['skip_reason']})" if r["skipped"] else ""), file=sys.stderr, flush=True)
 
 
 def summary(out, rows, elapsed):
     f = lambda x: "  null" if x is None else f"{x:+.3f}"
+    g = lambda x, w: " " * (w - 4) + "null" if x is None else f"{x:{w}.2f}"
     live = [r for r in rows if not r["skipped"]]
-    print(f"\n== run {out}: {len(rows)} steps ({len(rows) - len(live)} skipped: zero reward variance), "
+    online = any("hack_rate" in r for r in rows)
+    print(f"\n== run {out}: {len(rows)} steps ({len(rows) - len(live)} skipped: no reward variance or no row), "
           f"{elapsed:.1f}s")
-    print(" step  r_range  |adv|   cos_in  cos_out  cos_upd  fired")
+    print(" step  r_range  |adv|   cos_in  cos_out  cos_upd  fired" + ("   hack     gt      kl" if online else ""))
     for r in rows:
-        print(f" {r['step']:>4}  {r['reward_range']:6.2f}  {r['adv_abs_mean'] or 0:5.2f}  {f(r['cos_in'])}  "
-              f"{f(r['cos_out'])}   {f(r['cos_update'])}  {r['frac_fired']:.2f}")
+        print(f" {r['step']:>4}  {g(r.get('reward_range'), 6)}  {g(r.get('adv_abs_mean'), 5)}  {f(r.get('cos_in'))}  "
+              f"{f(r.get('cos_out'))}   {f(r.get('cos_update'))}  {g(r.get('frac_fired'), 4)}"
+              + (f"  {r['hack_rate']:5.2f}  {r['gt_rate']:5.2f}  {g(r.get('kl'), 6)}" if online else ""))
 
 
 if __name__ == "__main__":
