@@ -2220,7 +2220,7 @@ def run_commands(cmds, root, steps=1):
     train.py gets --steps=<steps> and short token limits (128 + 128: the cost, not the path, changes),
     `pools.py check` gets --limit 2. Skipped (and returned): pip install, the test suite itself, a
     --model other than tiny (a download, a GPU, or the organism's minutes-long fit), and the
-    generation benchmark and organism fit (minutes on a CPU; their code has its own tests)."""
+    benchmarks and the organism fit (minutes on a CPU; their code has its own tests)."""
     import analyze, importlib, re, train  # noqa: F401
     env, skipped = {}, []
     for words in cmds:
@@ -2232,7 +2232,7 @@ def run_commands(cmds, root, steps=1):
         model = [w.split("=", 1)[1] for w in words if w.startswith("--model=")] + \
             [b for a, b in zip(words, words[1:]) if a == "--model"]
         if words[:2] in (["pip", "install"], ["python", "test_core.py"]) or any(m != "tiny" for m in model) or \
-                words[1] in ("rollout.py", "organism.py"):
+                words[1] in ("rollout.py", "organism.py", "bench.py"):
             skipped.append(" ".join(words))
             continue
         assert words[0] == "python" and words[1] in ("train.py", "pools.py", "analyze.py"), words
@@ -2283,7 +2283,8 @@ def test_readme_and_help_commands_run_in_order():
                        "out/gen/teacher_pool --seed 0",
                        "python pools.py generate --model Qwen/Qwen3-4B --no-hint --out out/gen/base_pool --seed 0",
                        "python pools.py generate --model organism --hint --out out/gen/organism_pool",
-                       "python rollout.py --bench", "python organism.py"], skipped
+                       "python rollout.py --bench", "python organism.py", "python bench.py",
+                       "python bench.py --quick"], skipped
     for d in ("vanilla_grpo_none_s0", "vanilla_nll_none_s0", "p2_vanilla", "p2_projected", "p2_random_v",
               "p2_shuffled_v"):
         assert os.path.exists(os.path.join(root, "out", "runs", d, "steps.jsonl")), d
@@ -2611,12 +2612,12 @@ def test_bf16_per_sample_grads_do_not_depend_on_slicing_both_bases():
         with torch.no_grad():
             for m in mods.values():
                 ap.knob(m).normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
-        batch = ap.make_batch(tok, PROMPTS, COMPS)
-        _, _, whole = ap.per_sample_grads(model, mods, batch, "grpo", [3.5, 0.5, 0.0], G=3)
+        batch = ap.make_batch(tok, PROMPTS[:2], COMPS[:2], max_prompt=12, max_completion=12)   # bf16 is slow on CPUs
+        _, _, whole = ap.per_sample_grads(model, mods, batch, "grpo", [3.5, 0.5], G=2)
         batch_grad = {n: ap.knob(m).grad.clone() for n, m in mods.items()}
         try:
-            ap.CAPTURE_CHUNK = la.CAPTURE_CHUNK = 4096                    # slices of 10 to 21 tokens
-            _, _, sliced = ap.per_sample_grads(model, mods, batch, "grpo", [3.5, 0.5, 0.0], G=3)
+            ap.CAPTURE_CHUNK = la.CAPTURE_CHUNK = 512                     # slices of 2 to 4 of the 24 tokens
+            _, _, sliced = ap.per_sample_grads(model, mods, batch, "grpo", [3.5, 0.5], G=2)
         finally:
             ap.CAPTURE_CHUNK, la.CAPTURE_CHUNK = real
         for n in mods:
@@ -2624,6 +2625,21 @@ def test_bf16_per_sample_grads_do_not_depend_on_slicing_both_bases():
             assert torch.allclose(sliced[n], whole[n], rtol=1e-4, atol=1e-6), (basis, n)
             scale = batch_grad[n].abs().max().item()
             assert (whole[n].sum(0) - batch_grad[n]).abs().max().item() <= 0.02 * scale + 1e-6, (basis, n)
+
+
+def test_bench_rounds_rotate_and_ratio_is_the_median_of_per_round_ratios():
+    import bench
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    times = bench.interleave(fns, rounds=3)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")     # warm-up, then rotated rounds
+    assert all(len(v) == 3 for v in times.values())
+    # per-round ratios 1, 0.5, 3: median 1 (the ratio of the medians would say 5 / 3)
+    assert bench.ratio({"x": [1.0, 5.0, 9.0], "p": [1.0, 10.0, 3.0]}, "x", "p") == (1.0, 0.5, 3.0)
+    for argv, msg in ((["--rows", "7"], "--rows 7: must be"), (["--rows", "a"], "--rows a: must be"),
+                      (["--rounds", "0"], "--rounds 0: must be")):
+        e = raises(SystemExit, bench.main, argv, match=msg)
+        assert str(e).startswith("error: ") and "\n" not in str(e)
 
 
 # ============================================================================ runner
