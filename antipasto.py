@@ -20,7 +20,7 @@ runs through the same code (neither adapter file imports the other). An adapter 
     m.null_width       the width of the isotropic null for cosines with v_hack
     m.merged_weight()  the effective dense weight (d_out, d_in) in the base weight's dtype
 """
-import contextlib, hashlib, json, math, os
+import contextlib, hashlib, io, json, math, os
 
 # MKL's default CPU kernels give results that depend on buffer alignment (1e-8 noise between two runs
 # in one process); conditional numerical reproducibility makes same-seed runs byte-identical on CPU.
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configs import TARGETS
+from configs import CAPTURE_CHUNK, TARGETS
 import pools   # atomic_write (standard library only)
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "antipasto_svd")
 
@@ -61,7 +61,7 @@ class SVDLinear(nn.Module):
         if self.capture and z.requires_grad:
             hd = h.detach()
             def store(gz):                                   # gz: dL/dz (B, T, r)
-                gs = (gz.float() * hd.float()).sum(dim=tuple(range(1, gz.dim() - 1)))  # (B, r)
+                gs = token_sum(gz, hd)                       # (B, r)
                 self.grad_sample = gs if self.grad_sample is None else self.grad_sample + gs
             z.register_hook(store)
         return y + F.linear(z, self.U)
@@ -76,6 +76,19 @@ class SVDLinear(nn.Module):
         return (W.float() + (self.U.float() * self.delta_S) @ self.Vh.float()).to(W.dtype)
 
 
+def token_sum(a, b):
+    """sum over tokens of a * b, (B, ..., r) x2 -> (B, r), accumulated in float32 a slice of tokens at
+    a time: a bf16 model never holds float32 copies of whole (B, T, r) activations (at Qwen3-4B shapes
+    about 0.6 GB per large module), only slices of about configs.CAPTURE_CHUNK elements."""
+    Bsz, r = a.shape[0], a.shape[-1]
+    a, b = a.reshape(Bsz, -1, r), b.reshape(Bsz, -1, r)         # (B, T, r)
+    step = max(1, CAPTURE_CHUNK // (Bsz * r))
+    out = torch.zeros(Bsz, r, dtype=torch.float32, device=a.device)
+    for i in range(0, a.shape[1], step):
+        out += (a[:, i:i + step].float() * b[:, i:i + step].float()).sum(1)
+    return out
+
+
 def weight_digest(w):
     """sha256 of a weight's dtype, shape and raw bytes: the SVD cache key and the model fingerprint."""
     t = w.detach().contiguous().cpu()
@@ -87,7 +100,10 @@ def weight_digest(w):
 
 def svd_of(w, cache_dir=CACHE_DIR, tol=1e-4):
     """(U, S, Vh, digest) of a weight, computed in float32 and cached on disk by the weight's digest
-    (a changed weight has a new digest, so it can never hit a stale entry)."""
+    (a changed weight has a new digest, so it can never hit a stale entry). The cache holds U and Vh
+    in the weight's dtype (what the adapter uses; exact for float32 weights) and S in float32: for a
+    (d_out, d_in) weight r (d_out + d_in) elements, about 1.35x the targeted weights of a Qwen3, so
+    9.8 GB of disk for Qwen3-4B in bf16 (configs.memory_budget's adapter_basis)."""
     digest = weight_digest(w)
     path = os.path.join(cache_dir, digest + ".pt") if cache_dir else None
     if path and os.path.exists(path):
@@ -100,9 +116,9 @@ def svd_of(w, cache_dir=CACHE_DIR, tol=1e-4):
             raise RuntimeError(f"SVD reconstruction error {err:.2e} > {tol:.0e}")
         if path:
             os.makedirs(cache_dir, exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            torch.save({"U": U.cpu(), "S": S.cpu(), "Vh": Vh.cpu()}, tmp)
-            os.replace(tmp, path)
+            buf = io.BytesIO()
+            torch.save({"U": U.to(w.dtype).cpu(), "S": S.cpu(), "Vh": Vh.to(w.dtype).cpu()}, buf)
+            pools.atomic_write(path, buf.getvalue())
     return U.to(w.dtype), S.float(), Vh.to(w.dtype), digest
 
 

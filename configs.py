@@ -46,6 +46,84 @@ TINY_QWEN3 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, rms_norm_eps=1e-6,
                   tie_word_embeddings=False)
 
+# Qwen/Qwen3-4B's config.json (the shape the full preset trains; bench.py builds it with random weights)
+QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+                rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+# per-sample capture works through the activations in slices of at most this many elements, so its
+# float32 temporaries stay near 3 x 4 x CAPTURE_CHUNK bytes however long the batch (both adapters)
+CAPTURE_CHUNK = 1 << 22
+
+
+def target_shapes(shape):
+    """(d_out, d_in) of the TARGETS Linears of one Qwen3 decoder layer, in TARGETS order."""
+    H, I = shape["hidden_size"], shape["intermediate_size"]
+    q, kv = shape["num_attention_heads"] * shape["head_dim"], shape["num_key_value_heads"] * shape["head_dim"]
+    return [(q, H), (kv, H), (kv, H), (H, q), (I, H), (I, H), (H, I)]
+
+
+def memory_budget(shape, run):
+    """Computed GPU memory (GB = 1e9 bytes) of one online step, item by item, for a Qwen3 `shape`
+    (QWEN3_4B's keys) and a `run` dict: group, prompts_per_step, max_prompt_tokens,
+    max_completion_tokens, micro_batch, dtype_bytes, basis ("svd" | "lora"), lora_rank,
+    grad_checkpointing, and optionally gen_batch (rows decoded at once; default all of them).
+    Generation and training never hold their buffers at once, so
+        total = resident + max(generation, training)
+    resident:   weights, adapter_basis (SVD U and Vh in the model dtype, S in float32), knobs
+                (float32), grads (the batch gradient and micro_batch per-sample rows, float32),
+                optimizer (AdamW's two float32 moments)
+    generation: merged_copy (the targeted weights merged into plain Linears), kv_cache
+    training:   activations (saved for backward by one micro-batch: all layers without
+                checkpointing, layer inputs + one recomputed layer with it), logits (the lm head's
+                output, its float32 copy and float32 log-softmax), capture (per-sample hook temporaries)
+    Activations saved per token and layer (elements): input and output of both RMSNorms (4H), q and k
+    before and after their norms, v and the attention output (3 (n_heads + n_kv) head_dim), gate, up,
+    silu(gate) and their product (4I), plus per adapter module the (B, T, r) input of the knob product."""
+    H, I, L, V = (shape[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+    hd, nh, nkv = shape["head_dim"], shape["num_attention_heads"], shape["num_key_value_heads"]
+    b, mb, basis = run["dtype_bytes"], run["micro_batch"], run["basis"]
+    T = run["max_prompt_tokens"] + run["max_completion_tokens"]
+    gen_batch = run.get("gen_batch") or run["group"] * run["prompts_per_step"]
+    lins = target_shapes(shape)
+    n_lin = L * sum(o * i for o, i in lins)
+    params = V * H * (1 if shape.get("tie_word_embeddings", True) else 2) + n_lin + L * (2 * H + 2 * hd) + H
+    if basis == "svd":
+        basis_bytes = L * sum(min(o, i) * (o + i) * b + min(o, i) * 4 for o, i in lins)
+        widths = [min(o, i) for o, i in lins]                    # delta_S per module
+        n_knob, saved_r = L * sum(widths), sum(widths)           # h = Vh x: (B, T, r) per module
+        w_hook = max(widths)
+    elif basis == "lora":
+        r = run["lora_rank"]
+        basis_bytes = 0
+        n_knob, saved_r = L * sum(r * (o + i) for o, i in lins), len(lins) * r   # h = A x: (B, T, rank)
+        w_hook = max(max(o, i) for o, i in lins)                 # the hooks read (B, T, d_out) and (B, T, d_in)
+    else:
+        raise ValueError(f"basis must be svd or lora, not {basis!r}")
+    per_layer = 4 * H + 3 * (nh + nkv) * hd + 4 * I + saved_r    # elements per token
+    tokens = mb * T
+    chunk = min(tokens * w_hook, max(CAPTURE_CHUNK, mb * w_hook))
+    GB = 1e9
+    items = dict(
+        weights=params * b / GB,
+        adapter_basis=basis_bytes / GB,
+        knobs=n_knob * 4 / GB,
+        grads=n_knob * 4 * (1 + mb) / GB,
+        optimizer=2 * n_knob * 4 / GB,
+        merged_copy=n_lin * b / GB,
+        kv_cache=gen_batch * T * L * 2 * nkv * hd * b / GB,
+        activations_no_ckpt=tokens * L * per_layer * b / GB,
+        activations_ckpt=tokens * (L * H + per_layer) * b / GB,
+        logits=tokens * V * (b + 4 + 4) / GB,
+        capture=3 * 4 * chunk / GB)
+    resident = sum(items[k] for k in ("weights", "adapter_basis", "knobs", "grads", "optimizer"))
+    generation = items["merged_copy"] + items["kv_cache"]
+    training = items["activations_ckpt" if run["grad_checkpointing"] else "activations_no_ckpt"] + \
+        items["logits"] + items["capture"]
+    return dict(items, resident=resident, generation=generation, training=training,
+                total=resident + max(generation, training))
+
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}")

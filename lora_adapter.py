@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configs import TARGETS
+from configs import CAPTURE_CHUNK, TARGETS
 import pools   # atomic_write (standard library only)
 
 PREFIX = "base_model.model."
@@ -92,12 +92,10 @@ class LoRALinear(nn.Module):
                 self.grad_sample[:, part] += gs
 
             def store_B(gz):                                  # gz: dL/dz = s dL/dy (B, T, d_out)
-                g = gz.float().reshape(Bsz, -1, gz.shape[-1]).transpose(1, 2) @ hd.float().reshape(Bsz, -1, self.r)
-                add(slice(self.n_A, n), g.flatten(1))         # (B, d_out, r): sum_t gz_t h_t^T
+                add(slice(self.n_A, n), token_outer(gz, hd).flatten(1))   # (B, d_out, r): sum_t gz_t h_t^T
 
             def store_A(gh):                                  # gh: dL/dh = B^T gz (B, T, r)
-                g = gh.float().reshape(Bsz, -1, self.r).transpose(1, 2) @ xd.float().reshape(Bsz, -1, xd.shape[-1])
-                add(slice(0, self.n_A), g.flatten(1))         # (B, r, d_in): sum_t gh_t x_t^T
+                add(slice(0, self.n_A), token_outer(gh, xd).flatten(1))   # (B, r, d_in): sum_t gh_t x_t^T
             z.register_hook(store_B)
             h.register_hook(store_A)
         return y + z * self.scaling
@@ -107,6 +105,20 @@ class LoRALinear(nn.Module):
         """W + s B A as one dense (d_out, d_in) weight in W's dtype (summed in float32)."""
         W = self.base.weight
         return (W.float() + self.scaling * (self.B @ self.A)).to(W.dtype)
+
+
+def token_outer(a, b):
+    """sum over tokens of the outer products a_t b_t^T, (B, ..., m) x (B, ..., k) -> (B, m, k) float32,
+    a slice of tokens at a time: a bf16 model never holds float32 copies of whole (B, T, d)
+    activations (about 0.8 GB for an MLP projection at Qwen3-4B shapes), only slices of about
+    configs.CAPTURE_CHUNK elements."""
+    Bsz = a.shape[0]
+    a, b = a.reshape(Bsz, -1, a.shape[-1]), b.reshape(Bsz, -1, b.shape[-1])   # (B, T, m), (B, T, k)
+    step = max(1, CAPTURE_CHUNK // (Bsz * max(a.shape[-1], b.shape[-1])))
+    out = torch.zeros(Bsz, a.shape[-1], b.shape[-1], dtype=torch.float32, device=a.device)
+    for i in range(0, a.shape[1], step):
+        out += a[:, i:i + step].float().transpose(1, 2) @ b[:, i:i + step].float()
+    return out
 
 
 def digest_of(*tensors, extra=""):

@@ -654,6 +654,19 @@ def test_svd_reconstructs_and_cache_is_keyed_by_weight_bytes():
     w2 = w.clone(); w2[3, 5] += 1e-3                   # a changed weight never hits the stale entry
     U3, S3, Vh3, dig3 = ap.svd_of(w2, d)
     assert dig3 != dig and torch.allclose((U3 * S3) @ Vh3, w2, atol=1e-5) and len(os.listdir(d)) == 2
+    # a bf16 weight: the cache holds U and Vh in bf16 (what the adapter uses), S in float32, and a hit
+    # gives what the float32 SVD rounded to bf16 gives
+    wb = w.to(torch.bfloat16)
+    Ub, Sb, Vhb, digb = ap.svd_of(wb, d)
+    U0, S0, Vh0 = torch.linalg.svd(wb.float(), full_matrices=False)
+    assert torch.equal(Ub, U0.to(torch.bfloat16)) and torch.equal(Vhb, Vh0.to(torch.bfloat16)) and torch.equal(Sb, S0)
+    held = torch.load(os.path.join(d, digb + ".pt"), weights_only=True)
+    assert (held["U"].dtype, held["Vh"].dtype, held["S"].dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+    big = torch.randn(96, 128, generator=torch.Generator().manual_seed(2))     # half the disk of float32
+    sizes = [os.path.getsize(os.path.join(d, ap.svd_of(x, d)[3] + ".pt")) for x in (big, big.to(torch.bfloat16))]
+    assert sizes[1] < 0.55 * sizes[0], sizes
+    hit = ap.svd_of(wb.clone(), d)
+    assert all(torch.equal(x, y) for x, y in zip(hit[:3], (Ub, Sb, Vhb)))
 
 
 def test_per_sample_grads_sum_to_batch_and_match_single_backward():
@@ -1159,14 +1172,23 @@ def run_train(*extra, out=None):
         os.chdir(cwd)
 
 
+def shared_run(*extra):
+    """The run directory of run_train(*extra), made once per test session and shared by the tests that
+    only read it (none may write into it): each run costs about a second of the suite."""
+    runs = _cache.setdefault("runs", {})
+    if extra not in runs:
+        runs[extra] = run_train(*extra)
+    return runs[extra]
+
+
 def slim_rows(run):
     return {f: pools.read_jsonl(os.path.join(run, f)) for f in sorted(os.listdir(run)) if f.endswith(".cos.jsonl.gz")}
 
 
 def test_train_arms_share_samples_and_slim_schema_has_no_text():
     import train
-    van = run_train("--arm", "vanilla")
-    proj = run_train("--arm", "projected")
+    van = shared_run("--arm", "vanilla")
+    proj = shared_run("--arm", "projected")
     sv, sp = slim_rows(van), slim_rows(proj)
     assert list(sv) == ["step_000.cos.jsonl.gz", "step_001.cos.jsonl.gz", "step_002.cos.jsonl.gz"] == list(sp)
     key = lambda rows: [(r["sample_id"], r["src_pool"], r["src_step"], r["src_sample"]) for r in rows]
@@ -1195,7 +1217,7 @@ def test_train_arms_share_samples_and_slim_schema_has_no_text():
 def test_train_same_seed_byte_identical_and_refuses_overwrite():
     a = run_train("--arm", "projected")
     raises(SystemExit, run_train, "--arm", "projected", out=a, match="--overwrite")
-    b = run_train("--arm", "projected")
+    b = shared_run("--arm", "projected")
     for f in os.listdir(a):
         if f.endswith(".cos.jsonl.gz"):
             assert open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read(), f
@@ -1209,7 +1231,7 @@ def test_train_same_seed_byte_identical_and_refuses_overwrite():
 
 
 def test_train_resume_continues_to_same_result():
-    full = run_train("--arm", "projected", "--steps", "3")
+    full = shared_run("--arm", "projected")                        # run_train's 3 steps
     part = os.path.join(tmpdir(), "run")
     run_train("--arm", "projected", "--steps", "2", out=part)
     run_train("--arm", "projected", "--steps", "3", "--resume", out=part)
@@ -1227,7 +1249,7 @@ def test_train_project_moments_makes_update_hack_free():
     run = run_train("--arm", "projected", "--project-moments")
     steps = [json.loads(l) for l in open(os.path.join(run, "steps.jsonl"))]
     assert all(s["cos_update"] is not None and s["cos_update"] <= 1e-6 for s in steps), steps
-    plain = run_train("--arm", "projected")
+    plain = shared_run("--arm", "projected")
     assert all(json.loads(l)["cos_update"] is not None for l in open(os.path.join(plain, "steps.jsonl")))
 
 
@@ -1247,7 +1269,7 @@ def test_train_single_pool_needs_pair_source_and_overwrite_keeps_refused():
 
 
 def test_train_refuses_mismatched_v_hack_and_non_run_overwrite():
-    run_train("--arm", "vanilla")                                   # makes the shared v_hack (k=1, nll)
+    shared_run("--arm", "vanilla")                                  # makes the shared v_hack (k=1, nll)
     raises(SystemExit, run_train, "--arm", "vanilla", "--k", "2", match="this run asks for")
     e = raises(SystemExit, run_train, "--arm", "vanilla", "--max-completion-tokens", "64", match="this run asks for")
     assert "max_tokens" in str(e)                                  # a named v_hack of other token limits
@@ -1294,7 +1316,7 @@ def test_train_zero_variance_group_is_skipped():
 
 
 def test_train_refuses_v_hack_built_on_replayed_samples():
-    run_train("--arm", "vanilla")                                              # v_hack from held-out steps
+    shared_run("--arm", "vanilla")                                             # v_hack from held-out steps
     raises(SystemExit, run_train, "--arm", "vanilla", "--extract-frac", "0", match="extracted from")
 
 
@@ -1311,7 +1333,7 @@ def test_train_corrupt_pool_fails_with_path():
 def test_train_counts_truncation_and_demo_limits_cut_nothing():
     import configs, train
     _, tok = tiny()
-    out = run_train("--arm", "vanilla")                 # run_train's limits: TEST_LIMITS
+    out = shared_run("--arm", "vanilla")                # run_train's limits: TEST_LIMITS
     run = json.load(open(os.path.join(out, "run.json")))
     assert (run["config"]["max_prompt_tokens"], run["config"]["max_completion_tokens"]) == TEST_LIMITS
     rows = {(r["src_pool"], r["src_step"], r["src_sample"]): r for d in demo_pools() for r in pools.read_pool(d)}
@@ -2004,7 +2026,7 @@ def test_train_ctrl_c_says_how_to_resume():
 def test_train_logs_steps_off_a_terminal_and_replay_records_no_online_key():
     import configs, re, train
     teacher, base = demo_pools()
-    run_train("--arm", "vanilla")                                     # makes the shared v_hack
+    shared_run("--arm", "vanilla")                                    # makes the shared v_hack
     out = os.path.join(tmpdir(), "run")
     cwd = os.getcwd()
     os.chdir(tmpdir())
@@ -2197,8 +2219,8 @@ def run_commands(cmds, root, steps=1):
     train.py gets --steps=<steps> and short token limits (128 + 128: the cost, not the path, changes),
     `pools.py check` gets --limit 2. Skipped (and returned): pip install, the test suite itself, a
     --model other than tiny (a download, a GPU, or the organism's minutes-long fit; online runs default
-    to the organism, their --dry-run loads nothing and runs), and the
-    generation benchmark and organism fit (minutes on a CPU; their code has its own tests)."""
+    to the organism, their --dry-run loads nothing and runs), and the benchmarks and the organism fit
+    (minutes on a CPU; their code has its own tests)."""
     import analyze, importlib, re, train  # noqa: F401
     env, skipped = {}, []
     for words in cmds:
@@ -2211,7 +2233,7 @@ def run_commands(cmds, root, steps=1):
             [b for a, b in zip(words, words[1:]) if a == "--model"]
         organism = words[1] == "train.py" and "--source=online" in words and "--dry-run" not in words and not model
         if words[:2] in (["pip", "install"], ["python", "test_core.py"]) or any(m != "tiny" for m in model) or \
-                words[1] in ("rollout.py", "organism.py") or organism:
+                words[1] in ("rollout.py", "organism.py", "bench.py") or organism:
             skipped.append(" ".join(words))
             continue
         assert words[0] == "python" and words[1] in ("train.py", "pools.py", "analyze.py"), words
@@ -2262,9 +2284,10 @@ def test_readme_and_help_commands_run_in_order():
                        "out/gen/teacher_pool --seed 0",
                        "python pools.py generate --model Qwen/Qwen3-4B --no-hint --out out/gen/base_pool --seed 0",
                        "python pools.py generate --model organism --hint --out out/gen/organism_pool",
+                       "python rollout.py --bench", "python organism.py",
                        "python train.py --source=online --steps=30",
                        "python train.py --source=online --steps=30 --arm=projected --out=out/runs/online_projected_s0",
-                       "python rollout.py --bench", "python organism.py"], skipped
+                       "python bench.py", "python bench.py --quick"], skipped
     for d in ("vanilla_grpo_none_s0", "vanilla_nll_none_s0", "p2_vanilla", "p2_projected", "p2_random_v",
               "p2_shuffled_v"):
         assert os.path.exists(os.path.join(root, "out", "runs", d, "steps.jsonl")), d
@@ -3139,6 +3162,143 @@ def test_sweep_stops_then_no_stop_finishes_and_slurm_tasks_resume():
     import analyze as A
     assert len(A.phase3([os.path.join(out2, "runs", n) for n in ("vanilla_s0", "projected_s0",
                                                                   "projected_lora_s0")])["runs"]) == 3
+
+
+# ============================================================================ speed and memory
+
+SMALL_QWEN3 = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, vocab_size=300, tie_word_embeddings=False)
+
+
+def small_qwen3(dtype):
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    cfg = Qwen3Config(**SMALL_QWEN3, max_position_embeddings=256)
+    cfg._attn_implementation = "sdpa"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return Qwen3ForCausalLM(cfg).to(dtype).eval()
+
+
+def test_memory_budget_against_a_built_model_and_its_saved_tensors():
+    """configs.memory_budget item by item against what a real model of a small shape holds: its
+    parameters, the SVD and LoRA modules' tensors, a measured KV cache, the tensors autograd saves."""
+    import torch, antipasto as ap, configs, lora_adapter as la
+    run = dict(group=3, prompts_per_step=2, max_prompt_tokens=40, max_completion_tokens=24, micro_batch=2,
+               dtype_bytes=2, basis="svd", lora_rank=4, grad_checkpointing=False)
+    B, T, GB = run["micro_batch"], 64, 1e9
+    got = configs.memory_budget(SMALL_QWEN3, run)
+    model = small_qwen3(torch.bfloat16)
+    n_lin = sum(m.weight.numel() for n, m in model.named_modules() if n.split(".")[-1] in configs.TARGETS)
+    assert abs(got["weights"] * GB - sum(p.numel() * 2 for p in model.parameters())) < 1e-3
+    assert abs(got["merged_copy"] * GB - n_lin * 2) < 1e-3
+    from transformers import DynamicCache
+    import rollout
+    cache = DynamicCache()
+    model(input_ids=torch.zeros(6, T, dtype=torch.long), use_cache=True, **{rollout.cache_kwarg(model): cache})  # G x pp rows
+    kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert abs(got["kv_cache"] * GB - kv) < 1e-3
+    mods = ap.wrap(model, cache_dir=tmpdir())
+    held = sum(t.numel() * t.element_size() for m in mods.values() for t in (m.U, m.Vh, m.S))
+    assert abs(got["adapter_basis"] * GB - held) < 1e-3
+    n = sum(m.delta_S.numel() for m in mods.values())
+    assert abs(got["knobs"] * GB - 4 * n) < 1e-3 and abs(got["optimizer"] * GB - 8 * n) < 1e-3
+    assert abs(got["grads"] * GB - 4 * n * (1 + B)) < 1e-3
+    # hand computation: per token and layer 4*64 + 3*(4+2)*16 + 4*192 = 1312 base elements, plus the
+    # delta_S widths 64+32+32+64+64+64+64 = 384; 128 tokens, 2 layers, 2 bytes
+    assert abs(got["activations_no_ckpt"] * GB - 128 * 2 * (1312 + 384) * 2) < 1e-3
+    assert abs(got["activations_ckpt"] * GB - 128 * (2 * 64 + 1312 + 384) * 2) < 1e-3
+    assert abs(got["logits"] * GB - 128 * 300 * 10) < 1e-3
+    assert abs(got["total"] - got["resident"] - max(got["generation"], got["training"])) < 1e-12
+    # what autograd really saves for backward (parameters and buffers excluded) vs the activation
+    # formula plus the float32 log-softmax the loss keeps: within 10%
+    keep = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    saved = {}
+    def pack(t):
+        if t.data_ptr() not in keep:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    ids = torch.randint(0, 300, (B, T), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ap.token_logps(model, dict(input_ids=ids, attention_mask=torch.ones_like(ids), comp_mask=torch.ones(B, T)))
+    want = got["activations_no_ckpt"] * GB + B * (T - 1) * 300 * 4
+    assert abs(sum(saved.values()) / want - 1) < 0.10, (sum(saved.values()), want)
+    # LoRA: no basis tensors, knob = A and B, rank-wide saved input per module
+    lo = configs.memory_budget(SMALL_QWEN3, dict(run, basis="lora"))
+    mods = la.wrap(small_qwen3(torch.bfloat16), rank=4, alpha=8)
+    n = sum(m.flat.numel() for m in mods.values())
+    assert lo["adapter_basis"] == 0 and abs(lo["knobs"] * GB - 4 * n) < 1e-3
+    assert abs(lo["activations_no_ckpt"] * GB - 128 * 2 * (1312 + 7 * 4) * 2) < 1e-3
+    raises(ValueError, configs.memory_budget, SMALL_QWEN3, dict(run, basis="dora"), match="svd or lora")
+
+
+def test_capture_sums_in_float32_slices_without_whole_float32_copies():
+    """The capture hooks' reductions (per-sample sums over tokens) equal a float64 computation, sliced
+    or not, and a bf16 input never gets a whole float32 copy (peak measured, the old formulation too)."""
+    import torch, antipasto as ap, bench, lora_adapter as la
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 2048, 512, generator=g).to(torch.bfloat16)         # (B, T, r): 8 MiB in bf16
+    b = torch.randn(4, 2048, 512, generator=g).to(torch.bfloat16)
+    c = torch.randn(4, 2048, 16, generator=g).to(torch.bfloat16)          # (B, T, rank)
+    want_sum = (a.double() * b.double()).sum(1)                           # (B, r)
+    want_outer = torch.einsum("btm,btk->bmk", a.double(), c.double())     # (B, r, rank)
+    real = ap.CAPTURE_CHUNK, la.CAPTURE_CHUNK
+    try:
+        ap.CAPTURE_CHUNK = la.CAPTURE_CHUNK = 1 << 16                     # many slices of 32 tokens
+        got_sum, peak_sum = bench.peak_bytes(lambda: ap.token_sum(a, b))
+        got_outer, peak_outer = bench.peak_bytes(lambda: la.token_outer(a, c))
+        assert torch.allclose(got_sum.double(), want_sum, rtol=1e-5, atol=1e-3)
+        assert torch.allclose(got_outer.double(), want_outer, rtol=1e-5, atol=1e-3)
+        assert got_sum.dtype == got_outer.dtype == torch.float32
+        _, peak_old = bench.peak_bytes(lambda: bench.float32_copies_sum(a, b))
+    finally:
+        ap.CAPTURE_CHUNK, la.CAPTURE_CHUNK = real
+    assert torch.allclose(ap.token_sum(a, b).double(), want_sum, rtol=1e-5, atol=1e-3)    # one slice
+    assert torch.allclose(la.token_outer(a, c).double(), want_outer, rtol=1e-5, atol=1e-3)
+    mib = 1 << 20
+    assert peak_old > 40 * mib, peak_old              # three 16 MiB float32 copies: the instrument sees them
+    assert peak_sum < 6 * mib and peak_outer < 6 * mib, (peak_sum, peak_outer)
+
+
+def test_bf16_per_sample_grads_do_not_depend_on_slicing_both_bases():
+    """In a bf16 model the per-sample gradients are the same whether the hooks sum in one slice or in
+    many, and they add up to the batch gradient (to bf16 precision)."""
+    import torch, antipasto as ap, lora_adapter as la
+    real = ap.CAPTURE_CHUNK, la.CAPTURE_CHUNK
+    for basis in ("svd", "lora"):
+        model, tok, mods = adapter(basis)
+        model.to(torch.bfloat16)
+        with torch.no_grad():
+            for m in mods.values():
+                ap.knob(m).normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+        batch = ap.make_batch(tok, PROMPTS[:2], COMPS[:2], max_prompt=12, max_completion=12)   # bf16 is slow on CPUs
+        _, _, whole = ap.per_sample_grads(model, mods, batch, "grpo", [3.5, 0.5], G=2)
+        batch_grad = {n: ap.knob(m).grad.clone() for n, m in mods.items()}
+        try:
+            ap.CAPTURE_CHUNK = la.CAPTURE_CHUNK = 512                     # slices of 2 to 4 of the 24 tokens
+            _, _, sliced = ap.per_sample_grads(model, mods, batch, "grpo", [3.5, 0.5], G=2)
+        finally:
+            ap.CAPTURE_CHUNK, la.CAPTURE_CHUNK = real
+        for n in mods:
+            assert whole[n].dtype == torch.float32 and torch.count_nonzero(whole[n]) > 0
+            assert torch.allclose(sliced[n], whole[n], rtol=1e-4, atol=1e-6), (basis, n)
+            scale = batch_grad[n].abs().max().item()
+            assert (whole[n].sum(0) - batch_grad[n]).abs().max().item() <= 0.02 * scale + 1e-6, (basis, n)
+
+
+def test_bench_rounds_rotate_and_ratio_is_the_median_of_per_round_ratios():
+    import bench
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    times = bench.interleave(fns, rounds=3)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")     # warm-up, then rotated rounds
+    assert all(len(v) == 3 for v in times.values())
+    # per-round ratios 1, 0.5, 3: median 1 (the ratio of the medians would say 5 / 3)
+    assert bench.ratio({"x": [1.0, 5.0, 9.0], "p": [1.0, 10.0, 3.0]}, "x", "p") == (1.0, 0.5, 3.0)
+    for argv, msg in ((["--rows", "7"], "--rows 7: must be"), (["--rows", "a"], "--rows a: must be"),
+                      (["--rounds", "0"], "--rounds 0: must be")):
+        e = raises(SystemExit, bench.main, argv, match=msg)
+        assert str(e).startswith("error: ") and "\n" not in str(e)
 
 
 # ============================================================================ runner

@@ -1,0 +1,570 @@
+"""bench.py — what a step costs, measured side by side, and the memory budget of the full preset.
+
+    python bench.py              # the whole table (CPU: several minutes)
+    python bench.py --quick      # CI-sized shapes and rounds; never fails on timing
+    python bench.py --rows 1,6   # some rows only
+
+Every comparison runs its variants in rotated order over repeated rounds after a warm-up and reports
+the median of the per-round ratios with their min and max (load that shifts between rounds hits every
+variant of a round alike; a ratio of separate medians would not cancel it). Rows:
+    1  per-sample contributions: plain forward+backward, one backward with capture, a forward+backward
+       per sample, the spec's snapshot-diff (one forward, G backwards with retain_graph); both bases
+    2  a replay step split into tokenising, forward, backward, projection (+ cosines), saving
+    3  generation tokens/s on merged weights vs through the adapter's hooks
+    4  an online step split into generation, grading, training (from a short train.py run)
+    5  grader completions/s, fresh interpreter vs warm path, 1 worker and all cores; cache hit rate
+    6  memory: measured peaks of the bench model, base vs wrapped; the capture hooks' temporaries; the
+       computed budget of Qwen3-4B at the full preset (configs.memory_budget) against 80 GB
+With CUDA, rows 1, 3 and 6 run again at Qwen3-4B shapes (random weights, bf16) on the GPU.
+"""
+import argparse, contextlib, ctypes, functools, gc, io, json, os, subprocess, sys, tempfile, time
+
+import antipasto as ap   # first: it pins MKL's reproducible mode before torch loads
+import configs
+import pools
+import torch
+
+# the bench model: a Qwen3 of 12.6M parameters (random weights), big enough that the matmuls dominate
+BENCH_QWEN3 = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6,
+                   num_key_value_heads=2, head_dim=64, vocab_size=8192, tie_word_embeddings=False)
+QUICK_QWEN3 = dict(configs.TINY_QWEN3, vocab_size=512)
+# the full preset's shape of one step (spec2 Phase 3), as configs.memory_budget reads it
+FULL_RUN = dict(group=6, prompts_per_step=43, max_prompt_tokens=1536, max_completion_tokens=1024, micro_batch=1,
+                dtype_bytes=2, basis="svd", lora_rank=16, grad_checkpointing=True)
+GPU_GB = 80
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def med(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleave(fns, rounds, device="cpu", warmup=1):
+    """{name: [seconds per round]}: every variant once per round, the order rotated each round."""
+    names = list(fns)
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in names}
+    for i in range(rounds):
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            sync(device)
+            t = time.perf_counter()
+            fns[k]()
+            sync(device)
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def ratio(times, num, den):
+    """(median, min, max) of the per-round ratios num / den."""
+    rs = [a / b for a, b in zip(times[num], times[den])]
+    return med(rs), min(rs), max(rs)
+
+
+def fmt_ratio(r):
+    return f"{r[0]:.2f}x ({r[1]:.2f}-{r[2]:.2f})"
+
+
+def rss_kb(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {key}")
+
+
+@functools.lru_cache(1)
+def exact_malloc():
+    """Large CPU allocations straight from mmap and back on free (glibc), so the resident set follows
+    live tensors; False where that is unavailable (not Linux/glibc: CPU peaks are then not measured)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)              # M_MMAP_THRESHOLD: 64 KiB, fixed
+        open("/proc/self/clear_refs", "w").write("5")
+        return libc
+    except OSError:
+        return False
+
+
+def peak_bytes(fn, device="cpu"):
+    """(fn's result, its peak memory above what was live before it): CUDA's allocator peak on a GPU,
+    the resident-set high-water mark (reset through /proc/self/clear_refs) on a CPU; None where
+    neither can be read."""
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated() - before
+    libc = exact_malloc()
+    if not libc:
+        return fn(), None
+    libc.malloc_trim(0)
+    before = rss_kb("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")   # resets VmHWM to the current resident set
+    out = fn()
+    return out, (rss_kb("VmHWM") - before) * 1024
+
+
+# ----------------------------------------------------------------------------- models and batches
+
+def bench_model(shape, dtype=torch.float32, device="cpu", seed=0):
+    """A randomly initialised Qwen3 of `shape` (configs' shape keys), in eval mode."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    cfg = Qwen3Config(**dict(shape, max_position_embeddings=max(4096, shape.get("max_position_embeddings", 0))))
+    cfg._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = Qwen3ForCausalLM(cfg).to(dtype)
+    return model.eval()
+
+
+def adapter(model, basis, cache_dir):
+    if basis == "svd":
+        return ap.wrap(model, cache_dir=cache_dir)
+    import lora_adapter
+    return lora_adapter.wrap(model, rank=16, alpha=32)
+
+
+def set_knobs(modules, scale=0.01, seed=0):
+    """Knobs away from zero (a trained-looking adapter; LoRA's B nonzero, so A has gradients too)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in modules.values():
+            k = ap.knob(m)
+            k.add_(torch.randn(k.shape, generator=g).to(k.device) * scale)
+
+
+def random_batch(B, T, vocab, device, prompt_frac=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, T), generator=g).to(device)
+    cm = torch.zeros(B, T, device=device)
+    cm[:, int(T * prompt_frac):] = 1.0
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), comp_mask=cm)
+
+
+# ----------------------------------------------------------------------------- row 1
+
+def row_per_sample(shape, G, T, rounds, device="cpu", dtype=torch.float32, cache_dir=None):
+    """Per-sample contributions four ways, both bases: {basis: {variant: ratio to plain}}."""
+    out = {}
+    for basis in ("svd", "lora"):
+        model = bench_model(shape, dtype, device)
+        modules = adapter(model, basis, cache_dir)
+        set_knobs(modules)
+        model.train()
+        batch = random_batch(G, T, shape["vocab_size"], device)
+        rewards = [3.5, 0.5] * (G // 2) + [0.0] * (G % 2)
+
+        def zero():
+            for m in modules.values():
+                ap.knob(m).grad = None
+
+        def losses_of(b):
+            return ap.sample_losses(ap.token_logps(model, b), b["comp_mask"], "grpo", rewards, G=G)[0]
+
+        def plain():
+            zero()
+            losses_of(batch).sum().backward()
+
+        def capture():
+            ap.per_sample_grads(model, modules, batch, "grpo", rewards, G=G)
+
+        adv = torch.tensor(rewards) - torch.tensor(rewards).mean()
+
+        def separate():                        # one forward+backward per sample
+            for b in range(G):
+                zero()
+                one = {k: v[b:b + 1] for k, v in batch.items()}
+                lp = ap.token_logps(model, one)
+                (-adv[b] * (lp * one["comp_mask"]).sum() / one["comp_mask"].sum() / G).backward()
+
+        def snapshot_diff():                   # the spec's: one forward, G backwards, diff the .grad snapshots
+            zero()
+            losses = losses_of(batch)
+            prev = {n: torch.zeros_like(ap.knob(m)) for n, m in modules.items()}
+            for b in range(G):
+                losses[b].backward(retain_graph=b < G - 1)
+                for n, m in modules.items():
+                    g = ap.knob(m).grad.clone()
+                    _ = g - prev[n]                # sample b's contribution
+                    prev[n] = g
+
+        fns = dict(plain=plain, capture=capture, separate=separate, snapshot_diff=snapshot_diff)
+        times = interleave(fns, rounds, device)
+        out[basis] = dict(ms={k: med(v) * 1e3 for k, v in times.items()},
+                          **{k: ratio(times, k, "plain") for k in fns if k != "plain"},
+                          snap_over_capture=ratio(times, "snapshot_diff", "capture"))
+        del model, modules
+    return out
+
+
+def print_row1(res, where):
+    print(f"1. per-sample contributions ({where}); ratio to plain forward+backward, median (min-max) of rounds")
+    print(f"   {'basis':6s} {'plain ms':>9s}  {'one backward + capture':>22s}  {'fwd+bwd per sample':>20s}  "
+          f"{'snapshot-diff':>17s}  {'snapshot / capture':>18s}")
+    for basis, r in res.items():
+        print(f"   {basis:6s} {r['ms']['plain']:9.1f}  {fmt_ratio(r['capture']):>22s}  {fmt_ratio(r['separate']):>20s}  "
+              f"{fmt_ratio(r['snapshot_diff']):>17s}  {fmt_ratio(r['snap_over_capture']):>18s}")
+    print("   goals: capture <= 1.10x plain; capture >= 4x faster than snapshot-diff")
+
+
+# ----------------------------------------------------------------------------- row 2
+
+def demo_rows(tmp):
+    """The demo pools' rows (out/pools when built, else built once into `tmp`)."""
+    dirs = [os.path.join("out", "pools", n) for n in ("teacher_pool", "base_pool")]
+    if not all(os.path.isdir(d) for d in dirs):
+        with contextlib.redirect_stdout(io.StringIO()):
+            dirs = pools.build_demo(os.path.join(tmp, "pools"), workers=os.cpu_count())
+    return [pools.read_pool(d) for d in dirs]
+
+
+def row_replay_step(shape, G, max_prompt, max_completion, rounds, tmp, cache_dir):
+    """One replay step of G demo rows (half teacher, half base) on the bench model, by phase:
+    {phase: [seconds per round]} and the projection's share per round."""
+    import train
+    teacher, base = demo_rows(tmp)
+    group = teacher[:G // 2] + base[:G - G // 2]
+    tok = configs.byte_tokenizer()
+    model = bench_model(shape)
+    modules = ap.wrap(model, cache_dir=cache_dir)
+    set_knobs(modules)
+    V = ap.random_v({n: torch.ones(1, ap.knob(m).numel()) for n, m in modules.items()}, seed=0)
+    opt = torch.optim.AdamW([ap.knob(m) for m in modules.values()], lr=1e-4)
+    rewards = [float(r["reward"]) for r in group]
+    out_dir = tempfile.mkdtemp(dir=tmp)
+    phases = ("tokenise", "forward", "backward", "projection", "saving")
+    times = {k: [] for k in phases}
+
+    def step(record):
+        t = [time.perf_counter()]
+        batch = ap.make_batch(tok, [pools.render_prompt(r["prompt"], tok) for r in group],
+                              [r["completion"] for r in group], max_prompt, max_completion)
+        t.append(time.perf_counter())
+        for m in modules.values():
+            ap.knob(m).grad = None
+        model.train()
+        with ap.capture_per_sample(modules):
+            lp = ap.token_logps(model, batch)
+            losses, _ = ap.sample_losses(lp, batch["comp_mask"], "grpo", rewards, G)
+            t.append(time.perf_counter())
+            losses.sum().backward()
+        gs = {n: m.grad_sample for n, m in modules.items()}
+        t.append(time.perf_counter())
+        grads = {n: ap.knob(m).grad.detach().clone() for n, m in modules.items()}
+        new, st = ap.project(grads, V)
+        ap.sample_cosines(gs, V)
+        train.global_cos(grads, V)
+        for n, m in modules.items():
+            ap.knob(m).grad = new[n]
+        opt.step()
+        t.append(time.perf_counter())
+        slim = [dict(step=0, sample_id=i, cos_in=st["cos_in"]) for i in range(G)]
+        pools.atomic_write(os.path.join(out_dir, "step_000.cos.jsonl.gz"), pools.gz_jsonl_bytes(slim))
+        buf = io.BytesIO()
+        torch.save(dict(knobs={n: ap.knob(m).detach() for n, m in modules.items()}, opt=opt.state_dict()), buf)
+        pools.atomic_write(os.path.join(out_dir, "state.pt"), buf.getvalue())
+        t.append(time.perf_counter())
+        if record:
+            for k, a, b in zip(phases, t, t[1:]):
+                times[k].append(b - a)
+
+    step(False)                                # warm-up
+    for _ in range(rounds):
+        step(True)
+    total = [sum(ts) for ts in zip(*times.values())]
+    share = [p / s for p, s in zip(times["projection"], total)]
+    return dict(times=times, total=total, share=(med(share), min(share), max(share)))
+
+
+def print_row2(res, where):
+    print(f"2. replay step by phase ({where}); median ms and share of the step")
+    parts = "  ".join(f"{k} {med(v) * 1e3:.0f} ms ({med([a / s for a, s in zip(v, res['total'])]) * 100:.1f}%)"
+                      for k, v in res["times"].items())
+    print(f"   {parts}  | step {med(res['total']) * 1e3:.0f} ms")
+    s = res["share"]
+    print(f"   projection + cosines share: {s[0] * 100:.2f}% ({s[1] * 100:.2f}-{s[2] * 100:.2f}%)  goal < 5%")
+
+
+# ----------------------------------------------------------------------------- row 3
+
+def row_generation(shape, B, new_tokens, rounds, device="cpu", dtype=torch.float32, cache_dir=None):
+    """Decoding tokens/s through the adapter vs on merged weights, same model, prompts and seed."""
+    import rollout
+    tok = configs.byte_tokenizer()
+    probs = pools.load_problems(pools.FIXTURE_PROBLEMS, hint=True)[:B]
+    prompts = [pools.render_prompt(p["prompt"], tok) for p in probs]
+    out = {}
+    for basis in ("svd", "lora"):
+        model = bench_model(shape, dtype, device)
+        modules = adapter(model, basis, cache_dir)
+        set_knobs(modules)
+        n_tok = []
+
+        def run():
+            o = rollout.sample(model, tok, prompts, 1, new_tokens, 1.0, 1.0, 0, 0, [p["id"] for p in probs],
+                               eos_ids=[-1])   # no stop token: every row makes new_tokens
+            n_tok.append(sum(len(x) for x in o["token_ids"]))
+
+        def on_merged():
+            with rollout.merged(model):
+                run()
+        times = interleave(dict(hooked=run, merged=on_merged), rounds, device)
+        n = n_tok[-1]
+        out[basis] = dict(hooked=n / med(times["hooked"]), merged=n / med(times["merged"]),
+                          speedup=ratio(times, "hooked", "merged"))
+        del model, modules
+    return out
+
+
+def print_row3(res, where, B, new_tokens):
+    print(f"3. generation ({where}, {B} rows x {new_tokens} new tokens, prompts of the fixture problems)")
+    for basis, r in res.items():
+        print(f"   {basis:6s} hooked {r['hooked']:8.1f} tok/s   merged {r['merged']:8.1f} tok/s   "
+              f"merged / hooked {fmt_ratio(r['speedup'])}")
+    print("   goal: merged >= 2x hooked")
+
+
+# ----------------------------------------------------------------------------- row 4
+
+def online_available():
+    """Does train.py take --source (the online mode)?"""
+    import train
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            train.get_args(["--source=online", "--steps=2"])
+        except SystemExit as e:
+            return e.code in (None, 0)
+    return True
+
+
+def row_online(tmp, timeout=900):
+    """Per-step gen_s / grade_s / train_s of `train.py --source=online --steps=2` (steps.jsonl)."""
+    if not online_available():
+        return "not available (train.py has no --source yet)"
+    out = os.path.join(tmp, "online")
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--source=online",
+           "--steps=2", "--quiet", "--out", out]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp)
+    except subprocess.TimeoutExpired:
+        return f"not measured: `{' '.join(cmd[1:])}` ran past {timeout} s"
+    if p.returncode != 0:
+        return f"not measured: `{' '.join(cmd[1:])}` exited {p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1][:200]}"
+    rows = pools.read_jsonl(os.path.join(out, "steps.jsonl"))
+    return [{k: r.get(k) for k in ("step", "gen_s", "grade_s", "train_s", "time_s")} for r in rows]
+
+
+def print_row4(res):
+    print("4. online step (train.py --source=online --steps=2, CPU organism), seconds by phase")
+    if isinstance(res, str):
+        print(f"   {res}")
+        return
+    f = lambda x: "   n/a" if x is None else f"{x:6.1f}"
+    for r in res:
+        print(f"   step {r['step']}: generation {f(r['gen_s'])}  grading {f(r['grade_s'])}  training {f(r['train_s'])}"
+              f"  (step {f(r['time_s'])})")
+
+
+# ----------------------------------------------------------------------------- row 5
+
+def row_grader(rounds, limit, tmp):
+    """pools.bench_grader's fresh vs warm rates at 1 worker and all cores, and the hit rate an exact
+    grade cache has over the demo pools (rows whose grade key was seen before)."""
+    import sandbox
+    with contextlib.redirect_stdout(io.StringIO()):
+        rates, ratios = pools.bench_grader(pools.FIXTURE_PROBLEMS, rounds, limit,
+                                           workers_list=sorted({1, os.cpu_count() or 1}))
+    seen, hits, n = set(), 0, 0
+    for rows in demo_rows(tmp):
+        for r in rows:
+            hint = bool(r.get("hint"))
+            by_id = {p["id"]: p for p in pools.load_problems(pools.FIXTURE_PROBLEMS, hint=hint)}
+            key = pools.grade_key(by_id[r["problem_id"]], pools.extract_code(r["completion"]),
+                                  dict(cpu_s=sandbox.CPU_S, mem_mb=sandbox.MEM_MB))
+            hits += key in seen
+            seen.add(key)
+            n += 1
+    return dict(rates=rates, ratios=ratios, hit_rate=hits / n, n_rows=n)
+
+
+def print_row5(res, n_problems):
+    print(f"5. grader completions/s ({n_problems} fixture problems; median over rounds; speedup = median (min-max) "
+          f"of per-round warm/fresh)")
+    for (kind, workers), rs in res["ratios"].items():
+        fr, wa = med(res["rates"][(kind, workers, "fresh")]), med(res["rates"][(kind, workers, "warm")])
+        print(f"   {kind:>15s} workers={workers}: fresh {fr:6.1f}/s  warm {wa:6.1f}/s  "
+              f"speedup {fmt_ratio((med(rs), min(rs), max(rs)))}")
+    print(f"   exact grade cache over the demo pools: {res['hit_rate'] * 100:.1f}% hits ({res['n_rows']} rows)")
+
+
+# ----------------------------------------------------------------------------- row 6
+
+def float32_copies_sum(a, b):
+    """The capture formulation token_sum replaced: whole float32 copies, (B, T, r) -> (B, r)."""
+    return (a.float() * b.float()).sum(1)
+
+
+def float32_copies_outer(a, b):
+    """The LoRA capture formulation token_outer replaced: (B, T, m) x (B, T, k) -> (B, m, k)."""
+    return a.float().transpose(1, 2) @ b.float()
+
+
+def row_memory(shape, G, T, dtype, device="cpu", cache_dir=None, hook_shape=None):
+    """Measured peaks (bytes): the bench model's resident tensors and one forward+backward, base
+    (gradients to the input embeddings only) vs each adapter (per-sample capture on); and the
+    capture temporaries of one large module at `hook_shape` (B, T, r, d), new vs float32 copies."""
+    import lora_adapter
+    res = {}
+    batch = random_batch(G, T, shape["vocab_size"], device)
+    for kind in ("base", "svd", "lora"):
+        model = bench_model(shape, dtype, device)
+        modules = None if kind == "base" else adapter(model, kind, cache_dir)
+        if modules:
+            set_knobs(modules)
+        resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        model.train()
+
+        def step():
+            if modules is None:
+                emb = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_()
+                lp = model(inputs_embeds=emb, attention_mask=batch["attention_mask"]).logits[:, :-1].float().log_softmax(-1)
+                lp.gather(-1, batch["input_ids"][:, 1:, None]).mean().backward()
+            else:
+                ap.per_sample_grads(model, modules, batch, "nll", G=G)
+        step()                                   # warm-up: lazy initialisations are not the step's
+        _, peak = peak_bytes(step, device)
+        res[kind] = dict(resident=resident, peak=peak)
+        del model, modules
+    if hook_shape:
+        B, Th, r, d = hook_shape
+        g = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(B, Th, r, generator=g, device=device).to(dtype)
+        b = torch.randn(B, Th, r, generator=g, device=device).to(dtype)
+        res["hook_svd"] = {k: peak_bytes(lambda: f(a, b), device)[1]
+                           for k, f in (("float32 copies", float32_copies_sum), ("token slices", ap.token_sum))}
+        del a, b
+        a = torch.randn(B, Th, d, generator=g, device=device).to(dtype)
+        b = torch.randn(B, Th, 16, generator=g, device=device).to(dtype)
+        res["hook_lora"] = {k: peak_bytes(lambda: f(a, b), device)[1]
+                            for k, f in (("float32 copies", float32_copies_outer),
+                                         ("token slices", lora_adapter.token_outer))}
+        res["hook_shape"] = hook_shape
+    return res
+
+
+def print_row6(res, where, G, T):
+    mb = lambda x: "   n/a" if x is None else f"{x / 2 ** 20:7.1f}"
+    print(f"6. memory ({where}), MiB; step = one forward+backward of {G} x {T} tokens above the resident tensors")
+    for kind in ("base", "svd", "lora"):
+        r = res[kind]
+        what = "base (grads to embeddings)" if kind == "base" else f"{kind} adapter, capture on"
+        print(f"   {what:28s} resident {mb(r['resident'])}   step peak {mb(r['peak'])}")
+    if "hook_shape" in res:
+        B, Th, r, d = res["hook_shape"]
+        for key, what in (("hook_svd", f"svd hook (B={B}, T={Th}, r={r})"), ("hook_lora", f"lora hook (B={B}, T={Th}, d={d})")):
+            h = res[key]
+            print(f"   capture temporaries, {what}: float32 copies {mb(h['float32 copies'])}  "
+                  f"token slices {mb(h['token slices'])}")
+
+
+def print_budget(shape=configs.QWEN3_4B, run=FULL_RUN):
+    """The computed budget (configs.memory_budget, the numbers train.py --dry-run prints) for a few
+    micro-batch / checkpointing choices of both bases, and the generation batch that fits."""
+    n_rows = run["group"] * run["prompts_per_step"]
+    b = configs.memory_budget(shape, run)
+    per_row = b["kv_cache"] / n_rows
+    fit = int((GPU_GB - b["resident"] - b["merged_copy"]) // per_row)
+    cols = [("svd", 1, True), ("svd", 8, True), ("svd", 8, False), ("lora", 1, True), ("lora", 8, False)]
+    budgets = [configs.memory_budget(shape, dict(run, basis=bs, micro_batch=m, grad_checkpointing=ck, gen_batch=fit))
+               for bs, m, ck in cols]
+    print(f"   computed budget, Qwen3-4B at the full preset ({run['group']} x {run['prompts_per_step']} prompts, "
+          f"{run['max_prompt_tokens']}+{run['max_completion_tokens']} tokens, bf16), GB = 1e9 bytes; "
+          f"generation decodes {fit} rows at once")
+    print("   " + f"{'':22s}" + "".join(f"{f'{bs} mb={m} ' + ('ckpt' if ck else 'no ckpt'):>18s}" for bs, m, ck in cols))
+    keys = ("weights", "adapter_basis", "knobs", "grads", "optimizer", "merged_copy", "kv_cache",
+            "activations_no_ckpt", "activations_ckpt", "logits", "capture", "resident", "generation", "training", "total")
+    for k in keys:
+        print("   " + f"{k:22s}" + "".join(f"{x[k]:18.2f}" for x in budgets))
+    print("   " + f"{'fits ' + str(GPU_GB) + ' GB':22s}" + "".join(f"{'yes' if x['total'] <= GPU_GB else 'NO':>18s}" for x in budgets))
+    print(f"   total = resident + max(generation, training). The KV cache is {per_row:.3f} GB a row: all {n_rows} "
+          f"rows at once need {b['kv_cache']:.1f} GB (total {b['total']:.1f} GB), so generation must decode at most "
+          f"{fit} rows at a time on an {GPU_GB} GB GPU")
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CI-sized shapes and rounds (timings not meaningful)")
+    p.add_argument("--rows", default="1,2,3,4,5,6", help="comma-separated rows to run (default: all)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per comparison (default 5, quick 2)")
+    a = p.parse_args(argv)
+    try:
+        rows = {int(r) for r in a.rows.split(",") if r}
+    except ValueError:
+        rows = {0}
+    if not rows or not rows <= {1, 2, 3, 4, 5, 6}:
+        raise SystemExit(f"error: --rows {a.rows}: must be comma-separated numbers from 1 to 6")
+    if a.rounds is not None and a.rounds < 1:
+        raise SystemExit(f"error: --rounds {a.rounds}: must be an integer >= 1")
+    rounds = a.rounds or (2 if a.quick else 5)
+    shape = QUICK_QWEN3 if a.quick else BENCH_QWEN3
+    G, T = (4, 64) if a.quick else (8, 512)
+    n_params = sum(p.numel() for p in bench_model(shape).parameters())
+    where = f"cpu, {torch.get_num_threads()} threads, {n_params / 1e6:.1f}M-parameter random Qwen3, G={G}, T={T}"
+    import platform
+    print(f"bench.py{' --quick' if a.quick else ''}: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, {rounds} rounds after a warm-up")
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = os.path.join(tmp, "svd")
+        if 1 in rows:
+            print_row1(row_per_sample(shape, G, T, rounds, cache_dir=cache), where)
+        if 2 in rows:
+            mp, mc = (32, 32) if a.quick else (384, 128)
+            print_row2(row_replay_step(shape, G, mp, mc, rounds, tmp, cache),
+                       f"{where.split(', G=')[0]}, G={G} demo rows cut to {mp}+{mc} tokens")
+        if 3 in rows:
+            B, new = (2, 8) if a.quick else (8, 64)
+            print_row3(row_generation(shape, B, new, rounds, cache_dir=cache), where.split(", G=")[0], B, new)
+        if 4 in rows:
+            print_row4(row_online(tmp))
+        if 5 in rows:
+            limit = 4 if a.quick else None
+            n = len(pools.load_problems(pools.FIXTURE_PROBLEMS)[:limit])
+            print_row5(row_grader(1 if a.quick else max(2, rounds // 2), limit, tmp), n)
+        if 6 in rows:
+            hook = (2, 512, 512, 1024) if a.quick else (8, 2560, 2560, 9728)
+            G6, T6 = (4, 64) if a.quick else (4, 256)      # bf16 matmuls are slow on most CPUs
+            res = row_memory(shape, G6, T6, torch.bfloat16, cache_dir=cache, hook_shape=hook)
+            print_row6(res, where.split(", G=")[0].replace("random Qwen3", "random Qwen3 in bf16"), G6, T6)
+            print_budget()
+        if torch.cuda.is_available() and rows & {1, 3, 6}:
+            dev = "cuda"
+            name = torch.cuda.get_device_name()
+            gw = f"{name}, Qwen3-4B shapes, random weights, bf16"
+            if 1 in rows:
+                print_row1(row_per_sample(configs.QWEN3_4B, 8, 512, rounds, dev, torch.bfloat16, cache), gw + ", G=8, T=512")
+            if 3 in rows:
+                print_row3(row_generation(configs.QWEN3_4B, 8, 64, rounds, dev, torch.bfloat16, cache), gw, 8, 64)
+            if 6 in rows:
+                print_row6(row_memory(configs.QWEN3_4B, 8, 512, torch.bfloat16, dev, cache, (8, 2560, 2560, 9728)),
+                           gw, 8, 512)
+        elif rows & {1, 3, 6}:
+            print("GPU rows (1, 3, 6 at Qwen3-4B shapes): not measured, no CUDA device")
+
+
+if __name__ == "__main__":
+    main()
