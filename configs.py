@@ -21,21 +21,27 @@ PRESETS = {
 #   would also hide rare behaviours (a first hack) that RL has to find. eval_samples: rollouts per
 #   held-out problem per kind (hint on: hack rate; hint off: capability).
 ONLINE = dict(temperature=1.0, top_p=1.0, clip_eps=0.2, inner_epochs=1, mix=0, n_problems=None, eval_frac=0.2,
-              problems=None, eval_problems=None)
+              problems=None, eval_problems=None, micro_batch=None, gen_batch=None, grad_checkpointing=False)
 PRESETS.update({
     # the CPU model organism (organism.py): 4 prompts x G=8 per step, short prompts, 30 steps in minutes
-    "organism": dict(ONLINE, model="organism", group_size=8, prompts_per_step=4, steps=30, lr=1e-2, k=1,
+    # lr is delta_S's; lr_lora (B A's, --basis=lora) is 10x smaller: at 1e-2 a LoRA update reaches the size of
+    # the tiny model's weights within 20 steps and the organism collapses (KL 5.8, no code)
+    "organism": dict(ONLINE, model="organism", group_size=8, prompts_per_step=4, steps=30, lr=1e-2, lr_lora=1e-3, k=1,
                      beta=1e-3, dtype="float32", max_prompt_tokens=256, max_completion_tokens=192, seed=0,
                      eval_every=10, eval_samples=2, save_every=5),
     # the successor repo's quick regime: 60 steps, G=8, 4 prompts, 512 new tokens
     "fast": dict(ONLINE, model="Qwen/Qwen3-4B", group_size=8, prompts_per_step=4, steps=60, lr=7e-5, k=1,
                  beta=1e-3, dtype="bfloat16", max_prompt_tokens=1536, max_completion_tokens=512, seed=0,
-                 eval_every=10, eval_samples=2, save_every=5),
+                 eval_every=10, eval_samples=2, save_every=5, micro_batch=4, grad_checkpointing=True),
     # spec2 Phase 3 "full preset": Qwen3-4B, G=6, pp=43 prompts per step, 992 problems, beta=1e-3,
     # lr=7e-5, 200 steps
     "full": dict(ONLINE, model="Qwen/Qwen3-4B", group_size=6, prompts_per_step=43, steps=200, lr=7e-5, k=1,
                  beta=1e-3, dtype="bfloat16", max_prompt_tokens=1536, max_completion_tokens=1024, seed=0,
-                 n_problems=992, eval_every=20, eval_samples=1, save_every=5),
+                 n_problems=992, eval_every=20, eval_samples=1, save_every=5,
+                 gen_batch=64, micro_batch=4, grad_checkpointing=True),
+    # memory (configs.memory_budget, `train.py --dry-run`): the KV cache of all 258 rollouts at once would
+    # be 97 GB, so full decodes 64 at a time (24 GB) and trains 4 rows per micro-batch with checkpointing:
+    # about 49 GB estimated in all, inside one 80 GB GPU
 })
 ONLINE_ONLY = ("organism", "fast", "full")     # presets of --source=online; the others are replay presets
 

@@ -2745,6 +2745,25 @@ def test_two_online_runs_grading_at_once_equal_a_run_alone():
             [r["label"] for r in pools.read_pool(os.path.join(alone, "rollouts", "student"))]
 
 
+def test_online_dry_run_prints_the_budget_and_creates_nothing():
+    import configs, re, train
+    d = tmpdir()
+    cwd = os.getcwd()
+    os.chdir(d)
+    try:
+        res, out, err = quiet_call(train.main, ["--source=online", "--preset=full", "--problems", FIXTURE, "--dry-run"])
+    finally:
+        os.chdir(cwd)
+    assert res is None and os.listdir(d) == [], (res, err)
+    want = configs.memory_budget(configs.QWEN3_4B, dict(group=6, prompts_per_step=43, max_prompt_tokens=1536,
+                                                        max_completion_tokens=1024, micro_batch=4, gen_batch=64,
+                                                        dtype_bytes=2, basis="svd", lora_rank=16,
+                                                        grad_checkpointing=True))
+    got = float(re.search(r"total +([\d.]+) GB", out).group(1))
+    assert abs(got - want["total"]) < 0.01 and got < 80, out[-600:]
+    assert '"gen_batch": 64' in out and '"beta": 0.001' in out
+
+
 def test_online_flags_checked_before_anything_is_created():
     import train
     out = os.path.join(tmpdir(), "never")
