@@ -293,12 +293,15 @@ def token_denoms(comp_len, loss_type="grpo", N=None, max_len=None):
 
 
 def group_advantages(rewards, group_ids):
-    """Group-centred advantages without the std: adv_i = r_i - mean of r over i's group. (B,)"""
+    """Group-centred advantages without the std: adv_i = r_i - mean of r over i's group. (B,)
+    A group whose rewards are all equal gets exactly 0 (float32 centring can leave 1e-7, which
+    AdamW would turn into a full-size step)."""
     r = torch.as_tensor(rewards, dtype=torch.float32)
     adv = torch.empty_like(r)
     for g in set(group_ids):
         idx = torch.tensor([i for i, x in enumerate(group_ids) if x == g])
-        adv[idx] = r[idx] - r[idx].mean()
+        same = len({float(rewards[i]) for i in idx.tolist()}) == 1
+        adv[idx] = 0.0 if same else r[idx] - r[idx].mean()
     return adv
 
 

@@ -32,13 +32,14 @@ PRESETS.update({
     # the successor repo's quick regime: 60 steps, G=8, 4 prompts, 512 new tokens
     "fast": dict(ONLINE, model="Qwen/Qwen3-4B", group_size=8, prompts_per_step=4, steps=60, lr=7e-5, k=1,
                  beta=1e-3, dtype="bfloat16", max_prompt_tokens=1536, max_completion_tokens=512, seed=0,
-                 eval_every=10, eval_samples=2, save_every=5, micro_batch=4, grad_checkpointing=True),
+                 eval_every=10, eval_samples=2, save_every=5, micro_batch=4, grad_checkpointing=True, eval_frac=0.0),
     # spec2 Phase 3 "full preset": Qwen3-4B, G=6, pp=43 prompts per step, 992 problems, beta=1e-3,
-    # lr=7e-5, 200 steps
+    # lr=7e-5, 200 steps. fast and full train on every problem of --problems (eval_frac 0) and evaluate on
+    # --eval-problems (the public environment's 119-problem test split)
     "full": dict(ONLINE, model="Qwen/Qwen3-4B", group_size=6, prompts_per_step=43, steps=200, lr=7e-5, k=1,
                  beta=1e-3, dtype="bfloat16", max_prompt_tokens=1536, max_completion_tokens=1024, seed=0,
                  n_problems=992, eval_every=20, eval_samples=1, save_every=5,
-                 gen_batch=64, micro_batch=4, grad_checkpointing=True),
+                 gen_batch=64, micro_batch=4, grad_checkpointing=True, eval_frac=0.0),
     # memory (configs.memory_budget, `train.py --dry-run`): the KV cache of all 258 rollouts at once would
     # be 97 GB, so full decodes 64 at a time (24 GB) and trains 4 rows per micro-batch with checkpointing:
     # about 49 GB estimated in all, inside one 80 GB GPU

@@ -67,7 +67,8 @@ def get_args(argv=None):
     a("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     a("--extra", default="", help=f"extra arms at the same compute, comma-separated: {','.join(EXTRA)}")
     a("--penalty", type=float, default=None, help="penalty arm: reward lowered on a monitored hack (train.py's)")
-    a("--monitor-acc", type=float, default=None, help="penalty arm: simulated monitor accuracy in [0, 1]")
+    a("--monitor-acc", type=float, default=None,
+      help="penalty and screening arms: simulated monitor accuracy in [0.5, 1] (train.py's)")
     a("--window", type=int, default=analyze.WINDOW, help="final window of the stop rule, last N steps")
     a("--stop-margin", type=float, default=STOP_MARGIN, help="stop rule: the |mean difference| that separates")
     a("--no-stop", action="store_true", help="run the whole grid whatever the stop rule says")
@@ -89,10 +90,13 @@ def get_args(argv=None):
     if bad or len(set(extra)) != len(extra):
         raise SystemExit(f"error: --extra {args.extra!r}: allowed (each once): {','.join(EXTRA)}")
     args.arms = list(DEFAULT_ARMS) + extra
-    if (args.penalty is not None or args.monitor_acc is not None) and "penalty" not in extra:
-        raise SystemExit("error: --penalty/--monitor-acc set the penalty arm: add --extra penalty")
-    if args.monitor_acc is not None and not 0 <= args.monitor_acc <= 1:
-        raise SystemExit(f"error: --monitor-acc must be in [0, 1], got {args.monitor_acc}")
+    if args.penalty is not None and "penalty" not in extra:
+        raise SystemExit("error: --penalty sets the penalty arm: add --extra penalty")
+    if args.monitor_acc is not None and not {"penalty", "screening"} & set(extra):
+        raise SystemExit("error: --monitor-acc sets the penalty and screening arms: add --extra penalty or screening")
+    if args.monitor_acc is not None and not 0.5 <= args.monitor_acc <= 1:
+        raise SystemExit(f"error: --monitor-acc must be in [0.5, 1] (below 0.5 the monitor is inverted), "
+                         f"got {args.monitor_acc}")
     if args.task is None and args.preset not in configs.PRESETS:
         raise SystemExit(f"error: --preset {args.preset}: allowed: {', '.join(sorted(configs.PRESETS))}")
     if args.steps is None and args.task is None:
@@ -115,8 +119,9 @@ def get_args(argv=None):
 def grid(args):
     """The manifest: every run's name, arm, seed, --out and train.py flags, seed-major (seed 0 of every arm,
     then seed 1, ...) so that the stop rule can be applied early."""
-    pen = [f"--{k}={v}" for k, v in (("penalty", args.penalty), ("monitor-acc", args.monitor_acc)) if v is not None]
-    flags = {a: ARMS[a] + (pen if a == "penalty" else []) for a in args.arms}
+    pen = [f"--penalty={args.penalty}"] if args.penalty is not None else []
+    acc = [f"--monitor-acc={args.monitor_acc}"] if args.monitor_acc is not None else []
+    flags = {a: ARMS[a] + (pen + acc if a == "penalty" else acc if a == "screening" else []) for a in args.arms}
     out = os.path.abspath(args.out)
     runs = []
     for seed in args.seeds:

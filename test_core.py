@@ -2717,8 +2717,7 @@ def test_online_interventions_penalty_screening_inoculation():
     a = train.get_args(["--source", "online", "--intervention", "inoculation"])
     p = problems()[next(iter(problems()))]
     msgs = train.student_messages(None, a)(p)
-    assert msgs[0] == {"role": "system", "content": train.INOCULATION} and msgs[1:] == [m for m in p["prompt"]
-                                                                                       if m["role"] != "system"]
+    assert msgs[0] == {"role": "system", "content": train.INOCULATION} and msgs[1:] == p["prompt"]
     inoc = run_online("--steps", "1", "--intervention", "inoculation", "--eval-every", "1", "--eval-samples", "1")
     st = pools.read_pool(os.path.join(inoc, "rollouts", "student"))
     assert all(r["prompt"][0]["content"] == train.INOCULATION for r in st)
@@ -2772,7 +2771,10 @@ def test_online_flags_checked_before_anything_is_created():
                                                             "--monitor-acc=0.3"),
                        (["--preset", "demo"], "not a preset of --source=online"), (["--beta", "-1"], "--beta=-1"),
                        (["--group", "1"], "--group=1"), (["--problems", "nope.jsonl"], "--problems=nope.jsonl"),
-                       (["--max-prompt-tokens", "150"], "online prompts are never cut")):
+                       (["--max-prompt-tokens", "150"], "online prompts are never cut"),
+                       (["--temperature", "0.7"], "--temperature=0.7"), (["--top-p", "0.9"], "--top-p=0.9"),
+                       (["--eval-frac", "0", "--eval-every", "2"], "--eval-every=2"),
+                       (["--penalty", "0"], "--penalty=0.0: belongs")):
         e = raises(SystemExit, run_online, *extra, out=out, match=msg)
         assert str(e).startswith("error: ") and "\n" not in str(e)
         assert not os.path.exists(out)
@@ -3059,12 +3061,17 @@ def test_sweep_grid_flags_and_dry_run():
     assert "cost: seconds per step not measured yet (no finished run); remaining 15 runs, 60 steps" in text
     for argv, msg in ((["--extra", "penalty,bogus"], "error: --extra"), (["--seeds", "0,0"], "error: --seeds"),
                       (["--gpus", "x"], "error: --gpus"), (["--steps", "0"], "error: --steps 0"),
-                      (["--penalty", "1"], "error: --penalty/--monitor-acc"),
+                      (["--penalty", "1"], "error: --penalty sets the penalty arm"),
                       (["--extra", "penalty", "--monitor-acc", "2"], "error: --monitor-acc"),
+                      (["--monitor-acc", "0.9"], "error: --monitor-acc sets the penalty and screening arms"),
                       (["--slurm", "--gpus", "0"], "error: --slurm, --dry-run"),
                       (["--preset", "nope"], "error: --preset nope"), (["--task", "0"], "error: --task")):
         res, _ = sweep_main(base + ([] if "--preset" in argv else ["--preset", "demo"]) + argv)
         assert isinstance(res, SystemExit) and str(res).startswith(msg) and "\n" not in str(res), (argv, res)
+    res, text = sweep_main(base + ["--preset", "demo", "--extra", "penalty,screening", "--monitor-acc", "0.9",
+                                   "--dry-run"])
+    lines = [l for l in text.splitlines() if "--intervention=" in l]
+    assert len(lines) == 6 and all("--monitor-acc=0.9" in l for l in lines), text   # both monitored arms
     assert not os.path.exists(out)
     os.makedirs(os.path.join(out, "junk"))
     res, _ = sweep_main(base + ["--preset", "demo"])

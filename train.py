@@ -273,13 +273,23 @@ def validate_online(args, bad):
                              ("top_p", 0 < c["top_p"] <= 1, "a number in (0, 1]")):
         if not ok:
             bad("--" + key.replace("_", "-"), c[key], f"must be {allowed}")
+    if c["temperature"] != 1.0 or c["top_p"] != 1.0:
+        bad("--temperature" if c["temperature"] != 1.0 else "--top-p", c["temperature"] if c["temperature"] != 1.0
+            else c["top_p"], "online training samples at temperature 1 and top-p 1: the generation-time log-probs "
+            "are the policy's own, and PPO's ratio assumes the rollouts were sampled from them")
+    if c["eval_every"] and not c["eval_problems"] and not c["eval_frac"] and not args.dry_run:
+        bad("--eval-every", c["eval_every"], f"--preset={args.preset} holds out no problem (eval_frac 0): pass "
+            f"--eval-problems FILE (the public test split), --eval-frac F, or --eval-every 0")
+    if c["eval_problems"] and args.eval_frac is not None:
+        bad("--eval-frac", args.eval_frac, "holds out part of --problems; with --eval-problems nothing is held out")
     if c.get("monitor_acc") is not None and not 0.5 <= c["monitor_acc"] <= 1:
         bad("--monitor-acc", c["monitor_acc"], "must be in [0.5, 1] (below 0.5 the monitor is inverted)")
     if c.get("penalty") is not None and not (math.isfinite(c["penalty"]) and c["penalty"] >= 0):
         bad("--penalty", c["penalty"], "must be a number >= 0")
     if (args.penalty is not None and args.intervention != "penalty") or \
             (args.monitor_acc is not None and args.intervention not in ("penalty", "screening")):
-        bad("--penalty" if args.penalty is not None else "--monitor-acc", args.penalty or args.monitor_acc,
+        bad("--penalty" if args.penalty is not None else "--monitor-acc",
+            args.penalty if args.penalty is not None else args.monitor_acc,
             "belongs to --intervention=penalty (and --monitor-acc also to screening)")
     for key in ("micro_batch", "gen_batch"):
         if c.get(key) is not None and not (isinstance(c[key], int) and c[key] >= 1):
@@ -646,7 +656,8 @@ def main(argv=None):
         out = RUN.get("out")
         if out and RUN.get("written") and os.path.exists(os.path.join(out, "run.json")):
             cmd = [a for a in argv if a != "--overwrite"] + ([] if "--resume" in argv else ["--resume"])
-            print(f"\ninterrupted: the finished steps are saved in {out}; continue with:\n"
+            print(f"\ninterrupted: the finished steps are saved in {out} (a resume continues after the last "
+                  f"checkpoint, state.pt); continue with:\n"
                   f"  python train.py {shlex.join(cmd)}", file=sys.stderr)
         else:
             print("\ninterrupted before the first step; nothing was written to a run directory; rerun the "
@@ -763,7 +774,11 @@ def online_setup(args):
     for r in teacher_rows:
         by_problem.setdefault(r["problem_id"], []).append(r)
     if c["mix"]:
-        hinted = [p for p in hinted if p["id"] in by_problem]
+        kept = [p for p in hinted if p["id"] in by_problem]
+        if len(kept) < len(hinted):
+            print(f"warning: --mix={c['mix']}: {len(hinted) - len(kept)} of {len(hinted)} training problems have no "
+                  f"row in the teacher pool and are not drawn", file=sys.stderr)
+        hinted = kept
         if not hinted:
             raise SystemExit(f"error: --mix={c['mix']}: the teacher pool {teacher_dirs[0]} holds no row of any "
                              f"training problem")
@@ -1018,12 +1033,13 @@ def monitor_flags(row, acc, seed, step):
 
 
 def student_messages(messages_fn, args):
-    """The chat messages of a training rollout: the model's prompt, with the inoculation line as a
-    system prompt under --intervention=inoculation (never at evaluation)."""
+    """The chat messages of a training rollout: the model's prompt, under --intervention=inoculation
+    preceded by the inoculation line as a system message (the problem's own messages all kept; never
+    at evaluation)."""
     base = messages_fn or (lambda p: p["prompt"])
     if args.intervention != "inoculation":
         return base
-    return lambda p: [{"role": "system", "content": INOCULATION}] + [m for m in base(p) if m["role"] != "system"]
+    return lambda p: [{"role": "system", "content": INOCULATION}] + list(base(p))
 
 
 def online_group(model, tok, modules, messages_fn, S, args, step):
@@ -1108,7 +1124,7 @@ def online_group(model, tok, modules, messages_fn, S, args, step):
         1 for gi in set(groups) if len({rewards[i] for i in range(len(cells)) if groups[i] == gi}) == 1)
     trunc = truncation(tok, [r for r, _, _ in cells], c, batch)
     return dict(rows=[r for r, _, _ in cells], rewards=rewards, adv=adv, batch=batch, trunc=trunc,
-                skipped=bool((adv == 0).all()) and not c["beta"], record=record)
+                skipped=record["n_zero_var_groups"] == len(probs) and not c["beta"], record=record)
 
 
 def evaluate(model, tok, messages_fn, S, args, k):
@@ -1158,10 +1174,14 @@ def resume_state(args, out, run, vmeta, modules, opt):
     """(first step, kept step rows, kept eval rows): with --resume and a checkpoint, the knobs and
     AdamW state of the last checkpoint; rows after it are dropped and recomputed."""
     state_path = os.path.join(out, "state.pt")
-    if not (args.resume and os.path.exists(state_path)):
+    if not (args.resume and os.path.exists(os.path.join(out, "run.json"))):
         return 0, [], []
-    with open(os.path.join(out, "run.json")) as f:
-        old = json.load(f)
+    try:
+        with open(os.path.join(out, "run.json")) as f:
+            old = json.load(f)
+        old["config"], old["v_hack"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: --resume: {out}/run.json cannot be read ({type(e).__name__}: {e})") from None
     # a resume may extend --steps; fields added since a run began take the value that run had
     same = lambda c: {k: v for k, v in dict(dict(pair_kind="pool", loss_type="grpo", basis="svd", source="replay",
                                                  grad_checkpointing=False),
@@ -1172,6 +1192,10 @@ def resume_state(args, out, run, vmeta, modules, opt):
         diff.append("v_hack")
     if diff:
         raise SystemExit(f"error: --resume: {out} was started with another config or v_hack: {diff} differ")
+    if not os.path.exists(state_path):
+        print(f"--resume: {out} holds no checkpoint yet (the first comes after --save-every steps): starting "
+              f"again at step 0", file=sys.stderr)
+        return 0, [], []
     try:
         st = torch.load(state_path, weights_only=False)
         knobs = st["knobs"]
@@ -1187,12 +1211,18 @@ def resume_state(args, out, run, vmeta, modules, opt):
             ap.knob(m).copy_(knobs[n])
     opt.load_state_dict(st["opt"])
     start = st["step"] + 1
-    rows = [r for r in pools.read_jsonl(os.path.join(out, "steps.jsonl")) if r["step"] < start]
+    if args.steps < start:
+        raise SystemExit(f"error: --steps={args.steps}: {out} has done {start} steps already; --resume continues "
+                         f"a run, it cannot shorten it")
+    try:
+        rows = [r for r in pools.read_jsonl(os.path.join(out, "steps.jsonl")) if r["step"] < start]
+        ev_path = os.path.join(out, "eval.jsonl")
+        evals = [r for r in pools.read_jsonl(ev_path) if r["step"] <= start] if os.path.exists(ev_path) else []
+    except (pools.DataError, OSError, KeyError) as e:
+        raise SystemExit(f"error: --resume: {e}") from None
     if len(rows) != start:
         raise SystemExit(f"error: --resume: {out}/steps.jsonl holds {len(rows)} of the {start} steps its "
                          f"checkpoint has done; the run directory was changed by hand")
-    ev_path = os.path.join(out, "eval.jsonl")
-    evals = [r for r in pools.read_jsonl(ev_path) if r["step"] <= start] if os.path.exists(ev_path) else []
     return start, rows, evals
 
 
