@@ -1076,7 +1076,8 @@ def render_phase3(res):
         o.append("  n/a (needs a vanilla arm and another arm)")
     else:
         o.append(table(["arm", "vs", "n", "mean diff", "sd diff", "t", "df", "p", "seeds needed", "gt diff"],
-                       [[c["arm"], c["vs"], c["test"]["n"], "—" if c["test"]["mean_diff"] is None else f"{c['test']['mean_diff']:+.3f}", fmt(c["sd_diff"]),
+                       [[c["arm"], c["vs"], c["test"]["n"],
+                         "—" if c["test"]["mean_diff"] is None else f"{c['test']['mean_diff']:+.3f}", fmt(c["sd_diff"]),
                          "—" if c["test"]["t"] is None else f"{c['test']['t']:+.2f}", fmt(c["test"]["df"]),
                          "—" if c["test"]["p"] is None else f"{c['test']['p']:.3g}",
                          c["seeds_needed"]["n"] or c["seeds_needed"]["reason"], fmt(c["gt_mean_diff"])]
