@@ -506,8 +506,10 @@ def sha_file(path):
 def out_dir(args, locked=False):
     """The run directory; refuse to reuse one unless --overwrite (replaced once the run is validated)
     or --resume (continued)."""
-    out = args.out or os.path.join("out", "runs", f"{args.arm}_{args.loss_mode}_{args.control}_s{args.seed}"
-                                   + ("" if args.basis == "svd" else f"_{args.basis}"))
+    name = f"{args.arm}_{args.loss_mode}_{args.control}_s{args.seed}" + ("" if args.basis == "svd" else f"_{args.basis}")
+    if args.source == "online":
+        name = f"online_{args.arm}_{args.basis}_{args.intervention}_{args.control}_s{args.seed}"
+    out = args.out or os.path.join("out", "runs", name)
     if args.overwrite and args.resume:
         raise SystemExit("error: --overwrite and --resume contradict each other")
     owner = None if locked else lock_owner(out)
