@@ -1061,14 +1061,14 @@ def online_group(model, tok, modules, messages_fn, S, args, step):
                                       sample_ids=[pi * G + j for pi in range(len(probs)) for j in range(n_st)],
                                       batch_size=c["gen_batch"], workers=args.workers)
     pools.write_pool_step(os.path.join(RUN["out"], "rollouts", "student"), step, rows)
-    cells = []                  # (row, prompt ids, completion ids, generation log-probs or None, group)
+    cells = []                  # (row, completion token ids, generation log-probs or None: teacher rows)
     for r, ids, lps in zip(rows, gen["token_ids"], gen["logps"]):
         cells.append((dict(r, src_pool="student", src_step=step, src_sample=r["sample"]), ids, lps))
     comp_cut = {}
     for pi, p in enumerate(probs):
         pick = random.Random(f"{args.seed}:mix:{step}:{p['id']}")
         cands = S["teacher"].get(p["id"], [])
-        for j, t in enumerate(pick.sample(cands, mix) if len(cands) >= mix else pick.choices(cands, k=mix)):
+        for t in (pick.sample(cands, mix) if len(cands) >= mix else pick.choices(cands, k=mix)):
             ids = tok(t["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             comp_cut[len(cells)] = max(0, len(ids) - c["max_completion_tokens"])
             cells.append((dict(t, prompt=msgs_fn(p)), ids[:c["max_completion_tokens"]], None))
