@@ -161,13 +161,10 @@ def measure(model, tok, problems_path=pools.FIXTURE_PROBLEMS, n=64, seed=0, max_
                          max_new_tokens, temperature, top_p, seed, 0, [p["id"] for p in chosen],
                          sample_ids=list(range(n)))
     gs = pools.grade_many(list(zip(chosen, gen["completions"])), workers=workers, progress=False)
-    labels = {}
-    for g in gs:
-        labels[g["label"]] = labels.get(g["label"], 0) + 1
     return dict(n=n, fenced=sum(g["fmt_ok"] for g in gs) / n, compiles=sum(g["can_compile"] for g in gs) / n,
                 hacked=sum(g["hacked"] for g in gs) / n, correct=sum(g["gt_pass"] for g in gs) / n,
                 truncated=gen["n_truncated"] / n, mean_tokens=sum(len(t) for t in gen["token_ids"]) / n,
-                labels=labels)
+                labels=pools.label_counts(gs))
 
 
 if __name__ == "__main__":

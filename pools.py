@@ -626,6 +626,14 @@ def _build_demo_into(out, problems_path, steps, batch, seed, workers):
 
 # ----------------------------------------------------------------------------- stats / regrade / check
 
+def label_counts(rows):
+    """{label: count} over graded rows (a label absent from the dict has count 0)."""
+    counts = {}
+    for x in rows:
+        counts[x["label"]] = counts.get(x["label"], 0) + 1
+    return counts
+
+
 def pool_stats(rows):
     """Per-step and overall reward mean/min/max, hack rate, gt pass rate, label counts."""
     def summ(rs):
@@ -634,11 +642,8 @@ def pool_stats(rows):
                     hack_rate=sum(x["hacked"] for x in rs) / len(rs),
                     gt_rate=sum(x["gt_pass"] for x in rs) / len(rs))
     steps = sorted({x["src_step"] for x in rows})
-    labels = {}
-    for x in rows:
-        labels[x["label"]] = labels.get(x["label"], 0) + 1
     return dict(per_step={s: summ([x for x in rows if x["src_step"] == s]) for s in steps},
-                overall=summ(rows), labels=labels)
+                overall=summ(rows), labels=label_counts(rows))
 
 
 def duplicate_completions(rows):

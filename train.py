@@ -689,8 +689,7 @@ def replay_setup(args):
     ensure_demo(replay_dirs + pair_dirs)
     G = cfg["group_size"]
     per_pool = args.per_pool or G // len(replay_dirs)
-    pool_rows, pairs, pairs_src, held = read_pools(args, replay_dirs, pair_dirs)
-    replay = {name: rows for name, rows in pool_rows.items()}
+    replay, pairs, pairs_src = read_pools(args, replay_dirs, pair_dirs)
     small = min(replay, key=lambda n: len(replay[n]))
     if per_pool > len(replay[small]):
         raise SystemExit(f"error: --per-pool={per_pool}{' (default G / #pools)' if not args.per_pool else ''}: at "
@@ -711,7 +710,7 @@ def ensure_demo(dirs):
 
 
 def read_pools(args, replay_dirs, pair_dirs):
-    """({pool: rows to train on}, extraction pairs, their description, held-out rows). The last
+    """({pool: rows to train on}, extraction pairs, their description). The last
     --extract-frac steps of each pair pool build v_hack; a pool that is also trained on loses them."""
     name = lambda d: os.path.basename(os.path.normpath(d))
     try:
@@ -734,7 +733,7 @@ def read_pools(args, replay_dirs, pair_dirs):
         pairs = make_pairs(held)
         pairs_src = (f"{make_pairs.__name__} from the last {args.extract_frac:g} of the steps of "
                      f"{[name(d) for d in pair_dirs]}")
-    return rows, pairs, pairs_src, held
+    return rows, pairs, pairs_src
 
 
 def online_setup(args):
@@ -743,7 +742,7 @@ def online_setup(args):
     pair_dirs = [d for d in (args.pair_dirs or ",".join(DEMO_DIRS)).split(",") if d]
     teacher_dirs = [args.teacher_dir or DEMO_DIRS[0]] if c["mix"] else []
     ensure_demo(pair_dirs + teacher_dirs)
-    teacher, pairs, pairs_src, _ = read_pools(args, teacher_dirs, [] if args.pairs else pair_dirs)
+    teacher, pairs, pairs_src = read_pools(args, teacher_dirs, [] if args.pairs else pair_dirs)
     try:
         path = c["problems"] or pools.FIXTURE_PROBLEMS
         hinted = pools.load_problems(path, hint=True)
@@ -1061,56 +1060,51 @@ def online_group(model, tok, modules, messages_fn, S, args, step):
                                       sample_ids=[pi * G + j for pi in range(len(probs)) for j in range(n_st)],
                                       batch_size=c["gen_batch"], workers=args.workers)
     pools.write_pool_step(os.path.join(RUN["out"], "rollouts", "student"), step, rows)
-    cells = []                  # (row, completion token ids, generation log-probs or None: teacher rows)
-    for r, ids, lps in zip(rows, gen["token_ids"], gen["logps"]):
-        cells.append((dict(r, src_pool="student", src_step=step, src_sample=r["sample"]), ids, lps))
-    comp_cut = {}
+    # cells: (row, completion token ids, generation log-probs or None for teacher rows, tokens cut)
+    cells = [(dict(r, src_pool="student", src_step=step, src_sample=r["sample"]), ids, lps, 0)
+             for r, ids, lps in zip(rows, gen["token_ids"], gen["logps"])]
     for pi, p in enumerate(probs):
         pick = random.Random(f"{args.seed}:mix:{step}:{p['id']}")
         cands = S["teacher"].get(p["id"], [])
         for t in (pick.sample(cands, mix) if len(cands) >= mix else pick.choices(cands, k=mix)):
             ids = tok(t["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            comp_cut[len(cells)] = max(0, len(ids) - c["max_completion_tokens"])
-            cells.append((dict(t, prompt=msgs_fn(p)), ids[:c["max_completion_tokens"]], None))
+            cut = max(0, len(ids) - c["max_completion_tokens"])
+            cells.append((dict(t, prompt=msgs_fn(p)), ids[:c["max_completion_tokens"]], None, cut))
     group_of = {p["id"]: pi for pi, p in enumerate(probs)}
-    rewards = [float(r["reward"]) for r, _, _ in cells]
+    rewards = [float(cell[0]["reward"]) for cell in cells]
     n_flag = n_screened = 0
     if args.intervention in ("penalty", "screening"):
-        flags = [monitor_flags(r, c["monitor_acc"], args.seed, step) for r, _, _ in cells]
+        flags = [monitor_flags(cell[0], c["monitor_acc"], args.seed, step) for cell in cells]
         n_flag = sum(flags)
         if args.intervention == "penalty":
             rewards = [x - c["penalty"] * f for x, f in zip(rewards, flags)]
         else:
             keep = [i for i, f in enumerate(flags) if not f]
             n_screened = len(cells) - len(keep)
-            comp_cut = {keep.index(i): v for i, v in comp_cut.items() if i in keep}
             cells, rewards = [cells[i] for i in keep], [rewards[i] for i in keep]
-    labels = {}
-    for r in rows:
-        labels[r["label"]] = labels.get(r["label"], 0) + 1
     n = len(rows)
     record = dict(source="online", n_student=n, n_teacher=len(probs) * mix, n_screened=n_screened, n_flagged=n_flag,
                   hack_rate=sum(r["hacked"] for r in rows) / n, gt_rate=sum(r["gt_pass"] for r in rows) / n,
-                  labels=labels, reward_mean=sum(r["reward"] for r in rows) / n,
+                  labels=pools.label_counts(rows), reward_mean=sum(r["reward"] for r in rows) / n,
                   comp_len_mean=sum(len(t) for t in gen["token_ids"]) / n, truncated_frac=gen["n_truncated"] / n,
                   problems=[p["id"] for p in probs], gen_s=round(gen["gen_s"], 3), grade_s=round(gen["grade_s"], 3))
     if not cells:                                   # screening dropped every rollout: nothing to train on
         return dict(rows=[], record=dict(record, n_zero_var_groups=len(probs)))
     dev = next(model.parameters()).device
     prompt_ids = {}
-    for r, _, _ in cells:
+    for r, *_ in cells:
         key = json.dumps(r["prompt"])
         if key not in prompt_ids:
             prompt_ids[key] = tok(pools.render_prompt(r["prompt"], tok), add_special_tokens=False)["input_ids"]
-    p_ids = [prompt_ids[json.dumps(r["prompt"])] for r, _, _ in cells]
-    batch = ap.batch_from_ids(p_ids, [ids for _, ids, _ in cells], tok.pad_token_id, device=dev)
-    batch["comp_cut"] = [comp_cut.get(i, 0) for i in range(len(cells))]
+    p_ids = [prompt_ids[json.dumps(r["prompt"])] for r, *_ in cells]
+    batch = ap.batch_from_ids(p_ids, [ids for _, ids, _, _ in cells], tok.pad_token_id, device=dev)
+    batch["comp_cut"] = [cut for *_, cut in cells]
     old = torch.full(batch["comp_mask"].shape, float("nan"))                        # (B, T)
-    for i, (_, ids, lps) in enumerate(cells):
+    for i, (_, ids, lps, _) in enumerate(cells):
         if lps is not None:
             old[i, len(p_ids[i]):len(p_ids[i]) + len(lps)] = torch.tensor(lps)
     batch["old_logp"] = old.to(dev)
-    groups = [group_of[r["problem_id"]] for r, _, _ in cells]
+    groups = [group_of[r["problem_id"]] for r, *_ in cells]
     adv = ap.group_advantages(rewards, groups)
     batch["adv"] = adv.to(dev)
     batch["denom"] = ap.token_denoms(batch["comp_len"].cpu(), args.loss_type, len(cells),
@@ -1124,8 +1118,8 @@ def online_group(model, tok, modules, messages_fn, S, args, step):
         batch["ref_logp"] = ref
     record["n_zero_var_groups"] = len(probs) - len(set(groups)) + sum(
         1 for gi in set(groups) if len({rewards[i] for i in range(len(cells)) if groups[i] == gi}) == 1)
-    trunc = truncation(tok, [r for r, _, _ in cells], c, batch)
-    return dict(rows=[r for r, _, _ in cells], rewards=rewards, adv=adv, batch=batch, trunc=trunc,
+    trunc = truncation(tok, [r for r, *_ in cells], c, batch)
+    return dict(rows=[r for r, *_ in cells], rewards=rewards, adv=adv, batch=batch, trunc=trunc,
                 skipped=record["n_zero_var_groups"] == len(probs) and not c["beta"], record=record)
 
 
@@ -1147,9 +1141,7 @@ def evaluate(model, tok, messages_fn, S, args, k):
         out[f"gt_rate_{kind}"] = sum(r["gt_pass"] for r in rows) / n
         if kind == "hint":
             out["hack_rate_hint"] = sum(r["hacked"] for r in rows) / n
-            out["labels_hint"] = {}
-            for r in rows:
-                out["labels_hint"][r["label"]] = out["labels_hint"].get(r["label"], 0) + 1
+            out["labels_hint"] = pools.label_counts(rows)
     out["seconds"] = round(time.time() - t0, 3)
     return out
 
