@@ -421,6 +421,21 @@ def release_uid(uid):
         _uid_free.append(uid)
 
 
+def _forget_after_fork():
+    """A forked process shares its parent's uid locks (an flock belongs to the open file, which fork
+    duplicates), so it would run children under the parent's uids and kill_uid would sweep the
+    parent's children: it drops them (and the parent's idle templates) and takes its own."""
+    global _uid_lock, _lock, _idle
+    _uid_lock, _lock, _idle = threading.Lock(), threading.Lock(), queue.LifoQueue()
+    for fd in _uid_fds.values():
+        os.close(fd)
+    _uid_fds.clear()
+    _uid_free.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def kill_uid(uid):
     """SIGKILL every process running as uid, zombie thread-group leaders with live threads included."""
     for _ in range(100):

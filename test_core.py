@@ -449,6 +449,32 @@ def test_two_grader_processes_at_once():
     assert out_b.strip() == "[[('ok', 1)], [('ok', 1)], [('ok', 1)]]", out_b
 
 
+def test_forked_grader_takes_its_own_uids():
+    """A process forked after grading (the test runner's workers, a user's multiprocessing) must not
+    run children under its parent's sandbox uids: both grade correctly at once, and as root the
+    child's uids are none of the parent's."""
+    p = problems()[90004]
+    good = lambda tag: fence(p["canonical_solution"] + f"\n# {tag}\n")        # never a cached grade
+    assert pools.grade(p, good("parent"))["gt_pass"]            # this process now holds a uid (as root)
+    mine = set(sandbox._uid_fds)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                                # the child: report, never return
+        try:
+            ok = [pools.grade(p, good(f"child {i}"))["gt_pass"] for i in range(2)]
+            os.write(w, json.dumps([ok, sorted(sandbox._uid_fds)]).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    ok_here = [pools.grade(p, good(f"parent {i}"))["gt_pass"] for i in range(2)]
+    with os.fdopen(r) as f:
+        ok_child, child_uids = json.loads(f.read() or "[null, null]")
+    os.waitpid(pid, 0)
+    assert ok_here == ok_child == [True, True], (ok_here, ok_child)
+    if os.getuid() == 0:
+        assert mine and child_uids and not set(child_uids) & set(sandbox._uid_fds), (mine, child_uids)
+
+
 def test_attack_rewrite_harness_call_list():
     """Module code finds the harness's call list and replaces `run_tests()` by `None`: the failing
     run_tests must still count as failing."""
@@ -2273,8 +2299,7 @@ def fresh_clone():
     return root
 
 
-def test_readme_and_help_commands_run_in_order():
-    import train
+def test_readme_commands_run_in_order():
     root = fresh_clone()
     skipped = run_commands(shell_commands(open(os.path.join(root, "README.md")).read()), root)
     assert skipped == ["pip install -r requirements.txt", "python test_core.py",
@@ -2292,7 +2317,11 @@ def test_readme_and_help_commands_run_in_order():
               "p2_shuffled_v"):
         assert os.path.exists(os.path.join(root, "out", "runs", d, "steps.jsonl")), d
     assert pools.read_meta(os.path.join(root, "out", "pools", "my_pool"))["n_rows"] == 8
-    # train.py --help's examples, in order, on another fresh clone
+
+
+def test_train_help_examples_run_in_order():
+    """train.py --help's examples, in order, on a fresh clone."""
+    import train
     doc = [l for l in train.__doc__.splitlines() if l.startswith("    python ") or l.startswith("        --")]
     cmds = shell_commands("\n".join(doc), fenced=False)
     assert len(cmds) == 5
@@ -2724,21 +2753,24 @@ def test_online_interventions_penalty_screening_inoculation():
 
 
 def test_two_online_runs_grading_at_once_equal_a_run_alone():
-    """Two train.py processes generating and grading at the same time on one machine (each with its
-    own sandbox uids) give exactly the rows of the same run alone."""
+    """Two online runs generating and grading at the same time on one machine, a train.py process and
+    this one (each with its own sandbox uids), give exactly the rows of the same run alone."""
     alone = run_online("--seed", "3")
     argv = list(_cache["online_argv"])
-    procs, outs = [], []
-    for i in range(2):
-        out = os.path.join(tmpdir(), "run")
-        a = [x if x != alone else out for x in argv]
-        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *a], cwd=tmpdir(),
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        outs.append(out)
-    for p in procs:
+    other = os.path.join(tmpdir(), "run")
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *[x if x != alone else other for x in argv]],
+                         cwd=tmpdir(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t = time.time()
+        while not os.path.exists(os.path.join(other, ".lock")) and p.poll() is None and time.time() - t < 120:
+            time.sleep(0.02)                       # its imports done: it is about to generate and grade
+        assert p.poll() is None, p.communicate()[0][-2000:]
+        here = run_online("--seed", "3", out=os.path.join(tmpdir(), "run"))
         log = p.communicate(timeout=600)[0]
-        assert p.returncode == 0, log[-2000:]
-    for out in outs:
+    finally:
+        p.kill()
+    assert p.returncode == 0, log[-2000:]
+    for out in (other, here):
         assert online_rows(out) == online_rows(alone)
         assert [r["label"] for r in pools.read_pool(os.path.join(out, "rollouts", "student"))] == \
             [r["label"] for r in pools.read_pool(os.path.join(alone, "rollouts", "student"))]
@@ -3329,30 +3361,125 @@ def test_bench_rounds_rotate_and_ratio_is_the_median_of_per_round_ratios():
 
 # ============================================================================ runner
 
-def _main():
+def run_test(name):
+    """(ok, seconds, traceback or "") of one test function."""
     import traceback
-    only = sys.argv[1:]
-    tests = [(k, v) for k, v in globals().items() if k.startswith("test_") and callable(v)
-             and (not only or any(o in k for o in only))]
-    passed = failed = 0
-    t_all = time.time()
-    for name, fn in tests:
-        t = time.time()
-        try:
-            fn()
-            passed += 1
-            print(f"ok   {name} ({time.time() - t:.1f}s)", flush=True)
-        except (Exception, SystemExit):
-            failed += 1
-            print(f"FAIL {name} ({time.time() - t:.1f}s)", flush=True)
-            traceback.print_exc()
+    t = time.time()
+    try:
+        globals()[name]()
+        return True, time.time() - t, ""
+    except (Exception, SystemExit):
+        return False, time.time() - t, traceback.format_exc()
+
+
+def warm_up():
+    """What every test shares and no test writes into, made once before the workers fork: the
+    transformers imports (seconds each time) and the demo pools."""
+    import transformers
+    transformers.Qwen3ForCausalLM, transformers.PreTrainedTokenizerFast   # noqa: B018 - lazy imports
+    problems(True), problems(False), demo_pools(), short_problems()
+
+
+def worker(names_fd, results_fd, closing):
+    """A forked worker: runs the tests named one per line on names_fd (until an empty line), answers
+    one JSON line [name, ok, seconds, traceback] each on results_fd, removes its own temp dirs."""
+    for fd in closing:
+        os.close(fd)
+    inherited = len(_cache.get("tmpdirs", []))
+    with os.fdopen(names_fd) as names, os.fdopen(results_fd, "w") as out:
+        for line in names:
+            if not line.strip():
+                break
+            out.write(json.dumps([line.strip(), *run_test(line.strip())]) + "\n")
+            out.flush()
+    for d in _cache.get("tmpdirs", [])[inherited:]:
+        shutil.rmtree(d, ignore_errors=True)
+    os._exit(0)
+
+
+def run_parallel(names, jobs, report):
+    """Tests spread over `jobs` forked workers, each handed the next test when it finishes one (each
+    worker keeps its own cache of shared runs). A worker that dies fails the test it was running."""
+    import select
+    warm_up()
+    todo, busy = list(names), {}                 # results file -> (pid, names file, test)
+    parent_fds = []
+    for _ in range(min(jobs, len(todo))):
+        nr, nw = os.pipe()
+        rr, rw = os.pipe()
+        sys.stdout.flush(), sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            worker(nr, rw, [nw, rr] + parent_fds)
+        os.close(nr), os.close(rw)
+        parent_fds += [nw, rr]
+        to, res = os.fdopen(nw, "w"), os.fdopen(rr)
+        busy[res] = (pid, to, todo.pop(0))
+        to.write(busy[res][2] + "\n")
+        to.flush()
+    try:
+        while busy:
+            for res in select.select(list(busy), [], [])[0]:
+                pid, to, name = busy.pop(res)
+                line = res.readline()
+                if line:
+                    report(*json.loads(line))
+                else:
+                    report(name, False, 0.0, f"the worker running {name} died (pid {pid})\n")
+                if line and todo:
+                    busy[res] = (pid, to, todo.pop(0))
+                    to.write(busy[res][2] + "\n")
+                    to.flush()
+                    continue
+                try:
+                    to.write("\n")
+                    to.close()
+                except OSError:
+                    pass
+                res.close()
+                os.waitpid(pid, 0)
+        for name in todo:                        # every worker died before these ran
+            report(name, False, 0.0, "not run: no worker left\n")
+    finally:
+        for pid, _, _ in busy.values():
+            os.kill(pid, 9)
+
+
+def _main():
+    """python test_core.py [-j N] [NAME-PART ...]: the tests whose names contain a NAME-PART (all by
+    default) on N forked workers (default: the cores, at most 4; -j 1 runs them in this process)."""
+    args, jobs = sys.argv[1:], min(os.cpu_count() or 1, 4)
+    if "-j" in args:
+        i = args.index("-j")
+        if i + 1 >= len(args) or not args[i + 1].isdigit() or int(args[i + 1]) < 1:
+            raise SystemExit("error: -j takes a number of workers >= 1")
+        jobs, args = int(args[i + 1]), args[:i] + args[i + 2:]
+    names = [k for k, v in globals().items() if k.startswith("test_") and callable(v)
+             and (not args or any(o in k for o in args))]
+    counts, t_all = [0, 0], time.time()
+
+    def report(name, ok, seconds, tb):
+        counts[not ok] += 1
+        print(f"{'ok  ' if ok else 'FAIL'} {name} ({seconds:.1f}s)", flush=True)
+        if tb:
+            print(tb, end="", file=sys.stderr, flush=True)
+
+    if jobs == 1:
+        for name in names:
+            report(name, *run_test(name))
+    else:
+        # one thread per worker (and per train.py they start: the variable is inherited), so the
+        # workers share the cores instead of fighting over them
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+        torch.set_num_threads(1)
+        run_parallel(names, jobs, report)
     for d in _cache.get("tmpdirs", []):
         shutil.rmtree(d, ignore_errors=True)
-    print(f"({time.time() - t_all:.0f}s)")
-    print(f"{passed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    print(f"({time.time() - t_all:.0f}s, {jobs} worker{'s' if jobs > 1 else ''})")
+    print(f"{counts[0]} passed, {counts[1]} failed")
+    sys.exit(1 if counts[1] else 0)
 
 
 if __name__ == "__main__":
     _main()
-
