@@ -9,11 +9,11 @@
     rollout_group()  sample + grade (pools.grade_many) -> rows in the pool row format.
     generate_pool()  the `pools.py generate` subcommand: resumable step_NNN.jsonl.gz + meta.json.
 
-    python rollout.py --bench      # merged vs hooked generation tokens/s, interleaved rounds
+Generation speed, merged vs hooked: `python bench.py --rows 3`.
 """
 import contextlib, hashlib, json, os, platform, time
 
-import antipasto as ap   # first: it pins MKL's reproducible mode before torch loads
+import antipasto  # noqa: F401 - first: it pins MKL's reproducible mode before torch loads
 import pools
 import torch
 import torch.nn as nn
@@ -350,61 +350,3 @@ def generate_pool(a):
     print(f"{a.out}: {made} rollouts generated" + (f", {kept} kept from before" if kept else "")
           + f"; hack rate {sum(r['hacked'] for r in seen) / max(len(seen), 1):.3f}")
     return a.out
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-def bench(model_name="tiny", B=8, new_tokens=64, rounds=5, device="cpu"):
-    """Generation tokens/s through the adapter's hooks vs on merged plain weights (the merge itself
-    timed inside), in interleaved rounds; reports the median of the per-round ratios."""
-    model, tok, messages_fn = load_policy(model_name, None, device)
-    modules = ap.wrap(model)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in modules.values():                       # a trained-looking adapter: knobs nonzero
-            m.delta_S.copy_(torch.randn(m.delta_S.shape, generator=g) * 0.01 * m.S)
-    probs = pools.load_problems(pools.FIXTURE_PROBLEMS, hint=True)[:B]
-    prompts = [pools.render_prompt((messages_fn or (lambda p: p["prompt"]))(p), tok) for p in probs]
-    def run():
-        return sample(model, tok, prompts, 1, new_tokens, 1.0, 1.0, 0, 0, [p["id"] for p in probs],
-                      eos_ids=[-1])                      # no stop token: every row makes new_tokens
-    def hooked():
-        return run()
-    def on_merged():
-        with merged(model):
-            return run()
-    fns = dict(hooked=hooked, merged=on_merged)
-    for f in fns.values():                               # warm-up
-        f()
-    rates = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            if device != "cpu":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            out = f()
-            if device != "cpu":
-                torch.cuda.synchronize()
-            rates[k].append(sum(len(x) for x in out["token_ids"]) / (time.perf_counter() - t))
-    ratios = sorted(m / h for m, h in zip(rates["merged"], rates["hooked"]))
-    med = lambda xs: sorted(xs)[len(xs) // 2]
-    print(f"model={model_name} B={B} new_tokens={new_tokens} rounds={rounds} device={device} "
-          f"torch threads={torch.get_num_threads()}")
-    print(f"  hooked (adapter forward)   {med(rates['hooked']):9.1f} tokens/s (median)")
-    print(f"  merged (plain Linears)     {med(rates['merged']):9.1f} tokens/s (median)")
-    print(f"  merged / hooked, median of per-round ratios: {med(ratios):.2f}x  (rounds: "
-          + ", ".join(f"{r:.2f}" for r in ratios) + ")")
-    return dict(rates=rates, ratio=med(ratios))
-
-
-if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(description="benchmark: generation on merged weights vs through the adapter")
-    p.add_argument("--bench", action="store_true", required=True)
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = p.parse_args()
-    bench(a.model, a.batch, a.new_tokens, a.rounds, a.device)

@@ -2309,7 +2309,7 @@ def test_readme_commands_run_in_order():
                        "out/gen/teacher_pool --seed 0",
                        "python pools.py generate --model Qwen/Qwen3-4B --no-hint --out out/gen/base_pool --seed 0",
                        "python pools.py generate --model organism --hint --out out/gen/organism_pool",
-                       "python rollout.py --bench", "python organism.py",
+                       "python organism.py",
                        "python train.py --source=online --steps=30",
                        "python train.py --source=online --steps=30 --arm=projected --out=out/runs/online_projected_s0",
                        "python bench.py", "python bench.py --quick"], skipped
