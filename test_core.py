@@ -3448,7 +3448,7 @@ def run_parallel(names, jobs, report):
 def _main():
     """python test_core.py [-j N] [NAME-PART ...]: the tests whose names contain a NAME-PART (all by
     default) on N forked workers (default: the cores, at most 4; -j 1 runs them in this process)."""
-    args, jobs = sys.argv[1:], min(os.cpu_count() or 1, 4)
+    args, jobs = sys.argv[1:], min(os.cpu_count() or 1, 4) if hasattr(os, "fork") else 1
     if "-j" in args:
         i = args.index("-j")
         if i + 1 >= len(args) or not args[i + 1].isdigit() or int(args[i + 1]) < 1:
@@ -3464,6 +3464,7 @@ def _main():
         if tb:
             print(tb, end="", file=sys.stderr, flush=True)
 
+    jobs = max(1, min(jobs, len(names)))
     if jobs == 1:
         for name in names:
             report(name, *run_test(name))
