@@ -28,6 +28,7 @@ import contextlib, hashlib, io, json, math, os
 # the portable path, runs float32 matmuls at about a third of the speed). Only effective when this
 # module is imported before torch.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")     # a fixed thread count, as reproducible mode needs
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

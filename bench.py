@@ -319,10 +319,12 @@ def forward_stopwatch(model, device, spent):
 
 def weight_bytes_per_token(model, modules):
     """(merged, hooked) bytes of weights one decoded token reads: every parameter and buffer but the
-    input embedding (a row lookup), with the adapter modules' own tensors (U, Vh, delta_S or the LoRA
-    knob) on top when hooked."""
+    input embedding (a row lookup), with the tensors the adapter modules' forward reads (U, Vh, delta_S
+    or the LoRA knob) on top when hooked."""
     emb = model.get_input_embeddings().weight
-    own = {id(t): t for m in modules.values() for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))}
+    own = {id(t): t for m in modules.values()
+           for k, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
+           if k != "S"}                           # SVDLinear keeps S for reference; its forward never reads it
     rest = {id(t): t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in own and t is not emb}
     size = lambda ts: sum(t.numel() * t.element_size() for t in ts)
     merged = size(rest.values()) + (size([emb]) if model.get_output_embeddings().weight is emb else 0)

@@ -51,7 +51,7 @@ Not covered:
   - without root: needs unprivileged user namespaces (refused with SandboxUnavailable otherwise), and
     RLIMIT_NPROC counts all processes of the real user.
 """
-import atexit, fcntl, itertools, json, math, os, queue, re, select, shutil, signal, socket
+import atexit, contextlib, fcntl, itertools, json, math, os, queue, re, select, shutil, signal, socket
 import subprocess, sys, tempfile, threading, time
 
 CPU_S = 10.0          # CPU seconds per check (every canonical solution of a 119-problem split passes)
@@ -423,14 +423,22 @@ def release_uid(uid):
 
 def _forget_after_fork():
     """A forked process shares its parent's uid locks (an flock belongs to the open file, which fork
-    duplicates), so it would run children under the parent's uids and kill_uid would sweep the
-    parent's children: it drops them (and the parent's idle templates) and takes its own."""
+    duplicates): it would run its checks under the parent's uids, two checks of two processes under one
+    uid at once (sharing its process limit, and kill_uid of either sweeping both). So the child forgets
+    the parent's uids, locks, idle templates and template sockets (the parent keeps all of them), and
+    takes its own."""
     global _uid_lock, _lock, _idle
+    fds, socks = list(_uid_fds.values()), [t.sock for t in _all_templates if t.owner != os.getpid()]
     _uid_lock, _lock, _idle = threading.Lock(), threading.Lock(), queue.LifoQueue()
-    for fd in _uid_fds.values():
-        os.close(fd)
     _uid_fds.clear()
     _uid_free.clear()
+    _all_templates[:] = [t for t in _all_templates if t.owner == os.getpid()]
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    for sock in socks:
+        with contextlib.suppress(OSError):
+            sock.close()
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)

@@ -32,6 +32,13 @@ def tmpdir():
     return d
 
 
+def slow(fn):
+    """Marks a test of several seconds: the parallel runner hands these out first, so that no worker
+    is left running one alone at the end."""
+    fn.slow = True
+    return fn
+
+
 def raises(exc, fn, *a, match=None, **kw):
     try:
         fn(*a, **kw)
@@ -452,27 +459,29 @@ def test_two_grader_processes_at_once():
 def test_forked_grader_takes_its_own_uids():
     """A process forked after grading (the test runner's workers, a user's multiprocessing) must not
     run children under its parent's sandbox uids: both grade correctly at once, and as root the
-    child's uids are none of the parent's."""
+    checks of the two processes run as different uids."""
     p = problems()[90004]
     good = lambda tag: fence(p["canonical_solution"] + f"\n# {tag}\n")        # never a cached grade
+    uid_of_check = lambda: sandbox.run_child("", "import os", ["os.getuid()"])[1][0][1]
     assert pools.grade(p, good("parent"))["gt_pass"]            # this process now holds a uid (as root)
-    mine = set(sandbox._uid_fds)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:                                                # the child: report, never return
         try:
+            os.close(r)
             ok = [pools.grade(p, good(f"child {i}"))["gt_pass"] for i in range(2)]
-            os.write(w, json.dumps([ok, sorted(sandbox._uid_fds)]).encode())
+            os.write(w, json.dumps([ok, uid_of_check()]).encode())
         finally:
+            sandbox.close_templates()
             os._exit(0)
     os.close(w)
-    ok_here = [pools.grade(p, good(f"parent {i}"))["gt_pass"] for i in range(2)]
+    ok_here, uid_here = [pools.grade(p, good(f"parent {i}"))["gt_pass"] for i in range(2)], uid_of_check()
     with os.fdopen(r) as f:
-        ok_child, child_uids = json.loads(f.read() or "[null, null]")
+        ok_child, uid_child = json.loads(f.read() or "[null, null]")
     os.waitpid(pid, 0)
     assert ok_here == ok_child == [True, True], (ok_here, ok_child)
     if os.getuid() == 0:
-        assert mine and child_uids and not set(child_uids) & set(sandbox._uid_fds), (mine, child_uids)
+        assert uid_here != uid_child and min(uid_here, uid_child) >= sandbox.UID_BASE, (uid_here, uid_child)
 
 
 def test_attack_rewrite_harness_call_list():
@@ -647,6 +656,21 @@ def wrapped(seed=0):
 
 PROMPTS = ["Write a function that adds two numbers.", "x", "Reverse a string, please, in Python 3."]
 COMPS = ["```python\ndef add(a, b):\n    return a + b\n```", "no code here, sorry", "s[::-1]"]
+
+
+def test_matmuls_do_not_depend_on_buffer_alignment():
+    """MKL's reproducible mode (antipasto.py sets it before torch loads) is in effect: a matrix-vector
+    product gives the same bits wherever its input starts in memory (without the mode, most shifted
+    copies differ in the last bits on x86 CPUs, and same-seed runs could too)."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    A0, x = torch.randn(512, 4096, generator=g), torch.randn(4096, generator=g)
+    ref = A0 @ x
+    for off in range(1, 16):
+        buf = torch.zeros(A0.numel() + 64)
+        a = buf[off:off + A0.numel()].view(512, 4096)
+        a.copy_(A0)
+        assert torch.equal(a @ x, ref), f"offset {off}: {(a @ x - ref).abs().max().item():.2e}"
 
 
 def test_wrap_is_bit_identical_at_zero_and_zero_knobs_gives_reference():
@@ -1211,6 +1235,7 @@ def slim_rows(run):
     return {f: pools.read_jsonl(os.path.join(run, f)) for f in sorted(os.listdir(run)) if f.endswith(".cos.jsonl.gz")}
 
 
+@slow
 def test_train_arms_share_samples_and_slim_schema_has_no_text():
     import train
     van = shared_run("--arm", "vanilla")
@@ -1240,6 +1265,7 @@ def test_train_arms_share_samples_and_slim_schema_has_no_text():
     assert run["v_hack"]["pair_ids"] and run["config"]["arm"] == "projected" and run["null"]["cos_sd"] > 0
 
 
+@slow
 def test_train_same_seed_byte_identical_and_refuses_overwrite():
     a = run_train("--arm", "projected")
     raises(SystemExit, run_train, "--arm", "projected", out=a, match="--overwrite")
@@ -2299,6 +2325,7 @@ def fresh_clone():
     return root
 
 
+@slow
 def test_readme_commands_run_in_order():
     root = fresh_clone()
     skipped = run_commands(shell_commands(open(os.path.join(root, "README.md")).read()), root)
@@ -2319,6 +2346,7 @@ def test_readme_commands_run_in_order():
     assert pools.read_meta(os.path.join(root, "out", "pools", "my_pool"))["n_rows"] == 8
 
 
+@slow
 def test_train_help_examples_run_in_order():
     """train.py --help's examples, in order, on a fresh clone."""
     import train
@@ -2625,6 +2653,7 @@ def online_rows(run, name="steps.jsonl"):
     return [{k: v for k, v in r.items() if k not in drop} for r in pools.read_jsonl(os.path.join(run, name))]
 
 
+@slow
 def test_online_run_end_to_end_kl_ratio_and_records():
     run = run_online("--steps", "3", "--inner-epochs", "2", "--eval-every", "2", "--eval-samples", "1")
     rows = pools.read_jsonl(os.path.join(run, "steps.jsonl"))
@@ -2686,6 +2715,7 @@ def test_online_micro_batches_and_checkpointing_give_the_same_step():
         assert abs(res[key]["loss"] - res["one"]["loss"]) < 1e-5
 
 
+@slow
 def test_online_kill_and_resume_equals_uninterrupted_and_damaged_checkpoint_refused():
     import torch, antipasto as ap, configs
     import train
@@ -2716,6 +2746,7 @@ def test_online_kill_and_resume_equals_uninterrupted_and_damaged_checkpoint_refu
            "--eval-samples", "1", out=part, match="state.pt cannot be used")
 
 
+@slow
 def test_online_interventions_penalty_screening_inoculation():
     import train
     base = run_online("--steps", "1")
@@ -2752,24 +2783,49 @@ def test_online_interventions_penalty_screening_inoculation():
     assert all(r["prompt"][0]["content"] == train.INOCULATION for r in st)
 
 
-def test_two_online_runs_grading_at_once_equal_a_run_alone():
-    """Two online runs generating and grading at the same time on one machine, a train.py process and
-    this one (each with its own sandbox uids), give exactly the rows of the same run alone."""
-    alone = run_online("--seed", "3")
-    argv = list(_cache["online_argv"])
-    other = os.path.join(tmpdir(), "run")
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *[x if x != alone else other for x in argv]],
-                         cwd=tmpdir(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+@slow
+def test_two_online_runs_at_once_equal_a_run_alone():
+    """Two online runs at the same time on one machine, this process and a forked one (run directories,
+    the v_hack file, SVD and grade caches side by side), give exactly the rows of the same run alone.
+    (The tiny model's rollouts hold no code, so their grading never reaches the sandbox: graders at
+    once are test_two_grader_processes_at_once and test_forked_grader_takes_its_own_uids.)"""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                 # all three runs at one thread count (a fork keeps only one)
     try:
-        t = time.time()
-        while not os.path.exists(os.path.join(other, ".lock")) and p.poll() is None and time.time() - t < 120:
-            time.sleep(0.02)                       # its imports done: it is about to generate and grade
-        assert p.poll() is None, p.communicate()[0][-2000:]
-        here = run_online("--seed", "3", out=os.path.join(tmpdir(), "run"))
-        log = p.communicate(timeout=600)[0]
+        two_runs_at_once()
     finally:
-        p.kill()
-    assert p.returncode == 0, log[-2000:]
+        torch.set_num_threads(threads)
+
+
+def two_runs_at_once():
+    import contextlib, io, torch
+    alone = run_online("--seed", "3")
+    other, here = os.path.join(tmpdir(), "run"), os.path.join(tmpdir(), "run")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                          # the other run: report its span, never return
+        ok, inherited, t0 = False, len(_cache["tmpdirs"]), time.time()
+        try:
+            os.close(r)
+            torch.set_num_threads(1)     # the parent's OpenMP threads do not survive a fork: never wait on them
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                run_online("--seed", "3", out=other)
+            ok = True
+        finally:
+            os.write(w, json.dumps([ok, t0, time.time()]).encode())
+            sandbox.close_templates()
+            for d in _cache["tmpdirs"][inherited:]:
+                shutil.rmtree(d, ignore_errors=True)
+            os._exit(0)
+    os.close(w)
+    t0 = time.time()
+    run_online("--seed", "3", out=here)
+    t1 = time.time()
+    with os.fdopen(r) as f:
+        ok, c0, c1 = json.loads(f.read() or "[false, 0, 0]")
+    os.waitpid(pid, 0)
+    assert ok and c0 < t1 and t0 < c1, (ok, c0, c1, t0, t1)          # it ran, and the runs overlapped
     for out in (other, here):
         assert online_rows(out) == online_rows(alone)
         assert [r["label"] for r in pools.read_pool(os.path.join(out, "rollouts", "student"))] == \
@@ -3374,36 +3430,60 @@ def run_test(name):
 
 def warm_up():
     """What every test shares and no test writes into, made once before the workers fork: the
-    transformers imports (seconds each time) and the demo pools."""
-    import transformers
-    transformers.Qwen3ForCausalLM, transformers.PreTrainedTokenizerFast   # noqa: B018 - lazy imports
-    problems(True), problems(False), demo_pools(), short_problems()
+    transformers imports (seconds each time) and the demo pools. Where it fails, each test makes (or
+    fails on) what it needs itself."""
+    import traceback
+    try:
+        import transformers
+        transformers.Qwen3ForCausalLM, transformers.PreTrainedTokenizerFast   # noqa: B018 - lazy imports
+        problems(True), problems(False), demo_pools(), short_problems()
+    except (Exception, SystemExit):
+        print("warm-up failed (each test makes what it needs):\n" + traceback.format_exc(), file=sys.stderr, flush=True)
 
 
 def worker(names_fd, results_fd, closing):
     """A forked worker: runs the tests named one per line on names_fd (until an empty line), answers
-    one JSON line [name, ok, seconds, traceback] each on results_fd, removes its own temp dirs."""
-    for fd in closing:
-        os.close(fd)
-    inherited = len(_cache.get("tmpdirs", []))
-    with os.fdopen(names_fd) as names, os.fdopen(results_fd, "w") as out:
-        for line in names:
-            if not line.strip():
-                break
-            out.write(json.dumps([line.strip(), *run_test(line.strip())]) + "\n")
-            out.flush()
-    for d in _cache.get("tmpdirs", [])[inherited:]:
-        shutil.rmtree(d, ignore_errors=True)
-    os._exit(0)
+    one JSON line [name, ok, seconds, traceback] each on results_fd; never returns into the parent's
+    code, and leaves no temp dir or sandbox template of its own behind."""
+    status, inherited = 1, len(_cache.get("tmpdirs", []))
+    try:
+        for fd in closing:
+            os.close(fd)
+        with os.fdopen(names_fd) as names, os.fdopen(results_fd, "w") as out:
+            for line in names:
+                if not line.strip():
+                    break
+                res = run_test(line.strip())
+                sys.stdout.flush(), sys.stderr.flush()
+                out.write(json.dumps([line.strip(), *res]) + "\n")
+                out.flush()
+        status = 0
+    finally:
+        try:
+            sandbox.close_templates()
+            for d in _cache.get("tmpdirs", [])[inherited:]:
+                shutil.rmtree(d, ignore_errors=True)
+            sys.stdout.flush(), sys.stderr.flush()
+        finally:
+            os._exit(status)
 
 
 def run_parallel(names, jobs, report):
     """Tests spread over `jobs` forked workers, each handed the next test when it finishes one (each
-    worker keeps its own cache of shared runs). A worker that dies fails the test it was running."""
+    worker keeps its own cache of shared runs). A worker that dies fails the test it was running; one
+    that dies between tests fails the run, naming the test it ran last."""
     import select
     warm_up()
-    todo, busy = list(names), {}                 # results file -> (pid, names file, test)
+    todo, busy, last = list(names), {}, {}       # busy: results file -> (pid, names file, test)
     parent_fds = []
+
+    def hand(res, pid, to):
+        busy[res] = (pid, to, todo.pop(0))
+        try:
+            to.write(busy[res][2] + "\n")
+            to.flush()
+        except OSError:
+            pass                                 # the worker is gone: its results file says so next
     for _ in range(min(jobs, len(todo))):
         nr, nw = os.pipe()
         rr, rw = os.pipe()
@@ -3413,23 +3493,24 @@ def run_parallel(names, jobs, report):
             worker(nr, rw, [nw, rr] + parent_fds)
         os.close(nr), os.close(rw)
         parent_fds += [nw, rr]
-        to, res = os.fdopen(nw, "w"), os.fdopen(rr)
-        busy[res] = (pid, to, todo.pop(0))
-        to.write(busy[res][2] + "\n")
-        to.flush()
+        hand(os.fdopen(rr), pid, os.fdopen(nw, "w"))
     try:
         while busy:
             for res in select.select(list(busy), [], [])[0]:
                 pid, to, name = busy.pop(res)
                 line = res.readline()
-                if line:
-                    report(*json.loads(line))
+                try:
+                    got = json.loads(line) if line else None
+                except ValueError:
+                    got = None
+                if got:
+                    report(*got)
+                    last[pid] = name
                 else:
-                    report(name, False, 0.0, f"the worker running {name} died (pid {pid})\n")
-                if line and todo:
-                    busy[res] = (pid, to, todo.pop(0))
-                    to.write(busy[res][2] + "\n")
-                    to.flush()
+                    report(name, False, 0.0, f"the worker running {name} died (pid {pid}"
+                           + (f"; its previous test was {last[pid]}" if pid in last else "") + ")\n")
+                if got and todo:
+                    hand(res, pid, to)
                     continue
                 try:
                     to.write("\n")
@@ -3437,7 +3518,9 @@ def run_parallel(names, jobs, report):
                 except OSError:
                     pass
                 res.close()
-                os.waitpid(pid, 0)
+                status = os.waitpid(pid, 0)[1]
+                if got and status:
+                    report(f"(worker {pid} after {name})", False, 0.0, f"the worker exited with status {status}\n")
         for name in todo:                        # every worker died before these ran
             report(name, False, 0.0, "not run: no worker left\n")
     finally:
@@ -3447,15 +3530,26 @@ def run_parallel(names, jobs, report):
 
 def _main():
     """python test_core.py [-j N] [NAME-PART ...]: the tests whose names contain a NAME-PART (all by
-    default) on N forked workers (default: the cores, at most 4; -j 1 runs them in this process)."""
-    args, jobs = sys.argv[1:], min(os.cpu_count() or 1, 4) if hasattr(os, "fork") else 1
-    if "-j" in args:
-        i = args.index("-j")
-        if i + 1 >= len(args) or not args[i + 1].isdigit() or int(args[i + 1]) < 1:
-            raise SystemExit("error: -j takes a number of workers >= 1")
-        jobs, args = int(args[i + 1]), args[:i] + args[i + 2:]
+    default) on N forked workers (default: the cores, at most 4, for the whole suite; 1 worker, this
+    process, when names are given). Workers run torch on one thread each; -j 1 runs the suite at
+    torch's default thread count."""
+    args, jobs = sys.argv[1:], None
+    if any(a.startswith("-j") for a in args):
+        i = next(k for k, a in enumerate(args) if a.startswith("-j"))
+        val = args[i][2:] or (args[i + 1] if i + 1 < len(args) else "")
+        if not val.isdigit() or int(val) < 1:
+            raise SystemExit("error: -j takes a number of workers >= 1, e.g. -j 2")
+        jobs, args = int(val), args[:i] + args[i + (1 if args[i][2:] else 2):]
+    bad = [a for a in args if a.startswith("-")]
+    if bad:
+        raise SystemExit(f"error: {bad[0]}: not an option (usage: python test_core.py [-j N] [NAME-PART ...])")
     names = [k for k, v in globals().items() if k.startswith("test_") and callable(v)
              and (not args or any(o in k for o in args))]
+    if not names:
+        raise SystemExit(f"error: no test name contains any of {args}")
+    if jobs is None:
+        jobs = 1 if args or not hasattr(os, "fork") else min(os.cpu_count() or 1, 4)
+    jobs = min(jobs, len(names))
     counts, t_all = [0, 0], time.time()
 
     def report(name, ok, seconds, tb):
@@ -3464,7 +3558,6 @@ def _main():
         if tb:
             print(tb, end="", file=sys.stderr, flush=True)
 
-    jobs = max(1, min(jobs, len(names)))
     if jobs == 1:
         for name in names:
             report(name, *run_test(name))
@@ -3474,7 +3567,7 @@ def _main():
         os.environ["OMP_NUM_THREADS"] = "1"
         import torch
         torch.set_num_threads(1)
-        run_parallel(names, jobs, report)
+        run_parallel(sorted(names, key=lambda n: not getattr(globals()[n], "slow", False)), jobs, report)
     for d in _cache.get("tmpdirs", []):
         shutil.rmtree(d, ignore_errors=True)
     print(f"({time.time() - t_all:.0f}s, {jobs} worker{'s' if jobs > 1 else ''})")
