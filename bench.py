@@ -322,10 +322,10 @@ def weight_bytes_per_token(model, modules):
     input embedding (a row lookup), with the tensors the adapter modules' forward reads (U, Vh, delta_S
     or the LoRA knob) on top when hooked."""
     emb = model.get_input_embeddings().weight
-    own = {id(t): t for m in modules.values()
-           for k, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
-           if k != "S"}                           # SVDLinear keeps S for reference; its forward never reads it
+    own = {id(t): (k, t) for m in modules.values()
+           for k, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))}
     rest = {id(t): t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in own and t is not emb}
+    own = {i: t for i, (k, t) in own.items() if k != "S"}   # SVDLinear keeps S for reference; forward never reads it
     size = lambda ts: sum(t.numel() * t.element_size() for t in ts)
     merged = size(rest.values()) + (size([emb]) if model.get_output_embeddings().weight is emb else 0)
     return merged, merged + size(own.values())

@@ -3400,6 +3400,40 @@ def test_bf16_per_sample_grads_do_not_depend_on_slicing_both_bases():
             assert (whole[n].sum(0) - batch_grad[n]).abs().max().item() <= 0.02 * scale + 1e-6, (basis, n)
 
 
+def test_bench_generation_row_times_decode_alone_and_counts_weight_bytes():
+    """Row 3's stopwatch puts the prompt's forward call in prefill and the one-position calls in decode
+    (a single new token makes none); its bytes bound matches a count made from the unwrapped model's
+    tensors and the adapter's factor shapes; the row runs at a tiny size."""
+    import antipasto as ap, bench, configs, rollout, torch
+    model, tok = configs.tiny_qwen3()
+    plain = {id(p): p for p in list(model.parameters()) + list(model.buffers())}
+    emb = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight is emb
+    want_merged = sum(p.numel() * p.element_size() for p in plain.values() if p is not emb) + \
+        (emb.numel() * emb.element_size() if tied else 0)
+    shapes = {n: m.weight.shape for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+              and n.split(".")[-1] in configs.TARGETS}
+    mods = ap.wrap(model, cache_dir=svd_cache())
+    r = {n: min(s) for n, s in shapes.items()}
+    want_extra = sum(4 * (r[n] * (s[0] + s[1]) + r[n]) for n, s in shapes.items())     # U, Vh, delta_S float32
+    assert bench.weight_bytes_per_token(model, mods) == (want_merged, want_merged + want_extra)
+    prompts = ["def f(x):", "class Solution:"]
+    for new, has_decode in ((1, False), (4, True)):
+        spent = {"prefill": 0.0, "decode": 0.0}
+        hooks = bench.forward_stopwatch(model, "cpu", spent)
+        try:
+            rollout.sample(model, tok, prompts, 1, new, eos_ids=[-1])
+        finally:
+            for h in hooks:
+                h.remove()
+        assert spent["prefill"] > 0 and (spent["decode"] > 0) == has_decode, (new, spent)
+    res = bench.row_generation(bench.QUICK_QWEN3, 2, 4, 1, cache_dir=svd_cache())
+    for basis in ("svd", "lora"):
+        x = res[basis]
+        assert x["dec_merged"] > 0 and x["dec_hooked"] > 0 and len(x["dec_speedup"]) == 3, x
+    assert res["svd"]["bytes_ratio"] > 1.5 > res["lora"]["bytes_ratio"] > 1.0, res
+
+
 def test_bench_rounds_rotate_and_ratio_is_the_median_of_per_round_ratios():
     import bench
     calls = []
