@@ -2868,6 +2868,7 @@ def test_online_flags_checked_before_anything_is_created():
         assert not os.path.exists(out)
     for flag in (["--beta", "0.1"], ["--intervention", "penalty"], ["--dry-run"]):
         raises(SystemExit, train.get_args, flag, match="belongs to --source=online")
+    raises(SystemExit, train.get_args, ["--group", "4"], match="--group=4: belongs to --source=online")
 
 
 # ============================================================================ Phase 3: online report and the sweep

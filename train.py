@@ -46,6 +46,20 @@ EVAL_STEP = 1_000_000  # evaluation rollouts draw their randomness from step EVA
 RUN = {}             # the live run of this process: out, argv, lock (for Ctrl-C and the lock's release)
 
 
+def arg_of(key):
+    """The argparse attribute (and, dashed, the flag) that sets a config key: --group sets group_size."""
+    return "group" if key == "group_size" else key
+
+
+def flag_of(key):
+    return "--" + arg_of(key).replace("_", "-")
+
+
+def pool_name(d):
+    """A pool's name: its directory's base name (src_pool of its rows)."""
+    return os.path.basename(os.path.normpath(d))
+
+
 def get_args(argv=None):
     ap_ = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap_.add_argument
@@ -161,9 +175,8 @@ def get_args(argv=None):
                                       else key])
     args.cfg = dict(preset)
     for key in ONLINE_KEYS:                    # online flags override the preset's values
-        flag = "group" if key == "group_size" else key
-        if getattr(args, flag, None) is not None:
-            args.cfg[key] = getattr(args, flag)
+        if getattr(args, arg_of(key), None) is not None:
+            args.cfg[key] = getattr(args, arg_of(key))
     if args.save_every is not None:
         args.cfg["save_every"] = args.save_every
     args.cfg["grad_checkpointing"] = bool(args.grad_checkpointing or args.cfg.get("grad_checkpointing"))
@@ -208,12 +221,12 @@ def validate(args):
     if online:
         validate_online(args, bad)
     else:
-        given = [f"--{k.replace('_', '-')}" for k in ONLINE_KEYS + ("penalty", "monitor_acc", "teacher_dir", "workers")
-                 if getattr(args, "group" if k == "group_size" else k, None) is not None]
-        given += [f for f, on in (("--grad-checkpointing", args.grad_checkpointing), ("--dry-run", args.dry_run),
-                                  ("--intervention", args.intervention != "none")) if on]
+        given = [k for k in ONLINE_KEYS + ("penalty", "monitor_acc", "teacher_dir", "workers")
+                 if getattr(args, arg_of(k), None) is not None]
+        given += [k for k, on in (("grad_checkpointing", args.grad_checkpointing), ("dry_run", args.dry_run),
+                                  ("intervention", args.intervention != "none")) if on]
         if given:
-            bad(given[0], getattr(args, given[0][2:].replace("-", "_"), None), "belongs to --source=online")
+            bad(flag_of(given[0]), getattr(args, arg_of(given[0])), "belongs to --source=online")
     if args.save_every is not None and args.save_every < 1:
         bad("--save-every", args.save_every, "must be an integer >= 1")
     if args.steps < 1:
@@ -259,7 +272,7 @@ def validate_online(args, bad):
         bad("--loss-mode", args.loss_mode, "online training is GRPO (the NLL probe replays pools)")
     for key, low in (("group_size", 2), ("prompts_per_step", 1), ("inner_epochs", 1), ("eval_samples", 1)):
         if not (isinstance(c[key], int) and c[key] >= low):
-            bad("--" + ("group" if key == "group_size" else key.replace("_", "-")), c[key], f"must be an integer >= {low}")
+            bad(flag_of(key), c[key], f"must be an integer >= {low}")
     if not (isinstance(c["mix"], int) and 0 <= c["mix"] < c["group_size"]):
         bad("--mix", c["mix"], f"must be an integer in [0, G-1] = [0, {c['group_size'] - 1}] (rows per group)")
     if not isinstance(c["eval_every"], int) or c["eval_every"] < 0:
@@ -272,7 +285,7 @@ def validate_online(args, bad):
                               "a number >= 0 (0: greedy)"),
                              ("top_p", 0 < c["top_p"] <= 1, "a number in (0, 1]")):
         if not ok:
-            bad("--" + key.replace("_", "-"), c[key], f"must be {allowed}")
+            bad(flag_of(key), c[key], f"must be {allowed}")
     if c["temperature"] != 1.0 or c["top_p"] != 1.0:
         bad("--temperature" if c["temperature"] != 1.0 else "--top-p", c["temperature"] if c["temperature"] != 1.0
             else c["top_p"], "online training samples at temperature 1 and top-p 1: the generation-time log-probs "
@@ -293,7 +306,7 @@ def validate_online(args, bad):
             "belongs to --intervention=penalty (and --monitor-acc also to screening)")
     for key in ("micro_batch", "gen_batch"):
         if c.get(key) is not None and not (isinstance(c[key], int) and c[key] >= 1):
-            bad("--" + key.replace("_", "-"), c[key], "must be an integer >= 1")
+            bad(flag_of(key), c[key], "must be an integer >= 1")
     if args.workers is not None and args.workers < 1:
         bad("--workers", args.workers, "must be an integer >= 1")
     for flag, path in (("--problems", c["problems"]), ("--eval-problems", c["eval_problems"])):
@@ -712,19 +725,18 @@ def ensure_demo(dirs):
 def read_pools(args, replay_dirs, pair_dirs):
     """({pool: rows to train on}, extraction pairs, their description). The last
     --extract-frac steps of each pair pool build v_hack; a pool that is also trained on loses them."""
-    name = lambda d: os.path.basename(os.path.normpath(d))
     try:
-        pool_rows = {name(d): pools.read_pool(d) for d in replay_dirs}
-        pair_rows = {name(d): pools.read_pool(d) for d in pair_dirs}
-        args.metas = {name(d): pools.read_meta(d) for d in replay_dirs + pair_dirs}   # every pool says its source
+        pool_rows = {pool_name(d): pools.read_pool(d) for d in replay_dirs}
+        pair_rows = {pool_name(d): pools.read_pool(d) for d in pair_dirs}
+        args.metas = {pool_name(d): pools.read_meta(d) for d in replay_dirs + pair_dirs}   # every pool says its source
     except pools.DataError as e:
         raise SystemExit(f"error: {e}")
     if len(pool_rows) != len(replay_dirs) or len(pair_rows) != len(pair_dirs):
         raise SystemExit("error: two pools share a directory name; src_pool would be ambiguous")
     pair_abs = {os.path.abspath(d) for d in pair_dirs}
-    held = [r for d in pair_dirs for r in split_pool(pair_rows[name(d)], args.extract_frac)[1]]
-    rows = {name(d): split_pool(pool_rows[name(d)], args.extract_frac)[0] if os.path.abspath(d) in pair_abs
-            else pool_rows[name(d)] for d in replay_dirs}
+    held = [r for d in pair_dirs for r in split_pool(pair_rows[pool_name(d)], args.extract_frac)[1]]
+    rows = {pool_name(d): split_pool(pool_rows[pool_name(d)], args.extract_frac)[0] if os.path.abspath(d) in pair_abs
+            else pool_rows[pool_name(d)] for d in replay_dirs}
     if args.pairs:
         pairs, pairs_src = read_pairs_file(args.pairs), f"file:{os.path.abspath(args.pairs)}"
     else:
@@ -732,7 +744,7 @@ def read_pools(args, replay_dirs, pair_dirs):
             mechanism_pairs if args.pair_kind == "mechanism" else pool_pairs
         pairs = make_pairs(held)
         pairs_src = (f"{make_pairs.__name__} from the last {args.extract_frac:g} of the steps of "
-                     f"{[name(d) for d in pair_dirs]}")
+                     f"{[pool_name(d) for d in pair_dirs]}")
     return rows, pairs, pairs_src
 
 
@@ -829,7 +841,6 @@ def run_probe(argv):
     widths = [m.null_width for m in modules.values()]
     params = [ap.knob(m) for m in modules.values()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    name = lambda d: os.path.basename(os.path.normpath(d))
     trained_dirs = S["teacher_dirs"] if online else S["replay_dirs"]
     config = dict(cfg, arm=args.arm, loss_mode=args.loss_mode, steps=args.steps, seed=args.seed, lr=args.lr,
                   model=args.model, k=args.k, control=args.control, basis=args.basis, lora_rank=args.lora_rank,
@@ -848,9 +859,9 @@ def run_probe(argv):
                versions=dict(python=platform.python_version(), torch=torch.__version__,
                              transformers=__import__("transformers").__version__, grader=pools.GRADER_VERSION),
                v_hack=vmeta, basis_fingerprint=ap.fingerprint(modules),
-               pools={name(d): dict(dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d),
-                                    meta=args.metas[name(d)]) for d in trained_dirs},
-               pair_pools={name(d): dict(dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d))
+               pools={pool_name(d): dict(dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d),
+                                    meta=args.metas[pool_name(d)]) for d in trained_dirs},
+               pair_pools={pool_name(d): dict(dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d))
                            for d in S["pair_dirs"]},
                null=dict(cos_sd=ap.null_cos_sd(widths), module_widths=widths))
     if not online:
