@@ -1996,6 +1996,18 @@ def quiet_call(fn, *a, **kw):
     return res, out.getvalue(), err.getvalue()
 
 
+def without_matplotlib(fn, *a):
+    """fn(*a)'s result or SystemExit (quiet_call), run as if matplotlib were not installed."""
+    saved = sys.modules.get("matplotlib")
+    sys.modules["matplotlib"] = None
+    try:
+        return quiet_call(fn, *a)[0]
+    finally:
+        sys.modules.pop("matplotlib")
+        if saved is not None:
+            sys.modules["matplotlib"] = saved
+
+
 def test_train_run_lock_refuses_second_run():
     import train
     out = os.path.join(tmpdir(), "run")
@@ -2233,14 +2245,7 @@ def test_analyze_plot_and_missing_matplotlib():
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 20000
     except ImportError:
         print("  (matplotlib not installed: only the missing-matplotlib message is tested)")
-    saved = sys.modules.get("matplotlib")
-    sys.modules["matplotlib"] = None               # as if it were not installed
-    try:
-        e, _, _ = quiet_call(analyze.main, runs + ["--plot", png + "2"])
-    finally:
-        sys.modules.pop("matplotlib")
-        if saved is not None:
-            sys.modules["matplotlib"] = saved
+    e = without_matplotlib(analyze.main, runs + ["--plot", png + "2"])
     assert isinstance(e, SystemExit) and "pip install matplotlib" in str(e) and not os.path.exists(png + "2")
 
 
@@ -3042,14 +3047,7 @@ def test_phase3_plot_and_missing_matplotlib():
     xs, mix = A.label_mix(A.load_online(dirs[0]))
     assert xs == [0, 1, 2, 3, 4] and mix["hack"][2] == 0.9 and mix["correct"][0] == 0.3
     assert all(abs(sum(m[k] for m in mix.values()) - 1) < 1e-12 for k in range(5))
-    saved = sys.modules.get("matplotlib")
-    sys.modules["matplotlib"] = None
-    try:
-        e, _, _ = quiet_call(A.main, dirs + ["--plot", png + "2"])
-    finally:
-        sys.modules.pop("matplotlib")
-        if saved is not None:
-            sys.modules["matplotlib"] = saved
+    e = without_matplotlib(A.main, dirs + ["--plot", png + "2"])
     assert isinstance(e, SystemExit) and "pip install matplotlib" in str(e) and not os.path.exists(png + "2")
 
 
