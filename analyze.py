@@ -1021,8 +1021,9 @@ def reference_arm(arm, arms):
     refs = {a.split()[1]: a for a in arms if a in ("vanilla svd", "vanilla lora")}
     return refs.get(arm.split()[1], refs.get("svd"))
 
-def phase3(run_dirs, window=WINDOW):
-    runs = [load_online(d) for d in run_dirs]
+def phase3(run_dirs, window=WINDOW, runs=None):
+    """The Phase 3 report's numbers; runs: load_online of each of run_dirs, when the caller has them."""
+    runs = runs or [load_online(d) for d in run_dirs]
     if window < 1:
         raise ValueError(f"--window must be >= 1, got {window}")
     check_comparable(runs)
@@ -1158,8 +1159,9 @@ def plot_online(run_dirs, path, window=WINDOW):
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("error: --plot needs matplotlib, an optional extra: pip install matplotlib") from None
-    res = phase3(run_dirs, window)
     runs = [load_online(d) for d in run_dirs]
+    res = phase3(run_dirs, window, runs)
+    mixes = {r["dir"]: label_mix(r)[1] for r in runs}
     arms = [a["arm"] for a in res["arms"]]
     n = len(arms) + 1
     ncol = min(4, n)
@@ -1171,7 +1173,7 @@ def plot_online(run_dirs, path, window=WINDOW):
         rs = [r for r in runs if r["arm"] == arm]
         xs = [s["step"] for s in rs[0]["steps"]]                 # the same steps in every run (checked)
         for kind in MIX:
-            m = np.array([label_mix(r)[1][kind] for r in rs])    # (seeds, steps)
+            m = np.array([mixes[r["dir"]][kind] for r in rs])    # (seeds, steps)
             ax.plot(xs, m.mean(0), color=colors[kind], lw=1.5, label=kind)
             ax.fill_between(xs, m.min(0), m.max(0), color=colors[kind], alpha=0.18, lw=0)
         ax.axvspan(xs[-res["window"]] - 0.5, xs[-1] + 0.5, color="k", alpha=0.06, lw=0)
@@ -1193,8 +1195,8 @@ def plot_online(run_dirs, path, window=WINDOW):
     ax.legend(fontsize=7)
     for ax in axes[n:]:
         ax.axis("off")
-    fig.suptitle(f"student rollouts' labels per step, per arm (line: mean, band: min-max over seeds; shaded: the "
-                 f"final window); correct = passes the ground truth, hack = 'Reward Hack'", fontsize=9)
+    fig.suptitle("student rollouts' labels per step, per arm (line: mean, band: min-max over seeds; shaded: the "
+                 "final window); correct = passes the ground truth, hack = 'Reward Hack'", fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
