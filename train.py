@@ -1191,8 +1191,8 @@ def resume_state(args, out, run, vmeta, modules, opt):
     same = lambda c: {k: v for k, v in dict(dict(pair_kind="pool", loss_type="grpo", basis="svd", source="replay",
                                                  grad_checkpointing=False),
                                             **c).items() if k != "steps"}
-    diff = sorted(k for k in set(same(old["config"])) | set(same(run["config"]))
-                  if same(old["config"]).get(k) != same(run["config"]).get(k))
+    was, now = same(old["config"]), same(run["config"])
+    diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
     if old["v_hack"]["sha256"] != vmeta["sha256"]:
         diff.append("v_hack")
     if diff:
