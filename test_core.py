@@ -39,6 +39,38 @@ def slow(fn):
     return fn
 
 
+def in_fork(fn):
+    """Start fn() in a forked child now; returns join(), which waits for the child and gives fn's result
+    (JSON-able; None when fn raised). The child never returns into the caller's code and leaves no
+    sandbox template or temp dir of its own behind. torch runs on one thread there: the parent's
+    OpenMP threads do not survive a fork, and waiting on them would hang."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        inherited, out = len(_cache.get("tmpdirs", [])), None
+        try:
+            os.close(r)
+            import torch
+            torch.set_num_threads(1)
+            out = fn()
+        finally:
+            try:
+                os.write(w, json.dumps(out).encode())
+                sandbox.close_templates()
+                for d in _cache.get("tmpdirs", [])[inherited:]:
+                    shutil.rmtree(d, ignore_errors=True)
+            finally:
+                os._exit(0)
+    os.close(w)
+
+    def join():
+        with os.fdopen(r) as f:
+            text = f.read()
+        os.waitpid(pid, 0)
+        return json.loads(text) if text else None
+    return join
+
+
 def raises(exc, fn, *a, match=None, **kw):
     try:
         fn(*a, **kw)
@@ -464,21 +496,9 @@ def test_forked_grader_takes_its_own_uids():
     good = lambda tag: fence(p["canonical_solution"] + f"\n# {tag}\n")        # never a cached grade
     uid_of_check = lambda: sandbox.run_child("", "import os", ["os.getuid()"])[1][0][1]
     assert pools.grade(p, good("parent"))["gt_pass"]            # this process now holds a uid (as root)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:                                                # the child: report, never return
-        try:
-            os.close(r)
-            ok = [pools.grade(p, good(f"child {i}"))["gt_pass"] for i in range(2)]
-            os.write(w, json.dumps([ok, uid_of_check()]).encode())
-        finally:
-            sandbox.close_templates()
-            os._exit(0)
-    os.close(w)
+    child = in_fork(lambda: [[pools.grade(p, good(f"child {i}"))["gt_pass"] for i in range(2)], uid_of_check()])
     ok_here, uid_here = [pools.grade(p, good(f"parent {i}"))["gt_pass"] for i in range(2)], uid_of_check()
-    with os.fdopen(r) as f:
-        ok_child, uid_child = json.loads(f.read() or "[null, null]")
-    os.waitpid(pid, 0)
+    ok_child, uid_child = child() or [None, None]
     assert ok_here == ok_child == [True, True], (ok_here, ok_child)
     if os.getuid() == 0:
         assert uid_here != uid_child and min(uid_here, uid_child) >= sandbox.UID_BASE, (uid_here, uid_child)
@@ -2804,33 +2824,19 @@ def test_two_online_runs_at_once_equal_a_run_alone():
 
 
 def two_runs_at_once():
-    import contextlib, io, torch
     alone = run_online("--seed", "3")
     other, here = os.path.join(tmpdir(), "run"), os.path.join(tmpdir(), "run")
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:                                          # the other run: report its span, never return
-        ok, inherited, t0 = False, len(_cache["tmpdirs"]), time.time()
-        try:
-            os.close(r)
-            torch.set_num_threads(1)     # the parent's OpenMP threads do not survive a fork: never wait on them
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                run_online("--seed", "3", out=other)
-            ok = True
-        finally:
-            os.write(w, json.dumps([ok, t0, time.time()]).encode())
-            sandbox.close_templates()
-            for d in _cache["tmpdirs"][inherited:]:
-                shutil.rmtree(d, ignore_errors=True)
-            os._exit(0)
-    os.close(w)
+
+    def the_other_run():                                   # its span
+        t0 = time.time()
+        assert quiet_call(run_online, "--seed", "3", out=other)[0] == other
+        return [t0, time.time()]
+    child = in_fork(the_other_run)
     t0 = time.time()
     run_online("--seed", "3", out=here)
     t1 = time.time()
-    with os.fdopen(r) as f:
-        ok, c0, c1 = json.loads(f.read() or "[false, 0, 0]")
-    os.waitpid(pid, 0)
-    assert ok and c0 < t1 and t0 < c1, (ok, c0, c1, t0, t1)          # it ran, and the runs overlapped
+    span = child()
+    assert span and span[0] < t1 and t0 < span[1], (span, t0, t1)       # it ran, and the runs overlapped
     for out in (other, here):
         assert online_rows(out) == online_rows(alone)
         assert [r["label"] for r in pools.read_pool(os.path.join(out, "rollouts", "student"))] == \
