@@ -388,21 +388,8 @@ def print_row3(res, where, B, new_tokens):
 
 # ----------------------------------------------------------------------------- row 4
 
-def online_available():
-    """Does train.py take --source (the online mode)?"""
-    import train
-    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            train.get_args(["--source=online", "--steps=2"])
-        except SystemExit as e:
-            return e.code in (None, 0)
-    return True
-
-
 def row_online(tmp, timeout=900):
     """Per-step gen_s / grade_s / train_s of `train.py --source=online --steps=2` (steps.jsonl)."""
-    if not online_available():
-        return "not available (train.py has no --source yet)"
     out = os.path.join(tmp, "online")
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--source=online",
            "--steps=2", "--quiet", "--out", out]
