@@ -119,15 +119,9 @@ def peak_bytes(fn, device="cpu"):
 # ----------------------------------------------------------------------------- models and batches
 
 def bench_model(shape, dtype=torch.float32, device="cpu", seed=0):
-    """A randomly initialised Qwen3 of `shape` (configs' shape keys), in eval mode."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    cfg = Qwen3Config(**dict(shape, max_position_embeddings=max(4096, shape.get("max_position_embeddings", 0))))
-    cfg._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = Qwen3ForCausalLM(cfg).to(dtype)
-    return model.eval()
+    """A randomly initialised Qwen3 of `shape` (configs' shape keys), room for 4096 positions."""
+    return configs.random_qwen3(shape, seed, dtype, device,
+                                max_position_embeddings=max(4096, shape.get("max_position_embeddings", 0)))
 
 
 def adapter(model, basis, cache_dir):

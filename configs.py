@@ -151,17 +151,24 @@ def byte_tokenizer():
     return t
 
 
-def tiny_qwen3(seed=0):
-    """(model, tokenizer): a randomly initialised 2-layer Qwen3, deterministic in `seed`."""
+def random_qwen3(shape, seed=0, dtype=None, device="cpu", **config):
+    """A randomly initialised Qwen3 of `shape` (TINY_QWEN3's / QWEN3_4B's keys; `config` adds or
+    overrides Qwen3Config fields), deterministic in `seed`, sdpa attention, in eval mode."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
-    tok = byte_tokenizer()
-    cfg = Qwen3Config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                      bos_token_id=None, **TINY_QWEN3)
+    cfg = Qwen3Config(**dict(shape, **config))
     cfg._attn_implementation = "sdpa"
-    g = torch.random.fork_rng()
-    with g:
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(cfg)
+        with torch.device(device):
+            model = Qwen3ForCausalLM(cfg)
+    return (model if dtype is None else model.to(dtype)).eval()
+
+
+def tiny_qwen3(seed=0):
+    """(model, tokenizer): a randomly initialised 2-layer Qwen3, deterministic in `seed`."""
+    tok = byte_tokenizer()
+    model = random_qwen3(TINY_QWEN3, seed, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=None)
     model.config.name_or_path = f"tiny-qwen3-seed{seed}"
-    return model.eval(), tok
+    return model, tok
