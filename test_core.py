@@ -1642,6 +1642,11 @@ def make_run(root, name, arm, *, seed=0, loss_mode="grpo", control="none", steps
             write_gz(os.path.join(d, f"step_{k:03d}.cos.jsonl.gz"), rows)
     return d
 
+def exp_of(res, name):
+    """The experiment (analyze's result) that holds the run called name."""
+    (e,) = [e for e in res["experiments"] if any(r.split(" (")[0] == name for r in e["runs"])]
+    return e
+
 def verdicts(res):
     return {v["metric"]: v["verdict"] for v in res["verification"]}
 
@@ -1683,13 +1688,15 @@ def test_three_arms_side_by_side_never_pool_bases():
             ci = [json.loads(l)["cos_in"] for l in open(os.path.join(d, "steps.jsonl"))]
             close(a["cos_in"], float(np.mean(ci)))
         # the LoRA runs never join the SVD arms: same verdicts and decision as the SVD runs alone
-        assert res["decision"] == svd_only["decision"] and res["verification"] == svd_only["verification"]
+        svd = [e for e in res["experiments"] if e["basis"] == "svd"]
+        assert "decision" not in res and len(svd) == 1 and len(res["experiments"]) == 2
+        assert svd[0]["decision"] == svd_only["decision"] and svd[0]["verification"] == svd_only["verification"]
         assert sorted((p["basis"], p["vanilla"], p["projected"]) for p in res["pairs"]) == \
             [("lora", "van_lora", "proj_lora"), ("svd", "van", "proj")]
         text = A.report([dv, dp, lv, lp])
         assert "5b. arms side by side" in text and "proj_lora" in text
         lora_only = A.analyze([lv, lp])                          # a LoRA-only analysis judges the LoRA runs
-        assert lora_only["decision_basis"] == "lora" and lora_only["decision"]["vanilla_mean_cos_in"] < 0
+        assert lora_only["experiments"][0]["basis"] == "lora" and lora_only["decision"]["vanilla_mean_cos_in"] < 0
 
 def test_decision_judges_one_experiment_and_matches_controls_within_it():
     with tempfile.TemporaryDirectory() as root:
@@ -1698,13 +1705,16 @@ def test_decision_judges_one_experiment_and_matches_controls_within_it():
         lp = make_run(root, "proj_lora", "projected", seed=1, cfg=lora)
         sr = make_run(root, "rnd_svd", "vanilla", seed=1, control="random_v", cos_in=(0.0, 0.05))
         res = A.analyze([lv, lp, sr])          # an SVD control alone must not take the decision from LoRA
-        assert res["decision_basis"] == "lora" and res["decision"]["code"] != "no_vanilla"
-        assert res["decision_runs"] == ["van_lora", "proj_lora"] and "random_v" in res["decision"]["controls_missing"]
+        svd, lo = res["experiments"]           # SVD first; each experiment judged on its own runs
+        assert lo["basis"] == "lora" and lo["decision"]["code"] != "no_vanilla"
+        assert lo["runs"] == ["van_lora (vanilla, seed 1)", "proj_lora (projected, seed 1)"]
+        assert "random_v" in lo["decision"]["controls_missing"]
+        assert svd["runs"] == ["rnd_svd (random_v, seed 1)"] and svd["decision"]["code"] == "no_vanilla"
         # a control run with other token limits is another experiment: never paired with vanilla
         v = make_run(root, "van", "vanilla", seed=2, cfg=dict(max_prompt_tokens=1280, max_completion_tokens=640))
         r = make_run(root, "rnd", "vanilla", seed=2, control="random_v", cos_in=(0.35, 0.05),
                      cfg=dict(max_prompt_tokens=128, max_completion_tokens=128))
-        d = A.analyze([v, r])["decision"]
+        d = exp_of(A.analyze([v, r]), "van")["decision"]
         assert "random_v" in d["controls_missing"] and "random_v" not in d["controls"]
         r2 = make_run(root, "rnd2", "vanilla", seed=2, control="random_v", cos_in=(0.35, 0.05),
                       cfg=dict(max_prompt_tokens=1280, max_completion_tokens=640))
@@ -1730,7 +1740,7 @@ def test_a_noisy_control_does_not_make_the_mean_near_zero():
         sh = make_run(root, "shuf", "vanilla", seed=3, control="shuffled_v", cos_in=(0.0, 0.4))
         d = A.analyze([v, r, sh])["decision"]
         assert d["band"] > 0.5                       # the noisy control widens the per-step band ...
-        assert d["mean_near0_by"] == "paired controls"
+        assert d["mean_near0_by"].startswith("not above the label-free controls on the same steps")
         # ... but the mean is judged paired: above random_v, not above the noisy shuffled_v -> no RUN
         assert d["controls"]["random_v"]["p"] < 0.05 and d["controls"]["shuffled_v"]["p"] >= 0.05
         assert d["code"] == "skip_not_above_control", d["code"]
@@ -1877,7 +1887,9 @@ def test_controls_block_run_paired_by_step():
         res = A.analyze([dv, dc2])
         assert res["decision"]["code"] == "run_justified", res["decision"]
         text = A.render(res)
-        assert text.splitlines()[0] == "DECISION: RUN Phase 3 (justified) [run_justified]; controls: shuffled_v"
+        assert " ".join(text.split("\n  because")[0].split()) == (
+            "DECISION: RUN Phase 3 (justified) [run_justified]; controls: shuffled_v; "
+            "runs: van (vanilla, seed 1), shuf2 (shuffled_v, seed 1) (svd basis)")
         assert "python train.py --arm=vanilla --control=style_v --seed=1" in text
         assert all(len(line) < 120 for line in text.splitlines()), max(text.splitlines(), key=len)
         assert text.count("cos_in_g") == 2          # the per-step table once per run, nowhere else
@@ -1904,6 +1916,105 @@ def synthetic_cos_in(kind, steps=20, n=64, seed=0):
         for key, v in (("v_hack", V), ("style_v", S), ("random_v", R)):
             out[key].append(float(batch @ v / batch.norm()))
     return out
+
+
+def test_decision_is_the_same_with_any_superset_of_unrelated_runs():
+    """A vanilla run's decision is a function of its experiment (its vanilla, projected and control runs),
+    never of which other experiments' runs are given, nor of their order."""
+    import itertools, random
+    with tempfile.TemporaryDirectory() as root:
+        mine = [make_run(root, "van", "vanilla", seed=1), make_run(root, "proj", "projected", seed=1),
+                make_run(root, "rnd", "vanilla", seed=1, control="random_v", cos_in=(0.0, 0.05))]
+        short = dict(max_prompt_tokens=128, max_completion_tokens=128)     # another experiment, more runs
+        other = [[make_run(root, "o_van", "vanilla", seed=1, cos_in=(0.0, 0.005), cfg=short),
+                  make_run(root, "o_proj", "projected", seed=1, cos_in=(0.0, 0.005), cfg=short),
+                  make_run(root, "o_rnd", "vanilla", seed=1, control="random_v", cos_in=(0.0, 0.005), cfg=short),
+                  make_run(root, "o_shuf", "vanilla", seed=1, control="shuffled_v", cos_in=(0.0, 0.005), cfg=short)],
+                 [make_run(root, "l_van", "vanilla", seed=1, cos_in=(-0.3, 0.05), cfg=dict(basis="lora", lora_rank=4))],
+                 [make_run(root, "nll", "vanilla", seed=1, loss_mode="nll")],          # Phase 1: its own verdict
+                 [make_run(root, "x_shuf", "vanilla", seed=2, control="shuffled_v", cos_in=(0.3, 0.05),
+                           cfg=dict(pair_kind="mechanism"))]]                           # an orphan control
+        alone = A.analyze(mine)["decision"]
+        assert alone["code"] == "run_justified" and list(alone["controls"]) == ["random_v"], alone["code"]
+        rng = random.Random(0)
+        for extra in (other[:1], other[1:3], other):     # a larger SVD experiment, LoRA and Phase 1, all of them
+            dirs = mine + [d for g in extra for d in g]
+            rng.shuffle(dirs)
+            res = A.analyze(dirs)
+            assert exp_of(res, "van")["decision"] == alone, [os.path.basename(d) for d in dirs]
+            assert exp_of(res, "van")["runs"] == ["van (vanilla, seed 1)", "rnd (random_v, seed 1)",
+                                                  "proj (projected, seed 1)"]
+        for e in res["experiments"]:                     # every experiment: the same answer as its runs alone
+            by_itself = A.analyze(e["dirs"])["experiments"]
+            assert len(by_itself) == 1 and by_itself[0].get("decision") == e.get("decision") \
+                and by_itself[0].get("phase1") == e.get("phase1"), e["runs"]
+        text = A.report(dirs)
+        assert text.count("DECISION: ") + text.count("PHASE 1: ") == 2 * len(res["experiments"]) == 10
+
+
+def test_duplicate_copied_identical_and_unfinished_runs():
+    with tempfile.TemporaryDirectory() as root:
+        v = make_run(root, "van", "vanilla", seed=1)
+        raises(ValueError, A.analyze, [v, os.path.join(root, ".", "van")], match="given twice")
+        cp = os.path.join(root, "van_copy")
+        shutil.copytree(v, cp)
+        raises(ValueError, A.analyze, [v, cp], match="hold the same run (identical run.json and steps.jsonl")
+        # same config, seed, pools and v_hack (here: other cos values, as on another machine): counted once
+        v2 = make_run(root, "van_again", "vanilla", seed=1)
+        res = A.analyze([v2, v])
+        assert [(r["run"], r["same_as"]) for r in res["runs"]] == [("van", ["van_again"])]
+        assert res["decision"]["n_steps"] == 20 and "counted once: van_again is the same run" in A.render(res)
+        assert res["decision"] == A.analyze([v])["decision"]
+        # a run stopped at 3 of its 20 steps is refused, whatever else is given
+        part = make_run(root, "part", "vanilla", seed=4)
+        lines = open(os.path.join(part, "steps.jsonl")).readlines()
+        open(os.path.join(part, "steps.jsonl"), "w").writelines(lines[:3])
+        raises(ValueError, A.analyze, [v, part], match="part: unfinished (3 of 20 steps)")
+        e = quiet_call(A.main, [v, part])[0]
+        assert isinstance(e, SystemExit) and "unfinished (3 of 20 steps)" in str(e) and "\n" not in str(e)
+
+
+def test_near_zero_mean_is_two_sd_of_the_mean():
+    """Without controls, "≈ 0" for the mean is 2 sd of an n-step mean of the isotropic null (README), not
+    2 sd of one step; the reason says which, with the number the evidence prints."""
+    with tempfile.TemporaryDirectory() as root:
+        n, sd = 20, 0.02
+        seq = [0.02 + (0.003 if k % 2 else -0.003) for k in range(n)]      # mean 0.02: 4.5 sd of the mean
+        d = A.analyze([make_run(root, "van", "vanilla", cos_in_seq=seq, null_sd=sd)])["decision"]
+        sem = sd / math.sqrt(n)
+        close(d["mean_band"], 2 * sem)
+        assert abs(np.mean(seq)) / sem > 4 and abs(np.mean(seq)) < 2 * sd      # within one step's band ...
+        assert d["code"] == "run_weak", d["code"]                              # ... but not ≈ 0 as a mean
+        assert f"{2 * sem:.4f} = 2 sd of a 20-step mean" in d["why"] and "≈ 0" not in d["why"].split("not ≈ 0")[0]
+        small = [x - 0.02 + 0.001 for x in seq]                                # mean 0.001: 0.2 sd of the mean
+        d = A.analyze([make_run(root, "van_small", "vanilla", cos_in_seq=small, null_sd=sd, teacher=(0.0, 0.1),
+                                base=(0.0, 0.1))])["decision"]
+        assert d["code"] == "skip_orthogonal" and "≈ 0 (|mean| < " in d["why"], (d["code"], d["why"])
+
+
+def test_phase1_run_gets_a_phase1_verdict():
+    from collections import defaultdict
+    with tempfile.TemporaryDirectory() as root:
+        d = make_run(root, "nll", "vanilla", loss_mode="nll", teacher=(0.5, 0.1), base=(0.0, 0.1))
+        samples = A.load_run(d)["samples"]
+        for pure, code in (("teacher_pool", "phase1_pure_above_mixed"), ("base_pool", "phase1_reversed")):
+            labels = {(s["src_pool"], s["src_step"], s["src_sample"]):
+                      A.PURE_HACK if s["src_pool"] == pure else A.HACK_CORRECT for s in samples}
+            res = A.analyze([d], labels=labels)
+            (e,) = res["experiments"]
+            p = e["phase1"]
+            assert "decision" not in e and "decision" not in res and p["code"] == code, p
+            # each completion once, its mean over repeats: by hand
+            by = defaultdict(list)
+            for s in samples:
+                by[(s["src_pool"], s["src_step"], s["src_sample"])].append(s["cos_S_contrib"])
+            close(p["headline"]["mean1"], np.mean([np.mean(v) for k, v in by.items() if k[0] == pure]))
+            text = A.render(res)
+            assert text.startswith(f"PHASE 1: ") and f"[{code}]" in text.splitlines()[0] and "no_vanilla" not in text
+            assert "sign: cos > 0 means" in text and "per-sample cos_S_contrib by label" in text
+        one = {k: A.PURE_HACK for k in labels}                 # no mixed rows: the comparison is n/a, said so
+        p = A.analyze([d], labels=one)["experiments"][0]["phase1"]
+        assert p["code"] == "phase1_no_labels" and "needs both" in p["why"]
 
 
 def test_style_only_pools_are_not_aligned_with_the_hack():
@@ -1999,7 +2110,7 @@ def test_cli_json_parses():
         assert set(res) >= {"verification", "trajectories", "buckets", "phase1", "pairs", "decision"}
         assert res["decision"]["rule"] == "RUN Phase 3 (justified)"
         out = subprocess.run([sys.executable, os.path.join(HERE, "analyze.py"), dv], capture_output=True, text=True)
-        assert out.returncode == 0 and "== 6. Phase 3 decision ==" in out.stdout, out.stderr
+        assert out.returncode == 0 and "== 6. Phase 3 decision, one per experiment" in out.stdout, out.stderr
 
 
 # ============================================================================ using it: CLI, locks, README
@@ -2261,12 +2372,59 @@ def test_analyze_plot_and_missing_matplotlib():
     try:
         import matplotlib  # noqa: F401
         res, stdout, err = quiet_call(analyze.main, runs + ["--plot", png])
-        assert res is None and "== 6. Phase 3 decision ==" in stdout and f"plot: {png}" in err
+        assert res is None and "== 6. Phase 3 decision, one per experiment" in stdout and f"plot: {png}" in err
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 20000
     except ImportError:
         print("  (matplotlib not installed: only the missing-matplotlib message is tested)")
-    e = without_matplotlib(analyze.main, runs + ["--plot", png + "2"])
-    assert isinstance(e, SystemExit) and "pip install matplotlib" in str(e) and not os.path.exists(png + "2")
+    png2 = os.path.join(root, "p2.png")
+    e = without_matplotlib(analyze.main, runs + ["--plot", png2])
+    assert isinstance(e, SystemExit) and "pip install matplotlib" in str(e) and not os.path.exists(png2)
+    # a path that cannot be written is refused first, in one line, before the report is printed
+    for bad, msg in (("/nonexistent/dir/x.png", "/nonexistent/dir is not a writable directory"),
+                     (os.path.join(root, "x.txt"), "name a .png file")):
+        e, stdout, err = quiet_call(analyze.main, runs + ["--plot", bad])
+        assert isinstance(e, SystemExit) and str(e) == f"error: --plot {bad}: {msg}" and stdout == "", (e, stdout)
+
+
+def test_analyze_plot_shows_what_the_decision_uses():
+    """The per-sample panels plot the advantage-free cosine the decision tests (and, labelled, the
+    advantage-signed one); legends sit outside the axes; step ticks are integers; a curve identical to
+    another run's says so."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("  (matplotlib not installed: skipped)")
+        return
+    import analyze
+    root = tmpdir()
+    seq = [0.1 * (k % 3) for k in range(20)]
+    runs = [make_run(root, "van", "vanilla", cos_in_seq=seq), make_run(root, "proj", "projected", cos_in_seq=seq)]
+    figs, save = [], Figure.savefig
+    Figure.savefig = lambda self, *a, **k: figs.append(self)
+    try:
+        analyze.plot(runs, os.path.join(root, "p.png"))
+    finally:
+        Figure.savefig = save
+    axes = figs[0].get_axes()
+    assert all(ax.get_legend() is None for ax in axes)                      # no legend inside an axes
+    legend = [t.get_text() for sub in figs[0].subfigs for lg in sub.legends for t in lg.get_texts()]
+    assert any("van (vanilla" in t and "= proj: identical, drawn on top" in t for t in legend), legend
+    top = [ax for ax in axes if ax.get_title().startswith("cos_in per step")][0]
+    assert all(float(t).is_integer() for t in top.get_xticks())
+    by_title = {ax.get_title(): ax for ax in axes}
+    for name, d in zip(("van", "proj"), runs):
+        samples = [json.loads(line) for k in range(20)
+                   for line in gzip.open(os.path.join(d, f"step_{k:03d}.cos.jsonl.gz"), "rt")]
+        want = []                                   # cos_S_contrib x sign(reward - the step's mean reward), by hand
+        for k in range(20):
+            rows = [r for r in samples if r["step"] == k]
+            m = sum(r["reward"] for r in rows) / len(rows)
+            want += [r["cos_S_contrib"] * (1 if r["reward"] > m else -1) for r in rows]
+        got = [y for c in by_title[f"{name}: cos_adv_free"].collections for y in c.get_offsets()[:, 1]]
+        assert len(got) == len(want) == 160 and np.allclose(sorted(got), sorted(want)), (len(got), len(want))
+        assert f"{name}: cos_S_contrib" in by_title
 
 
 def shell_commands(text, fenced=True):
@@ -3006,8 +3164,18 @@ def test_phase3_refuses_what_it_cannot_compare():
     import analyze as A
     root = tmpdir()
     dirs = phase3_runs(root)
-    e = raises(ValueError, A.phase3, dirs[:-1], match="different numbers of seeds")
-    assert "projected lora: 2" in str(e)
+    res = A.phase3(dirs[:-1], window=2)           # a stopped grid (lora lacks seed 2): reported, not refused
+    assert res["not_run"] == [dict(arm="projected lora", seeds=[2])] and res["stopped"] is None
+    c = {x["arm"]: x for x in res["comparisons"]}
+    close(c["projected lora"]["test"]["mean_diff"], ((0.7 - 0.8) + (0.5 - 0.7)) / 2)   # seeds 0 and 1 only
+    assert c["projected lora"]["test"]["n"] == 2 and c["projected svd"]["test"]["n"] == 3
+    sweep = tmpdir()                                # a sweep's layout: sweep.json beside its runs/
+    stopped = phase3_runs(os.path.join(sweep, "runs"))[:-1]
+    with open(os.path.join(sweep, "sweep.json"), "w") as f:
+        json.dump(dict(last=dict(stopped="no separation after 3 seeds")), f)
+    text = A.render_phase3(A.phase3(stopped, window=2))
+    text = " ".join(text.split())
+    assert "not run: projected lora seeds [2]" in text and "stopped because no separation after 3 seeds" in text
     other = make_online_run(root, "x_preset", [0] * 5, [0] * 5, seed=3, cfg=dict(preset="full"))
     raises(ValueError, A.phase3, dirs + [other], match="differ in preset")
     short = make_online_run(root, "x_steps", [0] * 4, [0] * 4, seed=3)
@@ -3035,7 +3203,7 @@ def test_phase3_refuses_what_it_cannot_compare():
     res, out, _ = quiet_call(A.main, dirs + ["--json", "--window", "2"])
     assert res is None and json.loads(out)["phase3"]["comparisons"][0]["test"]["df"] == 2
     res, out, _ = quiet_call(A.main, [replay])                     # the replay report is unchanged
-    assert res is None and "== 6. Phase 3 decision ==" in out
+    assert res is None and "== 6. Phase 3 decision, one per experiment" in out
 
 
 def test_phase3_plot_and_missing_matplotlib():
