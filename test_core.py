@@ -14,6 +14,7 @@ import numpy as np
 import antipasto  # noqa: F401 - imported before torch: pins MKL's reproducible CPU mode
 import pools
 import sandbox
+from train import RunError   # what train.main raises for a refused run (the command line prints it)
 
 FIXTURE = os.path.join(HERE, "data", "fixture_problems.jsonl")
 _cache = {}
@@ -1288,7 +1289,7 @@ def test_train_arms_share_samples_and_slim_schema_has_no_text():
 @slow
 def test_train_same_seed_byte_identical_and_refuses_overwrite():
     a = run_train("--arm", "projected")
-    raises(SystemExit, run_train, "--arm", "projected", out=a, match="--overwrite")
+    raises(RunError, run_train, "--arm", "projected", out=a, match="--overwrite")
     b = shared_run("--arm", "projected")
     for f in os.listdir(a):
         if f.endswith(".cos.jsonl.gz"):
@@ -1313,7 +1314,7 @@ def test_train_resume_continues_to_same_result():
     drop = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
     load = lambda d: [json.loads(l) for l in open(os.path.join(d, "steps.jsonl"))]
     assert drop(load(full)) == drop(load(part)) and len(load(part)) == 3
-    raises(SystemExit, run_train, "--arm", "projected", "--steps", "4", "--resume", "--lr", "0.5", out=part,
+    raises(RunError, run_train, "--arm", "projected", "--steps", "4", "--resume", "--lr", "0.5", out=part,
            match="another config")
 
 
@@ -1327,27 +1328,27 @@ def test_train_project_moments_makes_update_hack_free():
 
 def test_train_single_pool_needs_pair_source_and_overwrite_keeps_refused():
     teacher, base = demo_pools()
-    raises(SystemExit, run_train, "--loss-mode", "nll", "--replay-dirs", teacher, "--per-pool", "8",
+    raises(RunError, run_train, "--loss-mode", "nll", "--replay-dirs", teacher, "--per-pool", "8",
            match="--pair-dirs")
     out = run_train("--loss-mode", "nll", "--replay-dirs", teacher, "--per-pool", "8", "--pair-dirs", f"{teacher},{base}")
     run = json.load(open(os.path.join(out, "run.json")))
     assert set(run["pair_pools"]) == {"teacher_pool", "base_pool"} and run["config"]["loss_mode"] == "nll"
     before = open(os.path.join(out, "steps.jsonl")).read()
     # a refused --overwrite (here: v_hack built from replayed completions) leaves the old run in place
-    raises(SystemExit, run_train, "--loss-mode", "nll", "--replay-dirs", teacher, "--per-pool", "8",
+    raises(RunError, run_train, "--loss-mode", "nll", "--replay-dirs", teacher, "--per-pool", "8",
            "--pair-dirs", f"{teacher},{base}", "--extract-frac", "0", "--overwrite", out=out, match="extracted from")
     assert open(os.path.join(out, "steps.jsonl")).read() == before
-    raises(SystemExit, run_train, "--overwrite", "--resume", out=out, match="contradict")
+    raises(RunError, run_train, "--overwrite", "--resume", out=out, match="contradict")
 
 
 def test_train_refuses_mismatched_v_hack_and_non_run_overwrite():
     shared_run("--arm", "vanilla")                                  # makes the shared v_hack (k=1, nll)
-    raises(SystemExit, run_train, "--arm", "vanilla", "--k", "2", match="this run asks for")
-    e = raises(SystemExit, run_train, "--arm", "vanilla", "--max-completion-tokens", "64", match="this run asks for")
+    raises(RunError, run_train, "--arm", "vanilla", "--k", "2", match="this run asks for")
+    e = raises(RunError, run_train, "--arm", "vanilla", "--max-completion-tokens", "64", match="this run asks for")
     assert "max_tokens" in str(e)                                  # a named v_hack of other token limits
     d = tmpdir()
     open(os.path.join(d, "keep.txt"), "w").write("not a run")
-    raises(SystemExit, run_train, "--arm", "vanilla", "--overwrite", out=d, match="only replaces a run directory")
+    raises(RunError, run_train, "--arm", "vanilla", "--overwrite", out=d, match="only replaces a run directory")
     assert os.path.exists(os.path.join(d, "keep.txt"))
 
 
@@ -1365,8 +1366,8 @@ def test_train_lora_basis_runs_and_refuses_a_v_hack_of_another_basis():
     close(run["null"]["cos_sd"], math.sqrt(sum(1 / (o * 4) for o in outs)) / len(outs))
     st = torch.load(os.path.join(out, "state.pt"), weights_only=False)
     assert all(torch.count_nonzero(v[-32 * 4:]) > 0 for v in st["knobs"].values())   # B (>= 32 x 4) moved
-    raises(SystemExit, run_train, "--arm", "vanilla", "--v-hack", v_lora, match="'lora' basis")
-    raises(SystemExit, run_train, "--lora-rank", "4", match="--basis=lora")
+    raises(RunError, run_train, "--arm", "vanilla", "--v-hack", v_lora, match="'lora' basis")
+    raises(RunError, run_train, "--lora-rank", "4", match="--basis=lora")
 
 
 def test_train_zero_variance_group_is_skipped():
@@ -1389,7 +1390,7 @@ def test_train_zero_variance_group_is_skipped():
 
 def test_train_refuses_v_hack_built_on_replayed_samples():
     shared_run("--arm", "vanilla")                                             # v_hack from held-out steps
-    raises(SystemExit, run_train, "--arm", "vanilla", "--extract-frac", "0", match="extracted from")
+    raises(RunError, run_train, "--arm", "vanilla", "--extract-frac", "0", match="extracted from")
 
 
 def test_train_corrupt_pool_fails_with_path():
@@ -1399,7 +1400,7 @@ def test_train_corrupt_pool_fails_with_path():
     path = pools.step_path(d, 4)
     raw = open(path, "rb").read()
     open(path, "wb").write(raw[: len(raw) - 40])
-    raises(SystemExit, run_train, "--replay-dirs", f"{d},{base}", match=path)
+    raises(RunError, run_train, "--replay-dirs", f"{d},{base}", match=path)
 
 
 def test_train_counts_truncation_and_demo_limits_cut_nothing():
@@ -2116,13 +2117,13 @@ def test_cli_json_parses():
 # ============================================================================ using it: CLI, locks, README
 
 def quiet_call(fn, *a, **kw):
-    """(result or SystemExit, stdout, stderr) of fn(*a) with both streams captured (not terminals)."""
+    """(result or SystemExit / RunError, stdout, stderr) of fn(*a) with both streams captured (not terminals)."""
     import contextlib, io
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             res = fn(*a, **kw)
-        except SystemExit as e:
+        except (SystemExit, RunError) as e:
             res = e
     return res, out.getvalue(), err.getvalue()
 
@@ -2146,7 +2147,7 @@ def test_train_run_lock_refuses_second_run():
     holder = train.RUN.pop("lock")
     try:
         for extra in ([], ["--overwrite"], ["--resume"]):
-            e = raises(SystemExit, run_train, "--arm", "projected", *extra, out=out, match="in use by another run")
+            e = raises(RunError, run_train, "--arm", "projected", *extra, out=out, match="in use by another run")
             assert f"pid {os.getpid()}: python train.py --arm vanilla --seed 7" in str(e), str(e)
         assert os.listdir(out) == [".lock"]                             # nothing written, nothing mixed
     finally:
@@ -2185,8 +2186,8 @@ def test_train_flags_checked_before_anything_is_created():
     for extra, msg in cases:
         out = os.path.join(tmpdir(), "run")
         t = time.time()
-        e = raises(SystemExit, run_train, *extra, out=out, match=msg)
-        assert str(e).startswith("error: ") and "\n" not in str(e), str(e)
+        e = raises(RunError, run_train, *extra, out=out, match=msg)
+        assert not str(e).startswith("error") and "\n" not in str(e), str(e)   # the command line adds "error: "
         assert not os.path.exists(out), extra
         assert time.time() - t < 10, (extra, time.time() - t)            # no network retries
 
@@ -2250,7 +2251,7 @@ def test_train_pairs_file_advice_and_few_pairs_warning():
     open(path, "w").write("".join(json.dumps(dict(prompt=r["prompt"], hack=r["completion"], clean="no code")) + "\n"
                                   for r in rows))
     e, _, err = quiet_call(run_train, "--pairs", path, "--v-hack", os.path.join(tmpdir(), "v.safetensors"))
-    assert isinstance(e, SystemExit) and "warning: v_hack from only 3 (hack, clean) pairs" in err, err
+    assert isinstance(e, RunError) and "warning: v_hack from only 3 (hack, clean) pairs" in err, err
     msg = str(e)
     assert "--pairs file" in msg and "--extract-frac" not in msg, msg
     assert all(f"('teacher_pool', {r['src_step']}, {r['src_sample']})" in msg for r in rows), msg
@@ -2297,7 +2298,7 @@ def test_cli_errors_are_one_line():
                       (["stats", d], "meta.json: missing"), (["demo", "--steps", "0"], "--steps=0")):
         e, _, _ = quiet_call(pools.main, argv)
         assert isinstance(e, SystemExit) and msg in str(e) and "\n" not in str(e), (argv, e)
-    raises(SystemExit, run_train, "--replay-dirs", f"{d},{base}", match="meta.json: missing")
+    raises(RunError, run_train, "--replay-dirs", f"{d},{base}", match="meta.json: missing")
     e, _, _ = quiet_call(analyze.main, ["no_such_run"])
     assert isinstance(e, SystemExit) and str(e) == "error: no_such_run: no such run directory"
     e, stdout, _ = quiet_call(analyze.main, ["-h"])
@@ -2306,6 +2307,76 @@ def test_cli_errors_are_one_line():
     p = subprocess.run(f"'{sys.executable}' pools.py stats '{teacher}' '{base}' | true", shell=True, cwd=HERE,
                        capture_output=True, text=True)
     assert p.stderr == "", p.stderr
+
+
+def test_train_rough_edges_resume_parse_errors_and_warning_order():
+    import train
+    gone = os.path.join(tmpdir(), "never_existed")
+    raises(RunError, run_train, "--resume", out=gone, match=f"--resume: {gone} does not exist")
+    assert not os.path.exists(gone)
+    # argparse's own errors and a bad --model: one line each, no usage text, no preset warning before it
+    for argv, msg in ((["--steps=abc"], "argument --steps: invalid int value: 'abc'"),
+                      (["--model=/nonexistent"], "--model=/nonexistent: no such local path"),
+                      (["--no-such-flag"], "unrecognized arguments: --no-such-flag")):
+        e, out, err = quiet_call(train.main, argv)
+        assert isinstance(e, RunError) and msg in str(e) and "\n" not in str(e) and out == err == "", (argv, e, err)
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--steps=abc"], capture_output=True, text=True,
+                       cwd=tmpdir())
+    assert p.returncode == 1 and p.stdout == "" and p.stderr.startswith("error: argument --steps") \
+        and p.stderr.count("\n") == 1, p.stderr
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--resume", "--out", gone],
+                       capture_output=True, text=True, cwd=tmpdir())
+    assert p.returncode == 1 and p.stderr == f"error: --resume: {gone} does not exist, so there is nothing to " \
+        "continue; without --resume the run starts there\n", p.stderr
+    model = tmpdir()                                  # a model that passes the check still gets the warning
+    open(os.path.join(model, "config.json"), "w").write("{}")
+    args, _, err = quiet_call(train.get_args, ["--model", model])
+    assert args.preset == "demo" and err.startswith(f"WARNING: --model {model} without --preset"), err
+
+
+def test_default_run_directory_names_every_flag_that_changes_the_experiment():
+    import train
+    name = lambda *argv: train.run_name(train.get_args(list(argv)))
+    base = name()
+    assert base == "vanilla_grpo_none_s0" and name("--steps", "7", "--device", "cpu", "--save-every", "2") == base
+    variants = [("--loss-type", "bnpo"), ("--pair-kind", "mechanism"), ("--extract-loss", "grpo"), ("--k", "2"),
+                ("--lr", "0.01"), ("--no-gate",), ("--extract-frac", "0.5"), ("--max-completion-tokens", "64"),
+                ("--replay-dirs", ",".join(demo_pools())), ("--seed", "1"), ("--arm", "projected"),
+                ("--control", "random_v"), ("--basis", "lora"), ("--loss-mode", "nll")]
+    names = [name(*v) for v in variants]
+    assert len(set(names + [base])) == len(variants) + 1, names
+    assert names[0] == "vanilla_grpo_none_s0_loss-type-bnpo" and names[1] == "vanilla_grpo_none_s0_pair-kind-mechanism"
+    assert all("/" not in n for n in names) and len(names[8]) < 60, names[8]
+
+
+def test_output_files_follow_the_umask():
+    old = os.umask(0o022)
+    try:
+        d = tmpdir()
+        for mask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+            os.umask(mask)
+            path = os.path.join(d, f"f{mask}")
+            pools.atomic_write(path, b"x")
+            assert os.stat(path).st_mode & 0o777 == mode, (oct(mask), oct(os.stat(path).st_mode))
+            assert pools.umask() == mask
+    finally:
+        os.umask(old)
+
+
+def test_pools_generate_refuses_an_uncached_model_without_the_network():
+    import socket
+    out = os.path.join(tmpdir(), "gen")
+    real = socket.socket.connect
+    def no_network(*a, **kw):
+        raise AssertionError("a network connection was attempted")
+    socket.socket.connect = no_network
+    try:
+        e, stdout, err = quiet_call(pools.main, ["generate", "--model", "nobody-here/no-such-model-xyz", "--hint",
+                                                 "--out", out])
+    finally:
+        socket.socket.connect = real
+    assert isinstance(e, SystemExit) and "\n" not in str(e) and "not in the Hugging Face cache" in str(e), e
+    assert str(e).startswith("error: --model=nobody-here/no-such-model-xyz") and err == "" and not os.path.exists(out)
 
 
 def test_pools_import_grades_rows_and_writes_complete_meta():
@@ -2484,7 +2555,7 @@ def run_commands(cmds, root, steps=1):
             res, out, err = quiet_call(importlib.import_module(words[1][:-3]).main, argv)
         finally:
             os.chdir(cwd)
-        if isinstance(res, SystemExit) and res.code not in (None, 0):
+        if isinstance(res, RunError) or isinstance(res, SystemExit) and res.code not in (None, 0):
             if "--plot" in argv and "pip install matplotlib" in str(res):
                 continue                               # matplotlib is an optional extra
             raise AssertionError(f"`{' '.join(words)}` failed in {root}: {res}\n{err[-2000:]}")
@@ -2523,8 +2594,10 @@ def test_readme_commands_run_in_order():
                        "python train.py --source=online --steps=30",
                        "python train.py --source=online --steps=30 --arm=projected --out=out/runs/online_projected_s0",
                        "python bench.py", "python bench.py --quick"], skipped
-    for d in ("vanilla_grpo_none_s0", "vanilla_nll_none_s0", "p2_vanilla", "p2_projected", "p2_random_v",
-              "p2_shuffled_v"):
+    runs = os.listdir(os.path.join(root, "out", "runs"))
+    for d in ("vanilla_grpo_none_s0", "vanilla_nll_none_s0"):       # default names (+ the flags this test adds)
+        assert len([r for r in runs if r.startswith(d + "_")]) == 1, (d, runs)
+    for d in ("p2_vanilla", "p2_projected", "p2_random_v", "p2_shuffled_v"):
         assert os.path.exists(os.path.join(root, "out", "runs", d, "steps.jsonl")), d
     assert pools.read_meta(os.path.join(root, "out", "pools", "my_pool"))["n_rows"] == 8
 
@@ -2925,7 +2998,7 @@ def test_online_kill_and_resume_equals_uninterrupted_and_damaged_checkpoint_refu
     assert all(torch.equal(a[n], b[n]) for n in a)
     with open(os.path.join(part, "state.pt"), "r+b") as f:      # a damaged checkpoint is never trusted
         f.truncate(100)
-    raises(SystemExit, run_online, "--steps", "5", "--resume", "--save-every", "2", "--eval-every", "2",
+    raises(RunError, run_online, "--steps", "5", "--resume", "--save-every", "2", "--eval-every", "2",
            "--eval-samples", "1", out=part, match="state.pt cannot be used")
 
 
@@ -3032,8 +3105,8 @@ def test_online_flags_checked_before_anything_is_created():
                        (["--temperature", "0.7"], "--temperature=0.7"), (["--top-p", "0.9"], "--top-p=0.9"),
                        (["--eval-frac", "0", "--eval-every", "2"], "--eval-every=2"),
                        (["--penalty", "0"], "--penalty=0.0: belongs")):
-        e = raises(SystemExit, run_online, *extra, out=out, match=msg)
-        assert str(e).startswith("error: ") and "\n" not in str(e)
+        e = raises(RunError, run_online, *extra, out=out, match=msg)
+        assert "\n" not in str(e)
         assert not os.path.exists(out)
     for flag in (["--beta", "0.1"], ["--intervention", "penalty"], ["--dry-run"]):
         raises(SystemExit, train.get_args, flag, match="belongs to --source=online")
