@@ -764,9 +764,7 @@ def decision(runs, contrib_row, adv_free_row):
         # "≈ 0" for the mean: 2 sd of an n-step mean under the isotropic null (README), unless label-free
         # controls on the same steps judge it (below)
         out["mean_band"] = mean_band = 2 * sem if sem else 0.02
-        if sem:
-            evidence.append(f"isotropic null: a {n}-step mean has sd {sem:.4f} (one step: {sd:.4f}); "
-                            f"mean cos_in = {m / sem:+.1f} sd of the mean")
+        iso = len(evidence)                               # the isotropic null's line, told below if it is used
         # control runs also widen the isotropic near-zero band (chance alignment with real gradients)
         for ctrl in ("random_v", "shuffled_v"):
             seeds = {r["seed"] for r in van}              # only controls with a vanilla run of their seed
@@ -785,6 +783,10 @@ def decision(runs, contrib_row, adv_free_row):
         # serves the per-step skip rule only (a noisy control must not make any mean "≈ 0")
         free = {c: comps[c] for c in ("random_v", "shuffled_v") if c in comps and comps[c]["p"] is not None}
         near0 = all(t["p"] >= ALPHA for t in free.values()) if free else abs(m) < mean_band
+        if sem:
+            evidence.insert(iso, f"isotropic null: a {n}-step mean has sd {sem:.4f} (one step: {sd:.4f}); mean cos_in = "
+                                 f"{m / sem:+.1f} sd of the mean" + (" (not what '≈ 0' uses here: the paired controls "
+                                 "are)" if free else f" ('≈ 0' for the mean: within 2 sd of the mean, {mean_band:.4f})"))
         out["mean_near0_by"] = ("not above the label-free controls on the same steps (" + ", ".join(
             f"{c} p={t['p']:.2g}" for c, t in free.items()) + "; the isotropic null is not used: it understates "
             "chance alignment)" if free else f"|mean| {'<' if near0 else '>='} {mean_band:.4f} = 2 sd of a {n}-step "
@@ -1006,7 +1008,7 @@ def render(res):
     for e in res["experiments"]:
         if "verification" not in e:
             continue
-        o.append(f"\n== 1. Phase 2 verification ({e['basis']} basis: {', '.join(e['runs'])}) ==")
+        o += ["", wrap(f"== 1. Phase 2 verification ({e['basis']} basis: {', '.join(e['runs'])}) ==", "  ", "")]
         for v in e["verification"]:
             tag = " [mechanics check, not in the decision]" if v["metric"].startswith("cos_out < cos_in") else ""
             o.append(f"{v['metric']}: {v['verdict'].upper()}{tag}")
@@ -1275,12 +1277,21 @@ def render_phase3(res):
 # -----------------------------------------------------------------------------
 # picture (matplotlib is optional: only --plot needs it)
 
+def overlapping(curves):
+    """Pairs of curves {name: (xs, ys)} that one would hide under the other: the same steps and values
+    within 1% of the panel's range at every step."""
+    ys = [y for _, v in curves.values() for y in v]
+    tol = 0.01 * (max(ys) - min(ys)) if ys else 0.0
+    names = list(curves)
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if curves[a][0] == curves[b][0] and
+            curves[a][1] and max(abs(p - q) for p, q in zip(curves[a][1], curves[b][1])) <= tol]
+
 def plot(run_dirs, path):
-    """One PNG: per-step cos_in / cos_out / cos_update of each run (top row; a curve identical to another
-    run's is drawn under it and says so in the legend), and each run's per-sample cosines by bucket
-    (src_pool, hacked) as box plots with the points on top: the advantage-free cos_S_contrib x sign(adv)
-    that the decision's discrimination test uses (middle row) and the advantage-signed cos_S_contrib
-    (bottom row). Legends sit outside the axes; steps are integers."""
+    """One PNG: per-step cos_in / cos_out / cos_update of each run (top row; curves that lie on top of
+    each other are named in the panel's title), and each run's per-sample cosines by bucket (src_pool,
+    hacked) as box plots with the points on top: the advantage-free cos_S_contrib x sign(adv) that the
+    decision's discrimination test uses (middle row) and the advantage-signed cos_S_contrib (bottom
+    row). The legend sits below the panels; steps are integers."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1294,37 +1305,30 @@ def plot(run_dirs, path):
     ax_top = top[0].subplots(1, 3, sharey=True)
     for ax, key in zip(ax_top, ("cos_in", "cos_out", "cos_update")):
         curves = {}
-        for r in runs:
-            xs = [s["step"] for s in r["steps"] if s.get(key) is not None]
-            ys = [s[key] for s in r["steps"] if s.get(key) is not None]
-            curves.setdefault((tuple(xs), tuple(ys)), []).append(r)
         for i, r in enumerate(runs):
             xs = [s["step"] for s in r["steps"] if s.get(key) is not None]
             ys = [s[key] for s in r["steps"] if s.get(key) is not None]
-            twins = [t["name"] for t in curves[(tuple(xs), tuple(ys))] if t is not r]
+            curves[r["name"]] = (xs, ys)
             ax.plot(xs, ys, marker="o" if r["arm"] == "vanilla" else "s", ms=3, lw=1.2, color=f"C{i}",
                     ls="-" if r["arm"] == "vanilla" else "--", alpha=0.85,
-                    label=f"{r['name']} ({r['arm']}, {r['loss_mode']}, control={r['control']})"
-                          + (f" = {', '.join(twins)}: identical, drawn on top of each other" if twins else ""))
+                    label=f"{r['name']} ({r['arm']}, {r['loss_mode']}, control={r['control']})")
         ax.axhline(0, color="k", lw=0.6)
         sd = max([r["null_sd"] for r in runs if r["null_sd"]] or [0])
         if sd:
             ax.axhspan(-2 * sd, 2 * sd, color="grey", alpha=0.15, lw=0)
-        ax.set_title(f"{key} per step" + (" (grey: ±2 null sd)" if sd else ""))
+        hidden = overlapping(curves)
+        ax.set_title(f"{key} per step" + (" (grey: ±2 null sd)" if sd else "") + "".join(
+            f"\n{a} and {b} overlap: one hides the other" for a, b in hidden), fontsize=10)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_top[0].set_ylabel("cosine with the top hack axis")
-    handles, labels = [], []
-    for ax in ax_top:                              # one legend for the row, below it: never over the data
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    top[0].legend(handles, labels, fontsize=7, loc="outside lower center", ncols=2)
-    rows = top[1].subplots(2, len(runs), sharey="row", squeeze=False)
-    for row, key, what in zip(rows, ("cos_adv_free", "cos_S_contrib"),
-                              ("advantage-free cos_S_contrib x sign(adv): the decision's discrimination test",
-                               "cos_S_contrib (advantage-signed: teacher adv > 0, base adv < 0 under GRPO)")):
+    top[0].legend(*ax_top[0].get_legend_handles_labels(), fontsize=7, loc="outside lower center", ncols=2)
+    for sub, key, what in zip(top[1].subfigures(2, 1), ("cos_adv_free", "cos_S_contrib"),
+                              ("advantage-free cos_S_contrib x sign(adv): what the decision's discrimination test uses",
+                               "cos_S_contrib, advantage-signed (under GRPO teacher rows have adv > 0, base rows "
+                               "adv < 0)")):
+        row = sub.subplots(1, len(runs), sharey=True, squeeze=False)[0]
+        sub.suptitle(what, fontsize=9)
         for ax, r in zip(row, runs):
             groups = defaultdict(list)
             for s in r["samples"]:
@@ -1340,7 +1344,6 @@ def plot(run_dirs, path):
             ax.axhline(0, color="k", lw=0.6)
             ax.set_title(f"{r['name']}: {key}", fontsize=9)
         row[0].set_ylabel(key)
-        row[0].annotate(what, (0, 1.12), xycoords="axes fraction", fontsize=8, style="italic")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

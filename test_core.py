@@ -2481,9 +2481,12 @@ def test_analyze_plot_shows_what_the_decision_uses():
     axes = figs[0].get_axes()
     assert all(ax.get_legend() is None for ax in axes)                      # no legend inside an axes
     legend = [t.get_text() for sub in figs[0].subfigs for lg in sub.legends for t in lg.get_texts()]
-    assert any("van (vanilla" in t and "= proj: identical, drawn on top" in t for t in legend), legend
+    assert sorted(legend) == ["proj (projected, grpo, control=none)", "van (vanilla, grpo, control=none)"], legend
     top = [ax for ax in axes if ax.get_title().startswith("cos_in per step")][0]
+    assert top.get_title().endswith("\nproj and van overlap: one hides the other"), top.get_title()
     assert all(float(t).is_integer() for t in top.get_xticks())
+    assert A.overlapping(dict(a=([0, 1], [0.0, 1.0]), b=([0, 1], [0.011, 1.0]))) == []    # beyond 1% of the range
+    assert A.overlapping(dict(a=([0, 1], [0.0, 1.0]), b=([0, 1], [0.009, 1.0]))) == [("a", "b")]
     by_title = {ax.get_title(): ax for ax in axes}
     for name, d in zip(("van", "proj"), runs):
         samples = [json.loads(line) for k in range(20)
