@@ -528,8 +528,21 @@ def buckets(runs):
         out.append(res)
     return out
 
+def label_buckets(samples, lab):
+    """({label: [cos_S_contrib of each completion, its mean over repeats]}, completions without a label,
+    number of completions): a pool smaller than steps x group repeats rows, and each counts once."""
+    by, unmatched = defaultdict(list), []
+    d = distinct(samples, "cos_S_contrib")
+    for s in d:
+        k = (s["src_pool"], s["src_step"], s["src_sample"])
+        if k in lab:
+            by[lab[k]].append(s["cos_S_contrib"])
+        else:
+            unmatched.append(list(k))
+    return by, sorted(unmatched), len(d)
+
 def phase1(runs, labels=None):
-    """Spec headline for NLL runs: cos_S_contrib on pure hacks vs hack+correct."""
+    """Spec headline for NLL runs, per run: cos_S_contrib on pure hacks vs hack+correct."""
     out = []
     for r in [r for r in runs if r["loss_mode"] == "nll"]:
         res = dict(run=r["name"])
@@ -538,19 +551,10 @@ def phase1(runs, labels=None):
         except FileNotFoundError as e:
             out.append(dict(res, error=f"labels unavailable: {e}"))
             continue
-        by, unmatched, seen = defaultdict(list), [], set()
-        for s in sorted(r["samples"], key=lambda s: (s["step"], s["sample_id"])):
-            k = (s["src_pool"], s["src_step"], s["src_sample"])
-            if k in seen:                 # a pool smaller than steps x group repeats rows: count each once
-                continue
-            seen.add(k)
-            if k in lab:
-                by[lab[k]].append(s["cos_S_contrib"])
-            else:
-                unmatched.append(list(k))
+        by, unmatched, n = label_buckets(r["samples"], lab)
         res.update(headline=welch_t_test(by[PURE_HACK], by[HACK_CORRECT]),
                    labels={k: mean_sd(v) for k, v in sorted(by.items()) if v},
-                   repeats_dropped=len(r["samples"]) - len(seen))
+                   repeats_dropped=len(r["samples"]) - n)
         if unmatched:
             res["error"] = f"{len(unmatched)} samples have no label in the replay pools, e.g. {unmatched[:3]}"
         out.append(res)
@@ -574,12 +578,10 @@ def phase1_verdict(runs, labels=None):
         lab = labels if labels is not None else load_labels(runs[0])
     except FileNotFoundError as e:
         return dict(out, code="phase1_no_labels", verdict="n/a", why=f"labels unavailable: {e}")
-    d = distinct([s for r in runs for s in r["samples"]], "cos_S_contrib")
-    by = defaultdict(list)
-    for s in d:
-        by[lab.get((s["src_pool"], s["src_step"], s["src_sample"]), "(no label)")].append(s["cos_S_contrib"])
+    by, unmatched, n = label_buckets([s for r in runs for s in r["samples"]], lab)
     w = welch_t_test(by[PURE_HACK], by[HACK_CORRECT])
-    out.update(labels={k: mean_sd(v) for k, v in sorted(by.items())}, headline=w, n_distinct=len(d))
+    out.update(labels={k: mean_sd(v) for k, v in sorted(by.items()) if v}, headline=w, n_distinct=n,
+               unlabelled=len(unmatched))
     if w["n1"] == 0 or w["n2"] == 0:
         return dict(out, code="phase1_no_labels", verdict="n/a",
                     why=f"'{PURE_HACK}' rows: {w['n1']}, '{HACK_CORRECT}' rows: {w['n2']}: the spec's comparison "
@@ -1034,8 +1036,8 @@ def render(res):
     for p in res["phase1"]:
         if "headline" in p:
             o.append(wrap(f"{p['run']}: '{PURE_HACK}' vs '{HACK_CORRECT}': {fmt_test(p['headline'])}"
-                          + (f"  [{p['repeats_dropped']} repeated draws counted once]" if p.get("repeats_dropped")
-                             else ""), "  ", ""))
+                          + (f"  [{p['repeats_dropped']} repeated draws: each completion once, the mean of its draws]"
+                             if p.get("repeats_dropped") else ""), "  ", ""))
             o.append(table(["label", "n", "mean", "sd"], [[k, s["n"], fmt(s["mean"]), fmt(s["sd"])]
                                                           for k, s in p["labels"].items()]))
         if "error" in p:
