@@ -3297,8 +3297,9 @@ def test_phase3_plot_and_missing_matplotlib():
     xs, mix = A.label_mix(A.load_online(dirs[0]))
     assert xs == [0, 1, 2, 3, 4] and mix["hack"][2] == 0.9 and mix["correct"][0] == 0.3
     assert all(abs(sum(m[k] for m in mix.values()) - 1) < 1e-12 for k in range(5))
-    e = without_matplotlib(A.main, dirs + ["--plot", png + "2"])
-    assert isinstance(e, SystemExit) and "pip install matplotlib" in str(e) and not os.path.exists(png + "2")
+    png2 = os.path.join(root, "p3_2.png")
+    e = without_matplotlib(A.main, dirs + ["--plot", png2])
+    assert isinstance(e, SystemExit) and "pip install matplotlib" in str(e) and not os.path.exists(png2)
 
 
 FAKE_TRAIN = r"""

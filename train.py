@@ -117,7 +117,8 @@ def get_args(argv=None):
     a("--project-moments", action="store_true",
       help="projected arm: also remove the hack-ward part of AdamW's first moment and of the applied update "
            "(Adam's per-coordinate scaling can turn a projected gradient into a hack-ward update)")
-    a("--out", default=None, help="run directory (default: out/runs/<arm>_<loss>_<control>_s<seed>)")
+    a("--out", default=None, help="run directory (default: out/runs/<arm>_<loss>_<control>_s<seed>, then "
+                                  "_<flag>-<value> for every other flag given that changes the experiment)")
     a("--overwrite", action="store_true", help="replace an existing run directory")
     a("--resume", action="store_true", help="continue an existing run directory from its last step")
     a("--device", default=None, help="cpu / cuda (default: cuda when available)")
