@@ -266,15 +266,18 @@ def vals(rows, key):
 
 EXPERIMENT = ("basis", "pair_kind", "loss_type", "max_prompt_tokens", "max_completion_tokens", "model",
               "lora_rank", "lora_alpha", "replay_dirs", "per_pool", "lr", "k", "one_sided", "loss_mode",
-              "extract_frac", "group_size", "dtype", "preset")
-DEFAULTS = dict(basis="svd", pair_kind="pool", loss_type="grpo", loss_mode="grpo")   # what runs that predate a field used
+              "extract_frac", "extract_loss", "group_size", "dtype", "preset")
+DEFAULTS = dict(basis="svd", pair_kind="pool", loss_type="grpo", loss_mode="grpo",
+                extract_loss="nll")   # what runs that predate a field used
 
 def experiment_key(cfg, meta):
     """What runs must share to be judged together: everything that changes v_hack, the samples or the
     gradient (config, the replayed and the pair pools' contents), apart from the arm, the control, the seed
     and the step count."""
     fps = lambda key: sorted((n, (p or {}).get("fingerprint")) for n, p in (meta.get(key) or {}).items())
-    return json.dumps([cfg.get(k, DEFAULTS.get(k)) for k in EXPERIMENT] + [fps("pools"), fps("pair_pools")])
+    src = str((meta.get("v_hack") or {}).get("pairs_source") or "")        # a --pairs file, shared by the controls
+    return json.dumps([cfg.get(k, DEFAULTS.get(k)) for k in EXPERIMENT] + [fps("pools"), fps("pair_pools"),
+                                                                          src if src.startswith("file:") else None])
 
 def experiment(r):
     return experiment_key(dict(r["cfg"], basis=r["basis"]), r["meta"])

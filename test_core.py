@@ -1934,11 +1934,12 @@ def test_decision_is_the_same_with_any_superset_of_unrelated_runs():
                  [make_run(root, "l_van", "vanilla", seed=1, cos_in=(-0.3, 0.05), cfg=dict(basis="lora", lora_rank=4))],
                  [make_run(root, "nll", "vanilla", seed=1, loss_mode="nll")],          # Phase 1: its own verdict
                  [make_run(root, "x_shuf", "vanilla", seed=2, control="shuffled_v", cos_in=(0.3, 0.05),
-                           cfg=dict(pair_kind="mechanism"))]]                           # an orphan control
+                           cfg=dict(pair_kind="mechanism"))],                           # an orphan control
+                 [make_run(root, "r7_van", "vanilla", seed=1, cos_in=(0.0, 0.005), cfg=dict(extract_loss="grpo"))]]
         alone = A.analyze(mine)["decision"]
         assert alone["code"] == "run_justified" and list(alone["controls"]) == ["random_v"], alone["code"]
         rng = random.Random(0)
-        for extra in (other[:1], other[1:3], other):     # a larger SVD experiment, LoRA and Phase 1, all of them
+        for extra in (other[:1], other[1:3], other[4:], other):   # a larger SVD experiment, LoRA and Phase 1, R7, all
             dirs = mine + [d for g in extra for d in g]
             rng.shuffle(dirs)
             res = A.analyze(dirs)
@@ -1950,7 +1951,19 @@ def test_decision_is_the_same_with_any_superset_of_unrelated_runs():
             assert len(by_itself) == 1 and by_itself[0].get("decision") == e.get("decision") \
                 and by_itself[0].get("phase1") == e.get("phase1"), e["runs"]
         text = A.report(dirs)
-        assert text.count("DECISION: ") + text.count("PHASE 1: ") == 2 * len(res["experiments"]) == 10
+        assert text.count("DECISION: ") + text.count("PHASE 1: ") == 2 * len(res["experiments"]) == 12
+
+
+def test_a_missing_control_found_beside_the_runs_is_named_not_rerun():
+    with tempfile.TemporaryDirectory() as root:
+        v = make_run(root, "van", "vanilla", seed=1)
+        make_run(root, "rnd", "vanilla", seed=1, control="random_v", cos_in=(0.0, 0.05))
+        make_run(root, "rnd_other", "vanilla", seed=1, control="random_v", cfg=dict(max_prompt_tokens=128))
+        text = " ".join(A.report([v]).split())
+        assert f"not given (add them to the command line): {os.path.join(os.path.realpath(root), 'rnd')} (random_v, " \
+            "seed 1)" in text and "rnd_other" not in text, text[:1500]
+        assert "--control=random_v" not in text and "--control=shuffled_v" in text     # no command for it
+        assert A.analyze([v])["decision"] == exp_of(A.analyze([v, os.path.join(root, "rnd_other")]), "van")["decision"]
 
 
 def test_duplicate_copied_identical_and_unfinished_runs():

@@ -871,7 +871,8 @@ def run_probe(argv):
                   model=args.model, k=args.k, control=args.control, basis=args.basis, lora_rank=args.lora_rank,
                   lora_alpha=args.lora_alpha, one_sided=not args.no_gate, project_moments=args.project_moments,
                   dtype=args.dtype or cfg["dtype"], pair_kind=args.pair_kind, loss_type=args.loss_type,
-                  extract_frac=args.extract_frac, preset=args.preset, group_size=S["n_group"], source=args.source)
+                  extract_frac=args.extract_frac, extract_loss=args.extract_loss, preset=args.preset,
+                  group_size=S["n_group"], source=args.source)
     if online:
         config.update(group=cfg["group_size"], intervention=args.intervention,
                       problems=os.path.abspath(cfg["problems"] or pools.FIXTURE_PROBLEMS),
@@ -1214,7 +1215,7 @@ def resume_state(args, out, run, vmeta, modules, opt):
         raise SystemExit(f"error: --resume: {out}/run.json cannot be read ({type(e).__name__}: {e})") from None
     # a resume may extend --steps; fields added since a run began take the value that run had
     same = lambda c: {k: v for k, v in dict(dict(pair_kind="pool", loss_type="grpo", basis="svd", source="replay",
-                                                 grad_checkpointing=False),
+                                                 grad_checkpointing=False, extract_loss="nll"),
                                             **c).items() if k != "steps"}
     was, now = same(old["config"]), same(run["config"])
     diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
