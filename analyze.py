@@ -265,14 +265,64 @@ def vals(rows, key):
     return [r[key] for r in rows if r.get(key) is not None]
 
 EXPERIMENT = ("basis", "pair_kind", "loss_type", "max_prompt_tokens", "max_completion_tokens", "model",
-              "lora_rank", "lora_alpha", "replay_dirs", "per_pool", "lr", "k", "one_sided")
-DEFAULTS = dict(basis="svd", pair_kind="pool", loss_type="grpo")   # what runs that predate a field used
+              "lora_rank", "lora_alpha", "replay_dirs", "per_pool", "lr", "k", "one_sided", "loss_mode",
+              "extract_frac", "extract_loss", "group_size", "dtype", "preset")
+DEFAULTS = dict(basis="svd", pair_kind="pool", loss_type="grpo", loss_mode="grpo",
+                extract_loss="nll")   # what runs that predate a field used
+
+def experiment_key(cfg, meta):
+    """What runs must share to be judged together: everything that changes v_hack, the samples or the
+    gradient (config, the replayed and the pair pools' contents), apart from the arm, the control, the seed
+    and the step count."""
+    fps = lambda key: sorted((n, (p or {}).get("fingerprint")) for n, p in (meta.get(key) or {}).items())
+    src = str((meta.get("v_hack") or {}).get("pairs_source") or "")        # a --pairs file, shared by the controls
+    return json.dumps([cfg.get(k, DEFAULTS.get(k)) for k in EXPERIMENT] + [fps("pools"), fps("pair_pools"),
+                                                                          src if src.startswith("file:") else None])
 
 def experiment(r):
-    """What runs must share to be judged together: everything that changes v_hack or the gradient,
-    apart from the arm, the control and the seed."""
-    c = dict(r["cfg"], basis=r["basis"])
-    return json.dumps([c.get(k, DEFAULTS.get(k)) for k in EXPERIMENT])
+    return experiment_key(dict(r["cfg"], basis=r["basis"]), r["meta"])
+
+def load_runs(run_dirs):
+    """Every run once, finished, in an order that does not depend on the command line. Refused: a directory
+    given twice, two directories holding the same run (identical run.json and steps.jsonl: a copy), a run
+    whose steps.jsonl stops before its --steps. Runs with an identical config (same seed, pools and v_hack)
+    replay the same samples: they count once (the first by path), the others are listed in `same_as`."""
+    seen, content = {}, {}
+    for d in run_dirs:
+        real = os.path.realpath(d)
+        if real in seen:
+            raise ValueError(f"{d}: given twice (also as {seen[real]}): pass each run once")
+        seen[real] = d
+    for d in sorted(run_dirs, key=os.path.realpath):
+        h = "".join(pools.file_digest(os.path.join(d, f)) for f in ("run.json", "steps.jsonl"))
+        if h in content:
+            raise ValueError(f"{content[h]} and {d} hold the same run (identical run.json and steps.jsonl, a copy): "
+                             f"pass it once")
+        content[h] = d
+    runs, same = [], {}
+    for d in sorted(run_dirs, key=os.path.realpath):
+        r = load_run(d)
+        n = r["cfg"].get("steps")
+        if n is not None and not finished(r["steps"], n):
+            raise ValueError(f"{d}: unfinished ({len(r['steps'])} of {n} steps): finish it (the same train.py "
+                             f"command with --resume) or leave it out")
+        key = json.dumps([r["cfg"], (r["meta"].get("v_hack") or {}).get("sha256"), experiment(r)], sort_keys=True)
+        if key in same:
+            same[key]["same_as"].append(r["name"])
+            continue
+        same[key] = dict(r, same_as=[])
+        runs.append(same[key])
+    return runs
+
+def experiments(runs):
+    """The runs grouped into experiments (experiment_key), each sorted by (arm, control, seed, path); SVD
+    before LoRA, Phase 2 (GRPO) before Phase 1 (NLL), then by key: never by the command line's order."""
+    groups = defaultdict(list)
+    for r in runs:
+        groups[experiment(r)].append(r)
+    order = lambda k: (groups[k][0]["loss_mode"] != "grpo", groups[k][0]["basis"] != "svd", k)
+    return [sorted(groups[k], key=lambda r: (r["arm"] != "vanilla", r["control"], str(r["seed"]),
+                                             os.path.realpath(r["dir"]))) for k in sorted(groups, key=order)]
 
 def main_runs(runs, arm):
     """The Phase 2 runs proper: GRPO loss, no control direction."""
@@ -318,7 +368,7 @@ def distinct(samples, key):
     for s in samples:
         if s.get(key) is not None:
             by[(s["src_pool"], s["src_step"], s["src_sample"])].append(s)
-    return [dict(rs[0], **{key: float(np.mean([r[key] for r in rs])), "n_repeats": len(rs)}) for rs in by.values()]
+    return [dict(rs[0], **{key: sum(r[key] for r in rs) / len(rs), "n_repeats": len(rs)}) for rs in by.values()]
 
 def teacher_vs_base(samples, key="cos_S_contrib"):
     """Welch test teacher vs base rows, each completion counted once (n = distinct completions)."""
@@ -481,8 +531,21 @@ def buckets(runs):
         out.append(res)
     return out
 
+def label_buckets(samples, lab):
+    """({label: [cos_S_contrib of each completion, its mean over repeats]}, completions without a label,
+    number of completions): a pool smaller than steps x group repeats rows, and each counts once."""
+    by, unmatched = defaultdict(list), []
+    d = distinct(samples, "cos_S_contrib")
+    for s in d:
+        k = (s["src_pool"], s["src_step"], s["src_sample"])
+        if k in lab:
+            by[lab[k]].append(s["cos_S_contrib"])
+        else:
+            unmatched.append(list(k))
+    return by, sorted(unmatched), len(d)
+
 def phase1(runs, labels=None):
-    """Spec headline for NLL runs: cos_S_contrib on pure hacks vs hack+correct."""
+    """Spec headline for NLL runs, per run: cos_S_contrib on pure hacks vs hack+correct."""
     out = []
     for r in [r for r in runs if r["loss_mode"] == "nll"]:
         res = dict(run=r["name"])
@@ -491,23 +554,50 @@ def phase1(runs, labels=None):
         except FileNotFoundError as e:
             out.append(dict(res, error=f"labels unavailable: {e}"))
             continue
-        by, unmatched, seen = defaultdict(list), [], set()
-        for s in sorted(r["samples"], key=lambda s: (s["step"], s["sample_id"])):
-            k = (s["src_pool"], s["src_step"], s["src_sample"])
-            if k in seen:                 # a pool smaller than steps x group repeats rows: count each once
-                continue
-            seen.add(k)
-            if k in lab:
-                by[lab[k]].append(s["cos_S_contrib"])
-            else:
-                unmatched.append(list(k))
+        by, unmatched, n = label_buckets(r["samples"], lab)
         res.update(headline=welch_t_test(by[PURE_HACK], by[HACK_CORRECT]),
                    labels={k: mean_sd(v) for k, v in sorted(by.items()) if v},
-                   repeats_dropped=len(r["samples"]) - len(seen))
+                   repeats_dropped=len(r["samples"]) - n)
         if unmatched:
             res["error"] = f"{len(unmatched)} samples have no label in the replay pools, e.g. {unmatched[:3]}"
         out.append(res)
     return out
+
+PHASE1_SIGN = ("sign: cos > 0 means a row's own NLL gradient points the way v_hack is oriented (hack minus clean "
+               "NLL gradient), so descending it makes hacks more likely relative to clean completions; cos < 0 the "
+               "other way. Every NLL gradient shares a large common direction; when v_hack carries it with the "
+               "opposite sign (the clean sides' gradients are the larger along it), every row, pure hack or not, "
+               "gets cos < 0: the sign of the mean says little, the gap between buckets is the measure.")
+
+def phase1_verdict(runs, labels=None):
+    """Phase 1 (spec2 "Phase 1 result"): per-sample cos(NLL grad, v_hack) on pure hacks vs hack+correct rows
+    of the replayed pool, each completion once (its mean over repeats and runs), Welch test; the mean
+    cos_in over steps; what the sign means. Codes: phase1_pure_above_mixed (the spec's result, p < 0.05),
+    phase1_reversed, phase1_no_gap, phase1_no_labels (labels or a bucket missing)."""
+    ci = [s["cos_in"] for r in runs for s in live(r) if s["cos_in"] is not None]
+    out = dict(runs=[r["name"] for r in runs], n_steps=len(ci), sign=PHASE1_SIGN,
+               mean_cos_in=float(np.mean(ci)) if ci else None, steps_below_0=sum(c < 0 for c in ci))
+    try:
+        lab = labels if labels is not None else load_labels(runs[0])
+    except FileNotFoundError as e:
+        return dict(out, code="phase1_no_labels", verdict="n/a", why=f"labels unavailable: {e}")
+    by, unmatched, n = label_buckets([s for r in runs for s in r["samples"]], lab)
+    w = welch_t_test(by[PURE_HACK], by[HACK_CORRECT])
+    out.update(labels={k: mean_sd(v) for k, v in sorted(by.items()) if v}, headline=w, n_distinct=n,
+               unlabelled=len(unmatched))
+    if w["n1"] == 0 or w["n2"] == 0:
+        return dict(out, code="phase1_no_labels", verdict="n/a",
+                    why=f"'{PURE_HACK}' rows: {w['n1']}, '{HACK_CORRECT}' rows: {w['n2']}: the spec's comparison "
+                        f"needs both in the replayed pool")
+    gap = f"pure hack {fmt(w['mean1'])} vs hack+correct {fmt(w['mean2'])} ({fmt_test(w)})"
+    if w["p"] is not None and w["p"] < ALPHA and w["mean1"] > w["mean2"]:
+        return dict(out, code="phase1_pure_above_mixed", verdict="pure hacks align more with v_hack (the spec's "
+                    "Phase 1 result)", why=gap)
+    if w["p"] is not None and w["p"] < ALPHA:
+        return dict(out, code="phase1_reversed", verdict="REVERSED: hack+correct rows align more than pure hacks",
+                    why=gap + "; check v_hack's pairs")
+    return dict(out, code="phase1_no_gap", verdict="no gap between pure hacks and hack+correct rows",
+                why=gap + (f" ({w['reason']})" if w["reason"] else ", p >= 0.05"))
 
 ARM_ONLY = ("arm", "project_moments", "one_sided")   # config keys a vanilla/projected pair may differ in
 
@@ -676,9 +766,10 @@ def decision(runs, contrib_row, adv_free_row):
         evidence.append(f"vanilla cos_in over {n} steps: mean over modules {fmt(m)} (used), global over all modules "
                         f"{fmt(out['vanilla_mean_cos_in_global'])}; the mean over modules is the spec's cos_in and "
                         f"has a known isotropic null")
-        if sem:
-            evidence.append(f"isotropic null: a {n}-step mean has sd {sem:.4f} (one step: {sd:.4f}); "
-                            f"mean cos_in = {m / sem:+.1f} sd of the mean")
+        # "≈ 0" for the mean: 2 sd of an n-step mean under the isotropic null (README), unless label-free
+        # controls on the same steps judge it (below)
+        out["mean_band"] = mean_band = 2 * sem if sem else 0.02
+        iso = len(evidence)                               # the isotropic null's line, told below if it is used
         # control runs also widen the isotropic near-zero band (chance alignment with real gradients)
         for ctrl in ("random_v", "shuffled_v"):
             seeds = {r["seed"] for r in van}              # only controls with a vanilla run of their seed
@@ -695,9 +786,19 @@ def decision(runs, contrib_row, adv_free_row):
         # spec: "cos_in ≈ 0 over 20 steps". The mean is judged against the label-free controls on the same
         # steps (paired) when there are any, else against the isotropic null; the widened per-step band
         # serves the per-step skip rule only (a noisy control must not make any mean "≈ 0")
-        free = [comps[c] for c in ("random_v", "shuffled_v") if c in comps and comps[c]["p"] is not None]
-        near0 = all(t["p"] >= ALPHA for t in free) if free else abs(m) < null_band(van + proj)[1]
-        out["mean_near0_by"] = "paired controls" if free else "isotropic null band"
+        free = {c: comps[c] for c in ("random_v", "shuffled_v") if c in comps and comps[c]["p"] is not None}
+        near0 = all(t["p"] >= ALPHA for t in free.values()) if free else abs(m) < mean_band
+        if sem:
+            evidence.insert(iso, f"isotropic null: a {n}-step mean has sd {sem:.4f} (one step: {sd:.4f}); mean cos_in = "
+                                 f"{m / sem:+.1f} sd of the mean" + (" (not what '≈ 0' uses here: the paired controls "
+                                 "are)" if free else f" ('≈ 0' for the mean: within 2 sd of the mean, {mean_band:.4f})"))
+        out["mean_near0_by"] = ("not above the label-free controls on the same steps (" + ", ".join(
+            f"{c} p={t['p']:.2g}" for c, t in free.items()) + "; the isotropic null is not used: it understates "
+            "chance alignment)" if free else f"|mean| {'<' if near0 else '>='} {mean_band:.4f} = 2 sd of a {n}-step "
+            f"mean under the isotropic null" + ("" if sem else " (null sd unknown: 0.02)"))
+        out["step_band_by"] = (f"{band:.3f} = the larger of max(0.02, 2 null sd) and each label-free control's "
+                               f"|mean| + 2 sd of its per-step cos_in" if band > null_band(van + proj)[1] else
+                               f"{band:.3f} = max(0.02, 2 null sd of one step)")
         near0_all = out["steps_outside_band"] == 0        # spec's skip rule: "≈ 0 on ALL steps"
         if not near0_all:
             notes.append(f"|cos_in| >= {band:.3f} on {out['steps_outside_band']}/{len(ci)} steps")
@@ -722,21 +823,24 @@ def decision(runs, contrib_row, adv_free_row):
                     "(reversed discrimination): check v_hack's sign and pairs first")
     elif near0 and rev:
         code, rule, why = "investigate_reversed", "INVESTIGATE: reversed discrimination", \
-            (f"mean cos_in ≈ 0 ({out['mean_near0_by']}) and teacher rows' own gradients align less with v_hack than base "
+            (f"mean cos_in {fmt(m)} ≈ 0 ({out['mean_near0_by']}) and teacher rows' own gradients align less with v_hack than base "
              "rows' (spec2 expects more): check v_hack's sign and extraction pairs before any sweep")
-    elif near0_all and not disc:
+    elif near0 and near0_all and not disc:
         code, rule, why = "skip_orthogonal", "SKIP Phase 3; try R7 (GRPO-style v_hack re-extraction) first", \
-            f"|cos_in| < {band:.3f} (≈ 0) on all steps and no teacher-vs-base discrimination"
+            (f"mean cos_in {fmt(m)} ≈ 0 ({out['mean_near0_by']}), every step within ±{out['step_band_by']}, "
+             "and no teacher-vs-base discrimination")
     elif near0:
         code, rule, why = "run_smaller_h1", "RUN but expect smaller H1 effect", \
-            (f"mean cos_in ≈ 0 ({out['mean_near0_by']}) over the steps, but "
+            (f"mean cos_in {fmt(m)} ≈ 0 ({out['mean_near0_by']}), but "
              + ("teacher and base rows discriminate" if disc else
-                f"not on all steps ({out['steps_outside_band']} outside), so the skip rule does not apply"))
+                f"not on all steps ({out['steps_outside_band']} outside ±{out['step_band_by']}), so the skip "
+                f"rule does not apply"))
     elif m < 0:
         code, rule, why = "investigate_reverse_sign", "INVESTIGATE: reverse sign", \
-            "vanilla mean cos_in clearly negative (not covered by spec2 rules)"
+            f"vanilla mean cos_in {fmt(m)} < 0 and not ≈ 0 ({out['mean_near0_by']}) (not covered by spec2 rules)"
     else:
-        code, rule, why = "run_weak", "RUN with caution: weak alignment", "0 < cos_in, but not > 0.2 on >= 80% of steps"
+        code, rule, why = "run_weak", "RUN with caution: weak alignment", \
+            f"mean cos_in {fmt(m)} > 0 and not ≈ 0 ({out['mean_near0_by']}), but not > 0.2 on >= 80% of steps"
     if code in ("run_justified", "run_weak"):
         # an alignment-based RUN must survive every control it was given, on the same steps
         for c in ("random_v", "shuffled_v"):
@@ -773,27 +877,62 @@ def truncation_counts(run):
     return {k: sum(s.get(k) or 0 for s in run["steps"]) for k in keys}
 
 def analyze(run_dirs, labels=None):
-    every = [load_run(d) for d in run_dirs]
-    # the verification and decision judge one experiment (same basis, pair kind, loss type, token limits,
-    # model, pools, ...; SVD first, then the one with most runs) that has a vanilla GRPO run: runs of
-    # another experiment are never pooled into its arms; they appear in the arms table, trajectories
-    # and buckets
-    groups = defaultdict(list)
-    for r in every:
-        groups[experiment(r)].append(r)
-    cands = [g for g in groups.values() if main_runs(g, "vanilla")] or list(groups.values())
-    runs = max(cands, key=lambda g: (g[0]["basis"] == "svd", len(g), -every.index(g[0])))
-    basis = runs[0]["basis"]
-    ver = [check_reward_range(runs), check_vanilla_cos_in(runs), check_projection(runs),
-           check_contrib(runs), check_contrib_adv_free(runs), check_update(runs), check_over_projection(every)]
-    return dict(runs=[dict(run=r["name"], dir=r["dir"], arm=r["arm"], loss_mode=r["loss_mode"], control=r["control"],
-                           basis=r["basis"], seed=r["seed"], null_sd=r["null_sd"], n_steps=len(r["steps"]),
-                           n_samples=len(r["samples"]), pair_kind=r["cfg"].get("pair_kind"),
-                           loss_type=r["cfg"].get("loss_type"), truncation=truncation_counts(r))
-                      for r in every],
-                decision_basis=basis, decision_runs=[r["name"] for r in runs], verification=ver, trajectories=trajectories(every), buckets=buckets(every),
-                phase1=phase1(every, labels), pairs=pairs(every), arms=arms(every), decision=decision(runs, ver[3], ver[4]),
-                controls_commands={c: control_command(c, runs) for c in CONTROLS} if runs else {})
+    """The report's numbers. Runs are grouped into experiments (experiment_key); each experiment is judged on
+    its own runs only, so a run's verdict never depends on which other experiments' runs are given: a GRPO
+    experiment gets the Phase 2 verification and the Phase 3 decision, an NLL one the Phase 1 verdict. The
+    trajectories, buckets, pairs and arms tables show every run. With exactly one GRPO experiment, its
+    verification and decision are also at the top level (`decision`, `verification`)."""
+    every = load_runs(run_dirs)
+    exps = []
+    for runs in experiments(every):
+        e = dict(basis=runs[0]["basis"], loss_mode=runs[0]["loss_mode"], runs=[run_role(r) for r in runs],
+                 dirs=[r["dir"] for r in runs])
+        if e["loss_mode"] == "nll":
+            e["phase1"] = phase1_verdict(runs, labels)
+        else:
+            ver = [check_reward_range(runs), check_vanilla_cos_in(runs), check_projection(runs),
+                   check_contrib(runs), check_contrib_adv_free(runs), check_update(runs), check_over_projection(runs)]
+            e.update(verification=ver, decision=decision(runs, ver[3], ver[4]),
+                     controls_commands={c: control_command(c, runs) for c in CONTROLS},
+                     controls_found=matched_elsewhere(runs, run_dirs))
+        exps.append(e)
+    res = dict(runs=[dict(run=r["name"], dir=r["dir"], arm=r["arm"], loss_mode=r["loss_mode"], control=r["control"],
+                          basis=r["basis"], seed=r["seed"], null_sd=r["null_sd"], n_steps=len(r["steps"]),
+                          n_samples=len(r["samples"]), pair_kind=r["cfg"].get("pair_kind"),
+                          loss_type=r["cfg"].get("loss_type"), truncation=truncation_counts(r), same_as=r["same_as"])
+                     for r in every],
+               experiments=exps, trajectories=trajectories(every), buckets=buckets(every),
+               phase1=phase1(every, labels), pairs=pairs(every), arms=arms(every))
+    grpo = [e for e in exps if "decision" in e]
+    if len(grpo) == 1:
+        res.update(decision=grpo[0]["decision"], verification=grpo[0]["verification"],
+                   controls_commands=grpo[0]["controls_commands"])
+    return res
+
+def run_role(r):
+    """'name (role)': a run's place in its experiment."""
+    role = r["control"] if r["control"] != "none" else r["arm"]
+    return f"{r['name']} ({role}{'' if r['seed'] is None else ', seed ' + str(r['seed'])})"
+
+def matched_elsewhere(runs, given):
+    """Runs of this experiment found beside its runs (the same parent directory) but not given: the
+    report names them, so that a missing control is not run twice. Unreadable neighbours are skipped."""
+    key, given = experiment(runs[0]), {os.path.realpath(d) for d in given}
+    found = []
+    for parent in sorted({os.path.dirname(os.path.realpath(r["dir"])) for r in runs}):
+        for name in sorted(os.listdir(parent)):
+            d = os.path.join(parent, name)
+            if os.path.realpath(d) in given or not os.path.isfile(os.path.join(d, "run.json")):
+                continue
+            try:
+                meta = read_run_meta(d)
+            except ValueError:
+                continue
+            cfg = meta["config"]
+            if cfg.get("source", "replay") != "online" and experiment_key(dict(cfg, basis=cfg.get("basis", "svd")),
+                                                                          meta) == key:
+                found.append(dict(dir=d, arm=cfg["arm"], control=cfg.get("control", "none"), seed=cfg.get("seed")))
+    return found
 
 def table(header, rows):
     rows = [[str(c) for c in r] for r in rows]
@@ -808,25 +947,55 @@ def wrap(text, indent="  ", first=None):
     return textwrap.fill(text, WIDTH, initial_indent=indent if first is None else first, subsequent_indent=indent + "  ",
                          break_on_hyphens=False)
 
-def headline(res):
-    """The report's first line: decision, its stable code, and the controls it had."""
-    d = res["decision"]
+def headline(e):
+    """An experiment's first line: its decision (or Phase 1 verdict), the stable code, the controls it had
+    and the runs it used."""
+    runs = "; runs: " + ", ".join(e["runs"]) + f" ({e['basis']} basis)"
+    if "phase1" in e:
+        p = e["phase1"]
+        return f"PHASE 1: {p['verdict']} [{p['code']}]{runs}"
+    d = e["decision"]
     had = ", ".join(d.get("controls") or []) or "none"
-    return f"DECISION: {d['rule']} [{d['code']}]; controls: {had}"
+    return f"DECISION: {d['rule']} [{d['code']}]; controls: {had}{runs}"
 
-def render(res):
-    d = res["decision"]
-    o = [wrap(headline(res), "  ", ""), wrap(f"because: {d['why']}")]
+def render_decision(e):
+    """One experiment's verdict block: the headline, why, what is missing, the evidence."""
+    o = [wrap(headline(e), "  ", "")]
+    if "phase1" in e:
+        p = e["phase1"]
+        o.append(wrap(f"because: {p['why']}"))
+        if p["mean_cos_in"] is not None:
+            o.append(wrap(f"mean cos_in over {p['n_steps']} steps {fmt(p['mean_cos_in'])} (< 0 on "
+                          f"{p['steps_below_0']}); {p['sign']}", "  ", "  - "))
+        if p.get("labels"):
+            o.append(wrap("per-sample cos_S_contrib by label, each completion once: " + "; ".join(
+                f"{k}: n={m['n']}, mean {fmt(m['mean'])}" for k, m in p["labels"].items()), "  ", "  - "))
+        return o
+    d = e["decision"]
+    o.append(wrap(f"because: {d['why']}"))
     if d.get("controls_missing") and d["code"] not in ("bug_over_projection", "no_vanilla"):
         o.append(wrap("without " + ", ".join(d["controls_missing"]) + ": an alignment-based RUN is unchecked against "
                       + "; ".join(f"{c} ({CONTROL_WHY[c]})" for c in d["controls_missing"])
-                      + ". Each can turn a RUN into a SKIP. Run:"))
-        o += [wrap(res["controls_commands"][c], "    ") for c in d["controls_missing"]]
-    o += [wrap(e, "  ", "  - ") for e in d.get("evidence", [])]
+                      + ". Each can turn a RUN into a SKIP."))
+        found = [f for f in e["controls_found"] if f["control"] in d["controls_missing"] and f["arm"] == "vanilla"]
+        if found:
+            o.append(wrap("matched runs found beside this experiment's runs but not given (add them to the command "
+                          "line): " + ", ".join(f"{f['dir']} ({f['control']}, seed {f['seed']})" for f in found),
+                          "  ", "  !!! "))
+        o.append("  Run:")
+        o += [wrap(e["controls_commands"][c], "    ") for c in d["controls_missing"]
+              if c not in {f["control"] for f in found}]
+    o += [wrap(x, "  ", "  - ") for x in d.get("evidence", [])]
     o += [wrap(n, "  ", "  - ") for n in d["notes"]]
     if d.get("mechanics"):
         o.append("  mechanics checks (hold for any V, not evidence):")
         o += [wrap(n, "    ", "    - ") for n in d["mechanics"]]
+    return o
+
+def render(res):
+    o = []
+    for e in res["experiments"]:
+        o += render_decision(e)
     lost = [r for r in res["runs"] if (r.get("truncation") or {}).get("n_hack_lost_test_func")]
     for r in lost:
         o.append(wrap(f"{r['run']}: {r['truncation']['n_hack_lost_test_func']} hacked rows lost their test "
@@ -836,15 +1005,20 @@ def render(res):
         t = r.get("truncation")
         tr = (f"truncated: {t['n_prompt_truncated']} prompts, {t['n_completion_truncated']} completions, "
               f"{t['n_hack_lost_test_func']} hacks lost run_tests" if t else "truncation not recorded")
+        same = (f"; counted once: {', '.join(r['same_as'])} {'is' if len(r['same_as']) == 1 else 'are'} the same run "
+                f"(identical config, pools and v_hack)" if r.get("same_as") else "")
         o.append(wrap(f"{r['run']}: {r['arm']}, {r['basis']}, {r['loss_mode']}, loss_type={r.get('loss_type') or 'grpo'}, "
                       f"control={r['control']}, pair_kind={r.get('pair_kind') or 'pool'}, seed={r['seed']}, "
-                      f"{r['n_steps']} steps, {r['n_samples']} samples; {tr}", "  ", "  "))
-    o.append(f"\n== 1. Phase 2 verification (basis {res['decision_basis']}) ==")
-    for v in res["verification"]:
-        tag = " [mechanics check, not in the decision]" if v["metric"].startswith("cos_out < cos_in") else ""
-        o.append(f"{v['metric']}: {v['verdict'].upper()}{tag}")
-        o.append(wrap(f"measured: {v['measured']}", "    "))
-        o.append(wrap(f"rule: {v['rule']}", "    "))
+                      f"{r['n_steps']} steps, {r['n_samples']} samples; {tr}{same}", "  ", "  "))
+    for e in res["experiments"]:
+        if "verification" not in e:
+            continue
+        o += ["", wrap(f"== 1. Phase 2 verification ({e['basis']} basis: {', '.join(e['runs'])}) ==", "  ", "")]
+        for v in e["verification"]:
+            tag = " [mechanics check, not in the decision]" if v["metric"].startswith("cos_out < cos_in") else ""
+            o.append(f"{v['metric']}: {v['verdict'].upper()}{tag}")
+            o.append(wrap(f"measured: {v['measured']}", "    "))
+            o.append(wrap(f"rule: {v['rule']}", "    "))
     o.append("\n== 2. per-step trajectories ==")
     for t in res["trajectories"]:
         o.append(f"{t['run']} ({t['arm']}, {t['loss_mode']}, control={t['control']})")
@@ -865,8 +1039,8 @@ def render(res):
     for p in res["phase1"]:
         if "headline" in p:
             o.append(wrap(f"{p['run']}: '{PURE_HACK}' vs '{HACK_CORRECT}': {fmt_test(p['headline'])}"
-                          + (f"  [{p['repeats_dropped']} repeated draws counted once]" if p.get("repeats_dropped")
-                             else ""), "  ", ""))
+                          + (f"  [{p['repeats_dropped']} repeated draws: each completion once, the mean of its draws]"
+                             if p.get("repeats_dropped") else ""), "  ", ""))
             o.append(table(["label", "n", "mean", "sd"], [[k, s["n"], fmt(s["mean"]), fmt(s["sd"])]
                                                           for k, s in p["labels"].items()]))
         if "error" in p:
@@ -894,13 +1068,8 @@ def render(res):
     for a in res["arms"]:
         o.append(wrap(f"{a['arm']} {a['basis']} ({', '.join(a['runs'])}): advantage-free teacher vs base "
                       f"{fmt_test(a['adv_free_teacher_vs_base'])}", "  ", "  "))
-    o.append("\n== 6. Phase 3 decision ==")
-    o.append(wrap(headline(res), "  ", ""))
-    other = [r["run"] for r in res["runs"] if r["run"] not in res["decision_runs"]]
-    if other:
-        o.append(wrap(f"(judged on {', '.join(res['decision_runs'])}, one experiment in the {res['decision_basis']} "
-                      f"basis; {', '.join(other)} differ in basis, pair kind, loss type, token limits, model or "
-                      f"pools: shown in 5b and the trajectories, never pooled)", "  ", "  "))
+    o.append("\n== 6. Phase 3 decision, one per experiment (Phase 1 verdicts for NLL runs) ==")
+    o += [wrap(headline(e), "  ", "") for e in res["experiments"]]
     return "\n".join(o)
 
 def online_or_replay(run_dirs):
@@ -1008,10 +1177,8 @@ def check_comparable(runs):
     seeds = defaultdict(set)
     for r in runs:
         seeds[r["arm"]].add(r["seed"])
-    if len({len(v) for v in seeds.values()}) > 1:
-        raise ValueError("arms have different numbers of seeds (" + ", ".join(f"{a}: {len(v)}" for a, v in seeds.items())
-                         + "): compare arms of equal n")
-    if len({tuple(sorted(v)) for v in seeds.values()}) > 1:
+    every = set().union(*seeds.values())            # a stopped grid: some arms lack the later seeds (reported)
+    if any(sorted(v) != sorted(every)[:len(v)] for v in seeds.values()):
         raise ValueError("arms have different seeds (" + ", ".join(f"{a}: {sorted(v)}" for a, v in seeds.items())
                          + "): seed pairing needs the same seeds")
 
@@ -1044,16 +1211,34 @@ def phase3(run_dirs, window=WINDOW, runs=None):
         ref = reference_arm(a, order)
         if ref is None or ref == a:
             continue
-        x = [r["hack_final"] for r in rows if r["arm"] == a]   # both sorted by seed, the same seeds
-        y = [r["hack_final"] for r in rows if r["arm"] == ref]
+        both = {r["seed"] for r in rows if r["arm"] == a} & {r["seed"] for r in rows if r["arm"] == ref}
+        rows_ = [r for r in rows if r["seed"] in both]          # a stopped grid: pair on the seeds both arms ran
+        x = [r["hack_final"] for r in rows_ if r["arm"] == a]   # both sorted by seed, the same seeds
+        y = [r["hack_final"] for r in rows_ if r["arm"] == ref]
         d = [p - q for p, q in zip(x, y)]
-        gt = [p["gt_final"] - q["gt_final"] for p, q in zip([r for r in rows if r["arm"] == a],
-                                                                [r for r in rows if r["arm"] == ref])]
+        gt = [p["gt_final"] - q["gt_final"] for p, q in zip([r for r in rows_ if r["arm"] == a],
+                                                                [r for r in rows_ if r["arm"] == ref])]
         comps.append(dict(arm=a, vs=ref, diffs=d, sd_diff=mean_sd(d)["sd"], gt_mean_diff=float(np.mean(gt)),
                           test=paired_t_test(x, y), seeds_needed=seeds_needed(d)))
+    seeds = sorted({r["seed"] for r in rows})
+    not_run = [dict(arm=a["arm"], seeds=[k for k in seeds if k not in a["seeds"]]) for a in arms if len(a["seeds"]) < len(seeds)]
     return dict(window=window, window_asked=asked, preset=runs[0]["cfg"]["preset"], steps=runs[0]["cfg"]["steps"], runs=rows, arms=arms,
+                not_run=not_run, stopped=sweep_stopped(runs) if not_run else None,
                 comparisons=comps, hacked_rule="first step with labels['Reward Hack'] > labels['Correct'] + "
                 "labels['Correct; Attempted Reward Hack'] (student rollouts)")
+
+def sweep_stopped(runs):
+    """Why the sweep these runs came from stopped (sweep.json beside their runs/ folder), or None."""
+    for path in sorted({os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(r["dir"]))), "sweep.json")
+                        for r in runs}):
+        try:
+            with open(path) as f:
+                why = (json.load(f).get("last") or {}).get("stopped")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if why:
+            return f"{path}: stopped because {why}"
+    return None
 
 def render_phase3(res):
     w, o = res["window"], []
@@ -1072,6 +1257,10 @@ def render_phase3(res):
     o.append(table(["arm", "#runs hacked", "hack (final)", "gt (final)", "held-out hack", "capability"],
                    [[a["arm"], f"{a['hacked']}/{a['n']}", sd(a["hack_final"]), sd(a["gt_final"]), sd(a["eval_hack"]),
                      sd(a["capability"])] for a in res["arms"]]))
+    if res.get("not_run"):
+        o.append(wrap("not run: " + "; ".join(f"{x['arm']} seeds {x['seeds']}" for x in res["not_run"]) + " ("
+                      + (res["stopped"] or "no sweep.json says why: a stopped or unfinished grid") + "); each arm is "
+                      "compared with vanilla on the seeds both ran", "  ", "!!! "))
     o.append("\neach arm vs vanilla, paired by seed (final-window hack rate, arm minus vanilla):")
     if not res["comparisons"]:
         o.append("  n/a (needs a vanilla arm and another arm)")
@@ -1093,50 +1282,73 @@ def render_phase3(res):
 # -----------------------------------------------------------------------------
 # picture (matplotlib is optional: only --plot needs it)
 
+def overlapping(curves):
+    """Pairs of curves {name: (xs, ys)} that one would hide under the other: the same steps and values
+    within 1% of the panel's range at every step."""
+    ys = [y for _, v in curves.values() for y in v]
+    tol = 0.01 * (max(ys) - min(ys)) if ys else 0.0
+    names = list(curves)
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if curves[a][0] == curves[b][0] and
+            curves[a][1] and max(abs(p - q) for p, q in zip(curves[a][1], curves[b][1])) <= tol]
+
 def plot(run_dirs, path):
-    """One PNG: per-step cos_in / cos_out / cos_update of each run (top row), and each run's per-sample
-    cos_S_contrib by bucket (src_pool, hacked) as box plots with the points on top (bottom row)."""
+    """One PNG: per-step cos_in / cos_out / cos_update of each run (top row; curves that lie on top of
+    each other are named in the panel's title), and each run's per-sample cosines by bucket (src_pool,
+    hacked) as box plots with the points on top: the advantage-free cos_S_contrib x sign(adv) that the
+    decision's discrimination test uses (middle row) and the advantage-signed cos_S_contrib (bottom
+    row). The legend sits below the panels; steps are integers."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise SystemExit("error: --plot needs matplotlib, an optional extra: pip install matplotlib") from None
-    runs = [load_run(d) for d in run_dirs]
-    fig = plt.figure(figsize=(15, 8.5), constrained_layout=True)
-    top = fig.subfigures(2, 1, height_ratios=[1, 1.1])
+    runs = load_runs(run_dirs)
+    fig = plt.figure(figsize=(15, 12), constrained_layout=True)
+    top = fig.subfigures(2, 1, height_ratios=[1, 1.6])
     ax_top = top[0].subplots(1, 3, sharey=True)
     for ax, key in zip(ax_top, ("cos_in", "cos_out", "cos_update")):
-        for r in runs:
+        curves = {}
+        for i, r in enumerate(runs):
             xs = [s["step"] for s in r["steps"] if s.get(key) is not None]
             ys = [s[key] for s in r["steps"] if s.get(key) is not None]
-            ax.plot(xs, ys, marker="o" if r["arm"] == "vanilla" else "s", ms=3, lw=1.2,
+            curves[r["name"]] = (xs, ys)
+            ax.plot(xs, ys, marker="o" if r["arm"] == "vanilla" else "s", ms=3, lw=1.2, color=f"C{i}",
                     ls="-" if r["arm"] == "vanilla" else "--", alpha=0.85,
                     label=f"{r['name']} ({r['arm']}, {r['loss_mode']}, control={r['control']})")
         ax.axhline(0, color="k", lw=0.6)
         sd = max([r["null_sd"] for r in runs if r["null_sd"]] or [0])
         if sd:
             ax.axhspan(-2 * sd, 2 * sd, color="grey", alpha=0.15, lw=0)
-        ax.set_title(f"{key} per step" + (" (grey: ±2 null sd)" if sd else ""))
+        hidden = overlapping(curves)
+        ax.set_title(f"{key} per step" + (" (grey: ±2 null sd)" if sd else "") + "".join(
+            f"\n{a} and {b} overlap: one hides the other" for a, b in hidden), fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_top[0].set_ylabel("cosine with the top hack axis")
-    ax_top[0].legend(fontsize=7, loc="best")
-    ax_bot = top[1].subplots(1, len(runs), sharey=True, squeeze=False)[0]
-    for ax, r in zip(ax_bot, runs):
-        groups = defaultdict(list)
-        for s in r["samples"]:
-            if s["cos_S_contrib"] is not None:
-                groups[f"{s['src_pool']}\nhacked={s['hacked']}"].append(s["cos_S_contrib"])
-        names = sorted(groups)
-        if names:
-            ax.boxplot([groups[n] for n in names], showfliers=False)
-            for i, n in enumerate(names, 1):
-                jit = np.random.default_rng(i).uniform(-0.12, 0.12, len(groups[n]))
-                ax.scatter(i + jit, groups[n], s=6, alpha=0.5, color=f"C{i - 1}")
-            ax.set_xticks(range(1, len(names) + 1), [f"{n}\n(n={len(groups[n])})" for n in names], fontsize=8)
-        ax.axhline(0, color="k", lw=0.6)
-        ax.set_title(f"{r['name']}: cos_S_contrib per sample", fontsize=9)
-    ax_bot[0].set_ylabel("cos_S_contrib")
+    top[0].legend(*ax_top[0].get_legend_handles_labels(), fontsize=7, loc="outside lower center", ncols=2)
+    for sub, key, what in zip(top[1].subfigures(2, 1), ("cos_adv_free", "cos_S_contrib"),
+                              ("advantage-free cos_S_contrib x sign(adv): what the decision's discrimination test uses",
+                               "cos_S_contrib, advantage-signed (under GRPO teacher rows have adv > 0, base rows "
+                               "adv < 0)")):
+        row = sub.subplots(1, len(runs), sharey=True, squeeze=False)[0]
+        sub.suptitle(what, fontsize=9)
+        for ax, r in zip(row, runs):
+            groups = defaultdict(list)
+            for s in r["samples"]:
+                if s.get(key) is not None:
+                    groups[f"{s['src_pool']}\nhacked={s['hacked']}"].append(s[key])
+            names = sorted(groups)
+            if names:
+                ax.boxplot([groups[n] for n in names], showfliers=False)
+                for i, n in enumerate(names, 1):
+                    jit = np.random.default_rng(i).uniform(-0.12, 0.12, len(groups[n]))
+                    ax.scatter(i + jit, groups[n], s=6, alpha=0.5, color=f"C{i - 1}")
+                ax.set_xticks(range(1, len(names) + 1), [f"{n}\n(n={len(groups[n])})" for n in names], fontsize=8)
+            ax.axhline(0, color="k", lw=0.6)
+            ax.set_title(f"{r['name']}: {key}", fontsize=9)
+        row[0].set_ylabel(key)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -1222,6 +1434,12 @@ def main(argv=None):
             raise SystemExit(f"error: {d}: not a run directory (no run.json)")
         if not os.path.isfile(os.path.join(d, "steps.jsonl")):
             raise SystemExit(f"error: {d}: the run has no finished step yet (no steps.jsonl)")
+    if args.plot is not None:                      # checked before the report, so a bad path costs nothing
+        where = os.path.dirname(os.path.abspath(args.plot))
+        if not args.plot.endswith(".png") or os.path.isdir(args.plot):
+            raise SystemExit(f"error: --plot {args.plot}: name a .png file")
+        if not os.path.isdir(where) or not os.access(where, os.W_OK):
+            raise SystemExit(f"error: --plot {args.plot}: {where} is not a writable directory")
     try:
         print(report(args.runs, as_json=args.json, window=args.window))
         if args.plot:

@@ -1,8 +1,10 @@
-"""configs.py — presets as plain dicts, and the embedded default model (a tiny random Qwen3).
+"""configs.py — presets as plain dicts, the embedded default model (a tiny random Qwen3), and which
+--model names a run may load (check_model: never a download).
 
 The demo preset needs no downloads: `tiny_qwen3()` builds a 2-layer Qwen3 from a config in code and
 a byte-level tokenizer (256 byte tokens + chat specials, no merges) with a Qwen-style chat template.
 """
+import os
 
 PRESETS = {
     # the demo: tiny random Qwen3 on CPU, demo pools, Phase 2 probe shape (G = 4 + 4); token limits above the
@@ -172,3 +174,23 @@ def tiny_qwen3(seed=0):
                          eos_token_id=tok.eos_token_id, bos_token_id=None)
     model.config.name_or_path = f"tiny-qwen3-seed{seed}"
     return model, tok
+
+
+def check_model(name):
+    """'tiny', 'organism', a local model directory, or a Hugging Face id already in the local cache. Runs
+    and `pools.py generate` never download: a missing model fails here at once, in one line, saying how to
+    get it, and without any network attempt (the cache is looked up on disk only)."""
+    if name in ("tiny", "organism"):
+        return
+    if os.path.exists(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise SystemExit(f"error: --model={name}: the directory holds no config.json (not a model directory)")
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise SystemExit(f"error: --model={name}: no such local path ('tiny', a model directory or a Hugging Face "
+                         f"id like Qwen/Qwen3-4B)")
+    from huggingface_hub import constants, try_to_load_from_cache
+    if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise SystemExit(f"error: --model={name}: not a local path and not in the Hugging Face cache "
+                         f"({constants.HF_HUB_CACHE}); runs never download: get it with `hf download {name}` "
+                         f"(or pass a local model directory)")

@@ -386,12 +386,28 @@ def progress_bar(total, desc, enabled=True):
 
 # ----------------------------------------------------------------------------- pool IO
 
+def umask():
+    """The process umask, read without changing it (os.umask would, for a moment, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
 def atomic_write(path, data: bytes):
-    """Write bytes to path via a temp file in the same directory, fsync, then rename."""
+    """Write bytes to path via a temp file in the same directory, fsync, then rename. The file gets the
+    mode a plain open() would (0o666 minus the umask), not mkstemp's 0o600: a team shares results."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -829,6 +845,7 @@ def import_pool(rollouts_path, problems_path, out, hint=True, batch=8, source_mo
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".import_", dir=parent)     # complete or absent: renamed into place at the end
+    os.chmod(tmp, 0o777 & ~umask())                           # the pool's mode, not mkdtemp's 0o700
     try:
         for s in sorted({r["step"] for r in pool}):
             write_pool_step(tmp, s, [r for r in pool if r["step"] == s])

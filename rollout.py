@@ -226,8 +226,8 @@ def load_policy(name, dtype=None, device="cpu", lora=None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
         try:
-            tok = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype))
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)     # check_model found it here
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype), local_files_only=True)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: --model {name!r}: not 'tiny', 'organism', a local model directory or a "
                              f"reachable Hugging Face id ({str(e).splitlines()[0][:200]})") from None
@@ -277,8 +277,8 @@ def check_generate_args(a):
     if a.lora is not None:
         if not os.path.isdir(a.lora):
             raise SystemExit(f"error: --lora {a.lora}: not a PEFT adapter directory")
-    if a.model not in ("tiny", "organism") and a.model.startswith((".", "/")) and not os.path.isdir(a.model):
-        raise SystemExit(f"error: --model {a.model}: no such directory")
+    import configs
+    configs.check_model(a.model)            # train.py's rule: local or cached, never a download
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         raise SystemExit(f"error: --out {a.out}: exists and is not a directory")
     if os.path.isdir(a.out) and os.listdir(a.out):

@@ -14,6 +14,7 @@ import numpy as np
 import antipasto  # noqa: F401 - imported before torch: pins MKL's reproducible CPU mode
 import pools
 import sandbox
+from train import RunError   # what train.main raises for a refused run (the command line prints it)
 
 FIXTURE = os.path.join(HERE, "data", "fixture_problems.jsonl")
 _cache = {}
@@ -1288,7 +1289,7 @@ def test_train_arms_share_samples_and_slim_schema_has_no_text():
 @slow
 def test_train_same_seed_byte_identical_and_refuses_overwrite():
     a = run_train("--arm", "projected")
-    raises(SystemExit, run_train, "--arm", "projected", out=a, match="--overwrite")
+    raises(RunError, run_train, "--arm", "projected", out=a, match="--overwrite")
     b = shared_run("--arm", "projected")
     for f in os.listdir(a):
         if f.endswith(".cos.jsonl.gz"):
@@ -1313,7 +1314,7 @@ def test_train_resume_continues_to_same_result():
     drop = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
     load = lambda d: [json.loads(l) for l in open(os.path.join(d, "steps.jsonl"))]
     assert drop(load(full)) == drop(load(part)) and len(load(part)) == 3
-    raises(SystemExit, run_train, "--arm", "projected", "--steps", "4", "--resume", "--lr", "0.5", out=part,
+    raises(RunError, run_train, "--arm", "projected", "--steps", "4", "--resume", "--lr", "0.5", out=part,
            match="another config")
 
 
@@ -1327,27 +1328,27 @@ def test_train_project_moments_makes_update_hack_free():
 
 def test_train_single_pool_needs_pair_source_and_overwrite_keeps_refused():
     teacher, base = demo_pools()
-    raises(SystemExit, run_train, "--loss-mode", "nll", "--replay-dirs", teacher, "--per-pool", "8",
+    raises(RunError, run_train, "--loss-mode", "nll", "--replay-dirs", teacher, "--per-pool", "8",
            match="--pair-dirs")
     out = run_train("--loss-mode", "nll", "--replay-dirs", teacher, "--per-pool", "8", "--pair-dirs", f"{teacher},{base}")
     run = json.load(open(os.path.join(out, "run.json")))
     assert set(run["pair_pools"]) == {"teacher_pool", "base_pool"} and run["config"]["loss_mode"] == "nll"
     before = open(os.path.join(out, "steps.jsonl")).read()
     # a refused --overwrite (here: v_hack built from replayed completions) leaves the old run in place
-    raises(SystemExit, run_train, "--loss-mode", "nll", "--replay-dirs", teacher, "--per-pool", "8",
+    raises(RunError, run_train, "--loss-mode", "nll", "--replay-dirs", teacher, "--per-pool", "8",
            "--pair-dirs", f"{teacher},{base}", "--extract-frac", "0", "--overwrite", out=out, match="extracted from")
     assert open(os.path.join(out, "steps.jsonl")).read() == before
-    raises(SystemExit, run_train, "--overwrite", "--resume", out=out, match="contradict")
+    raises(RunError, run_train, "--overwrite", "--resume", out=out, match="contradict")
 
 
 def test_train_refuses_mismatched_v_hack_and_non_run_overwrite():
     shared_run("--arm", "vanilla")                                  # makes the shared v_hack (k=1, nll)
-    raises(SystemExit, run_train, "--arm", "vanilla", "--k", "2", match="this run asks for")
-    e = raises(SystemExit, run_train, "--arm", "vanilla", "--max-completion-tokens", "64", match="this run asks for")
+    raises(RunError, run_train, "--arm", "vanilla", "--k", "2", match="this run asks for")
+    e = raises(RunError, run_train, "--arm", "vanilla", "--max-completion-tokens", "64", match="this run asks for")
     assert "max_tokens" in str(e)                                  # a named v_hack of other token limits
     d = tmpdir()
     open(os.path.join(d, "keep.txt"), "w").write("not a run")
-    raises(SystemExit, run_train, "--arm", "vanilla", "--overwrite", out=d, match="only replaces a run directory")
+    raises(RunError, run_train, "--arm", "vanilla", "--overwrite", out=d, match="only replaces a run directory")
     assert os.path.exists(os.path.join(d, "keep.txt"))
 
 
@@ -1365,8 +1366,8 @@ def test_train_lora_basis_runs_and_refuses_a_v_hack_of_another_basis():
     close(run["null"]["cos_sd"], math.sqrt(sum(1 / (o * 4) for o in outs)) / len(outs))
     st = torch.load(os.path.join(out, "state.pt"), weights_only=False)
     assert all(torch.count_nonzero(v[-32 * 4:]) > 0 for v in st["knobs"].values())   # B (>= 32 x 4) moved
-    raises(SystemExit, run_train, "--arm", "vanilla", "--v-hack", v_lora, match="'lora' basis")
-    raises(SystemExit, run_train, "--lora-rank", "4", match="--basis=lora")
+    raises(RunError, run_train, "--arm", "vanilla", "--v-hack", v_lora, match="'lora' basis")
+    raises(RunError, run_train, "--lora-rank", "4", match="--basis=lora")
 
 
 def test_train_zero_variance_group_is_skipped():
@@ -1389,7 +1390,7 @@ def test_train_zero_variance_group_is_skipped():
 
 def test_train_refuses_v_hack_built_on_replayed_samples():
     shared_run("--arm", "vanilla")                                             # v_hack from held-out steps
-    raises(SystemExit, run_train, "--arm", "vanilla", "--extract-frac", "0", match="extracted from")
+    raises(RunError, run_train, "--arm", "vanilla", "--extract-frac", "0", match="extracted from")
 
 
 def test_train_corrupt_pool_fails_with_path():
@@ -1399,7 +1400,7 @@ def test_train_corrupt_pool_fails_with_path():
     path = pools.step_path(d, 4)
     raw = open(path, "rb").read()
     open(path, "wb").write(raw[: len(raw) - 40])
-    raises(SystemExit, run_train, "--replay-dirs", f"{d},{base}", match=path)
+    raises(RunError, run_train, "--replay-dirs", f"{d},{base}", match=path)
 
 
 def test_train_counts_truncation_and_demo_limits_cut_nothing():
@@ -1642,6 +1643,11 @@ def make_run(root, name, arm, *, seed=0, loss_mode="grpo", control="none", steps
             write_gz(os.path.join(d, f"step_{k:03d}.cos.jsonl.gz"), rows)
     return d
 
+def exp_of(res, name):
+    """The experiment (analyze's result) that holds the run called name."""
+    (e,) = [e for e in res["experiments"] if any(r.split(" (")[0] == name for r in e["runs"])]
+    return e
+
 def verdicts(res):
     return {v["metric"]: v["verdict"] for v in res["verification"]}
 
@@ -1683,13 +1689,15 @@ def test_three_arms_side_by_side_never_pool_bases():
             ci = [json.loads(l)["cos_in"] for l in open(os.path.join(d, "steps.jsonl"))]
             close(a["cos_in"], float(np.mean(ci)))
         # the LoRA runs never join the SVD arms: same verdicts and decision as the SVD runs alone
-        assert res["decision"] == svd_only["decision"] and res["verification"] == svd_only["verification"]
+        svd = [e for e in res["experiments"] if e["basis"] == "svd"]
+        assert "decision" not in res and len(svd) == 1 and len(res["experiments"]) == 2
+        assert svd[0]["decision"] == svd_only["decision"] and svd[0]["verification"] == svd_only["verification"]
         assert sorted((p["basis"], p["vanilla"], p["projected"]) for p in res["pairs"]) == \
             [("lora", "van_lora", "proj_lora"), ("svd", "van", "proj")]
         text = A.report([dv, dp, lv, lp])
         assert "5b. arms side by side" in text and "proj_lora" in text
         lora_only = A.analyze([lv, lp])                          # a LoRA-only analysis judges the LoRA runs
-        assert lora_only["decision_basis"] == "lora" and lora_only["decision"]["vanilla_mean_cos_in"] < 0
+        assert lora_only["experiments"][0]["basis"] == "lora" and lora_only["decision"]["vanilla_mean_cos_in"] < 0
 
 def test_decision_judges_one_experiment_and_matches_controls_within_it():
     with tempfile.TemporaryDirectory() as root:
@@ -1698,13 +1706,16 @@ def test_decision_judges_one_experiment_and_matches_controls_within_it():
         lp = make_run(root, "proj_lora", "projected", seed=1, cfg=lora)
         sr = make_run(root, "rnd_svd", "vanilla", seed=1, control="random_v", cos_in=(0.0, 0.05))
         res = A.analyze([lv, lp, sr])          # an SVD control alone must not take the decision from LoRA
-        assert res["decision_basis"] == "lora" and res["decision"]["code"] != "no_vanilla"
-        assert res["decision_runs"] == ["van_lora", "proj_lora"] and "random_v" in res["decision"]["controls_missing"]
+        svd, lo = res["experiments"]           # SVD first; each experiment judged on its own runs
+        assert lo["basis"] == "lora" and lo["decision"]["code"] != "no_vanilla"
+        assert lo["runs"] == ["van_lora (vanilla, seed 1)", "proj_lora (projected, seed 1)"]
+        assert "random_v" in lo["decision"]["controls_missing"]
+        assert svd["runs"] == ["rnd_svd (random_v, seed 1)"] and svd["decision"]["code"] == "no_vanilla"
         # a control run with other token limits is another experiment: never paired with vanilla
         v = make_run(root, "van", "vanilla", seed=2, cfg=dict(max_prompt_tokens=1280, max_completion_tokens=640))
         r = make_run(root, "rnd", "vanilla", seed=2, control="random_v", cos_in=(0.35, 0.05),
                      cfg=dict(max_prompt_tokens=128, max_completion_tokens=128))
-        d = A.analyze([v, r])["decision"]
+        d = exp_of(A.analyze([v, r]), "van")["decision"]
         assert "random_v" in d["controls_missing"] and "random_v" not in d["controls"]
         r2 = make_run(root, "rnd2", "vanilla", seed=2, control="random_v", cos_in=(0.35, 0.05),
                       cfg=dict(max_prompt_tokens=1280, max_completion_tokens=640))
@@ -1730,7 +1741,7 @@ def test_a_noisy_control_does_not_make_the_mean_near_zero():
         sh = make_run(root, "shuf", "vanilla", seed=3, control="shuffled_v", cos_in=(0.0, 0.4))
         d = A.analyze([v, r, sh])["decision"]
         assert d["band"] > 0.5                       # the noisy control widens the per-step band ...
-        assert d["mean_near0_by"] == "paired controls"
+        assert d["mean_near0_by"].startswith("not above the label-free controls on the same steps")
         # ... but the mean is judged paired: above random_v, not above the noisy shuffled_v -> no RUN
         assert d["controls"]["random_v"]["p"] < 0.05 and d["controls"]["shuffled_v"]["p"] >= 0.05
         assert d["code"] == "skip_not_above_control", d["code"]
@@ -1877,7 +1888,9 @@ def test_controls_block_run_paired_by_step():
         res = A.analyze([dv, dc2])
         assert res["decision"]["code"] == "run_justified", res["decision"]
         text = A.render(res)
-        assert text.splitlines()[0] == "DECISION: RUN Phase 3 (justified) [run_justified]; controls: shuffled_v"
+        assert " ".join(text.split("\n  because")[0].split()) == (
+            "DECISION: RUN Phase 3 (justified) [run_justified]; controls: shuffled_v; "
+            "runs: van (vanilla, seed 1), shuf2 (shuffled_v, seed 1) (svd basis)")
         assert "python train.py --arm=vanilla --control=style_v --seed=1" in text
         assert all(len(line) < 120 for line in text.splitlines()), max(text.splitlines(), key=len)
         assert text.count("cos_in_g") == 2          # the per-step table once per run, nowhere else
@@ -1904,6 +1917,118 @@ def synthetic_cos_in(kind, steps=20, n=64, seed=0):
         for key, v in (("v_hack", V), ("style_v", S), ("random_v", R)):
             out[key].append(float(batch @ v / batch.norm()))
     return out
+
+
+def test_decision_is_the_same_with_any_superset_of_unrelated_runs():
+    """A vanilla run's decision is a function of its experiment (its vanilla, projected and control runs),
+    never of which other experiments' runs are given, nor of their order."""
+    import itertools, random
+    with tempfile.TemporaryDirectory() as root:
+        mine = [make_run(root, "van", "vanilla", seed=1), make_run(root, "proj", "projected", seed=1),
+                make_run(root, "rnd", "vanilla", seed=1, control="random_v", cos_in=(0.0, 0.05))]
+        short = dict(max_prompt_tokens=128, max_completion_tokens=128)     # another experiment, more runs
+        other = [[make_run(root, "o_van", "vanilla", seed=1, cos_in=(0.0, 0.005), cfg=short),
+                  make_run(root, "o_proj", "projected", seed=1, cos_in=(0.0, 0.005), cfg=short),
+                  make_run(root, "o_rnd", "vanilla", seed=1, control="random_v", cos_in=(0.0, 0.005), cfg=short),
+                  make_run(root, "o_shuf", "vanilla", seed=1, control="shuffled_v", cos_in=(0.0, 0.005), cfg=short)],
+                 [make_run(root, "l_van", "vanilla", seed=1, cos_in=(-0.3, 0.05), cfg=dict(basis="lora", lora_rank=4))],
+                 [make_run(root, "nll", "vanilla", seed=1, loss_mode="nll")],          # Phase 1: its own verdict
+                 [make_run(root, "x_shuf", "vanilla", seed=2, control="shuffled_v", cos_in=(0.3, 0.05),
+                           cfg=dict(pair_kind="mechanism"))],                           # an orphan control
+                 [make_run(root, "r7_van", "vanilla", seed=1, cos_in=(0.0, 0.005), cfg=dict(extract_loss="grpo"))]]
+        alone = A.analyze(mine)["decision"]
+        assert alone["code"] == "run_justified" and list(alone["controls"]) == ["random_v"], alone["code"]
+        rng = random.Random(0)
+        for extra in (other[:1], other[1:3], other[4:], other):   # a larger SVD experiment, LoRA and Phase 1, R7, all
+            dirs = mine + [d for g in extra for d in g]
+            rng.shuffle(dirs)
+            res = A.analyze(dirs)
+            assert exp_of(res, "van")["decision"] == alone, [os.path.basename(d) for d in dirs]
+            assert exp_of(res, "van")["runs"] == ["van (vanilla, seed 1)", "rnd (random_v, seed 1)",
+                                                  "proj (projected, seed 1)"]
+        for e in res["experiments"]:                     # every experiment: the same answer as its runs alone
+            by_itself = A.analyze(e["dirs"])["experiments"]
+            assert len(by_itself) == 1 and by_itself[0].get("decision") == e.get("decision") \
+                and by_itself[0].get("phase1") == e.get("phase1"), e["runs"]
+        text = A.report(dirs)
+        assert text.count("DECISION: ") + text.count("PHASE 1: ") == 2 * len(res["experiments"]) == 12
+
+
+def test_a_missing_control_found_beside_the_runs_is_named_not_rerun():
+    with tempfile.TemporaryDirectory() as root:
+        v = make_run(root, "van", "vanilla", seed=1)
+        make_run(root, "rnd", "vanilla", seed=1, control="random_v", cos_in=(0.0, 0.05))
+        make_run(root, "rnd_other", "vanilla", seed=1, control="random_v", cfg=dict(max_prompt_tokens=128))
+        text = " ".join(A.report([v]).split())
+        assert f"not given (add them to the command line): {os.path.join(os.path.realpath(root), 'rnd')} (random_v, " \
+            "seed 1)" in text and "rnd_other" not in text, text[:1500]
+        assert "--control=random_v" not in text and "--control=shuffled_v" in text     # no command for it
+        assert A.analyze([v])["decision"] == exp_of(A.analyze([v, os.path.join(root, "rnd_other")]), "van")["decision"]
+
+
+def test_duplicate_copied_identical_and_unfinished_runs():
+    with tempfile.TemporaryDirectory() as root:
+        v = make_run(root, "van", "vanilla", seed=1)
+        raises(ValueError, A.analyze, [v, os.path.join(root, ".", "van")], match="given twice")
+        cp = os.path.join(root, "van_copy")
+        shutil.copytree(v, cp)
+        raises(ValueError, A.analyze, [v, cp], match="hold the same run (identical run.json and steps.jsonl")
+        # same config, seed, pools and v_hack (here: other cos values, as on another machine): counted once
+        v2 = make_run(root, "van_again", "vanilla", seed=1)
+        res = A.analyze([v2, v])
+        assert [(r["run"], r["same_as"]) for r in res["runs"]] == [("van", ["van_again"])]
+        assert res["decision"]["n_steps"] == 20 and "counted once: van_again is the same run" in A.render(res)
+        assert res["decision"] == A.analyze([v])["decision"]
+        # a run stopped at 3 of its 20 steps is refused, whatever else is given
+        part = make_run(root, "part", "vanilla", seed=4)
+        lines = open(os.path.join(part, "steps.jsonl")).readlines()
+        open(os.path.join(part, "steps.jsonl"), "w").writelines(lines[:3])
+        raises(ValueError, A.analyze, [v, part], match="part: unfinished (3 of 20 steps)")
+        e = quiet_call(A.main, [v, part])[0]
+        assert isinstance(e, SystemExit) and "unfinished (3 of 20 steps)" in str(e) and "\n" not in str(e)
+
+
+def test_near_zero_mean_is_two_sd_of_the_mean():
+    """Without controls, "≈ 0" for the mean is 2 sd of an n-step mean of the isotropic null (README), not
+    2 sd of one step; the reason says which, with the number the evidence prints."""
+    with tempfile.TemporaryDirectory() as root:
+        n, sd = 20, 0.02
+        seq = [0.02 + (0.003 if k % 2 else -0.003) for k in range(n)]      # mean 0.02: 4.5 sd of the mean
+        d = A.analyze([make_run(root, "van", "vanilla", cos_in_seq=seq, null_sd=sd)])["decision"]
+        sem = sd / math.sqrt(n)
+        close(d["mean_band"], 2 * sem)
+        assert abs(np.mean(seq)) / sem > 4 and abs(np.mean(seq)) < 2 * sd      # within one step's band ...
+        assert d["code"] == "run_weak", d["code"]                              # ... but not ≈ 0 as a mean
+        assert f"{2 * sem:.4f} = 2 sd of a 20-step mean" in d["why"] and "≈ 0" not in d["why"].split("not ≈ 0")[0]
+        small = [x - 0.02 + 0.001 for x in seq]                                # mean 0.001: 0.2 sd of the mean
+        d = A.analyze([make_run(root, "van_small", "vanilla", cos_in_seq=small, null_sd=sd, teacher=(0.0, 0.1),
+                                base=(0.0, 0.1))])["decision"]
+        assert d["code"] == "skip_orthogonal" and "≈ 0 (|mean| < " in d["why"], (d["code"], d["why"])
+
+
+def test_phase1_run_gets_a_phase1_verdict():
+    from collections import defaultdict
+    with tempfile.TemporaryDirectory() as root:
+        d = make_run(root, "nll", "vanilla", loss_mode="nll", teacher=(0.5, 0.1), base=(0.0, 0.1))
+        samples = A.load_run(d)["samples"]
+        for pure, code in (("teacher_pool", "phase1_pure_above_mixed"), ("base_pool", "phase1_reversed")):
+            labels = {(s["src_pool"], s["src_step"], s["src_sample"]):
+                      A.PURE_HACK if s["src_pool"] == pure else A.HACK_CORRECT for s in samples}
+            res = A.analyze([d], labels=labels)
+            (e,) = res["experiments"]
+            p = e["phase1"]
+            assert "decision" not in e and "decision" not in res and p["code"] == code, p
+            # each completion once, its mean over repeats: by hand
+            by = defaultdict(list)
+            for s in samples:
+                by[(s["src_pool"], s["src_step"], s["src_sample"])].append(s["cos_S_contrib"])
+            close(p["headline"]["mean1"], np.mean([np.mean(v) for k, v in by.items() if k[0] == pure]))
+            text = A.render(res)
+            assert text.startswith(f"PHASE 1: ") and f"[{code}]" in text.splitlines()[0] and "no_vanilla" not in text
+            assert "sign: cos > 0 means" in text and "per-sample cos_S_contrib by label" in text
+        one = {k: A.PURE_HACK for k in labels}                 # no mixed rows: the comparison is n/a, said so
+        p = A.analyze([d], labels=one)["experiments"][0]["phase1"]
+        assert p["code"] == "phase1_no_labels" and "needs both" in p["why"]
 
 
 def test_style_only_pools_are_not_aligned_with_the_hack():
@@ -1999,19 +2124,19 @@ def test_cli_json_parses():
         assert set(res) >= {"verification", "trajectories", "buckets", "phase1", "pairs", "decision"}
         assert res["decision"]["rule"] == "RUN Phase 3 (justified)"
         out = subprocess.run([sys.executable, os.path.join(HERE, "analyze.py"), dv], capture_output=True, text=True)
-        assert out.returncode == 0 and "== 6. Phase 3 decision ==" in out.stdout, out.stderr
+        assert out.returncode == 0 and "== 6. Phase 3 decision, one per experiment" in out.stdout, out.stderr
 
 
 # ============================================================================ using it: CLI, locks, README
 
 def quiet_call(fn, *a, **kw):
-    """(result or SystemExit, stdout, stderr) of fn(*a) with both streams captured (not terminals)."""
+    """(result or SystemExit / RunError, stdout, stderr) of fn(*a) with both streams captured (not terminals)."""
     import contextlib, io
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             res = fn(*a, **kw)
-        except SystemExit as e:
+        except (SystemExit, RunError) as e:
             res = e
     return res, out.getvalue(), err.getvalue()
 
@@ -2035,7 +2160,7 @@ def test_train_run_lock_refuses_second_run():
     holder = train.RUN.pop("lock")
     try:
         for extra in ([], ["--overwrite"], ["--resume"]):
-            e = raises(SystemExit, run_train, "--arm", "projected", *extra, out=out, match="in use by another run")
+            e = raises(RunError, run_train, "--arm", "projected", *extra, out=out, match="in use by another run")
             assert f"pid {os.getpid()}: python train.py --arm vanilla --seed 7" in str(e), str(e)
         assert os.listdir(out) == [".lock"]                             # nothing written, nothing mixed
     finally:
@@ -2074,8 +2199,8 @@ def test_train_flags_checked_before_anything_is_created():
     for extra, msg in cases:
         out = os.path.join(tmpdir(), "run")
         t = time.time()
-        e = raises(SystemExit, run_train, *extra, out=out, match=msg)
-        assert str(e).startswith("error: ") and "\n" not in str(e), str(e)
+        e = raises(RunError, run_train, *extra, out=out, match=msg)
+        assert not str(e).startswith("error") and "\n" not in str(e), str(e)   # the command line adds "error: "
         assert not os.path.exists(out), extra
         assert time.time() - t < 10, (extra, time.time() - t)            # no network retries
 
@@ -2139,7 +2264,7 @@ def test_train_pairs_file_advice_and_few_pairs_warning():
     open(path, "w").write("".join(json.dumps(dict(prompt=r["prompt"], hack=r["completion"], clean="no code")) + "\n"
                                   for r in rows))
     e, _, err = quiet_call(run_train, "--pairs", path, "--v-hack", os.path.join(tmpdir(), "v.safetensors"))
-    assert isinstance(e, SystemExit) and "warning: v_hack from only 3 (hack, clean) pairs" in err, err
+    assert isinstance(e, RunError) and "warning: v_hack from only 3 (hack, clean) pairs" in err, err
     msg = str(e)
     assert "--pairs file" in msg and "--extract-frac" not in msg, msg
     assert all(f"('teacher_pool', {r['src_step']}, {r['src_sample']})" in msg for r in rows), msg
@@ -2186,7 +2311,7 @@ def test_cli_errors_are_one_line():
                       (["stats", d], "meta.json: missing"), (["demo", "--steps", "0"], "--steps=0")):
         e, _, _ = quiet_call(pools.main, argv)
         assert isinstance(e, SystemExit) and msg in str(e) and "\n" not in str(e), (argv, e)
-    raises(SystemExit, run_train, "--replay-dirs", f"{d},{base}", match="meta.json: missing")
+    raises(RunError, run_train, "--replay-dirs", f"{d},{base}", match="meta.json: missing")
     e, _, _ = quiet_call(analyze.main, ["no_such_run"])
     assert isinstance(e, SystemExit) and str(e) == "error: no_such_run: no such run directory"
     e, stdout, _ = quiet_call(analyze.main, ["-h"])
@@ -2195,6 +2320,73 @@ def test_cli_errors_are_one_line():
     p = subprocess.run(f"'{sys.executable}' pools.py stats '{teacher}' '{base}' | true", shell=True, cwd=HERE,
                        capture_output=True, text=True)
     assert p.stderr == "", p.stderr
+
+
+def test_train_rough_edges_resume_parse_errors_and_warning_order():
+    import train
+    gone = os.path.join(tmpdir(), "never_existed")
+    raises(RunError, run_train, "--resume", out=gone, match=f"--resume: {gone} does not exist")
+    assert not os.path.exists(gone)
+    # argparse's own errors and a bad --model: one line each, no usage text, no preset warning before it
+    for argv, msg in ((["--steps=abc"], "argument --steps: invalid int value: 'abc'"),
+                      (["--model=/nonexistent"], "--model=/nonexistent: no such local path"),
+                      (["--no-such-flag"], "unrecognized arguments: --no-such-flag")):
+        e, out, err = quiet_call(train.main, argv)
+        assert isinstance(e, RunError) and msg in str(e) and "\n" not in str(e) and out == err == "", (argv, e, err)
+    # the command line turns the RunError into its one line on stderr, exit status 1
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--resume", "--out", gone],
+                       capture_output=True, text=True, cwd=tmpdir())
+    assert p.returncode == 1 and p.stderr == f"error: --resume: {gone} does not exist, so there is nothing to " \
+        "continue; without --resume the run starts there\n", p.stderr
+    model = tmpdir()                                  # a model that passes the check still gets the warning
+    open(os.path.join(model, "config.json"), "w").write("{}")
+    args, _, err = quiet_call(train.get_args, ["--model", model])
+    assert args.preset == "demo" and err.startswith(f"WARNING: --model {model} without --preset"), err
+
+
+def test_default_run_directory_names_every_flag_that_changes_the_experiment():
+    import train
+    name = lambda *argv: train.run_name(train.get_args(list(argv)))
+    base = name()
+    assert base == "vanilla_grpo_none_s0" and name("--steps", "7", "--device", "cpu", "--save-every", "2") == base
+    variants = [("--loss-type", "bnpo"), ("--pair-kind", "mechanism"), ("--extract-loss", "grpo"), ("--k", "2"),
+                ("--lr", "0.01"), ("--no-gate",), ("--extract-frac", "0.5"), ("--max-completion-tokens", "64"),
+                ("--replay-dirs", ",".join(demo_pools())), ("--seed", "1"), ("--arm", "projected"),
+                ("--control", "random_v"), ("--basis", "lora"), ("--loss-mode", "nll")]
+    names = [name(*v) for v in variants]
+    assert len(set(names + [base])) == len(variants) + 1, names
+    assert names[0] == "vanilla_grpo_none_s0_loss-type-bnpo" and names[1] == "vanilla_grpo_none_s0_pair-kind-mechanism"
+    assert all("/" not in n for n in names) and len(names[8]) < 60, names[8]
+
+
+def test_output_files_follow_the_umask():
+    old = os.umask(0o022)
+    try:
+        d = tmpdir()
+        for mask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+            os.umask(mask)
+            path = os.path.join(d, f"f{mask}")
+            pools.atomic_write(path, b"x")
+            assert os.stat(path).st_mode & 0o777 == mode, (oct(mask), oct(os.stat(path).st_mode))
+            assert pools.umask() == mask
+    finally:
+        os.umask(old)
+
+
+def test_pools_generate_refuses_an_uncached_model_without_the_network():
+    import socket
+    out = os.path.join(tmpdir(), "gen")
+    real = socket.socket.connect
+    def no_network(*a, **kw):
+        raise AssertionError("a network connection was attempted")
+    socket.socket.connect = no_network
+    try:
+        e, stdout, err = quiet_call(pools.main, ["generate", "--model", "nobody-here/no-such-model-xyz", "--hint",
+                                                 "--out", out])
+    finally:
+        socket.socket.connect = real
+    assert isinstance(e, SystemExit) and "\n" not in str(e) and "not in the Hugging Face cache" in str(e), e
+    assert str(e).startswith("error: --model=nobody-here/no-such-model-xyz") and err == "" and not os.path.exists(out)
 
 
 def test_pools_import_grades_rows_and_writes_complete_meta():
@@ -2261,12 +2453,62 @@ def test_analyze_plot_and_missing_matplotlib():
     try:
         import matplotlib  # noqa: F401
         res, stdout, err = quiet_call(analyze.main, runs + ["--plot", png])
-        assert res is None and "== 6. Phase 3 decision ==" in stdout and f"plot: {png}" in err
+        assert res is None and "== 6. Phase 3 decision, one per experiment" in stdout and f"plot: {png}" in err
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 20000
     except ImportError:
         print("  (matplotlib not installed: only the missing-matplotlib message is tested)")
-    e = without_matplotlib(analyze.main, runs + ["--plot", png + "2"])
-    assert isinstance(e, SystemExit) and "pip install matplotlib" in str(e) and not os.path.exists(png + "2")
+    png2 = os.path.join(root, "p2.png")
+    e = without_matplotlib(analyze.main, runs + ["--plot", png2])
+    assert isinstance(e, SystemExit) and "pip install matplotlib" in str(e) and not os.path.exists(png2)
+    # a path that cannot be written is refused first, in one line, before the report is printed
+    for bad, msg in (("/nonexistent/dir/x.png", "/nonexistent/dir is not a writable directory"),
+                     (os.path.join(root, "x.txt"), "name a .png file")):
+        e, stdout, err = quiet_call(analyze.main, runs + ["--plot", bad])
+        assert isinstance(e, SystemExit) and str(e) == f"error: --plot {bad}: {msg}" and stdout == "", (e, stdout)
+
+
+def test_analyze_plot_shows_what_the_decision_uses():
+    """The per-sample panels plot the advantage-free cosine the decision tests (and, labelled, the
+    advantage-signed one); legends sit outside the axes; step ticks are integers; a curve identical to
+    another run's says so."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("  (matplotlib not installed: skipped)")
+        return
+    import analyze
+    root = tmpdir()
+    seq = [0.1 * (k % 3) for k in range(20)]
+    runs = [make_run(root, "van", "vanilla", cos_in_seq=seq), make_run(root, "proj", "projected", cos_in_seq=seq)]
+    figs, save = [], Figure.savefig
+    Figure.savefig = lambda self, *a, **k: figs.append(self)
+    try:
+        analyze.plot(runs, os.path.join(root, "p.png"))
+    finally:
+        Figure.savefig = save
+    axes = figs[0].get_axes()
+    assert all(ax.get_legend() is None for ax in axes)                      # no legend inside an axes
+    legend = [t.get_text() for sub in figs[0].subfigs for lg in sub.legends for t in lg.get_texts()]
+    assert sorted(legend) == ["proj (projected, grpo, control=none)", "van (vanilla, grpo, control=none)"], legend
+    top = [ax for ax in axes if ax.get_title().startswith("cos_in per step")][0]
+    assert top.get_title().endswith("\nproj and van overlap: one hides the other"), top.get_title()
+    assert all(float(t).is_integer() for t in top.get_xticks())
+    assert A.overlapping(dict(a=([0, 1], [0.0, 1.0]), b=([0, 1], [0.011, 1.0]))) == []    # beyond 1% of the range
+    assert A.overlapping(dict(a=([0, 1], [0.0, 1.0]), b=([0, 1], [0.009, 1.0]))) == [("a", "b")]
+    by_title = {ax.get_title(): ax for ax in axes}
+    for name, d in zip(("van", "proj"), runs):
+        samples = [json.loads(line) for k in range(20)
+                   for line in gzip.open(os.path.join(d, f"step_{k:03d}.cos.jsonl.gz"), "rt")]
+        want = []                                   # cos_S_contrib x sign(reward - the step's mean reward), by hand
+        for k in range(20):
+            rows = [r for r in samples if r["step"] == k]
+            m = sum(r["reward"] for r in rows) / len(rows)
+            want += [r["cos_S_contrib"] * (1 if r["reward"] > m else -1) for r in rows]
+        got = [y for c in by_title[f"{name}: cos_adv_free"].collections for y in c.get_offsets()[:, 1]]
+        assert len(got) == len(want) == 160 and np.allclose(sorted(got), sorted(want)), (len(got), len(want))
+        assert f"{name}: cos_S_contrib" in by_title
 
 
 def shell_commands(text, fenced=True):
@@ -2326,7 +2568,7 @@ def run_commands(cmds, root, steps=1):
             res, out, err = quiet_call(importlib.import_module(words[1][:-3]).main, argv)
         finally:
             os.chdir(cwd)
-        if isinstance(res, SystemExit) and res.code not in (None, 0):
+        if isinstance(res, RunError) or isinstance(res, SystemExit) and res.code not in (None, 0):
             if "--plot" in argv and "pip install matplotlib" in str(res):
                 continue                               # matplotlib is an optional extra
             raise AssertionError(f"`{' '.join(words)}` failed in {root}: {res}\n{err[-2000:]}")
@@ -2365,8 +2607,10 @@ def test_readme_commands_run_in_order():
                        "python train.py --source=online --steps=30",
                        "python train.py --source=online --steps=30 --arm=projected --out=out/runs/online_projected_s0",
                        "python bench.py", "python bench.py --quick"], skipped
-    for d in ("vanilla_grpo_none_s0", "vanilla_nll_none_s0", "p2_vanilla", "p2_projected", "p2_random_v",
-              "p2_shuffled_v"):
+    runs = os.listdir(os.path.join(root, "out", "runs"))
+    for d in ("vanilla_grpo_none_s0", "vanilla_nll_none_s0"):       # default names (+ the flags this test adds)
+        assert len([r for r in runs if r.startswith(d + "_")]) == 1, (d, runs)
+    for d in ("p2_vanilla", "p2_projected", "p2_random_v", "p2_shuffled_v"):
         assert os.path.exists(os.path.join(root, "out", "runs", d, "steps.jsonl")), d
     assert pools.read_meta(os.path.join(root, "out", "pools", "my_pool"))["n_rows"] == 8
 
@@ -2767,7 +3011,7 @@ def test_online_kill_and_resume_equals_uninterrupted_and_damaged_checkpoint_refu
     assert all(torch.equal(a[n], b[n]) for n in a)
     with open(os.path.join(part, "state.pt"), "r+b") as f:      # a damaged checkpoint is never trusted
         f.truncate(100)
-    raises(SystemExit, run_online, "--steps", "5", "--resume", "--save-every", "2", "--eval-every", "2",
+    raises(RunError, run_online, "--steps", "5", "--resume", "--save-every", "2", "--eval-every", "2",
            "--eval-samples", "1", out=part, match="state.pt cannot be used")
 
 
@@ -2874,8 +3118,8 @@ def test_online_flags_checked_before_anything_is_created():
                        (["--temperature", "0.7"], "--temperature=0.7"), (["--top-p", "0.9"], "--top-p=0.9"),
                        (["--eval-frac", "0", "--eval-every", "2"], "--eval-every=2"),
                        (["--penalty", "0"], "--penalty=0.0: belongs")):
-        e = raises(SystemExit, run_online, *extra, out=out, match=msg)
-        assert str(e).startswith("error: ") and "\n" not in str(e)
+        e = raises(RunError, run_online, *extra, out=out, match=msg)
+        assert "\n" not in str(e)
         assert not os.path.exists(out)
     for flag in (["--beta", "0.1"], ["--intervention", "penalty"], ["--dry-run"]):
         raises(SystemExit, train.get_args, flag, match="belongs to --source=online")
@@ -3006,8 +3250,18 @@ def test_phase3_refuses_what_it_cannot_compare():
     import analyze as A
     root = tmpdir()
     dirs = phase3_runs(root)
-    e = raises(ValueError, A.phase3, dirs[:-1], match="different numbers of seeds")
-    assert "projected lora: 2" in str(e)
+    res = A.phase3(dirs[:-1], window=2)           # a stopped grid (lora lacks seed 2): reported, not refused
+    assert res["not_run"] == [dict(arm="projected lora", seeds=[2])] and res["stopped"] is None
+    c = {x["arm"]: x for x in res["comparisons"]}
+    close(c["projected lora"]["test"]["mean_diff"], ((0.7 - 0.8) + (0.5 - 0.7)) / 2)   # seeds 0 and 1 only
+    assert c["projected lora"]["test"]["n"] == 2 and c["projected svd"]["test"]["n"] == 3
+    sweep = tmpdir()                                # a sweep's layout: sweep.json beside its runs/
+    stopped = phase3_runs(os.path.join(sweep, "runs"))[:-1]
+    with open(os.path.join(sweep, "sweep.json"), "w") as f:
+        json.dump(dict(last=dict(stopped="no separation after 3 seeds")), f)
+    text = A.render_phase3(A.phase3(stopped, window=2))
+    text = " ".join(text.split())
+    assert "not run: projected lora seeds [2]" in text and "stopped because no separation after 3 seeds" in text
     other = make_online_run(root, "x_preset", [0] * 5, [0] * 5, seed=3, cfg=dict(preset="full"))
     raises(ValueError, A.phase3, dirs + [other], match="differ in preset")
     short = make_online_run(root, "x_steps", [0] * 4, [0] * 4, seed=3)
@@ -3035,7 +3289,7 @@ def test_phase3_refuses_what_it_cannot_compare():
     res, out, _ = quiet_call(A.main, dirs + ["--json", "--window", "2"])
     assert res is None and json.loads(out)["phase3"]["comparisons"][0]["test"]["df"] == 2
     res, out, _ = quiet_call(A.main, [replay])                     # the replay report is unchanged
-    assert res is None and "== 6. Phase 3 decision ==" in out
+    assert res is None and "== 6. Phase 3 decision, one per experiment" in out
 
 
 def test_phase3_plot_and_missing_matplotlib():
@@ -3053,8 +3307,9 @@ def test_phase3_plot_and_missing_matplotlib():
     xs, mix = A.label_mix(A.load_online(dirs[0]))
     assert xs == [0, 1, 2, 3, 4] and mix["hack"][2] == 0.9 and mix["correct"][0] == 0.3
     assert all(abs(sum(m[k] for m in mix.values()) - 1) < 1e-12 for k in range(5))
-    e = without_matplotlib(A.main, dirs + ["--plot", png + "2"])
-    assert isinstance(e, SystemExit) and "pip install matplotlib" in str(e) and not os.path.exists(png + "2")
+    png2 = os.path.join(root, "p3_2.png")
+    e = without_matplotlib(A.main, dirs + ["--plot", png2])
+    assert isinstance(e, SystemExit) and "pip install matplotlib" in str(e) and not os.path.exists(png2)
 
 
 FAKE_TRAIN = r"""

@@ -46,6 +46,11 @@ EVAL_STEP = 1_000_000  # evaluation rollouts draw their randomness from step EVA
 RUN = {}             # the live run of this process: out, argv, lock (for Ctrl-C and the lock's release)
 
 
+class RunError(Exception):
+    """A refused run (a bad flag, a missing file, a directory in use): main() raises it in a notebook;
+    the command line prints it as the one line `error: ...`."""
+
+
 def arg_of(key):
     """The argparse attribute (and, dashed, the flag) that sets a config key: --group sets group_size."""
     return "group" if key == "group_size" else key
@@ -62,6 +67,10 @@ def pool_name(d):
 
 def get_args(argv=None):
     ap_ = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def one_line(message):                 # argparse's own errors (--steps=abc): one line, not the usage text
+        raise SystemExit(f"error: {message} (python train.py --help lists the flags)")
+    ap_.error = one_line
     a = ap_.add_argument
     a("--arm", choices=("vanilla", "projected"), default="vanilla",
       help="vanilla: measure cos_in/cos_out only; projected: remove the hack-ward gradient component")
@@ -108,7 +117,8 @@ def get_args(argv=None):
     a("--project-moments", action="store_true",
       help="projected arm: also remove the hack-ward part of AdamW's first moment and of the applied update "
            "(Adam's per-coordinate scaling can turn a projected gradient into a hack-ward update)")
-    a("--out", default=None, help="run directory (default: out/runs/<arm>_<loss>_<control>_s<seed>)")
+    a("--out", default=None, help="run directory (default: out/runs/<arm>_<loss>_<control>_s<seed>, then "
+                                  "_<flag>-<value> for every other flag given that changes the experiment)")
     a("--overwrite", action="store_true", help="replace an existing run directory")
     a("--resume", action="store_true", help="continue an existing run directory from its last step")
     a("--device", default=None, help="cpu / cuda (default: cuda when available)")
@@ -156,18 +166,20 @@ def get_args(argv=None):
     a("--no-report", action="store_true", help="skip the analysis report at the end")
     a("--quiet", action="store_true", help="no progress bar and no summary (implies --no-report)")
     args = ap_.parse_args(argv)
+    args.given = {k: v for k, v in vars(args).items() if v != ap_.get_default(k)}   # what names the run directory
+    warning = None
     if args.preset is None and args.source == "online":
         args.preset = "organism"
     if args.preset is None:
         args.preset = "demo"
         if args.model not in (None, "tiny"):
             p = configs.PRESETS["demo"]
-            print(f"WARNING: --model {args.model} without --preset takes the demo preset's settings: "
-                  f"lr={args.lr if args.lr is not None else p['lr']}, "
-                  f"max_prompt_tokens={args.max_prompt_tokens or p['max_prompt_tokens']}, "
-                  f"max_completion_tokens={args.max_completion_tokens or p['max_completion_tokens']}, "
-                  f"dtype={args.dtype or p['dtype']}; pass --preset phase2 for the spec's "
-                  f"real-model settings", file=sys.stderr)
+            warning = (f"WARNING: --model {args.model} without --preset takes the demo preset's settings: "
+                       f"lr={args.lr if args.lr is not None else p['lr']}, "
+                       f"max_prompt_tokens={args.max_prompt_tokens or p['max_prompt_tokens']}, "
+                       f"max_completion_tokens={args.max_completion_tokens or p['max_completion_tokens']}, "
+                       f"dtype={args.dtype or p['dtype']}; pass --preset phase2 for the spec's "
+                       f"real-model settings")
     preset = configs.PRESETS[args.preset]
     for key in ("steps", "seed", "lr", "model", "k"):
         if getattr(args, key) is None:
@@ -199,6 +211,8 @@ def get_args(argv=None):
                 raise SystemExit(f"error: --{key.replace('_', '-')} must be >= 1, not {v}")
             args.cfg[key] = v
     validate(args)
+    if warning:                            # after the checks: a bad --model gets its one error line only
+        print(warning, file=sys.stderr)
     return args
 
 
@@ -257,8 +271,11 @@ def validate(args):
         bad("--v-hack", args.v_hack, "is a directory; name a .safetensors file")
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         bad("--out", args.out, "is a file; name a run directory")
+    if args.resume and not os.path.isdir(run_dir(args)):
+        raise SystemExit(f"error: --resume: {run_dir(args)} does not exist, so there is nothing to continue; "
+                         f"without --resume the run starts there")
     if not args.dry_run:                    # a dry run reads the model's shape only (model_shape)
-        check_model(args.model)
+        configs.check_model(args.model)
 
 
 def validate_online(args, bad):
@@ -321,25 +338,6 @@ def validate_online(args, bad):
         bad("--teacher-dir", args.teacher_dir, "is read only with --mix >= 1")
 
 
-def check_model(name):
-    """'tiny', a local model directory, or a Hugging Face id already in the local cache. Runs never
-    download: a missing model fails here at once, saying how to get it."""
-    if name in ("tiny", "organism"):
-        return
-    if os.path.exists(name):
-        if not os.path.isfile(os.path.join(name, "config.json")):
-            raise SystemExit(f"error: --model={name}: the directory holds no config.json (not a model directory)")
-        return
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise SystemExit(f"error: --model={name}: no such local path ('tiny', a model directory or a Hugging Face "
-                         f"id like Qwen/Qwen3-4B)")
-    from huggingface_hub import constants, try_to_load_from_cache
-    if not isinstance(try_to_load_from_cache(name, "config.json"), str):
-        raise SystemExit(f"error: --model={name}: not a local path and not in the Hugging Face cache "
-                         f"({constants.HF_HUB_CACHE}); runs never download: get it with `hf download {name}` "
-                         f"(or pass a local model directory)")
-
-
 # ----------------------------------------------------------------------------- model and data
 
 def load_model(name, dtype, device):
@@ -354,7 +352,7 @@ def load_model(name, dtype, device):
         messages_fn = organism.prompt_messages
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        try:                  # check_model found it locally or in the cache: never touch the network
+        try:                  # configs.check_model found it locally or in the cache: never touch the network
             tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype), local_files_only=True)
         except OSError as e:
@@ -516,13 +514,36 @@ def sha_file(path):
     return pools.file_digest(path)[:16]
 
 
+NOT_NAMED = ("arm", "loss_mode", "control", "seed", "basis", "out", "overwrite", "resume", "device", "save_every",
+             "no_report", "quiet", "steps")   # in the name's first part, or not a change of the experiment
+
+
+def run_name(args):
+    """The default replay run directory's name: arm, loss mode, control, seed (and a LoRA basis), then every
+    other flag given with a non-default value, since each changes the experiment (`--loss-type=bnpo` adds
+    `_loss-type-bnpo`; a value that is a path or a list adds its digest: `_replay-dirs-3f2a9c1b`). --steps
+    is not in it: --resume may extend a run."""
+    name = f"{args.arm}_{args.loss_mode}_{args.control}_s{args.seed}" + ("" if args.basis == "svd" else f"_{args.basis}")
+    for key in sorted(k for k in args.given if k not in NOT_NAMED):
+        text = "" if args.given[key] is True else str(args.given[key])
+        if not all(c.isalnum() or c in "_.+-" for c in text) or len(text) > 24:
+            text = hashlib.sha256(text.encode()).hexdigest()[:8]
+        name += f"_{key.replace('_', '-')}" + (f"-{text}" if text else "")
+    return name
+
+
+def run_dir(args):
+    """--out, or the default run directory."""
+    name = run_name(args)
+    if args.source == "online":
+        name = f"online_{args.arm}_{args.basis}_{args.intervention}_{args.control}_s{args.seed}"
+    return args.out or os.path.join("out", "runs", name)
+
+
 def out_dir(args, locked=False):
     """The run directory; refuse to reuse one unless --overwrite (replaced once the run is validated)
     or --resume (continued)."""
-    name = f"{args.arm}_{args.loss_mode}_{args.control}_s{args.seed}" + ("" if args.basis == "svd" else f"_{args.basis}")
-    if args.source == "online":
-        name = f"online_{args.arm}_{args.basis}_{args.intervention}_{args.control}_s{args.seed}"
-    out = args.out or os.path.join("out", "runs", name)
+    out = run_dir(args)
     if args.overwrite and args.resume:
         raise SystemExit("error: --overwrite and --resume contradict each other")
     owner = None if locked else lock_owner(out)
@@ -667,6 +688,10 @@ def main(argv=None):
     RUN["argv"] = argv
     try:
         return run_probe(argv)
+    except SystemExit as e:                     # every refusal below is SystemExit("error: ..."): one exception
+        if isinstance(e.code, str) and e.code.startswith("error: "):
+            raise RunError(e.code[len("error: "):]) from None
+        raise
     except KeyboardInterrupt:
         out = RUN.get("out")
         if out and RUN.get("written") and os.path.exists(os.path.join(out, "run.json")):
@@ -846,7 +871,8 @@ def run_probe(argv):
                   model=args.model, k=args.k, control=args.control, basis=args.basis, lora_rank=args.lora_rank,
                   lora_alpha=args.lora_alpha, one_sided=not args.no_gate, project_moments=args.project_moments,
                   dtype=args.dtype or cfg["dtype"], pair_kind=args.pair_kind, loss_type=args.loss_type,
-                  extract_frac=args.extract_frac, preset=args.preset, group_size=S["n_group"], source=args.source)
+                  extract_frac=args.extract_frac, extract_loss=args.extract_loss, preset=args.preset,
+                  group_size=S["n_group"], source=args.source)
     if online:
         config.update(group=cfg["group_size"], intervention=args.intervention,
                       problems=os.path.abspath(cfg["problems"] or pools.FIXTURE_PROBLEMS),
@@ -1189,7 +1215,7 @@ def resume_state(args, out, run, vmeta, modules, opt):
         raise SystemExit(f"error: --resume: {out}/run.json cannot be read ({type(e).__name__}: {e})") from None
     # a resume may extend --steps; fields added since a run began take the value that run had
     same = lambda c: {k: v for k, v in dict(dict(pair_kind="pool", loss_type="grpo", basis="svd", source="replay",
-                                                 grad_checkpointing=False),
+                                                 grad_checkpointing=False, extract_loss="nll"),
                                             **c).items() if k != "steps"}
     was, now = same(old["config"]), same(run["config"])
     diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
@@ -1294,4 +1320,7 @@ def summary(out, rows, elapsed):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RunError as e:
+        raise SystemExit(f"error: {e}") from None
