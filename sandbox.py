@@ -51,7 +51,7 @@ Not covered:
   - without root: needs unprivileged user namespaces (refused with SandboxUnavailable otherwise), and
     RLIMIT_NPROC counts all processes of the real user.
 """
-import atexit, contextlib, fcntl, itertools, json, math, os, queue, re, select, shutil, signal, socket
+import atexit, contextlib, fcntl, itertools, json, math, os, queue, re, select, shutil, signal, socket, stat
 import subprocess, sys, tempfile, threading, time
 
 CPU_S = 10.0          # CPU seconds per check (every canonical solution of a 119-problem split passes)
@@ -64,8 +64,35 @@ TMPFS_INODES = 1000
 MAX_MSG_BYTES = 4 << 20
 MAX_DEPTH = 120       # bracket nesting of a result message (values nest at most 50 deep, 2 brackets each)
 UID_BASE, UID_COUNT = 62000, 2048   # root only: uids nothing else on the machine uses (62000-64047)
-UID_LOCK_DIR = "/run/lock/sandbox-uids" if os.path.isdir("/run/lock") else "/tmp/.sandbox-uids"
+STACK_MB = 8          # the usual default stack of a process
 WORK_ROOT = None      # where the per-template mount point lives (None: tempfile.gettempdir())
+
+
+def root_only(path):
+    """True when path and every folder above it are owned by root and writable by nobody else."""
+    p = os.path.realpath(path)
+    while True:
+        try:
+            st = os.lstat(p)
+        except OSError:
+            return False
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            return False
+        if p == "/":
+            return True
+        p = os.path.dirname(p)
+
+
+# root only: the uid lock files live under a folder no other user can create or replace
+UID_LOCK_DIR = os.path.join("/run" if root_only("/run") else "/var/lib", "sandbox-uids")
+
+
+def rlimits(cpu, mem, nproc):
+    """Every resource limit of the worker (soft = hard), set explicitly: nothing is inherited from the
+    caller. Values never go above the caller's own hard limit."""
+    return dict(CPU=cpu, FSIZE=FSIZE_MB << 20, DATA=mem, STACK=min(STACK_MB << 20, mem), CORE=0, RSS=mem,
+                NPROC=nproc, NOFILE=64, MEMLOCK=0, AS=mem, LOCKS=64, SIGPENDING=64, MSGQUEUE=0, NICE=0,
+                RTPRIO=0, RTTIME=cpu * 1000000)
 
 
 class SandboxUnavailable(RuntimeError):
@@ -78,7 +105,7 @@ class SandboxUnavailable(RuntimeError):
 # (limits, uid, mount point) with the worker's job-read and result-write pipe ends; fork S; report b"P"
 # + S's pid; wait for S; report b"D" + its wait status. The job text never passes through here.
 TEMPLATE = r"""
-import sys, os, socket, struct, json, _json, resource, ctypes, signal, select
+import sys, os, socket, struct, json, _json, resource, ctypes, signal, select, time
 for m in ("random functools collections string math datetime typing itertools heapq bisect "
           "operator re copy array fractions decimal statistics dataclasses enum numbers cmath "
           "queue time textwrap unicodedata _strptime abc types weakref").split():
@@ -87,14 +114,16 @@ for m in ("random functools collections string math datetime typing itertools he
     except Exception:
         pass
 libc = ctypes.CDLL(None, use_errno=True)
-ARCH = {"x86_64": (0xC000003E, 250, 248, 249, 101, 310, 311, 126),
-        "aarch64": (0xC00000B7, 219, 217, 218, 117, 270, 271, 91)}.get(os.uname().machine)
+# audit arch, keyctl, add_key, request_key, ptrace, process_vm_readv/writev, capset, sync, syncfs, sync_file_range
+ARCH = {"x86_64": (0xC000003E, 250, 248, 249, 101, 310, 311, 126, 162, 306, 277),
+        "aarch64": (0xC00000B7, 219, 217, 218, 117, 270, 271, 91, 81, 267, 84)}.get(os.uname().machine)
+CHILD = []                               # S: a pidfd of its init, once forked
 
 def seccomp():
-    # refuse the kernel keyring calls, ptrace and cross-process memory access; kill other ABIs
-    audit, keyctl, add_key, request_key, ptrace, vm_r, vm_w, _ = ARCH
+    # refuse the kernel keyring calls, ptrace, cross-process memory access and the host-wide sync
+    # calls (they would flush the host's dirty pages); kill other ABIs
+    audit, deny = ARCH[0], ARCH[1:7] + ARCH[8:]
     F = lambda code, jt, jf, k: struct.pack("=HBBI", code, jt, jf, k)
-    deny = (keyctl, add_key, request_key, ptrace, vm_r, vm_w)
     prog = [F(0x20, 0, 0, 4), F(0x15, 1, 0, audit), F(0x06, 0, 0, 0x80000000),   # arch check
             F(0x20, 0, 0, 0), F(0x35, len(deny) + 1, 0, 0x40000000)]            # x32 ABI -> deny
     for i, nr in enumerate(deny):
@@ -114,10 +143,11 @@ def worker(h, jr, rw):
         while b:
             b = b[write(rw, b):]
     try:
-        R = resource
-        for lim, val in ((R.RLIMIT_AS, h["mem"]), (R.RLIMIT_CPU, h["cpu"]), (R.RLIMIT_NPROC, h["nproc"]),
-                         (R.RLIMIT_FSIZE, h["fsize"]), (R.RLIMIT_CORE, 0), (R.RLIMIT_NOFILE, 64)):
-            R.setrlimit(lim, (val, val))
+        for name, val in h["rlimits"].items():   # every limit, none inherited from the caller
+            lim = getattr(resource, "RLIMIT_" + name, {"LOCKS": 10}.get(name))
+            hard = resource.getrlimit(lim)[1]
+            val = val if hard == resource.RLIM_INFINITY else min(val, hard)   # never above the caller's
+            resource.setrlimit(lim, (val, val))
         os.chdir(h["mnt"]); os.chroot("."); os.chdir("/")
         libc.syscall(ARCH[1], 1, None)        # KEYCTL_JOIN_SESSION_KEYRING: a fresh anonymous one
         if h["root"]:
@@ -133,13 +163,14 @@ def worker(h, jr, rw):
             send(b"X"); _exit(0)
     except Exception:                    # e.g. setuid refused: nothing ran
         send(b"X"); _exit(0)
-    raw = b""
+    raw = []
     while True:
         b = os.read(jr, 1 << 16)
         if not b:
             break
-        raw += b
+        raw.append(b)
     os.close(jr)
+    raw = b"".join(raw)
     job = json.loads(raw.decode("utf-8"))
     # everything the harness needs is bound here, before response code runs: rebinding or mutating
     # a job list afterwards changes nothing (a tuple of str cannot be mutated in place)
@@ -211,6 +242,8 @@ def init(h, jr, rw):
     # PID 1 of the new namespace. Trusted: never runs response code. When it exits, the kernel kills
     # and reaps every process left in the namespace before its own parent can reap it.
     libc.prctl(1, 9, 0, 0, 0)            # PR_SET_PDEATHSIG = SIGKILL
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)   # no handler: the namespace cannot signal it
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
     MS_REC, MS_PRIVATE, NOSUID, NODEV = 0x4000, 0x40000, 0x2, 0x4
     opts = "size=%dk,nr_inodes=%d,mode=0700" % (h["tmpfs"] >> 10, h["inodes"])
     if h["root"]:
@@ -218,23 +251,46 @@ def init(h, jr, rw):
     if (libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0 or
             libc.mount(b"tmpfs", h["mnt"].encode(), b"tmpfs", NOSUID | NODEV, opts.encode()) != 0):
         os.write(rw, b"X"); os._exit(0)
+    # Private descriptors only: stdin is a pipe with no writer (end of file), stdout and stderr a pipe
+    # init drains; nothing of the host (its /dev/null, whose open file description and inode carry
+    # locks, flags and times from one check to the next) stays open. Worker: 0-2, job 3, result 4.
+    nr, nw = os.pipe()
+    dr, dw = os.pipe()
+    os.close(nw)
+    for i, fd in enumerate((nr, dw, jr, rw, dr)):
+        os.dup2(fd, 1000 + i)
+    os.closerange(0, 1000)
+    for i, to in enumerate((0, 1, 3, 4, 5)):
+        os.dup2(1000 + i, to)
+    os.dup2(1, 2)
+    os.closerange(6, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     try:
         w = os.fork()
     except OSError:
-        os.write(rw, b"X"); os._exit(0)
+        os.write(4, b"X"); os._exit(0)
     if w == 0:
         try:
-            worker(h, jr, rw)
+            os.close(5)
+            worker(h, 3, 4)
         finally:
             os._exit(0)
-    os.close(jr); os.close(rw)
+    for fd in (0, 1, 2, 3, 4):
+        os.close(fd)
     pfd = os.pidfd_open(w)
-    select.select([pfd], [], [], h["wall"])  # the worker's whole thread group exited, or time is up
+    end, wait = time.monotonic() + h["wall"], [pfd, 5]
+    while time.monotonic() < end:        # until the worker's whole thread group exited, or time is up
+        ready = select.select(wait, [], [], max(end - time.monotonic(), 0))[0]
+        if pfd in ready:
+            break
+        if 5 in ready and not os.read(5, 1 << 16):
+            wait = [pfd]                 # every writer is gone
     os._exit(0)
 
 def supervise(h, jr, rw):
     libc.prctl(1, 9, 0, 0, 0)            # dies with the template
-    os.setsid()                          # own process group: the parent can kill S and init at once
+    os.setsid()
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write("1000")                  # the sandbox goes first when the host runs out of memory
     root = h["root"]
     uid, gid = os.getuid(), os.getgid()
     flags = 0x20000 | 0x20000000 | 0x40000000 | 0x08000000 | (0 if root else 0x10000000)
@@ -253,9 +309,24 @@ def supervise(h, jr, rw):
             init(h, jr, rw)
         finally:
             os._exit(0)
+    CHILD.append(os.pidfd_open(p))       # a pidfd: never a reused pid, even once init is reaped
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})   # a kill request now reaches init
     os.close(jr); os.close(rw)
     os.waitpid(p, 0)                     # returns once the namespace is empty
     os._exit(0)
+
+def on_kill(*_):
+    # S's SIGUSR1 (the template's kill request): SIGKILL init, whose exit kills and reaps the whole
+    # namespace; S keeps waiting for it, so the template's b"D" still means "nothing is left"
+    if CHILD:
+        try:
+            signal.pidfd_send_signal(CHILD[0], signal.SIGKILL)
+        except OSError:
+            pass                         # already reaped
+    else:
+        os._exit(0)                      # init not forked yet: nothing to wait for
+
+signal.signal(signal.SIGUSR1, on_kill)
 
 sock = socket.socket(fileno=int(sys.argv[1]))
 sock.sendall(b"R")
@@ -270,6 +341,7 @@ while True:
         for fd in fds:
             os.close(fd)
         continue
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})   # S unblocks it once init's pid is known
     pid = os.fork()
     if pid == 0:
         try:
@@ -277,6 +349,7 @@ while True:
             supervise(json.loads(msg), fds[0], fds[1])
         finally:
             os._exit(0)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
     for fd in fds:
         os.close(fd)
     del msg, fds
@@ -286,8 +359,8 @@ while True:
         m, fds, _, _ = socket.recv_fds(sock, 4096, 2)
         for fd in fds:
             os.close(fd)
-        os.killpg(pid, signal.SIGKILL)   # b"K" (or the grader is gone): S is not reaped yet, its
-        if not m:                        # group id cannot have been reused
+        os.kill(pid, signal.SIGUSR1)     # b"K" (or the grader is gone): S, not reaped yet, kills init
+        if not m:                        # and exits once the namespace is empty
             os.waitpid(pid, 0); os._exit(0)
     os.close(pfd)
     _, st = os.waitpid(pid, 0)
@@ -303,7 +376,9 @@ class Template:
 
     def __init__(self):
         self.owner = os.getpid()
-        self.mnt = tempfile.mkdtemp(prefix="sandbox_", dir=WORK_ROOT)
+        root = WORK_ROOT or tempfile.gettempdir()
+        sweep_stale(root)
+        self.mnt = tempfile.mkdtemp(prefix=f"sandbox_{self.owner}-{start_time(self.owner)}_", dir=root)
         if os.getuid() != 0:
             os.chmod(self.mnt, 0o700)
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -321,13 +396,13 @@ class Template:
 
     def recv(self, n, timeout):
         self.sock.settimeout(timeout)
-        out = b""
+        out = bytearray()
         while len(out) < n:
             b = self.sock.recv(n - len(out))
             if not b:
                 raise OSError("template closed")
             out += b
-        return out
+        return bytes(out)
 
     def close(self):
         try:
@@ -340,6 +415,36 @@ class Template:
             pass
         self.proc.wait()
         rmtree(self.mnt)
+
+
+def start_time(pid):
+    """A process's start time in clock ticks since boot (None when it is gone): with the pid, it names
+    one process, never a later one that reuses the pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+_swept = set()
+
+
+def sweep_stale(root):
+    """Remove the mount-point folders (sandbox_<pid>-<start time>_*) that graders no longer running
+    left in root, e.g. when killed with SIGKILL. Once per folder and process; another user's are kept."""
+    if root in _swept:
+        return
+    _swept.add(root)
+    for name in os.listdir(root):
+        m = re.fullmatch(r"sandbox_(\d+)-(\d+|None)_\w+", name)
+        d = os.path.join(root, name)
+        try:
+            st = os.lstat(d)
+        except OSError:
+            continue
+        if m and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and str(start_time(int(m[1]))) != m[2]:
+            rmtree(d)
 
 
 _idle = queue.LifoQueue()
@@ -397,6 +502,8 @@ def acquire_uid():
     with _uid_lock:
         if _uid_free:
             return _uid_free.pop()
+        if not root_only(os.path.dirname(UID_LOCK_DIR)):
+            raise SandboxUnavailable(f"{os.path.dirname(UID_LOCK_DIR)} must be owned and writable by root only")
         os.makedirs(UID_LOCK_DIR, mode=0o700, exist_ok=True)
         st = os.lstat(UID_LOCK_DIR)
         if st.st_uid != 0 or not os.path.isdir(UID_LOCK_DIR) or os.path.islink(UID_LOCK_DIR):
@@ -445,9 +552,10 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def kill_uid(uid):
-    """SIGKILL every process running as uid, zombie thread-group leaders with live threads included."""
-    for _ in range(100):
-        pids = []
+    """SIGKILL every process running as uid, zombie thread-group leaders with live threads included,
+    and wait until none is left, zombies included (they still count against the uid's process limit)."""
+    for _ in range(500):
+        pids, zombies = [], 0
         for p in os.listdir("/proc"):
             if not p.isdigit():
                 continue
@@ -458,11 +566,12 @@ def kill_uid(uid):
                 with open(f"/proc/{p}/stat") as f:
                     state = f.read().rsplit(")", 1)[1].split()[0]
                 if state == "Z" and len(os.listdir(f"/proc/{p}/task")) <= 1:
-                    continue                 # really dead; its parent reaps it
+                    zombies += 1             # really dead; its parent (init's exit) reaps it
+                    continue
             except (OSError, IndexError):
                 continue
             pids.append(int(p))
-        if not pids:
+        if not pids and not zombies:
             return
         for p in pids:
             try:
@@ -487,27 +596,33 @@ def rmtree(d):
 
 # ----------------------------------------------------------------------------- run one child
 
+def wall_limit(cpu_s):
+    """The wall-clock limit of one check: WALL_FACTOR x its CPU limit, for code that sleeps or blocks."""
+    return max(WALL_FACTOR * cpu_s, 1.0)
+
+
 def run_child(setup, program, calls, like=None, cpu_s=CPU_S, mem_mb=MEM_MB, stop_at_error=False,
-              fresh=False):
+              fresh=False, wall_s=None):
     """Run setup+program in a sandboxed child and evaluate each call expression there.
     like[i], when given, is the value call i is expected to equal: it only decides which containers
     are worth building (see decode). Returns (compiled: bool|None, results: list|None, status: str);
     results[i] is ('ok', value) or ('err',); None when the child died, ran out of time, flooded or
     tampered with the channel. fresh=True starts (and stops) a new template for this one check.
+    wall_s: the wall-clock limit (default WALL_FACTOR x cpu_s; a caller's budget may give less).
     Raises SandboxUnavailable when no sandbox could be made (nothing ran)."""
     root = os.getuid() == 0
     uid = acquire_uid() if root else os.getuid()
     cpu = max(1, math.ceil(cpu_s))
-    wall = max(WALL_FACTOR * cpu_s, 1.0)
+    wall = wall_limit(cpu_s) if wall_s is None else wall_s
     t, fds, started = None, [], False
-    data, status = b"", "ok"
+    data, status = bytearray(), "ok"          # a bytearray: appending is linear, whatever the chunk sizes
     try:
         t = _get_template(fresh)
         jr, jw = os.pipe()
         rr, rw = os.pipe()
         fds = [jw, rr]
-        hdr = dict(uid=uid, root=root, mem=mem_mb << 20, cpu=cpu, wall=wall, nproc=NPROC,
-                   fsize=FSIZE_MB << 20, tmpfs=TMPFS_MB << 20, inodes=TMPFS_INODES, mnt=t.mnt)
+        hdr = dict(uid=uid, root=root, wall=wall, rlimits=rlimits(cpu, mem_mb << 20, NPROC),
+                   tmpfs=TMPFS_MB << 20, inodes=TMPFS_INODES, mnt=t.mnt)
         try:
             socket.send_fds(t.sock, [json.dumps(hdr).encode()], [jr, rw])
         finally:
@@ -562,6 +677,7 @@ def run_child(setup, program, calls, like=None, cpu_s=CPU_S, mem_mb=MEM_MB, stop
                 _drop_template(t)
             else:
                 _idle.put(t)
+    data = bytes(data)
     if data[:1] == b"X":
         raise SandboxUnavailable(
             "the grader's sandbox could not isolate the child (namespaces: network, IPC, mount, PID"
@@ -594,14 +710,17 @@ def run_child(setup, program, calls, like=None, cpu_s=CPU_S, mem_mb=MEM_MB, stop
 
 # ----------------------------------------------------------------------------- decoding
 
-_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)       # a backslash and the byte it escapes: no backtracking
 _KEEP = bytes(range(256)).translate(None, b"[]{}")
 _STEP = bytes.maketrans(b"[]", b"\x01\xff")
 
 
 def nesting_depth(raw):
-    """Bracket depth of a JSON text, from the raw bytes (strings skipped): linear time, no recursion."""
-    br = _STRINGS.sub(b"", raw).translate(None, _KEEP)
+    """Bracket depth of a JSON text, from the raw bytes (strings skipped): linear time, no recursion.
+    Escape pairs go first (left to right, as a JSON reader pairs them), then every second piece
+    between quotes is string content. A stray backslash outside a string can only hide brackets after
+    it, where the JSON reader has already stopped."""
+    br = b"".join(_ESCAPE.sub(b"", raw).split(b'"')[::2]).translate(None, _KEEP)
     if b"{" in br or b"}" in br:
         return MAX_DEPTH + 1                  # the protocol has no objects
     steps = memoryview(br.translate(_STEP)).cast("b")
