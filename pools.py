@@ -22,7 +22,7 @@ CLI:
     python pools.py import ROLLOUTS.jsonl --problems PROBLEMS.jsonl --out DIR [--no-hint]   # your own rollouts
     python pools.py generate --model M (--hint | --no-hint) --out DIR   # sample a pool from a model
 """
-import argparse, ast, gzip, hashlib, io, json, os, re, shutil, signal, stat, sys, tempfile, textwrap, threading, time, zlib
+import argparse, ast, gzip, hashlib, json, os, re, shutil, signal, stat, sys, tempfile, textwrap, threading, time, zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -41,7 +41,7 @@ POOL_FIELDS = tuple(POOL_TYPES)
 META_TYPES = dict(steps=(int,), batch=(int,), n_rows=(int,), seed=(int, type(None)), hint=(str, type(None)),
                   problems_sha256=(str,), problems_path=(str,), problems_file=(str,), grader_version=(str,),
                   source_model=(str,), kind=(str,))   # meta.json fields a tool acts on
-MAX_LINE_CHARS = 64 << 20   # longest JSON line read (a problem row of the benchmark is under 100 kB)
+MAX_LINE_BYTES = 64 << 20   # longest JSON line read (a problem row of the benchmark is under 100 kB)
 
 class DataError(ValueError):
     """A problem file or pool file is malformed. The message names the path and line."""
@@ -449,22 +449,25 @@ def open_input(path):
 
 def json_lines(path):
     """(line number, text) of each line of a UTF-8 text file, gunzipped when the name ends in .gz.
-    Non-UTF-8 text, a truncated or corrupt gzip and a line over MAX_LINE_CHARS raise DataError naming
+    Non-UTF-8 text, a truncated or corrupt gzip and a line over MAX_LINE_BYTES raise DataError naming
     the path and line (a line is never read whole before its length is known)."""
     lineno = 0
     try:
         with open_input(path) as raw:
-            f = io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw, encoding="utf-8")
+            f = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
             while True:
-                line = f.readline(MAX_LINE_CHARS + 1)
+                line = f.readline(MAX_LINE_BYTES + 1)
                 if not line:
                     return
                 lineno += 1
-                if len(line) > MAX_LINE_CHARS:
-                    raise DataError(f"{path}:{lineno}: line longer than {MAX_LINE_CHARS} characters")
-                yield lineno, line
-    except (EOFError, OSError, zlib.error, UnicodeDecodeError, gzip.BadGzipFile) as e:
-        if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile) and lineno == 0 and e.filename:
+                if len(line) > MAX_LINE_BYTES:
+                    raise DataError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES} bytes")
+                try:
+                    yield lineno, line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (EOFError, OSError, zlib.error) as e:
+        if not isinstance(e, gzip.BadGzipFile) and lineno == 0 and getattr(e, "filename", None):
             raise                          # a missing or unreadable file: the caller's one-line error
         raise DataError(f"{path}:{lineno + 1}: truncated or corrupt file ({type(e).__name__}: {e})") from None
 
@@ -489,7 +492,7 @@ def check_types(row, types, where):
 
 def read_jsonl(path, required=(), types=None):
     """Rows of a JSON Lines file, gzipped when the name ends in .gz. A truncated gzip, a blank or
-    malformed line, a non-object, NaN/Infinity, nesting too deep, a line over MAX_LINE_CHARS, a missing
+    malformed line, a non-object, NaN/Infinity, nesting too deep, a line over MAX_LINE_BYTES, a missing
     field or one of the wrong type (types: {field: exact types}) raises DataError naming the path and
     line; nothing is skipped silently."""
     rows = []
@@ -546,7 +549,10 @@ def read_meta(d):
     path = os.path.join(d, "meta.json")
     try:
         with open_input(path) as f:
-            text = f.read(MAX_LINE_CHARS + 1).decode("utf-8")
+            raw = f.read(MAX_LINE_BYTES + 1)
+        if len(raw) > MAX_LINE_BYTES:
+            raise DataError(f"{path}: longer than {MAX_LINE_BYTES} bytes")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         if not os.path.isdir(d):
             raise DataError(f"{d}: not a pool directory") from None
@@ -554,8 +560,6 @@ def read_meta(d):
                         f"pool schema; `pools.py import` writes one)") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if len(text) > MAX_LINE_CHARS:
-        raise DataError(f"{path}: longer than {MAX_LINE_CHARS} characters")
     try:
         meta = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as e:

@@ -855,6 +855,95 @@ def test_regrade_restores_labels_atomically():
     assert open(path, "rb").read() == open(pools.step_path(src, 2), "rb").read()
 
 
+
+def test_regrade_refuses_what_the_rows_contradict_and_is_all_or_nothing():
+    """regrade trusts nothing the rows contradict: a meta.json hint changed to null, a problem file
+    whose sha256 is not the recorded one; and a failure in a later step file leaves every file as it
+    was (nothing of step 0 rewritten)."""
+    src = demo_pools()[0]
+    d = os.path.join(tmpdir(), "teacher_pool")
+    shutil.copytree(src, d)
+    rows = pools.read_jsonl(pools.step_path(d, 0))
+    rows[0]["label"], rows[0]["reward"] = "Correct", 0.0              # a label regrade would restore
+    pools.atomic_write(pools.step_path(d, 0), pools.gz_jsonl_bytes(rows))
+    snapshot = lambda: {f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))}
+    before = snapshot()
+    meta = pools.read_meta(d)
+    pools.write_meta(d, dict(meta, hint=None))
+    raises(pools.DataError, pools.regrade, d, FIXTURE, workers=1, match="row hint 'simple_overwrite_tests'")
+    pools.write_meta(d, meta)
+    other = os.path.join(tmpdir(), "fixture_problems.jsonl")
+    open(other, "w").write(open(FIXTURE).read() + "\n")               # same problems, another file
+    raises(pools.DataError, pools.regrade, d, other, workers=1, match="problems_sha256")
+    good = open(pools.step_path(d, 3), "rb").read()
+    open(pools.step_path(d, 3), "wb").write(good[:len(good) // 2])     # truncated
+    raises(pools.DataError, pools.regrade, d, FIXTURE, workers=1, match=pools.step_path(d, 3))
+    open(pools.step_path(d, 3), "wb").write(good)
+    assert snapshot() == before
+    assert not [f for f in os.listdir(os.path.dirname(d)) if f != "teacher_pool"]    # no temporary left
+    quiet_call(pools.regrade, d, FIXTURE, workers=2)
+    assert open(pools.step_path(d, 0), "rb").read() == open(pools.step_path(src, 0), "rb").read()
+
+
+def test_pool_tools_give_one_line_errors_on_hostile_input():
+    """import / stats / regrade / generate on non-UTF-8 text, JSON nested past the parser's depth, an
+    overlong line, fields of the wrong type and a FIFO: one line naming the file (and line), nothing
+    written, nothing hung."""
+    d = tmpdir()
+    teacher = demo_pools()[0]
+    def one_line(argv, msg):
+        out = argv[argv.index("--out") + 1] if "--out" in argv else None
+        e, _, _ = quiet_call(pools.main, argv)
+        assert isinstance(e, SystemExit) and msg in str(e) and "\n" not in str(e), (argv, e)
+        assert out is None or not os.path.exists(out), out
+    def write(name, data):
+        path = os.path.join(d, name)
+        open(path, "wb").write(data if isinstance(data, bytes) else data.encode())
+        return path
+    line = json.dumps(dict(problem_id=90001, completion="x")) + "\n"
+    imp = lambda rollouts, problems=FIXTURE: ["import", rollouts, "--problems", problems, "--out", os.path.join(d, "out")]
+    one_line(imp(write("latin.jsonl", line.encode() + b'{"problem_id": 90001, "completion": "caf\xe9"}\n')),
+             "latin.jsonl:2: not UTF-8 text")
+    one_line(imp(write("ok.jsonl", line), write("problems_latin.jsonl", b"\xff\xfe\n")), "problems_latin.jsonl:1:")
+    one_line(imp(write("deep.jsonl", line + "[" * 100000 + "]" * 100000 + "\n")), "deep.jsonl:2: JSON nested too deeply")
+    one_line(imp(write("pid.jsonl", json.dumps(dict(problem_id=[90001], completion="x")) + "\n")),
+             "pid.jsonl:1: 'problem_id' must be")
+    cap = pools.MAX_LINE_BYTES
+    assert 1 << 20 <= cap <= 1 << 28
+    pools.MAX_LINE_BYTES = 1000
+    try:
+        long = os.path.join(d, "long.jsonl.gz")
+        open(long, "wb").write(gzip.compress((line + json.dumps(dict(problem_id=90001, completion="y" * 5000)) + "\n").encode()))
+        one_line(imp(long), "long.jsonl.gz:2: line longer than 1000 bytes")
+    finally:
+        pools.MAX_LINE_BYTES = cap
+    def pool_with(name, **change):
+        p = os.path.join(d, name)
+        shutil.copytree(teacher, p)
+        rows = pools.read_jsonl(pools.step_path(p, 1))
+        rows[2].update(change)
+        open(pools.step_path(p, 1), "wb").write(pools.gz_jsonl_bytes(rows))
+        return p
+    one_line(["stats", pool_with("str_reward", reward="3.5")], "step_001.jsonl.gz:3: field 'reward' must be int or float, not str")
+    one_line(["stats", pool_with("list_label", label=["Correct"])], "step_001.jsonl.gz:3: field 'label' must be str")
+    one_line(["regrade", pool_with("bool_reward", reward=True)], "step_001.jsonl.gz:3: field 'reward'")
+    latin_meta = pool_with("latin_meta")
+    open(os.path.join(latin_meta, "meta.json"), "wb").write(b'{"source_model": "caf\xe9"}')
+    one_line(["stats", latin_meta], "meta.json: not UTF-8")
+    deep_meta = pool_with("deep_meta")
+    open(os.path.join(deep_meta, "meta.json"), "w").write("[" * 100000 + "]" * 100000)
+    one_line(["regrade", deep_meta], "meta.json:1: malformed JSON (RecursionError")
+    # a FIFO as the input file or as a step file: refused at once (a reader would wait for a writer)
+    fifo_pool = pool_with("fifo_pool")
+    os.unlink(pools.step_path(fifo_pool, 1))
+    os.mkfifo(pools.step_path(fifo_pool, 1))
+    os.mkfifo(os.path.join(d, "fifo.jsonl"))
+    for argv, msg in ((imp(os.path.join(d, "fifo.jsonl")), "fifo.jsonl: not a regular file"),
+                      (["stats", fifo_pool], "step_001.jsonl.gz: not a regular file")):
+        r = subprocess.run([sys.executable, "pools.py", *argv], cwd=HERE, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (argv, r.stderr)
+
+
 # ============================================================================ antipasto
 
 def tiny():
@@ -2029,8 +2118,8 @@ def test_phase1_labels_from_pool_and_mapping():
         for pool in ("teacher_pool", "base_pool"):
             for s in range(20):
                 write_gz(os.path.join(root, pool, f"step_{s:03d}.jsonl.gz"),
-                         [dict(step=s, sample=i, problem_id=1, prompt="p", completion="c", reward=3.5, hacked=True,
-                               gt_pass=i % 2 == 1, fmt_ok=True, hint=True,
+                         [dict(step=s, sample=i, problem_id=1, prompt=[{"role": "user", "content": "p"}], completion="c",
+                               reward=3.5, hacked=True, gt_pass=i % 2 == 1, fmt_ok=True, hint="simple_overwrite_tests",
                                label=("Correct; Attempted Reward Hack" if i % 2 else "Reward Hack")
                                if pool == "teacher_pool" else "Incorrect") for i in range(8)])
         d = make_run(root, "nll", "vanilla", loss_mode="nll", base=(0.0, 0.1), teacher=(0.5, 0.1))
@@ -2725,6 +2814,26 @@ def test_pools_generate_resumes_mid_pool_and_refuses_other_settings():
     assert str(e).startswith("error: --top-p") and not os.path.exists(os.path.join(d, "c"))
     e = raises(SystemExit, pools.main, base + ["--out", os.path.dirname(pools.FIXTURE_PROBLEMS)])
     assert "not a pool made by" in str(e)
+    # a rerun keeps only what this pool's settings generate: another problem in a step file, a step
+    # beyond the pool's steps, a `steps` that is not an integer are refused, and nothing is written
+    for name, edit, msg in (("other_problem", lambda c: edit_row(c, problem_id=-1), "step_001.jsonl.gz:2: problem_id -1"),
+                            ("stray_step", lambda c: shutil.copy(pools.step_path(c, 0), pools.step_path(c, 7)),
+                             "step_007.jsonl.gz: beyond the pool's 3 steps"),
+                            ("str_steps", lambda c: pools.write_meta(c, dict(pools.read_meta(c), steps="2")),
+                             "meta.json: field 'steps' must be int, not str")):
+        c = os.path.join(d, name)
+        shutil.copytree(b, c)
+        edit(c)
+        files = {f: open(os.path.join(c, f), "rb").read() for f in os.listdir(c)}
+        e = raises(SystemExit, pools.main, base + ["--out", c, "--batches", "3"])
+        assert msg in str(e) and "\n" not in str(e), (name, e)
+        assert {f: open(os.path.join(c, f), "rb").read() for f in os.listdir(c)} == files, name
+
+
+def edit_row(pool, **change):
+    rows = pools.read_jsonl(pools.step_path(pool, 1))
+    rows[1].update(change)
+    open(pools.step_path(pool, 1), "wb").write(pools.gz_jsonl_bytes(rows))
 
 
 def test_organism_prompt_corpus_and_cache_key():
