@@ -14,40 +14,52 @@ the modules solutions import already loaded, forks one supervisor per check:
     template  (never reads a job, never runs response code: it only receives two pipe ends and limits)
     -> supervisor S  (new session; unshares mount, PID, network, IPC [and user, when not root])
        -> init, PID 1 of the new PID namespace (trusted: it never runs response code; mounts a private
-          size-capped tmpfs, forks the worker, waits for it at most the wall limit, then exits, which
-          makes the kernel kill and reap everything left in the namespace)
-          -> worker W: limits (CPU time, address space, processes, file size, open files), chroot into
+          size-capped tmpfs, gives the worker private descriptors only (stdin an empty pipe, stdout and
+          stderr a pipe it drains, the job and result pipes; nothing else open), forks the worker,
+          waits for it at most the wall limit, then exits, which makes the kernel kill and reap
+          everything left in the namespace)
+          -> worker W: every resource limit set explicitly (rlimits()), chroot into
              the tmpfs, fresh anonymous session keyring, drop to a per-check uid (root) or drop every
              capability (user namespace), no_new_privs, seccomp filter, then reads the job from its
              own pipe, compiles, runs, and writes the result to its own pipe.
 The parent reads the result pipe until end of file, then waits for the template's report that S has
-exited; S exits only after init is reaped, i.e. after the namespace is empty.
+exited; S exits only after init is reaped, i.e. after the namespace is empty. To kill a check the
+template signals S (SIGUSR1), which kills init and still waits for it: a uid or process slot is never
+reused while anything of the check is left. S and everything below it have oom_score_adj 1000.
 
 Covered:
   - forged results: values are recomputed by the parent's own `==`; the result stream is length-capped
-    (MAX_MSG_BYTES), nesting-checked on the raw bytes before parsing, and decoded in bounded time
+    (MAX_MSG_BYTES), read into a bytearray (linear however it trickles in), nesting-checked on the
+    raw bytes in one linear pass before parsing, and decoded in bounded time
     (sets and dicts are built only where the expected value has that type and the same size);
   - the harness holds its call list and encoder in locals bound before response code runs;
   - escapees: everything the worker starts lives in its PID namespace and dies with init, whatever
     it does to its session, parent-death signal or threads; the parent confirms S was reaped;
   - files: the child only sees its own tmpfs (TMPFS_MB, TMPFS_INODES), which vanishes with the
     namespace; nothing it writes reaches the disk; the host mount point is a private empty directory;
-  - kernel keyrings: add_key / request_key / keyctl are refused by seccomp (as are ptrace and
-    process_vm_readv/writev), and the worker starts in a fresh anonymous session keyring;
+  - kernel keyrings: add_key / request_key / keyctl are refused by seccomp (as are ptrace,
+    process_vm_readv/writev and the host-wide sync / syncfs / sync_file_range), and the worker starts
+    in a fresh anonymous session keyring;
+  - shared descriptors: no host file (e.g. a /dev/null whose open file description carries locks and
+    flags from one check to the next, and whose inode is every grader's) is open in the worker;
   - network, SysV/POSIX IPC, abstract sockets: own namespaces;
   - CPU: RLIMIT_CPU per process (what the code costs, independent of machine load); the wall clock
     gets WALL_FACTOR times that, for code that sleeps or blocks;
   - memory: address-space limit; at most NPROC processes per sandbox uid (root mode);
-  - concurrent graders: root-mode uids are held with a lock file each (UID_LOCK_DIR), so two grader
-    processes never share a uid or sweep each other's children;
+  - concurrent graders: root-mode uids are held with a lock file each (UID_LOCK_DIR, under a folder
+    only root can write), so two grader processes never share a uid or sweep each other's children;
+    the mount-point folders of graders killed with SIGKILL are removed by the next one to start;
+  - host memory: oom_score_adj 1000, so the OOM killer takes a sandboxed process before the caller;
   - nothing of one child reaches the next: every check is a fresh fork of a template that holds no
     job data, in fresh namespaces and a fresh tmpfs.
 Not covered:
   - the one-bit verdict "the call did not raise" (used for a response's own run_tests()) is reported
     by the process that runs the response's code; that code can forge it in-process (e.g. write a
     result to its descriptor, or rewrite the harness's functions). Only computed values are trusted;
-  - kernel exploits, side channels and timing; CPU time of more than one process (each of up to
-    NPROC processes has its own CPU limit);
+  - kernel exploits, side channels and timing: the seccomp filter is a deny list, so io_uring, perf
+    events and user-mode userfaultfd remain kernel surface; the host name is visible (no UTS
+    namespace); CPU time of more than one process (each of up to NPROC processes has its own CPU
+    limit); no memory cgroup (NPROC x MEM_MB of address space at most);
   - without root: needs unprivileged user namespaces (refused with SandboxUnavailable otherwise), and
     RLIMIT_NPROC counts all processes of the real user.
 """
@@ -257,11 +269,13 @@ def init(h, jr, rw):
     nr, nw = os.pipe()
     dr, dw = os.pipe()
     os.close(nw)
-    for i, fd in enumerate((nr, dw, jr, rw, dr)):
-        os.dup2(fd, 1000 + i)
-    os.closerange(0, 1000)
+    fds = (nr, dw, jr, rw, dr)
+    hi = max(fds) + 1                    # above every one of them: no copy overwrites another
+    for i, fd in enumerate(fds):
+        os.dup2(fd, hi + i)
+    os.closerange(0, hi)
     for i, to in enumerate((0, 1, 3, 4, 5)):
-        os.dup2(1000 + i, to)
+        os.dup2(hi + i, to)
     os.dup2(1, 2)
     os.closerange(6, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     try:
