@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import sandbox   # the child process: namespaces, limits, result encoding and decoding (stdlib only)
 
-GRADER_VERSION = "2"   # 2: CPU-time limits, bounded decoding, warm fork-server sandbox
+GRADER_VERSION = "3"   # 2: CPU-time limits, bounded decoding, warm fork-server sandbox; 3: one wall budget per grade
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE_PROBLEMS = os.path.join(HERE, "data", "fixture_problems.jsonl")
 HINT_FROM = "and should pass all tests"

@@ -50,6 +50,7 @@ Covered:
     only root can write), so two grader processes never share a uid or sweep each other's children;
     the mount-point folders of graders killed with SIGKILL are removed by the next one to start;
   - host memory: oom_score_adj 1000, so the OOM killer takes a sandboxed process before the caller;
+    as root, a memory cgroup per template (memory_cgroup) caps a check at NPROC x MEM_MB in all;
   - nothing of one child reaches the next: every check is a fresh fork of a template that holds no
     job data, in fresh namespaces and a fresh tmpfs.
 Not covered:
@@ -59,7 +60,8 @@ Not covered:
   - kernel exploits, side channels and timing: the seccomp filter is a deny list, so io_uring, perf
     events and user-mode userfaultfd remain kernel surface; the host name is visible (no UTS
     namespace); CPU time of more than one process (each of up to NPROC processes has its own CPU
-    limit); no memory cgroup (NPROC x MEM_MB of address space at most);
+    limit); memory of several processes where no memory cgroup can be made (NPROC x MEM_MB of
+    address space at most);
   - without root: needs unprivileged user namespaces (refused with SandboxUnavailable otherwise), and
     RLIMIT_NPROC counts all processes of the real user.
 """
@@ -305,6 +307,15 @@ def supervise(h, jr, rw):
     os.setsid()
     with open("/proc/self/oom_score_adj", "w") as f:
         f.write("1000")                  # the sandbox goes first when the host runs out of memory
+    if h["cgroup"]:                      # and gets at most NPROC x its address space, all processes together
+        try:
+            v1 = os.path.exists(h["cgroup"] + "/memory.limit_in_bytes")
+            with open(h["cgroup"] + ("/memory.limit_in_bytes" if v1 else "/memory.max"), "w") as f:
+                f.write(str(h["memory"]))
+            with open(h["cgroup"] + "/cgroup.procs", "w") as f:
+                f.write("0")
+        except OSError:
+            pass
     root = h["root"]
     uid, gid = os.getuid(), os.getgid()
     flags = 0x20000 | 0x20000000 | 0x40000000 | 0x08000000 | (0 if root else 0x10000000)
@@ -393,6 +404,7 @@ class Template:
         root = WORK_ROOT or tempfile.gettempdir()
         sweep_stale(root)
         self.mnt = tempfile.mkdtemp(prefix=f"sandbox_{self.owner}-{start_time(self.owner)}_", dir=root)
+        self.cgroup = memory_cgroup(os.path.basename(self.mnt))
         if os.getuid() != 0:
             os.chmod(self.mnt, 0o700)
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -429,6 +441,45 @@ class Template:
             pass
         self.proc.wait()
         rmtree(self.mnt)
+        for _ in range(100) if self.cgroup else ():    # empty once the template's children are gone
+            try:
+                os.rmdir(self.cgroup)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.01)
+
+
+def memory_cgroup(name):
+    """A new memory cgroup `name` under this process's own (root only; the supervisor of each check
+    sets its limit and moves into it), or None where none can be made: not root, no memory
+    controller, a cgroup v2 tree that does not delegate it. Stale ones of graders that are gone are
+    removed first. Without one the sandbox relies on oom_score_adj and the address-space limits."""
+    if os.getuid() != 0:
+        return None
+    try:
+        with open("/proc/self/cgroup") as f:
+            own = dict(line.rstrip("\n").split(":", 2)[1:] for line in f)       # controllers -> path
+        with open("/proc/self/mountinfo") as f:
+            mounts = [(l.split(" - ")[0].split()[4], *l.split(" - ")[1].split()[:3:2]) for l in f]
+        for mnt, fstype, opts in mounts:
+            if fstype == "cgroup" and "memory" in opts.split(","):
+                rel = next(p for c, p in own.items() if "memory" in c.split(","))
+            elif fstype == "cgroup2" and "" in own:
+                rel = own[""]
+                with open(os.path.join(mnt, rel.lstrip("/"), "cgroup.subtree_control")) as f:
+                    if "memory" not in f.read().split():
+                        continue
+            else:
+                continue
+            parent = os.path.join(mnt, rel.lstrip("/"))
+            sweep_stale(parent, rm=os.rmdir)
+            os.mkdir(os.path.join(parent, name), 0o755)
+            return os.path.join(parent, name)
+    except (OSError, StopIteration, ValueError):
+        pass
+    return None
 
 
 def start_time(pid):
@@ -444,9 +495,10 @@ def start_time(pid):
 _swept = set()
 
 
-def sweep_stale(root):
+def sweep_stale(root, rm=None):
     """Remove the mount-point folders (sandbox_<pid>-<start time>_*) that graders no longer running
-    left in root, e.g. when killed with SIGKILL. Once per folder and process; another user's are kept."""
+    left in root, e.g. when killed with SIGKILL (rm=os.rmdir: their memory cgroups). Once per folder
+    and process; another user's are kept."""
     if root in _swept:
         return
     _swept.add(root)
@@ -458,7 +510,8 @@ def sweep_stale(root):
         except OSError:
             continue
         if m and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and str(start_time(int(m[1]))) != m[2]:
-            rmtree(d)
+            with contextlib.suppress(OSError):
+                (rm or rmtree)(d)
 
 
 _idle = queue.LifoQueue()
@@ -636,7 +689,8 @@ def run_child(setup, program, calls, like=None, cpu_s=CPU_S, mem_mb=MEM_MB, stop
         rr, rw = os.pipe()
         fds = [jw, rr]
         hdr = dict(uid=uid, root=root, wall=wall, rlimits=rlimits(cpu, mem_mb << 20, NPROC),
-                   tmpfs=TMPFS_MB << 20, inodes=TMPFS_INODES, mnt=t.mnt)
+                   tmpfs=TMPFS_MB << 20, inodes=TMPFS_INODES, mnt=t.mnt, cgroup=t.cgroup,
+                   memory=NPROC * mem_mb << 20)
         try:
             socket.send_fds(t.sock, [json.dumps(hdr).encode()], [jr, rw])
         finally:

@@ -702,15 +702,16 @@ def test_sandbox_host_resources_oom_sync_and_every_rlimit():
     resource limit set by the sandbox, none inherited from the caller."""
     import resource, threading
     token = f"om{os.getpid() % 10**6}"
-    seen = []
+    seen, cgroups = [], []
     def watch():
         for _ in range(300):
             for p in os.listdir("/proc"):
                 try:
                     with open(f"/proc/{p}/comm") as f:
                         if f.read().strip() == token:
-                            with open(f"/proc/{p}/oom_score_adj") as f2:
+                            with open(f"/proc/{p}/oom_score_adj") as f2, open(f"/proc/{p}/cgroup") as f3:
                                 seen.append(int(f2.read()))
+                                cgroups.extend(f3.read().splitlines())
                             return
                 except OSError:
                     pass
@@ -720,6 +721,11 @@ def test_sandbox_host_resources_oom_sync_and_every_rlimit():
     sandbox.run_child("", name_me(token) + "import time\ntime.sleep(1.5)", ["1"])
     th.join()
     assert seen == [1000], seen
+    if os.getuid() == 0 and os.path.isdir("/sys/fs/cgroup/memory"):      # a cgroup v1 memory controller
+        path = next(c.split(":", 2)[2] for c in cgroups if "memory" in c.split(":")[1].split(","))
+        assert os.path.basename(path).startswith("sandbox_"), path
+        with open(f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes") as f:
+            assert int(f.read()) == sandbox.NPROC * sandbox.MEM_MB << 20
     prog = ("import ctypes, resource\nlibc = ctypes.CDLL(None, use_errno=True)\n"
             "def call(nr, *a):\n    r = libc.syscall(nr, *a)\n    return [r, ctypes.get_errno()]\n"
             "def limits():\n    return [[n, *resource.getrlimit(getattr(resource, 'RLIMIT_' + n, 10))] for n in %r]\n"
@@ -879,6 +885,17 @@ def test_regrade_refuses_what_the_rows_contradict_and_is_all_or_nothing():
     open(pools.step_path(d, 3), "wb").write(good[:len(good) // 2])     # truncated
     raises(pools.DataError, pools.regrade, d, FIXTURE, workers=1, match=pools.step_path(d, 3))
     open(pools.step_path(d, 3), "wb").write(good)
+    calls, real = [], pools.grade_many                 # a failure while grading step 1 (step 0 done)
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    pools.grade_many = failing
+    try:
+        raises(KeyboardInterrupt, pools.regrade, d, FIXTURE, workers=1)
+    finally:
+        pools.grade_many = real
     assert snapshot() == before
     assert not [f for f in os.listdir(os.path.dirname(d)) if f != "teacher_pool"]    # no temporary left
     quiet_call(pools.regrade, d, FIXTURE, workers=2)
