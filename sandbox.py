@@ -308,12 +308,10 @@ def supervise(h, jr, rw):
     with open("/proc/self/oom_score_adj", "w") as f:
         f.write("1000")                  # the sandbox goes first when the host runs out of memory
     if h["cgroup"]:                      # and gets at most NPROC x its address space, all processes together
-        try:
+        try:                             # (the template's cgroup, which every check inherits)
             v1 = os.path.exists(h["cgroup"] + "/memory.limit_in_bytes")
             with open(h["cgroup"] + ("/memory.limit_in_bytes" if v1 else "/memory.max"), "w") as f:
                 f.write(str(h["memory"]))
-            with open(h["cgroup"] + "/cgroup.procs", "w") as f:
-                f.write("0")
         except OSError:
             pass
     root = h["root"]
@@ -414,6 +412,14 @@ class Template:
                                      stderr=subprocess.DEVNULL, env=_CHILD_ENV, pass_fds=(b.fileno(),),
                                      start_new_session=True, cwd="/")
         b.close()
+        if self.cgroup:
+            try:                          # once: moving a process between cgroups is slow
+                with open(os.path.join(self.cgroup, "cgroup.procs"), "w") as f:
+                    f.write(str(self.proc.pid))
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.cgroup)
+                self.cgroup = None
         self.sock.settimeout(60)
         if self.sock.recv(1) != b"R":
             self.close()
@@ -452,8 +458,8 @@ class Template:
 
 
 def memory_cgroup(name):
-    """A new memory cgroup `name` under this process's own (root only; the supervisor of each check
-    sets its limit and moves into it), or None where none can be made: not root, no memory
+    """A new memory cgroup `name` under this process's own (root only; a template moves into it, the
+    supervisor of each check sets its limit), or None where none can be made: not root, no memory
     controller, a cgroup v2 tree that does not delegate it. Stale ones of graders that are gone are
     removed first. Without one the sandbox relies on oom_score_adj and the address-space limits."""
     if os.getuid() != 0:
