@@ -25,7 +25,7 @@ the modules solutions import already loaded, forks one supervisor per check:
 The parent reads the result pipe until end of file, then waits for the template's report that S has
 exited; S exits only after init is reaped, i.e. after the namespace is empty. To kill a check the
 template signals S (SIGUSR1), which kills init and still waits for it: a uid or process slot is never
-reused while anything of the check is left. S and everything below it have oom_score_adj 1000.
+reused while anything of the check is left. The template and all it forks have oom_score_adj 1000.
 
 Covered:
   - forged results: values are recomputed by the parent's own `==`; the result stream is length-capped
@@ -128,6 +128,9 @@ for m in ("random functools collections string math datetime typing itertools he
     except Exception:
         pass
 libc = ctypes.CDLL(None, use_errno=True)
+with open("/proc/self/oom_score_adj", "w") as f:
+    f.write("1000")                      # for everything forked from here: the sandbox goes first when the
+                                         # host runs out of memory (set once: a write per check costs)
 # audit arch, keyctl, add_key, request_key, ptrace, process_vm_readv/writev, capset, sync, syncfs, sync_file_range
 ARCH = {"x86_64": (0xC000003E, 250, 248, 249, 101, 310, 311, 126, 162, 306, 277),
         "aarch64": (0xC00000B7, 219, 217, 218, 117, 270, 271, 91, 81, 267, 84)}.get(os.uname().machine)
@@ -305,8 +308,6 @@ def init(h, jr, rw):
 def supervise(h, jr, rw):
     libc.prctl(1, 9, 0, 0, 0)            # dies with the template
     os.setsid()
-    with open("/proc/self/oom_score_adj", "w") as f:
-        f.write("1000")                  # the sandbox goes first when the host runs out of memory
     if h["cgroup"]:                      # and gets at most NPROC x its address space, all processes together
         try:                             # (the template's cgroup, which every check inherits)
             v1 = os.path.exists(h["cgroup"] + "/memory.limit_in_bytes")
