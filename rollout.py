@@ -301,9 +301,12 @@ def kept_steps(out, steps, cells_of, messages_fn):
     """{step: rows} of the step files a rerun keeps, each checked to be what this pool's settings
     generate at that step (batch size, sample ids, problems and prompts in the seeded order, hint) and
     within the pool's `steps`; anything else (a file of another pool, a hand edit) is refused."""
-    names = [f for f in (os.listdir(out) if os.path.isdir(out) else []) if f.startswith("step_")]
+    try:
+        found = pools.pool_steps(out)
+    except pools.DataError:
+        found = []                       # a new pool: no step files yet
     kept = {}
-    for s in (pools.pool_steps(out) if names else []):
+    for s in found:
         path = pools.step_path(out, s)
         if s >= steps:
             raise pools.DataError(f"{path}: beyond the pool's {steps} steps; not written by this pool")
