@@ -308,13 +308,6 @@ def init(h, jr, rw):
 def supervise(h, jr, rw):
     libc.prctl(1, 9, 0, 0, 0)            # dies with the template
     os.setsid()
-    if h["cgroup"]:                      # and gets at most NPROC x its address space, all processes together
-        try:                             # (the template's cgroup, which every check inherits)
-            v1 = os.path.exists(h["cgroup"] + "/memory.limit_in_bytes")
-            with open(h["cgroup"] + ("/memory.limit_in_bytes" if v1 else "/memory.max"), "w") as f:
-                f.write(str(h["memory"]))
-        except OSError:
-            pass
     root = h["root"]
     uid, gid = os.getuid(), os.getgid()
     flags = 0x20000 | 0x20000000 | 0x40000000 | 0x08000000 | (0 if root else 0x10000000)
@@ -403,7 +396,7 @@ class Template:
         root = WORK_ROOT or tempfile.gettempdir()
         sweep_stale(root)
         self.mnt = tempfile.mkdtemp(prefix=f"sandbox_{self.owner}-{start_time(self.owner)}_", dir=root)
-        self.cgroup = memory_cgroup(os.path.basename(self.mnt))
+        self.cgroup, self.memory = memory_cgroup(os.path.basename(self.mnt)), None
         if os.getuid() != 0:
             os.chmod(self.mnt, 0o700)
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -426,6 +419,16 @@ class Template:
             self.close()
             raise SandboxUnavailable("the sandbox template process did not start")
         self.sock.settimeout(None)
+
+    def limit_memory(self, nbytes):
+        """The memory limit of the template's cgroup (its checks, all processes together), written
+        only when it changes: a write costs a tenth of a millisecond."""
+        if self.cgroup and nbytes != self.memory:
+            v1 = os.path.exists(os.path.join(self.cgroup, "memory.limit_in_bytes"))
+            with contextlib.suppress(OSError):   # best effort, like the cgroup itself
+                with open(os.path.join(self.cgroup, "memory.limit_in_bytes" if v1 else "memory.max"), "w") as f:
+                    f.write(str(nbytes))
+                self.memory = nbytes
 
     def recv(self, n, timeout):
         self.sock.settimeout(timeout)
@@ -459,8 +462,8 @@ class Template:
 
 
 def memory_cgroup(name):
-    """A new memory cgroup `name` under this process's own (root only; a template moves into it, the
-    supervisor of each check sets its limit), or None where none can be made: not root, no memory
+    """A new memory cgroup `name` under this process's own (root only; a template moves into it, and
+    Template.limit_memory sets its limit), or None where none can be made: not root, no memory
     controller, a cgroup v2 tree that does not delegate it. Stale ones of graders that are gone are
     removed first. Without one the sandbox relies on oom_score_adj and the address-space limits."""
     if os.getuid() != 0:
@@ -696,8 +699,8 @@ def run_child(setup, program, calls, like=None, cpu_s=CPU_S, mem_mb=MEM_MB, stop
         rr, rw = os.pipe()
         fds = [jw, rr]
         hdr = dict(uid=uid, root=root, wall=wall, rlimits=rlimits(cpu, mem_mb << 20, NPROC),
-                   tmpfs=TMPFS_MB << 20, inodes=TMPFS_INODES, mnt=t.mnt, cgroup=t.cgroup,
-                   memory=NPROC * mem_mb << 20)
+                   tmpfs=TMPFS_MB << 20, inodes=TMPFS_INODES, mnt=t.mnt)
+        t.limit_memory(NPROC * mem_mb << 20)
         try:
             socket.send_fds(t.sock, [json.dumps(hdr).encode()], [jr, rw])
         finally:
