@@ -979,8 +979,10 @@ def main(argv=None):
                        "gt pass rate, label counts and repeated completions of each pool.")
     a.add_argument("dirs", nargs="+", metavar="DIR", help="pool directories")
     a = sub.add_parser("regrade", help="re-grade a pool in place",
-                       description="Re-grade every row of a pool with this grader; each step file is replaced "
-                                   "atomically, meta.json records the grader version.")
+                       description="Re-grade every row of a pool with this grader, once the problem file "
+                                   "(meta.json's problems_sha256) and the hint agree with the rows; the regraded "
+                                   "pool is written into a temporary directory renamed into place, and meta.json "
+                                   "records the grader version.")
     a.add_argument("dir", metavar="DIR", help="pool directory")
     a.add_argument("--problems", default=None,
                    help="problem file (default: the one meta.json names, if it is found)")
