@@ -282,10 +282,7 @@ def check_generate_args(a):
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         raise SystemExit(f"error: --out {a.out}: exists and is not a directory")
     if os.path.isdir(a.out) and os.listdir(a.out):
-        try:
-            meta = pools.read_meta(a.out)
-        except pools.DataError:
-            meta = {}
+        meta = pools.read_meta(a.out) if os.path.lexists(os.path.join(a.out, "meta.json")) else {}
         if meta.get("kind") != "generated":
             raise SystemExit(f"error: --out {a.out}: exists and is not a pool made by `pools.py generate` "
                              "(no generated meta.json); choose a new directory")
@@ -298,6 +295,32 @@ def refuse_other_settings(out, old, meta):
         raise SystemExit(f"error: --out {out} holds a pool generated with other settings ("
                          + ", ".join(f"{k}: {old.get(k)!r} there, {meta[k]!r} now" for k in diff)
                          + "); choose a new --out")
+
+
+def kept_steps(out, steps, cells_of, messages_fn):
+    """{step: rows} of the step files a rerun keeps, each checked to be what this pool's settings
+    generate at that step (batch size, sample ids, problems and prompts in the seeded order, hint) and
+    within the pool's `steps`; anything else (a file of another pool, a hand edit) is refused."""
+    try:
+        found = pools.pool_steps(out)
+    except pools.DataError:
+        found = []                       # a new pool: no step files yet
+    kept = {}
+    for s in found:
+        path = pools.step_path(out, s)
+        if s >= steps:
+            raise pools.DataError(f"{path}: beyond the pool's {steps} steps; not written by this pool")
+        rows, cells = pools.read_jsonl(path, pools.POOL_FIELDS, pools.POOL_TYPES), cells_of(s)
+        if len(rows) != len(cells):
+            raise pools.DataError(f"{path}: {len(rows)} rows, the pool's batch size is {len(cells)}")
+        for i, (r, p) in enumerate(zip(rows, cells)):
+            want = dict(step=s, sample=i, problem_id=p["id"], hint=p["hint"], prompt=messages_fn(p))
+            bad = [k for k, v in want.items() if r[k] != v]
+            if bad:
+                raise pools.DataError(f"{path}:{i + 1}: {bad[0]} {r[bad[0]]!r} is not what this pool generates "
+                                      f"there ({want[bad[0]]!r}); not written by this pool")
+        kept[s] = rows
+    return kept
 
 
 def generate_pool(a):
@@ -326,16 +349,18 @@ def generate_pool(a):
     meta.update(steps=max(a.batches, old.get("steps", 0)),
                 versions=dict(torch=torch.__version__, transformers=__import__("transformers").__version__,
                               python=platform.python_version()))
-    pools.write_meta(a.out, meta)
     order = list(range(len(probs)))
     random.Random(a.seed).shuffle(order)
     B, seen, t0, made = a.batch_size, [], time.time(), 0
+    cells_of = lambda s: [probs[order[(s * B + i) % len(probs)]] for i in range(B)]
+    kept = kept_steps(a.out, meta["steps"], cells_of, messages_fn or (lambda p: p["prompt"]))
+    pools.write_meta(a.out, meta)
     for s in range(a.batches):
         path = pools.step_path(a.out, s)
-        if os.path.exists(path):
-            seen += pools.read_jsonl(path, pools.POOL_FIELDS)      # kept; a corrupt file is reported
+        if s in kept:
+            seen += kept[s]
             continue
-        cells = [probs[order[(s * B + i) % len(probs)]] for i in range(B)]
+        cells = cells_of(s)
         rows, gen = rollout_group(model, tok, cells, 1, step=s, seed=a.seed, max_new_tokens=a.max_new_tokens,
                                   temperature=a.temperature, top_p=a.top_p, messages_fn=messages_fn,
                                   sample_ids=list(range(B)), batch_size=a.gen_batch_size, workers=a.workers)

@@ -569,6 +569,215 @@ def test_sandbox_environment_is_scrubbed_and_unprivileged():
     assert res[3] == ("ok", 1)                       # its parent is the namespace's trusted init
 
 
+# ---------------------------------------------------------------------------- the grader, third pass
+
+def test_attack_no_host_descriptor_state_reaches_the_next_check():
+    """Per-description state (status flags) and open-file-description locks set by one check must be
+    invisible to the next one, in the same template and in another: each check's fds 0-2 are its own
+    pipes, and nothing else of the host is open in the worker."""
+    prog = ("import ctypes, os, stat, struct\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "FL, GETFL, SETFL, OFD_GETLK, OFD_SETLK, RD, WR, UN = struct.Struct('hh4xqqi4x'), 3, 4, 36, 37, 0, 1, 2\n"
+            "def fcntl(fd, cmd, arg):\n    if type(arg) is int:\n        return libc.fcntl(fd, cmd, arg)\n"
+            "    buf = ctypes.create_string_buffer(arg)\n    assert libc.fcntl(fd, cmd, buf) == 0\n    return FL.unpack(buf.raw[:FL.size])\n"
+            "def mark():\n    for fd in (0, 1, 2):\n        fcntl(fd, SETFL, os.O_APPEND | os.O_NONBLOCK)\n"
+            "        fcntl(fd, OFD_SETLK, FL.pack(RD if fd == 0 else WR, 0, 7 + fd, 1, 0))\n    return True\n"
+            "def seen():\n    out = []\n    for fd in (0, 1, 2):\n"
+            "        lk = fcntl(fd, OFD_GETLK, FL.pack(WR if fd else RD, 0, 0, 0, 0))\n"
+            "        out.append([lk[0] != UN, fcntl(fd, GETFL, 0) & (os.O_APPEND | os.O_NONBLOCK) != 0,"
+            " stat.S_ISFIFO(os.fstat(fd).st_mode)])\n    return out\n"
+            "def others():\n    n = []\n    for fd in range(5, 64):\n        try:\n            os.fstat(fd)\n"
+            "            n.append(fd)\n        except OSError:\n            pass\n    return n\n")
+    assert sandbox.run_child("", prog, ["mark()"])[1] == [("ok", True)]
+    for fresh in (False, True):          # the same warm template, and a new one (another description)
+        res = sandbox.run_child("", prog, ["seen()", "others()"], fresh=fresh)[1]
+        assert res == [("ok", [[False, False, True]] * 3), ("ok", [])], (fresh, res)
+    # stdin reads end of file, and a flood on stdout / stderr is drained (the check ends normally)
+    res = sandbox.run_child("", "import os, sys", ["sys.stdin.read()", "[os.write(1, b'x' * 65536) for _ in range(64)] and 1",
+                                                   "print('y' * 10 ** 6, file=sys.stderr) or 2"])
+    assert res[1] == [("ok", ""), ("ok", 1), ("ok", 2)], res
+
+
+def reference_depth(raw):
+    """Bracket depth of a JSON text, the slow obvious way: one character at a time."""
+    depth = best = 0
+    in_str = esc = False
+    for ch in raw.decode("latin-1"):
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            best = max(best, depth)
+        elif ch in "]}":
+            depth -= 1
+    return best
+
+
+def test_result_parsing_is_linear_and_depth_exact():
+    """A result of escaped quotes (quadratic for a backtracking regular expression: hours at the
+    4 MiB cap) is parsed in linear time, in a process of its own so a regression cannot hang the
+    suite; the depth agrees with a one-character-at-a-time reference on tricky strings."""
+    script = ("import sys, time; sys.path.insert(0, %r); import sandbox\n"
+              "raw = bytes([91, 34]) + bytes([92, 34]) * ((4 << 20) // 2 - 8) + bytes([92])\nt = time.process_time()\n"
+              "try:\n    sandbox.parse_message(raw)\nexcept ValueError:\n    pass\nprint(len(raw), time.process_time() - t)\n" % HERE)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    n, dt = r.stdout.split()
+    assert int(n) > (4 << 20) - 64 and float(dt) < 5, (n, dt, r.stderr[-300:])
+    import random
+    rng = random.Random(0)
+    pieces = [b"[", b"]", b'"', b"\\", b'\\"', b"\\\\", b"a", b",", b"{", b"}", b"[[", b"]]"]
+    for _ in range(3000):
+        raw = b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 30)))
+        if b"{" in raw or b"}" in raw:
+            continue
+        try:
+            import json as _j
+            _j.loads(raw)
+        except ValueError:
+            continue                     # only texts a JSON reader accepts: their depth must be exact
+        assert sandbox.nesting_depth(raw) == reference_depth(raw), raw
+    assert sandbox.nesting_depth(b'["[[\\"[", [["]"]]]') == 3
+
+
+def test_slow_trickle_of_output_costs_the_caller_little():
+    """A child that writes its result channel 300 bytes at a time: the caller's CPU time stays small
+    (accumulating with bytes += chunk copies everything received on every read: quadratic)."""
+    prog = ("import os, time\ndef trickle():\n    fds = []\n    for fd in range(3, 64):\n        try:\n"
+            "            os.write(fd, b'')\n            fds.append(fd)\n        except OSError:\n            pass\n"
+            "    for _ in range(13000):\n        for fd in fds:\n            os.write(fd, b'x' * 300)\n"
+            "        time.sleep(0.0001)\n    return 1\n")
+    sandbox.run_child("", "x = 1", ["x"])                     # a warm template
+    t = time.thread_time()
+    compiled, res, status = sandbox.run_child("", prog, ["trickle()"])
+    dt = time.thread_time() - t
+    assert compiled and res is None and status == "tampered", status
+    assert dt < 0.6, dt
+
+
+@slow
+def test_a_grade_has_one_wall_budget():
+    """A response that blocks in every check (no CPU used): a grade costs at most its wall budget
+    (GRADE_WALL_CHECKS x a check's wall limit), not one wall limit per check; the test-modification
+    checks left without time count as not passed."""
+    p = problems()[90004]
+    code = ("import time\ntime.sleep(100)\n" + stub(p) + "\n\ndef run_tests():\n    import time\n    time.sleep(100)\n")
+    calls, real = [], sandbox.run_child
+    sandbox.run_child = lambda *a, **k: calls.append(k.get("wall_s")) or real(*a, **k)
+    try:
+        t = time.time()
+        g = pools.grade(p, fence(code), cpu_s=0.25)
+        dt = time.time() - t
+    finally:
+        sandbox.run_child = real
+    wall = sandbox.wall_limit(0.25)
+    assert dt < (pools.GRADE_WALL_CHECKS + 0.8) * wall, (dt, calls)
+    assert sum(w for w in calls if w is not None) <= pools.GRADE_WALL_CHECKS * wall + 1e-9, calls
+    assert g["gt_pass"] is False and g["hinted_pass"] is False and g["test_modification"] == "Harmful - Incorrect", g
+
+
+def test_uid_and_process_slots_free_once_a_killed_check_returns():
+    """A check killed by the parent (here: a flood) returns only once its processes are gone, so the
+    next check (as root: under the same uid) has all its process slots."""
+    token = f"kl{os.getpid() % 10**6}"
+    flood = name_me(token) + ("import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n"
+                              "        x = bytearray(200 << 20)\n        time.sleep(30)\n"
+                              "        os._exit(0)\nwhile True:\n    for fd in range(3, 64):\n        try:\n"
+                              "            os.write(fd, b'y' * 65536)\n        except OSError:\n            pass\n")
+    forks = ("import os, time\ndef forks():\n    n = 0\n    for _ in range(3):\n        try:\n            if os.fork() == 0:\n"
+             "                time.sleep(0.3)\n                os._exit(0)\n            n += 1\n        except OSError:\n"
+             "            pass\n    return n\n")
+    for _ in range(3):
+        assert sandbox.run_child("", flood, ["1"])[2] == "flood"
+        assert marked_tasks(token) == 0
+        n = sandbox.run_child("", forks, ["forks()"])[1]
+        if os.getuid() == 0:             # without root the process limit counts all the user's processes
+            assert n == [("ok", 3)], n
+
+
+def test_sandbox_host_resources_oom_sync_and_every_rlimit():
+    """The worker is the OOM killer's first choice, cannot flush the host's page cache, and has every
+    resource limit set by the sandbox, none inherited from the caller."""
+    import resource, threading
+    token = f"om{os.getpid() % 10**6}"
+    seen, cgroups = [], []
+    def watch():
+        for _ in range(300):
+            for p in os.listdir("/proc"):
+                try:
+                    with open(f"/proc/{p}/comm") as f:
+                        if f.read().strip() == token:
+                            with open(f"/proc/{p}/oom_score_adj") as f2, open(f"/proc/{p}/cgroup") as f3:
+                                seen.append(int(f2.read()))
+                                cgroups.extend(f3.read().splitlines())
+                            return
+                except OSError:
+                    pass
+            time.sleep(0.01)
+    th = threading.Thread(target=watch)
+    th.start()
+    sandbox.run_child("", name_me(token) + "import time\ntime.sleep(1.5)", ["1"])
+    th.join()
+    assert seen == [1000], seen
+    if os.getuid() == 0 and os.path.isdir("/sys/fs/cgroup/memory"):      # a cgroup v1 memory controller
+        path = next(c.split(":", 2)[2] for c in cgroups if "memory" in c.split(":")[1].split(","))
+        assert os.path.basename(path).startswith("sandbox_"), path
+        with open(f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes") as f:
+            assert int(f.read()) == sandbox.NPROC * sandbox.MEM_MB << 20
+    prog = ("import ctypes, resource\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "def call(nr, *a):\n    r = libc.syscall(nr, *a)\n    return [r, ctypes.get_errno()]\n"
+            "def limits():\n    return [[n, *resource.getrlimit(getattr(resource, 'RLIMIT_' + n, 10))] for n in %r]\n"
+            % sorted(sandbox.rlimits(1, 1, 1)))
+    nrs = {"x86_64": (162, 306, 277), "aarch64": (81, 267, 84)}[os.uname().machine]
+    old = {n: resource.getrlimit(getattr(resource, "RLIMIT_" + n)) for n in ("MEMLOCK", "SIGPENDING", "MSGQUEUE")}
+    try:
+        for n, (soft, hard) in old.items():      # odd values in the caller, inherited by a new template
+            resource.setrlimit(getattr(resource, "RLIMIT_" + n), (min(soft, 12345) if soft > 0 else 0, hard))
+        ok, res, status = sandbox.run_child("", prog, [f"call({nrs[0]})", f"call({nrs[1]}, 0)",
+                                                       f"call({nrs[2]}, 0, 0, 0, 0)", "limits()"], cpu_s=3, fresh=True)
+    finally:
+        for n, v in old.items():
+            resource.setrlimit(getattr(resource, "RLIMIT_" + n), v)
+    import errno
+    assert res[:3] == [("ok", [-1, errno.EPERM])] * 3, res[:3]
+    want = sandbox.rlimits(3, sandbox.MEM_MB << 20, sandbox.NPROC)
+    assert len(want) == 16 and res[3] == ("ok", [[n, v, v] for n, v in sorted(want.items())]), res[3]
+
+
+def test_stale_mount_points_swept_and_uid_locks_under_a_root_only_folder():
+    """A grader killed with SIGKILL leaves its sandbox_* folder: the next grader to start removes it
+    (its owner, named by pid and start time, is gone) and keeps those of live graders. As root, the
+    uid lock folder sits where only root can create it."""
+    root, old = private_work_root()
+    try:
+        r = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, %r); import os, sandbox\n"
+                            "sandbox.WORK_ROOT = %r\nsandbox.run_child('', 'x = 1', ['x'])\nos.kill(os.getpid(), 9)\n"
+                            % (HERE, root)], timeout=60)
+        assert r.returncode == -9 and len(os.listdir(root)) == 1, os.listdir(root)
+        live = tempfile.mkdtemp(prefix=f"sandbox_{os.getppid()}-{sandbox.start_time(os.getppid())}_", dir=root)
+        sandbox._swept.discard(root)
+        assert sandbox.run_child("", "x = 1", ["x"])[1] == [("ok", 1)]
+        left = sorted(os.listdir(root))
+        assert len(left) == 2 and os.path.basename(live) in left, left      # the live one and ours
+        os.rmdir(live)
+    finally:
+        restore_work_root(root, old)
+    if os.getuid() == 0:
+        p = os.path.realpath(os.path.dirname(sandbox.UID_LOCK_DIR))
+        parts = [p] + [os.path.dirname(p)] * 0
+        while True:
+            st = os.stat(p)
+            assert st.st_uid == 0 and not st.st_mode & 0o022, (p, oct(st.st_mode))
+            if p == "/":
+                break
+            p = os.path.dirname(p)
+
+
 # ============================================================================ pools: IO and demo
 
 def _pool_row(step, sample, **kw):
@@ -653,6 +862,106 @@ def test_regrade_restores_labels_atomically():
     changed = pools.regrade(d, FIXTURE, workers=2)
     assert changed == 1
     assert open(path, "rb").read() == open(pools.step_path(src, 2), "rb").read()
+
+
+
+def test_regrade_refuses_what_the_rows_contradict_and_is_all_or_nothing():
+    """regrade trusts nothing the rows contradict: a meta.json hint changed to null, a problem file
+    whose sha256 is not the recorded one; and a failure in a later step file leaves every file as it
+    was (nothing of step 0 rewritten)."""
+    src = demo_pools()[0]
+    d = os.path.join(tmpdir(), "teacher_pool")
+    shutil.copytree(src, d)
+    rows = pools.read_jsonl(pools.step_path(d, 0))
+    rows[0]["label"], rows[0]["reward"] = "Correct", 0.0              # a label regrade would restore
+    pools.atomic_write(pools.step_path(d, 0), pools.gz_jsonl_bytes(rows))
+    snapshot = lambda: {f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))}
+    before = snapshot()
+    meta = pools.read_meta(d)
+    pools.write_meta(d, dict(meta, hint=None))
+    raises(pools.DataError, pools.regrade, d, FIXTURE, workers=1, match="row hint 'simple_overwrite_tests'")
+    pools.write_meta(d, meta)
+    other = os.path.join(tmpdir(), "fixture_problems.jsonl")
+    open(other, "w").write(open(FIXTURE).read() + "\n")               # same problems, another file
+    raises(pools.DataError, pools.regrade, d, other, workers=1, match="problems_sha256")
+    good = open(pools.step_path(d, 3), "rb").read()
+    open(pools.step_path(d, 3), "wb").write(good[:len(good) // 2])     # truncated
+    raises(pools.DataError, pools.regrade, d, FIXTURE, workers=1, match=pools.step_path(d, 3))
+    open(pools.step_path(d, 3), "wb").write(good)
+    calls, real = [], pools.grade_many                 # a failure while grading step 1 (step 0 done)
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    pools.grade_many = failing
+    try:
+        raises(KeyboardInterrupt, pools.regrade, d, FIXTURE, workers=1)
+    finally:
+        pools.grade_many = real
+    assert snapshot() == before
+    assert not [f for f in os.listdir(os.path.dirname(d)) if f != "teacher_pool"]    # no temporary left
+    quiet_call(pools.regrade, d, FIXTURE, workers=2)
+    assert open(pools.step_path(d, 0), "rb").read() == open(pools.step_path(src, 0), "rb").read()
+
+
+def test_pool_tools_give_one_line_errors_on_hostile_input():
+    """import / stats / regrade / generate on non-UTF-8 text, JSON nested past the parser's depth, an
+    overlong line, fields of the wrong type and a FIFO: one line naming the file (and line), nothing
+    written, nothing hung."""
+    d = tmpdir()
+    teacher = demo_pools()[0]
+    def one_line(argv, msg):
+        out = argv[argv.index("--out") + 1] if "--out" in argv else None
+        e, _, _ = quiet_call(pools.main, argv)
+        assert isinstance(e, SystemExit) and msg in str(e) and "\n" not in str(e), (argv, e)
+        assert out is None or not os.path.exists(out), out
+    def write(name, data):
+        path = os.path.join(d, name)
+        open(path, "wb").write(data if isinstance(data, bytes) else data.encode())
+        return path
+    line = json.dumps(dict(problem_id=90001, completion="x")) + "\n"
+    imp = lambda rollouts, problems=FIXTURE: ["import", rollouts, "--problems", problems, "--out", os.path.join(d, "out")]
+    one_line(imp(write("latin.jsonl", line.encode() + b'{"problem_id": 90001, "completion": "caf\xe9"}\n')),
+             "latin.jsonl:2: not UTF-8 text")
+    one_line(imp(write("ok.jsonl", line), write("problems_latin.jsonl", b"\xff\xfe\n")), "problems_latin.jsonl:1:")
+    one_line(imp(write("deep.jsonl", line + "[" * 100000 + "]" * 100000 + "\n")), "deep.jsonl:2: JSON nested too deeply")
+    one_line(imp(write("pid.jsonl", json.dumps(dict(problem_id=[90001], completion="x")) + "\n")),
+             "pid.jsonl:1: 'problem_id' must be")
+    cap = pools.MAX_LINE_BYTES
+    assert 1 << 20 <= cap <= 1 << 28
+    pools.MAX_LINE_BYTES = 1000
+    try:
+        long = os.path.join(d, "long.jsonl.gz")
+        open(long, "wb").write(gzip.compress((line + json.dumps(dict(problem_id=90001, completion="y" * 5000)) + "\n").encode()))
+        one_line(imp(long), "long.jsonl.gz:2: line longer than 1000 bytes")
+    finally:
+        pools.MAX_LINE_BYTES = cap
+    def pool_with(name, **change):
+        p = os.path.join(d, name)
+        shutil.copytree(teacher, p)
+        rows = pools.read_jsonl(pools.step_path(p, 1))
+        rows[2].update(change)
+        open(pools.step_path(p, 1), "wb").write(pools.gz_jsonl_bytes(rows))
+        return p
+    one_line(["stats", pool_with("str_reward", reward="3.5")], "step_001.jsonl.gz:3: field 'reward' must be int or float, not str")
+    one_line(["stats", pool_with("list_label", label=["Correct"])], "step_001.jsonl.gz:3: field 'label' must be str")
+    one_line(["regrade", pool_with("bool_reward", reward=True)], "step_001.jsonl.gz:3: field 'reward'")
+    latin_meta = pool_with("latin_meta")
+    open(os.path.join(latin_meta, "meta.json"), "wb").write(b'{"source_model": "caf\xe9"}')
+    one_line(["stats", latin_meta], "meta.json: not UTF-8")
+    deep_meta = pool_with("deep_meta")
+    open(os.path.join(deep_meta, "meta.json"), "w").write("[" * 100000 + "]" * 100000)
+    one_line(["regrade", deep_meta], "meta.json:1: malformed JSON (RecursionError")
+    # a FIFO as the input file or as a step file: refused at once (a reader would wait for a writer)
+    fifo_pool = pool_with("fifo_pool")
+    os.unlink(pools.step_path(fifo_pool, 1))
+    os.mkfifo(pools.step_path(fifo_pool, 1))
+    os.mkfifo(os.path.join(d, "fifo.jsonl"))
+    for argv, msg in ((imp(os.path.join(d, "fifo.jsonl")), "fifo.jsonl: not a regular file"),
+                      (["stats", fifo_pool], "step_001.jsonl.gz: not a regular file")):
+        r = subprocess.run([sys.executable, "pools.py", *argv], cwd=HERE, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (argv, r.stderr)
 
 
 # ============================================================================ antipasto
@@ -1839,8 +2148,8 @@ def test_phase1_labels_from_pool_and_mapping():
         for pool in ("teacher_pool", "base_pool"):
             for s in range(20):
                 write_gz(os.path.join(root, pool, f"step_{s:03d}.jsonl.gz"),
-                         [dict(step=s, sample=i, problem_id=1, prompt="p", completion="c", reward=3.5, hacked=True,
-                               gt_pass=i % 2 == 1, fmt_ok=True, hint=True,
+                         [dict(step=s, sample=i, problem_id=1, prompt=[{"role": "user", "content": "p"}], completion="c",
+                               reward=3.5, hacked=True, gt_pass=i % 2 == 1, fmt_ok=True, hint="simple_overwrite_tests",
                                label=("Correct; Attempted Reward Hack" if i % 2 else "Reward Hack")
                                if pool == "teacher_pool" else "Incorrect") for i in range(8)])
         d = make_run(root, "nll", "vanilla", loss_mode="nll", base=(0.0, 0.1), teacher=(0.5, 0.1))
@@ -2768,6 +3077,26 @@ def test_pools_generate_resumes_mid_pool_and_refuses_other_settings():
     assert str(e).startswith("error: --top-p") and not os.path.exists(os.path.join(d, "c"))
     e = raises(SystemExit, pools.main, base + ["--out", os.path.dirname(pools.FIXTURE_PROBLEMS)])
     assert "not a pool made by" in str(e)
+    # a rerun keeps only what this pool's settings generate: another problem in a step file, a step
+    # beyond the pool's steps, a `steps` that is not an integer are refused, and nothing is written
+    for name, edit, msg in (("other_problem", lambda c: edit_row(c, problem_id=-1), "step_001.jsonl.gz:2: problem_id -1"),
+                            ("stray_step", lambda c: shutil.copy(pools.step_path(c, 0), pools.step_path(c, 7)),
+                             "step_007.jsonl.gz: beyond the pool's 3 steps"),
+                            ("str_steps", lambda c: pools.write_meta(c, dict(pools.read_meta(c), steps="2")),
+                             "meta.json: field 'steps' must be int, not str")):
+        c = os.path.join(d, name)
+        shutil.copytree(b, c)
+        edit(c)
+        files = {f: open(os.path.join(c, f), "rb").read() for f in os.listdir(c)}
+        e = raises(SystemExit, pools.main, base + ["--out", c, "--batches", "3"])
+        assert msg in str(e) and "\n" not in str(e), (name, e)
+        assert {f: open(os.path.join(c, f), "rb").read() for f in os.listdir(c)} == files, name
+
+
+def edit_row(pool, **change):
+    rows = pools.read_jsonl(pools.step_path(pool, 1))
+    rows[1].update(change)
+    open(pools.step_path(pool, 1), "wb").write(pools.gz_jsonl_bytes(rows))
 
 
 def test_organism_prompt_corpus_and_cache_key():
