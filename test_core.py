@@ -3087,6 +3087,11 @@ def write(path, rows):
 
 def main():
     f, t0 = flags(sys.argv[1:]), time.time()
+    if f.get("dry-run"):                                  # train.py's validation: FAKE_REFUSE says no
+        if os.environ.get("FAKE_REFUSE"):
+            sys.exit("error: " + os.environ["FAKE_REFUSE"])
+        print("fake dry run: " + " ".join(sys.argv[1:]))
+        return
     out, steps = f["out"], int(f["steps"])
     if os.path.isdir(out) and os.listdir(out) and not f.get("resume"):
         sys.exit(f"error: run directory {out} exists")
@@ -3137,59 +3142,119 @@ def spans(out):
     return [json.loads(l) for l in open(os.path.join(out, "runs", "spans.jsonl"))]
 
 
+def dry_run_commands(text):
+    """{run name: its command} from sweep.py --dry-run's '# name: status' blocks."""
+    lines = text.splitlines()
+    return {l.split()[1][:-1]: lines[i + 1] for i, l in enumerate(lines) if l.startswith("# ") and l.endswith(": new")}
+
+
 def test_sweep_grid_flags_and_dry_run():
     import sweep
     root = tmpdir()
     out = os.path.join(root, "sw")
     base = ["--out", out, "--steps", "4", "--train-cmd", fake_train(root)]
-    res, text = sweep_main(base + ["--preset", "demo", "--dry-run", "--extra", "penalty,screening", "--penalty", "2.5"])
+    res, text = sweep_main(base + ["--dry-run", "--extra", "penalty,screening", "--penalty", "2.5"])
     assert res == 0 and not os.path.exists(out)
-    names = [l.split()[1][:-1] for l in text.splitlines() if l.startswith("# ")]
-    assert names == [f"{a}_s{s}" for s in (0, 1, 2) for a in ("vanilla", "projected", "projected_lora", "penalty",
-                                                              "screening")], names
-    cmds = [l for l in text.splitlines() if "fake_train.py" in l]
-    assert len(cmds) == 15 and all("--source=online --preset=demo --steps=4" in c and "--quiet" in c for c in cmds)
-    assert "--arm=projected --basis=lora" in cmds[2] and "--intervention=penalty --penalty=2.5" in cmds[3]
-    assert "--arm=vanilla --basis=svd --intervention=screening" in cmds[4] and "--seed=2" in cmds[14]
-    assert "cost: seconds per step not measured yet (no finished run); remaining 15 runs, 60 steps" in text
+    cmds = dry_run_commands(text)
+    # the stop rule's six runs first (vanilla and projected, seeds 0-2), then the rest seed-major
+    assert list(cmds) == ["vanilla_s0", "projected_s0", "vanilla_s1", "projected_s1", "vanilla_s2", "projected_s2"] + \
+        [f"{a}_s{s}" for s in (0, 1, 2) for a in ("vanilla_lora", "projected_lora", "penalty", "screening")], list(cmds)
+    assert all("--source=online --preset=organism --steps=4" in c and "--quiet" in c for c in cmds.values())
+    assert "--arm=projected --basis=lora" in cmds["projected_lora_s0"]
+    assert "--arm=vanilla --basis=lora" in cmds["vanilla_lora_s1"]          # LoRA's own vanilla (defect 4)
+    assert "--intervention=penalty --penalty=2.5" in cmds["penalty_s0"]
+    assert "--arm=vanilla --basis=svd --intervention=screening" in cmds["screening_s0"] and "--seed=2" in cmds["screening_s2"]
+    assert "cost: seconds per step not measured yet (no finished run); remaining 18 runs, 72 steps" in text
+    # the first run's full command and train.py's dry run of it; the stop rule's operating characteristics
+    assert text.startswith(f"first run (vanilla_s0), checked with train.py --dry-run:\n{cmds['vanilla_s0']}\n"
+                           f"fake dry run: --source=online --preset=organism"), text[:400]
+    assert "stop rule, simulated" in text and "prevents hacking w.p. 2/3 per seed" in text
     for argv, msg in ((["--extra", "penalty,bogus"], "error: --extra"), (["--seeds", "0,0"], "error: --seeds"),
                       (["--gpus", "x"], "error: --gpus"), (["--steps", "0"], "error: --steps 0"),
                       (["--penalty", "1"], "error: --penalty sets the penalty arm"),
                       (["--extra", "penalty", "--monitor-acc", "2"], "error: --monitor-acc"),
                       (["--monitor-acc", "0.9"], "error: --monitor-acc sets the penalty and screening arms"),
                       (["--slurm", "--gpus", "0"], "error: --slurm, --dry-run"),
-                      (["--preset", "nope"], "error: --preset nope"), (["--task", "0"], "error: --task")):
-        res, _ = sweep_main(base + ([] if "--preset" in argv else ["--preset", "demo"]) + argv)
+                      (["--preset", "nope"], "error: --preset nope"), (["--task", "0"], "error: --task"),
+                      (["--slurm-time", "8h"], "error: --slurm-time '8h'"), (["--slurm-mem", "lots"], "error: --slurm-mem")):
+        res, _ = sweep_main(base + argv)
         assert isinstance(res, SystemExit) and str(res).startswith(msg) and "\n" not in str(res), (argv, res)
-    res, text = sweep_main(base + ["--preset", "demo", "--extra", "penalty,screening", "--monitor-acc", "0.9",
-                                   "--dry-run"])
-    lines = [l for l in text.splitlines() if "--intervention=" in l]
+    res, text = sweep_main(base + ["--extra", "penalty,screening", "--monitor-acc", "0.9", "--dry-run"])
+    lines = [c for c in dry_run_commands(text).values() if "--intervention=" in c]
     assert len(lines) == 6 and all("--monitor-acc=0.9" in l for l in lines), text   # both monitored arms
     assert not os.path.exists(out)
     os.makedirs(os.path.join(out, "junk"))
-    res, _ = sweep_main(base + ["--preset", "demo"])
+    res, _ = sweep_main(base)
     assert "is not a sweep" in str(res)
-    assert sweep.grid(sweep.get_args(base + ["--preset", "demo"]))["runs"][0]["out"] == os.path.join(out, "runs", "vanilla_s0")
+    assert sweep.grid(sweep.get_args(base))["runs"][0]["out"] == os.path.join(out, "runs", "vanilla_s0")
+
+
+def test_sweep_refuses_presets_train_refuses_online():
+    """Defect 1: the replay presets (demo, phase2) are refused by name before anything starts."""
+    root = tmpdir()
+    for preset in ("demo", "phase2"):
+        res, _ = sweep_main(["--out", os.path.join(root, "sw"), "--preset", preset, "--dry-run",
+                             "--train-cmd", fake_train(root)])
+        assert str(res) == f"error: --preset {preset}: not an online preset; allowed: organism, fast, full", res
+    assert not os.path.exists(os.path.join(root, "sw"))
+
+
+def test_sweep_passes_train_flags_checks_records_and_resume_refuses_others():
+    """Defect 1: train.py flags after -- reach every run (--lora-rank/--lora-alpha the LoRA arms only), are
+    checked with train.py --dry-run before anything is created, recorded in sweep.json, and a --resume with
+    other ones is refused."""
+    root = tmpdir()
+    out = os.path.join(root, "sw")
+    base = ["--out", out, "--steps", "2", "--seeds", "0", "--train-cmd", fake_train(root)]
+    extra = ["--", "--problems", "p.jsonl", "--eval-problems=e.jsonl", "--lora-rank", "8", "--grad-checkpointing",
+             "--model", "m"]
+    res, text = sweep_main(base + ["--dry-run"] + extra)
+    cmds = dry_run_commands(text)
+    assert res == 0 and set(cmds) == {"vanilla_s0", "projected_s0", "vanilla_lora_s0", "projected_lora_s0"}
+    for name, c in cmds.items():
+        assert "--problems p.jsonl --eval-problems=e.jsonl" in c and "--grad-checkpointing --model m" in c, c
+        assert ("--lora-rank 8" in c) == ("lora" in name), c
+    # refused by train.py's own validation: one line quoting it, nothing created
+    res, _ = sweep_main(base + extra, dict(FAKE_REFUSE="--problems=p.jsonl: 30 problems, fewer than 992"))
+    assert str(res) == ("error: train.py refuses the command of vanilla_s0 (checked with --dry-run): "
+                        "error: --problems=p.jsonl: 30 problems, fewer than 992"), res
+    assert not os.path.exists(out)
+    # flags the sweep sets itself, abbreviations of them, stray words: refused by the sweep
+    for bad, msg in ((["--seed", "3"], "the sweep sets --seed of every run (use sweep.py --seeds)"),
+                     (["--pres=full"], "the sweep sets --preset"), (["--out=x"], "the sweep sets --out"),
+                     (["--device", "cuda"], "use sweep.py --gpus"), (["x", "y"], "'x' is not a --flag")):
+        res, _ = sweep_main(base + ["--"] + bad)
+        assert isinstance(res, SystemExit) and msg in str(res) and "\n" not in str(res), (bad, res)
+    res, text = sweep_main(base + extra)
+    assert res == 0 and "sweep ended: 4 of 4 runs finished" in text, text
+    assert json.load(open(os.path.join(out, "sweep.json")))["train_args"] == extra[1:]
+    run = json.load(open(os.path.join(out, "runs", "projected_lora_s0", "run.json")))
+    assert run["argv"][-2:] != ["--resume"] and "--lora-rank" in run["argv"] and "p.jsonl" in run["argv"]
+    res, _ = sweep_main(base + ["--resume"] + extra[:-2])
+    assert "another grid (train_args differ)" in str(res)
+    res, text = sweep_main(base + ["--resume"] + extra)
+    assert res == 0 and "4 of 4 runs finished already" in text
 
 
 def test_sweep_gpus_kill_and_resume_to_the_same_results():
     import analyze as A
     root = tmpdir()
     out = os.path.join(root, "sw")
-    base = ["--out", out, "--preset", "demo", "--steps", "6", "--seeds", "0", "--train-cmd", fake_train(root),
+    base = ["--out", out, "--preset", "organism", "--steps", "6", "--seeds", "0", "--train-cmd", fake_train(root),
             "--gpus", "0,1", "--usd-per-gpu-hour", "4"]
     res, text = sweep_main(base, dict(FAKE_DIE="projected_s0", FAKE_SLEEP="0.03"))
-    assert res == 1 and "FAILED projected_s0 (exit 3)" in text and "sweep ended: 2 of 3 runs finished" in text
+    assert res == 1 and "FAILED projected_s0 (exit 3)" in text and "sweep ended: 3 of 4 runs finished" in text
     assert len(A.read_jsonl(os.path.join(out, "runs", "projected_s0", "steps.jsonl"))) == 2
     # one run per GPU: both slots filled before any run ends; each run sees its GPU as cuda:0
     assert text.index("start vanilla_s0 on GPU 0") < text.index("start projected_s0 on GPU 1") < \
         text.index("done vanilla_s0")
     assert all(s[3] in ("0", "1") and s[4] == "cuda:0" for s in spans(out))
     assert [l for l in text.splitlines() if l.startswith("cost:")][0].startswith("cost: seconds per step not")
-    # after vanilla (2 s/step) and lora (1.5 s/step from gen+grade+train) finished: projected falls back to
-    # the mean of every finished step (1.75) for its 4 remaining steps: 7 s = 0.00194 GPU-hours, $0.0078 at $4
-    assert text.splitlines()[-3].startswith("cost: 1.75 s/step measured (vanilla 2.00, projected_lora 1.50); "
-                                            "remaining 1 runs, 4 steps = 0.002 GPU-hours = $0.01 at $4/GPU-hour"), text
+    # after vanilla (2 s/step) and both lora arms (1.5 s/step from gen+grade+train) finished: projected falls
+    # back to the mean of every finished step (5/3) for its 4 remaining steps: 6.7 s = 0.00185 GPU-hours, $0.0074
+    assert text.splitlines()[-3].startswith("cost: 1.67 s/step measured (vanilla 2.00, vanilla_lora 1.50, "
+                                            "projected_lora 1.50); remaining 1 runs, 4 steps = 0.002 GPU-hours = "
+                                            "$0.01 at $4/GPU-hour"), text
     res, _ = sweep_main(base)
     assert "holds a sweep; pass --resume" in str(res)
     res, _ = sweep_main(base[:-4] + ["--seeds", "0,1", "--resume"])
@@ -3200,7 +3265,7 @@ def test_sweep_gpus_kill_and_resume_to_the_same_results():
     assert str(res) == f"error: {out} is in use by another sweep.py; wait for it or use another --out"
     held.close()
     res, text = sweep_main(base + ["--resume"])
-    assert res == 0 and "2 of 3 runs finished already" in text and "sweep ended: 3 of 3 runs finished" in text
+    assert res == 0 and "3 of 4 runs finished already" in text and "sweep ended: 4 of 4 runs finished" in text
     assert "--resume" in text.split("start projected_s0")[1].splitlines()[0]
     assert [s[0] for s in spans(out)][-1] == "projected_s0" and spans(out)[-1][5] is True
     # the same rows as a run never killed (the fake's rule run directly)
@@ -3209,68 +3274,107 @@ def test_sweep_gpus_kill_and_resume_to_the_same_results():
     f = dict(arm="projected", basis="svd", seed="0", steps="6")      # the flags the sweep passes
     assert A.read_jsonl(os.path.join(out, "runs", "projected_s0", "steps.jsonl")) == [ns["step_row"](f, k)
                                                                                      for k in range(6)]
-    assert json.load(open(os.path.join(out, "sweep.json")))["last"] == dict(finished=3, failed=[], stopped=None)
+    assert json.load(open(os.path.join(out, "sweep.json")))["last"] == dict(finished=4, failed=[], stopped=None)
 
 
 def test_sweep_stop_rule_is_exact():
+    """Defect 3: separation on the endpoint (held-out hack rate; #runs hacked, or |mean difference| >= the
+    margin), no unanimity: the issue's -0.50, -0.50, +0.01 continues."""
     import sweep
     root = tmpdir()
-    args = sweep.get_args(["--out", root, "--preset", "demo", "--steps", "5", "--window", "2"])
+    args = sweep.get_args(["--out", root, "--steps", "5", "--window", "2"])
     sw = sweep.grid(args)
     assert sweep.stop_check(sw) == (False, None)                      # nothing finished: undecided
 
-    def put(diffs, van=(0.8, 0.7, 0.9)):
+    def put(diffs, van=(0.8, 0.7, 0.9), treat_hacked=(True, True, True), evals=True):
         shutil.rmtree(os.path.join(root, "runs"), ignore_errors=True)
+        os.makedirs(os.path.join(root, "runs"))
         for seed in range(3):
-            for arm, h in (("vanilla", van[seed]), ("projected", van[seed] + diffs[seed])):
-                f = round(h * 20)
-                os.makedirs(os.path.join(root, "runs"), exist_ok=True)
+            for arm, h, hacked in (("vanilla", van[seed], True), ("projected", van[seed] + diffs[seed], treat_hacked[seed])):
+                f = round(h * 20) if not evals else 5                 # training rates equal where evaluated
                 make_online_run(os.path.join(root, "runs"), f"{arm}_s{seed}", [0, 0, 0, f // 2, f - f // 2],
-                                [0] * 5, arm=arm, seed=seed, steps=5)
+                                [0] * 5 if hacked else [5] * 5, arm=arm, seed=seed, steps=5,
+                                evals=((5, h, 0.2),) if evals else ())
         return sweep.stop_check(sw)
-    assert put((-0.5, -0.4, -0.6)) == (True, None)                    # same sign, |mean| .5 >= .1: separated
-    assert put((0.15, 0.1, 0.1)) == (True, None)                     # worse counts too (a result)
-    d, why = put((-0.5, 0.05, -0.6))
-    assert d and why.startswith("no separation after 3 seeds x 1 arm") and "change sign" in why
-    d, why = put((-0.05, -0.1, -0.1))                                 # same sign, |mean| .0833 < .1
-    assert "|mean| 0.083 < margin 0.1" in why and "-0.050, -0.100, -0.100" in why
-    d, why = put((-0.1, -0.1, -0.1))                                  # exactly the margin: separated
-    assert why is None
+    assert put((-0.50, -0.50, +0.01)) == (True, None)                 # the issue's example: continues
+    assert put((-0.5, -0.4, -0.6)) == (True, None)
+    assert put((0.15, 0.1, 0.1)) == (True, None)                      # worse counts too (a result)
+    assert put((-0.1, -0.1, -0.1)) == (True, None)                    # exactly the margin: separated
+    d, why = put((-0.05, -0.1, -0.1))                                 # |mean| .0833 < .1, hacked 3/3 both
+    assert d and why.startswith("no separation after 3 seeds x 1 arm: held-out hack rate, projected minus vanilla")
+    assert "-0.050, -0.100, -0.100 (mean -0.083, |mean| < margin 0.1); #runs hacked 3/3 vs 3/3" in why, why
+    assert put((0.02, -0.02, 0.0), treat_hacked=(True, False, True)) == (True, None)   # #runs hacked 2 vs 3
+    d, why = put((-0.05, -0.1, -0.1), evals=False)                    # no evaluation: the training rate
+    assert "final-window training hack rate (last 2 steps), projected minus vanilla" in why, why
+    assert put((-0.5, -0.5, 0.0), evals=False) == (True, None)
     os.unlink(os.path.join(root, "runs", "projected_s2", "eval.jsonl"))
     with open(os.path.join(root, "runs", "projected_s2", "run.json"), "w") as f:
         json.dump(dict(config=dict(source="online", arm="projected", seed=2, preset="organism", steps=6)), f)
     assert sweep.stop_check(dict(sw, steps=6))[0] is False            # not all six finished: undecided
-    sw2 = sweep.grid(sweep.get_args(["--out", root, "--preset", "demo", "--steps", "5", "--seeds", "0,1"]))
+    sw2 = sweep.grid(sweep.get_args(["--out", root, "--steps", "5", "--seeds", "0,1"]))
     assert sweep.stop_check(sw2) == (True, None)                      # fewer than 3 seeds: the rule never stops
+
+
+def test_stop_rule_operating_characteristics_against_closed_form():
+    """The simulated P(continue) against closed forms (no clipping at rate 0.5, sd 0.05): no effect,
+    P(|mean of 3 differences| >= 0.1) with sd(mean) = 0.05 sqrt(2/3); prevention w.p. 2/3 per seed,
+    1 - (1/3)^3 (the #runs hacked differ) plus (1/3)^3 times the no-effect value; a lowering of 0.1 on every
+    seed, P(mean <= -0.1) = 1/2. Deterministic (seeded)."""
+    import sweep
+    sc = (("none", 1.0, 0.0, 0.0), ("2/3", 1.0, 2 / 3, 0.0), ("-0.1", 1.0, 0.0, 0.1))
+    got = dict(sweep.operating_characteristics(0.1, rate=0.5, sd=0.05, scenarios=sc))
+    none = 2 * (1 - 0.5 * math.erfc(-(0.1 / (0.05 * math.sqrt(2 / 3))) / math.sqrt(2)))
+    close(none, 0.014306, 1e-5)                                       # 2 (1 - Phi(2.449))
+    assert abs(got["none"] - none) < 0.005, got
+    assert abs(got["2/3"] - (26 / 27 + none / 27)) < 0.005, got
+    assert abs(got["-0.1"] - 0.5) < 0.012, got
+    assert sweep.operating_characteristics() == sweep.operating_characteristics()
+    oc = dict(sweep.operating_characteristics())
+    assert oc["prevents hacking on every seed"] == 1.0 and oc["prevents hacking w.p. 2/3 per seed"] > 0.96
+    assert bool(sweep.separated([-0.50, -0.50, +0.01], 3, 3, 0.10))  # the issue's example
+
+
+def test_sweep_rule_runs_finish_before_anything_else_starts():
+    """Defect 3: with four GPUs, no run outside vanilla and projected seeds 0-2 starts before those six end."""
+    root = tmpdir()
+    out = os.path.join(root, "sw")
+    res, text = sweep_main(["--out", out, "--steps", "3", "--train-cmd", fake_train(root), "--gpus", "0,1,2,3"],
+                           dict(FAKE_SLEEP="0.02"))
+    assert res == 0 and "sweep ended: 12 of 12 runs finished" in text, text
+    sp = {s[0]: s for s in spans(out)}
+    first = [f"{a}_s{s}" for s in range(3) for a in ("vanilla", "projected")]
+    end = max(sp[n][2] for n in first)
+    assert all(sp[n][1] >= end for n in sp if n not in first), sp
+    assert text.index("start projected_s1") < text.index("start vanilla_s2")
 
 
 def test_sweep_stops_then_no_stop_finishes_and_slurm_tasks_resume():
     root = tmpdir()
     out = os.path.join(root, "sw")
-    base = ["--out", out, "--preset", "demo", "--steps", "3", "--window", "2", "--train-cmd", fake_train(root)]
+    base = ["--out", out, "--steps", "3", "--window", "2", "--train-cmd", fake_train(root)]
     res, text = sweep_main(base, dict(FAKE_SAME="1"))                 # every arm hacks alike: no separation
     assert res == 0 and "stopping: no separation after 3 seeds x 1 arm" in text, text
-    assert "(mean +0.000); the differences change sign or are 0" in text
-    assert "sweep stopped: 8 of 9 runs finished" in text and not os.path.exists(os.path.join(out, "runs",
-                                                                                             "projected_lora_s2"))
-    assert sum(l.startswith("cost: ") for l in text.splitlines()) == 1 + 8    # before the first run, after each
+    assert "(mean +0.000, |mean| < margin 0.1); #runs hacked" in text
+    assert "sweep stopped: 6 of 12 runs finished" in text and not os.path.exists(os.path.join(out, "runs",
+                                                                                              "vanilla_lora_s0"))
+    assert sum(l.startswith("cost: ") for l in text.splitlines()) == 1 + 6    # before the first run, after each
     res, text = sweep_main(base + ["--resume", "--slurm"])             # the same sweep as a job array:
     assert res == 0                                                   # its last task is not started either
-    res, text = sweep_main(["--out", out, "--task", "8"])
-    assert res == 0 and text.startswith("projected_lora_s2: not started: no separation after 3 seeds x 1 arm")
-    assert not os.path.exists(os.path.join(out, "runs", "projected_lora_s2"))
+    res, text = sweep_main(["--out", out, "--task", "6"])
+    assert res == 0 and text.startswith("vanilla_lora_s0: not started: no separation after 3 seeds x 1 arm")
+    assert not os.path.exists(os.path.join(out, "runs", "vanilla_lora_s0"))
     res, text = sweep_main(base + ["--resume", "--no-stop"], dict(FAKE_SAME="1"))
-    assert res == 0 and "start projected_lora_s2" in text and "sweep ended: 9 of 9 runs finished" in text
+    assert res == 0 and "start projected_lora_s2" in text and "sweep ended: 12 of 12 runs finished" in text
     # SLURM: the script's array tasks run locally, one by one; a killed task restarted resumes its run
     out2 = os.path.join(root, "sl")
-    base2 = ["--out", out2, "--preset", "demo", "--steps", "3", "--seeds", "0", "--train-cmd", fake_train(root)]
+    base2 = ["--out", out2, "--steps", "3", "--seeds", "0", "--train-cmd", fake_train(root)]
     res, text = sweep_main(base2 + ["--slurm", "--slurm-parallel", "2"])
     script = os.path.join(out2, "sweep.sbatch")
     body = open(script).read()
-    assert res == 0 and f"submit: sbatch {script}" in text and "#SBATCH --array=0-2%2" in body
+    assert res == 0 and f"submit: sbatch {script}" in text and "#SBATCH --array=0-3%2" in body
     assert "# task 1: projected_s0: " in body and not os.path.exists(os.path.join(out2, "runs"))
     env = dict(os.environ, PYTHON=sys.executable)
-    for k in range(3):
+    for k in range(4):
         r = subprocess.run(["bash", script], env=dict(env, SLURM_ARRAY_TASK_ID=str(k),
                                                       FAKE_DIE="projected_s0"), capture_output=True, text=True)
         assert r.returncode == (3 if k == 1 else 0), (k, r.stdout, r.stderr)
@@ -3279,8 +3383,8 @@ def test_sweep_stops_then_no_stop_finishes_and_slurm_tasks_resume():
     res, text = sweep_main(["--out", out2, "--task", "1"])             # a third start: nothing to do
     assert res == 0 and "projected_s0: finished already" in text
     import analyze as A
-    assert len(A.phase3([os.path.join(out2, "runs", n) for n in ("vanilla_s0", "projected_s0",
-                                                                  "projected_lora_s0")])["runs"]) == 3
+    assert len(A.phase3([os.path.join(out2, "runs", n) for n in ("vanilla_s0", "projected_s0", "vanilla_lora_s0",
+                                                                  "projected_lora_s0")])["runs"]) == 4
 
 
 # ============================================================================ speed and memory
