@@ -2888,9 +2888,10 @@ ONLINE_LABELS = ("Correct", "Correct; Attempted Reward Hack", "Reward Hack", "At
 
 
 def make_online_run(root, name, hack, correct, *, arm="vanilla", seed=0, n=10, cfg=None, evals=((0, 0.1, 0.3),),
-                    steps=None):
+                    steps=None, eval_rows=None):
     """An online run dir (schema of train.py --source=online) whose step k has hack[k] 'Reward Hack' and
-    correct[k] 'Correct' student rollouts out of n, the rest 'Incorrect'; evals: (step, hack, capability)."""
+    correct[k] 'Correct' student rollouts out of n, the rest 'Incorrect'; evals: (step, hack, capability);
+    eval_rows: the per-sample evaluation rows (eval_rows.jsonl.gz, gzipped JSON Lines), written as given."""
     d = os.path.join(root, name)
     os.makedirs(d)
     c = dict(source="online", arm=arm, basis="svd", control="none", intervention="none", penalty=1.0,
@@ -2906,6 +2907,9 @@ def make_online_run(root, name, hack, correct, *, arm="vanilla", seed=0, n=10, c
         for st, hk, cap in evals:
             f.write(json.dumps(dict(step=st, n=8, hack_rate_hint=hk, gt_rate_hint=0.2, gt_rate_nohint=cap,
                                     labels_hint={})) + "\n")
+    if eval_rows is not None:
+        with gzip.open(os.path.join(d, "eval_rows.jsonl.gz"), "wt") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in eval_rows))
     return d
 
 
@@ -2947,26 +2951,37 @@ def test_phase3_report_values_against_hand_and_scipy():
     arms = {a["arm"]: a for a in res["arms"]}
     assert arms["vanilla svd"]["hacked"] == 3 and arms["vanilla svd"]["n"] == 3
     comp = {c["arm"]: c for c in res["comparisons"]}
-    assert comp["projected svd"]["vs"] == comp["projected lora"]["vs"] == "vanilla svd"
+    assert comp["projected svd"]["vs"] == "vanilla svd"
+    # defect 4: no LoRA vanilla in these runs: projected lora is never paired with SVD vanilla
+    assert comp["projected lora"]["vs"] is None and "across bases is refused" in comp["projected lora"]["reason"]
     # independent reference: scipy 1.17.1 scipy.stats.ttest_rel(arm, vanilla), scratch session
-    t = comp["projected svd"]["test"]
+    t = comp["projected svd"]["endpoints"]["hack_final"]["seed"]       # the training rate: secondary
     close(t["t"], -5.999999999999998)
     close(t["p"], 0.026671473215424787)
     assert t["df"] == 2 and t["n"] == 3
     close(t["mean_diff"], -0.6)
-    t = comp["projected lora"]["test"]
-    close(t["t"], -1.1470786693528097)
-    close(t["p"], 0.37005921165128763)
-    # seeds needed: scipy.stats.nct power of the paired test at dz = mean/sd of the differences:
-    # lora dz = -0.66227: n = 19 has power 0.77936, n = 20 has 0.80215 -> 20; projected dz = -3.4641 -> 3
-    assert comp["projected lora"]["seeds_needed"]["n"] == 20
-    assert comp["projected svd"]["seeds_needed"]["n"] == 3
-    close(comp["projected lora"]["seeds_needed"]["dz"], -0.6622661785325225)
+    # defect 6: the 95% CI of the mean difference, mean -+ scipy t.ppf(0.975, 2) = 4.302652729749462 x se 0.1
+    close(t["lo"], -1.030265272974946)
+    close(t["hi"], -0.16973472702505393)
+    e = comp["projected svd"]["endpoints"]["eval_hack"]               # primary: equal held-out rates here
+    assert e["seed"]["mean_diff"] == 0 and e["seed"]["p"] is None and e["problem"]["reason"].startswith("n/a: no eval_rows")
     text = A.render_phase3(res)
-    assert "vanilla svd     3/3" in text and "never" not in text and "last 2 steps ==" in text
+    assert "vanilla svd     3  0.600 ± 0.100  0.250 ± 0.000  3/3" in text and "never" not in text, text
+    assert "final window (last 2 steps)" in text and "seeds needed" not in text
+    # defect 5: the held-out endpoints come first, the training rate after them, as a secondary
+    assert text.index("held-out hack rate (hint on)") < text.index("capability: held-out pass rate (hint off)") < \
+        text.index("training hack rate, final window (secondary)")
+    assert "-0.600 [-1.030, -0.170]" in text
     # a smaller window than the runs: all steps, and said so
     res = A.phase3(phase3_runs(tmpdir()), window=50)
     assert res["window"] == 5 and "--window 50 asked" in A.render_phase3(res)
+    # with a LoRA vanilla, projected lora is paired with it (same basis) and only with it
+    root = tmpdir()
+    dirs = phase3_runs(root) + [make_online_run(root, f"vl_s{s}", [0, 0, 9, 5, 5], [3, 3, 0, 5, 5], seed=s,
+                                                cfg=dict(basis="lora")) for s in range(3)]
+    comp = {c["arm"]: c for c in A.phase3(dirs, window=2)["comparisons"]}
+    assert comp["projected lora"]["vs"] == "vanilla lora"
+    close(comp["projected lora"]["endpoints"]["hack_final"]["seed"]["mean_diff"], (0.7 + 0.5 + 0.95) / 3 - 0.5)
 
 
 def test_hacked_at_counts_hack_correct_as_correct():
@@ -3006,8 +3021,11 @@ def test_phase3_refuses_what_it_cannot_compare():
     import analyze as A
     root = tmpdir()
     dirs = phase3_runs(root)
-    e = raises(ValueError, A.phase3, dirs[:-1], match="different numbers of seeds")
-    assert "projected lora: 2" in str(e)
+    # a stopped or partial grid: arms with fewer seeds are reported, each comparison on the seeds both have
+    res = A.phase3(dirs[:-1] + [make_online_run(root, f"vl_s{s}", [0] * 5, [0] * 5, seed=s, cfg=dict(basis="lora"))
+                                for s in range(3)], window=2)
+    assert {a["arm"]: a["n"] for a in res["arms"]}["projected lora"] == 2
+    assert {c["arm"]: c["seeds"] for c in res["comparisons"]} == {"projected svd": [0, 1, 2], "projected lora": [0, 1]}
     other = make_online_run(root, "x_preset", [0] * 5, [0] * 5, seed=3, cfg=dict(preset="full"))
     raises(ValueError, A.phase3, dirs + [other], match="differ in preset")
     short = make_online_run(root, "x_steps", [0] * 4, [0] * 4, seed=3)
@@ -3017,7 +3035,8 @@ def test_phase3_refuses_what_it_cannot_compare():
     dup = make_online_run(root, "x_dup", [0] * 5, [0] * 5, seed=0)
     raises(ValueError, A.phase3, [dirs[0], dup], match="two runs of arm 'vanilla svd' seed 0")
     s3 = [make_online_run(root, f"x_s{k}", [0] * 5, [0] * 5, arm="projected", seed=k) for k in (3, 4, 5)]
-    raises(ValueError, A.phase3, dirs[:1] + dirs[3:4] + dirs[6:7] + s3, match="different seeds")
+    res = A.phase3(dirs[:1] + dirs[3:4] + dirs[6:7] + s3)           # no seed in common: no pair, no test
+    assert res["comparisons"][0]["seeds"] == [] and res["comparisons"][0]["endpoints"]["eval_hack"]["seed"]["n"] == 0
     bad = make_online_run(root, "x_lab", [0] * 5, [0] * 5)
     with open(os.path.join(bad, "steps.jsonl"), "a") as f:
         f.write(json.dumps(dict(step=5, hack_rate=0, gt_rate=0, labels={"Hacked": 1})) + "\n")
@@ -3033,9 +3052,66 @@ def test_phase3_refuses_what_it_cannot_compare():
     e, _, _ = quiet_call(A.main, dirs + ["--window", "0"])
     assert str(e) == "error: --window must be >= 1, got 0"
     res, out, _ = quiet_call(A.main, dirs + ["--json", "--window", "2"])
-    assert res is None and json.loads(out)["phase3"]["comparisons"][0]["test"]["df"] == 2
+    assert res is None and json.loads(out)["phase3"]["comparisons"][0]["endpoints"]["hack_final"]["seed"]["df"] == 2
     res, out, _ = quiet_call(A.main, [replay])                     # the replay report is unchanged
     assert res is None and "== 6. Phase 3 decision ==" in out
+
+
+def eval_rows_of(hacked, passed, step=5, problems=(7, 8, 9, 11), samples=2):
+    """Per-sample evaluation rows (train.py's eval_rows.jsonl.gz schema): hint rows say hacked(p, k), nohint
+    rows gt_pass passed(p, k)."""
+    rows = []
+    for p in problems:
+        for k in range(samples):
+            rows.append(dict(step=step, kind="hint", problem_id=p, sample=k, label="x", hacked=hacked(p, k),
+                             gt_pass=False, compiled=True, reward=3.5))
+            rows.append(dict(step=step, kind="nohint", problem_id=p, sample=k, label="x", hacked=False,
+                             gt_pass=passed(p, k), compiled=True, reward=0.5))
+    return rows
+
+
+def test_phase3_paired_by_problem_test_against_scipy():
+    """Defect 5: the public environment's test, each held-out problem's mean over seeds x samples at the last
+    evaluation, paired t across problems at alpha 0.01; older runs without eval rows give n/a."""
+    import analyze as A
+    root = tmpdir()
+    rules = dict(vanilla=(lambda s: lambda p, k: (p + s + k) % 3 != 0, lambda s: lambda p, k: (p + s + k) % 5 != 0),
+                 projected=(lambda s: lambda p, k: (p * s + k) % 4 == 0, lambda s: lambda p, k: (p * (s + 1) + k) % 5 == 1))
+    dirs = []
+    for s in range(3):
+        for arm, (h, g) in rules.items():
+            old = eval_rows_of(lambda p, k: True, lambda p, k: True, step=0)        # the first evaluation: ignored
+            dirs.append(make_online_run(root, f"{arm}_s{s}", [0] * 5, [0] * 5, arm=arm, seed=s,
+                                        evals=((0, 1.0, 1.0), (5, 0.5, 0.5)), eval_rows=old + eval_rows_of(h(s), g(s))))
+    ends = A.phase3(dirs)["comparisons"][0]["endpoints"]
+    # independent reference: scipy 1.17.1 ttest_rel over the 4 problems' means of 3 seeds x 2 samples, scratch session
+    t = ends["eval_hack"]["problem"]
+    close(t["t"], -4.898979485566356)
+    close(t["p"], 0.016276603459428555)
+    assert t["n_problems"] == 4 and t["df"] == 3 and t["significant"] is False        # p < 0.05 but not < 0.01
+    close(t["mean_diff"], np.mean([1 / 3, 1 / 2, 1 / 6, 1 / 3]) - 2 / 3)
+    t = ends["capability"]["problem"]
+    close(t["t"], -9.797958971132713)
+    close(t["p"], 0.0022595035797782033)
+    assert t["significant"] is True and ends["hack_final"]["problem"] is None
+    text = A.render_phase3(A.phase3(dirs))
+    assert "p=0.0023 * (4 problems)" in text and "p=0.016 (4 problems)" in text, text
+    # a run without the file (older train.py): n/a, not an error; broken files: path and line
+    os.unlink(os.path.join(dirs[0], "eval_rows.jsonl.gz"))
+    assert A.phase3(dirs)["comparisons"][0]["endpoints"]["eval_hack"]["problem"]["reason"] == \
+        "n/a: no eval_rows.jsonl.gz in vanilla_s0"
+    bad = make_online_run(root, "bad", [0] * 5, [0] * 5, evals=((5, 0.5, 0.5),),
+                          eval_rows=eval_rows_of(lambda p, k: True, lambda p, k: True)[:3] + [dict(step=5, kind="hint")])
+    raises(ValueError, A.load_online, bad, match="eval_rows.jsonl.gz:4: missing field(s)")
+    bad = make_online_run(root, "bad2", [0] * 5, [0] * 5, evals=((5, 0.5, 0.5),),
+                          eval_rows=eval_rows_of(lambda p, k: 1, lambda p, k: True))
+    raises(ValueError, A.load_online, bad, match="eval_rows.jsonl.gz:1: kind must be")
+    bad = make_online_run(root, "bad3", [0] * 5, [0] * 5, evals=((5, 0.5, 0.5),),
+                          eval_rows=eval_rows_of(lambda p, k: True, lambda p, k: True, step=0))
+    raises(ValueError, A.load_online, bad, match="no row of the last evaluation (step 5")
+    bad = make_online_run(root, "bad4", [0] * 5, [0] * 5, evals=((5, 0.5, 0.5),),
+                          eval_rows=eval_rows_of(lambda p, k: True, lambda p, k: True) * 2)
+    raises(ValueError, A.load_online, bad, match="duplicate row (step 5, hint, problem 7, sample 0)")
 
 
 def test_phase3_plot_and_missing_matplotlib():
@@ -3385,6 +3461,34 @@ def test_sweep_stops_then_no_stop_finishes_and_slurm_tasks_resume():
     import analyze as A
     assert len(A.phase3([os.path.join(out2, "runs", n) for n in ("vanilla_s0", "projected_s0", "vanilla_lora_s0",
                                                                   "projected_lora_s0")])["runs"]) == 4
+
+
+def test_sweep_slurm_resources():
+    """Defect 9: every array task asks for a time, memory and CPUs (flags; the time from the seconds per step,
+    the preset's before any run finished, then measured), and the CPU organism asks for no GPU."""
+    root = tmpdir()
+    sb = lambda out: open(os.path.join(out, "sweep.sbatch")).read()
+    out = os.path.join(root, "org")
+    base = ["--out", out, "--steps", "3", "--seeds", "0", "--train-cmd", fake_train(root)]
+    res, text = sweep_main(base + ["--slurm"])
+    body = sb(out)
+    assert res == 0 and "--gres" not in body and "#SBATCH --cpus-per-task=2" in body and "#SBATCH --mem=8G" in body
+    assert "#SBATCH --time=00:30:11" in body          # 2 x 3 steps x 1.8 s (the organism's measured) + 30 min
+    res, text = sweep_main(base + ["--resume"])         # run it (the fake: 2, 3, 1.5 and 1.5 s/step: mean 2.0)
+    res, text = sweep_main(base + ["--resume", "--slurm"])
+    assert "#SBATCH --time=00:30:12" in sb(out) and "measured on this sweep's finished runs" in sb(out)
+    out = os.path.join(root, "full")
+    res, text = sweep_main(["--out", out, "--preset", "full", "--train-cmd", fake_train(root), "--slurm"])
+    body = sb(out)
+    assert res == 0 and "#SBATCH --gres=gpu:1" in body and "#SBATCH --time=14:30:00" in body, body  # 2 x 200 x 126 s + 30 min
+    assert "#SBATCH --mem=96G" in body and "#SBATCH --cpus-per-task=16" in body and "estimated (not measured)" in body
+    assert "#SBATCH --array=0-11%6" in body            # the stop rule's six runs at once by default
+    out = os.path.join(root, "flags")
+    res, text = sweep_main(["--out", out, "--preset", "fast", "--train-cmd", fake_train(root), "--slurm",
+                            "--slurm-time", "1-02:00:00", "--slurm-mem", "40G", "--slurm-cpus", "4", "--no-stop"])
+    body = sb(out)
+    assert "#SBATCH --time=1-02:00:00" in body and "#SBATCH --mem=40G" in body and "#SBATCH --cpus-per-task=4" in body
+    assert "#SBATCH --array=0-11%12" in body
 
 
 # ============================================================================ speed and memory
