@@ -3491,6 +3491,57 @@ def test_sweep_slurm_resources():
     assert "#SBATCH --array=0-11%12" in body
 
 
+def readme_sweep_commands():
+    """The README's indented `python sweep.py` commands, as argv lists."""
+    import shlex
+    return [shlex.split(l)[2:] for l in open(os.path.join(HERE, "README.md")).read().splitlines()
+            if l.startswith("    python sweep.py ")]
+
+
+def gpu_command_files(root):
+    """Stand-ins for the GPU command's files: 992 training problems (the fixture's, renumbered), the fixture
+    as the held-out split (other ids), the demo pools as pair pools. {README path: stand-in}."""
+    probs = [json.loads(l) for l in open(FIXTURE)]
+    train_path = os.path.join(root, "train992.jsonl")
+    with open(train_path, "w") as f:
+        for i in range(992):
+            f.write(json.dumps(dict(probs[i % len(probs)], id=100000 + i)) + "\n")
+    return {"data/leetcode_train_medhard.jsonl": train_path, "data/leetcode_test_medhard.jsonl": FIXTURE,
+            "out/gen/teacher_pool,out/gen/base_pool": ",".join(demo_pools())}
+
+
+def test_readme_sweep_gpu_command_passes_train_validation():
+    """Defect 1: the README's GPU sweep command, with --preset full and fast, builds commands that train.py's
+    own validation (--dry-run: flags, presets, the problem files) accepts for every arm; the same command
+    with a 30-problem --problems, or without --eval-problems, is refused as the run would refuse it."""
+    import sweep, train
+    cmds = readme_sweep_commands()
+    assert len(cmds) == 5 and sum("--gpus" in c for c in cmds) == 1
+    gpu = [c for c in cmds if "--gpus" in c][0]
+    assert gpu[gpu.index("--preset") + 1] == "full" and "--" in gpu
+    files = gpu_command_files(tmpdir())
+    gpu = [files.get(w, w) for w in gpu]
+    for preset in ("full", "fast"):
+        argv = [w if w != "full" else preset for w in gpu]
+        argv[argv.index("--out") + 1] = os.path.join(tmpdir(), "sw")
+        sw = sweep.grid(sweep.get_args(argv))
+        firsts = {}
+        for r in sw["runs"]:
+            firsts.setdefault(r["arm"], r)
+        assert set(firsts) == {"vanilla", "projected", "vanilla_lora", "projected_lora"}
+        for r in firsts.values():
+            res, out, err = quiet_call(train.main, r["argv"] + ["--dry-run"])
+            assert res is None and "peak GPU memory estimate" in out, (preset, r["name"], res, err[-500:])
+        bad = list(r["argv"])
+        bad[bad.index("--problems") + 1] = FIXTURE
+        if preset == "full":
+            e = raises(SystemExit, train.main, bad + ["--dry-run"])
+            assert "30 problems, fewer than the preset's n_problems=992" in str(e)
+        i = r["argv"].index("--eval-problems")
+        e = raises(SystemExit, train.main, r["argv"][:i] + r["argv"][i + 2:] + ["--dry-run"])
+        assert f"--preset={preset} holds out no problem" in str(e)
+
+
 # ============================================================================ speed and memory
 
 SMALL_QWEN3 = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
