@@ -2,8 +2,11 @@
 Analyze Phase 2 run directories (spec2.md): verification table, cosine
 trajectories, per-sample buckets, the Phase 1 label comparison, vanilla vs
 projected on the same seed, and the Phase 3 go/no-go decision. Online runs
-(Phase 3, sweep.py) get the Phase 3 report instead: final-window hack and gt
-rates per arm and seed, #runs hacked, each arm vs vanilla paired by seed.
+(Phase 3, sweep.py) get the Phase 3 report instead: the held-out endpoints
+(hack rate with the hint, capability without it) first, then #runs hacked and
+the final-window training rates; each arm vs the vanilla of its basis, paired by
+seed (mean difference, 95% CI, p) and, for the held-out endpoints, paired by
+problem (the public environment's test, alpha 0.01).
 
     python analyze.py RUN_DIR [RUN_DIR ...] [--json] [--plot FILE.png]
     python analyze.py out/sweep/runs/* [--window 10] [--json] [--plot FILE.png]   # Phase 3 online runs
@@ -1148,8 +1151,8 @@ def render_phase3(res):
     cut = "" if w == res["window_asked"] else f" (all of them; --window {res['window_asked']} asked)"
     o.append(f"== Phase 3: online runs, preset {res['preset']}, {res['steps']} steps ==")
     sd = lambda m: "—" if m["mean"] is None else f"{m['mean']:.3f}" + ("" if m["sd"] is None else f" ± {m['sd']:.3f}")
-    o.append("primary endpoints, the last evaluation on held-out problems (mean ± sd over seeds); secondary: "
-             f"#runs hacked and the training rates over the final window (last {w} steps{cut}):")
+    o.append(wrap("primary endpoints, the last evaluation on held-out problems (mean ± sd over seeds); secondary: "
+                  f"#runs hacked and the training rates over the final window (last {w} steps{cut}):", "", ""))
     o.append(table(["arm", "n", "held-out hack", "capability", "#runs hacked", "hack (train)", "gt (train)"],
                    [[a["arm"], a["n"], sd(a["eval_hack"]), sd(a["capability"]), f"{a['hacked']}/{a['n']}",
                      sd(a["hack_final"]), sd(a["gt_final"])] for a in res["arms"]]))

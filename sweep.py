@@ -541,7 +541,7 @@ def run_task(args):
         time.sleep(POLL_S)
     cmd = command(sweep, run)
     print(f"task {args.task}: {shlex.join(cmd)}", flush=True)
-    return subprocess.call(cmd, cwd=sweep["cwd"])
+    return subprocess.call(cmd, cwd=sweep.get("cwd", HERE))      # sweeps before version 2 ran there
 
 
 SBATCH = """#!/bin/bash
