@@ -2849,7 +2849,15 @@ def test_online_dry_run_prints_the_budget_and_creates_nothing():
     cwd = os.getcwd()
     os.chdir(d)
     try:
-        res, out, err = quiet_call(train.main, ["--source=online", "--preset=full", "--problems", FIXTURE, "--dry-run"])
+        big = problems_992(tmpdir())
+        res, out, err = quiet_call(train.main, ["--source=online", "--preset=full", "--problems", big,
+                                                "--eval-problems", FIXTURE, "--dry-run"])
+        # what the run refuses, the dry run refuses: a --problems below n_problems, no held-out problems
+        e = raises(SystemExit, train.main, ["--source=online", "--preset=full", "--problems", FIXTURE,
+                                            "--eval-problems", big, "--dry-run"])
+        assert str(e) == (f"error: --problems={FIXTURE}: 30 problems, fewer than the preset's n_problems=992")
+        raises(SystemExit, train.main, ["--source=online", "--preset=full", "--problems", big, "--dry-run"],
+               match="--eval-every=20: --preset=full holds out no problem")
     finally:
         os.chdir(cwd)
     assert res is None and os.listdir(d) == [], (res, err)
@@ -3501,13 +3509,19 @@ def readme_sweep_commands():
 def gpu_command_files(root):
     """Stand-ins for the GPU command's files: 992 training problems (the fixture's, renumbered), the fixture
     as the held-out split (other ids), the demo pools as pair pools. {README path: stand-in}."""
+    return {"data/leetcode_train_medhard.jsonl": problems_992(root), "data/leetcode_test_medhard.jsonl": FIXTURE,
+            "out/gen/teacher_pool,out/gen/base_pool": ",".join(demo_pools())}
+
+
+def problems_992(root):
+    """A training split of the full preset's size: the fixture's problems repeated with ids 100000.. (none
+    of them a fixture id)."""
     probs = [json.loads(l) for l in open(FIXTURE)]
-    train_path = os.path.join(root, "train992.jsonl")
-    with open(train_path, "w") as f:
+    path = os.path.join(root, "train992.jsonl")
+    with open(path, "w") as f:
         for i in range(992):
             f.write(json.dumps(dict(probs[i % len(probs)], id=100000 + i)) + "\n")
-    return {"data/leetcode_train_medhard.jsonl": train_path, "data/leetcode_test_medhard.jsonl": FIXTURE,
-            "out/gen/teacher_pool,out/gen/base_pool": ",".join(demo_pools())}
+    return path
 
 
 def test_readme_sweep_gpu_command_passes_train_validation():
