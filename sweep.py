@@ -5,8 +5,7 @@ goes seed-major; finished runs are skipped, interrupted ones resumed.
     python sweep.py --out out/sweep --preset organism --steps 30           # 4 arms x seeds 0,1,2
     python sweep.py --out out/sweep --preset organism --steps 30 --resume  # continue it after a kill (same grid)
     python sweep.py --out out/sweep2 --extra random_v,penalty,screening,inoculation   # + the baselines
-    python sweep.py --out out/sweep --preset full --gpus 0,1,2,3 -- --problems TRAIN.jsonl \
-        --eval-problems TEST.jsonl --pair-dirs out/gen/teacher_pool,out/gen/base_pool   # train.py flags after --
+    python sweep.py --out out/sweep --preset full --gpus 0,1,2,3 -- --problems TRAIN.jsonl --eval-problems TEST.jsonl
     python sweep.py --out out/sweep --slurm                                # write out/sweep/sweep.sbatch instead
     python sweep.py --out out/sweep --dry-run                              # the commands, the cost, the stop rule
     python analyze.py out/sweep/runs/*                                     # the Phase 3 report
