@@ -401,8 +401,11 @@ def cost_line(sweep, usd):
     todo = [(r, sweep["steps"] - steps_done(r)) for r in sweep["runs"] if status(r, sweep["steps"]) != "done"]
     left = sum(n for _, n in todo)
     if not every:
+        per, kind = SECONDS_PER_STEP[sweep["preset"]], "measured on CPU" if sweep["preset"] == "organism" else \
+            "an estimate, not measured"
         return (f"cost: seconds per step not measured yet (no finished run); remaining {len(todo)} runs, "
-                f"{left} steps")
+                f"{left} steps; at the {sweep['preset']} preset's {per:g} s/step ({kind}): "
+                f"{left * per / 3600:.3g} GPU-hours = ${left * per / 3600 * usd:.2f} at ${usd:g}/GPU-hour")
     mean = lambda xs: sum(xs) / len(xs)
     sec = sum(n * mean(per_arm.get(r["arm"]) or every) for r, n in todo)
     arms = ", ".join(f"{a} {mean(xs):.2f}" for a, xs in per_arm.items() if xs)
