@@ -3249,9 +3249,9 @@ def test_sweep_grid_flags_and_dry_run():
     assert "--intervention=penalty --penalty=2.5" in cmds["penalty_s0"]
     assert "--arm=vanilla --basis=svd --intervention=screening" in cmds["screening_s0"] and "--seed=2" in cmds["screening_s2"]
     assert "cost: seconds per step not measured yet (no finished run); remaining 18 runs, 72 steps" in text
-    res, text = sweep_main(["--out", out, "--preset", "full", "--train-cmd", fake_train(root), "--dry-run"])
+    res, full = sweep_main(["--out", out, "--preset", "full", "--train-cmd", fake_train(root), "--dry-run"])
     assert ("remaining 12 runs, 2400 steps; at the full preset's 126 s/step (an estimate, not measured): "
-            "84 GPU-hours = $168.00 at $2/GPU-hour") in text, text[-800:]
+            "84 GPU-hours = $168.00 at $2/GPU-hour") in full, full[-800:]
     # the first run's full command and train.py's dry run of it; the stop rule's operating characteristics
     assert text.startswith(f"first run (vanilla_s0), checked with train.py --dry-run:\n{cmds['vanilla_s0']}\n"
                            f"fake dry run: --source=online --preset=organism"), text[:400]
