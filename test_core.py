@@ -3419,6 +3419,10 @@ def test_stop_rule_operating_characteristics_against_closed_form():
     oc = dict(sweep.operating_characteristics())
     assert oc["prevents hacking on every seed"] == 1.0 and oc["prevents hacking w.p. 2/3 per seed"] > 0.96
     assert bool(sweep.separated([-0.50, -0.50, +0.01], 3, 3, 0.10))  # the example
+    # the README's table is this simulation's output, line by line
+    text = open(os.path.join(HERE, "README.md")).read()
+    block = text[text.index("    effect of the treatment                 P(continue)\n"):].splitlines()[1:8]
+    assert [float(l.split()[-1]) for l in block] == [round(p, 3) for _, p in sweep.operating_characteristics()], block
 
 
 def test_sweep_rule_runs_finish_before_anything_else_starts():
