@@ -3507,10 +3507,10 @@ def test_sweep_slurm_resources():
 
 
 def readme_sweep_commands():
-    """The README's indented `python sweep.py` commands, as argv lists."""
+    """The README's one-line indented `python sweep.py` commands (the sweep section's list), as argv lists."""
     import shlex
-    return [shlex.split(l)[2:] for l in open(os.path.join(HERE, "README.md")).read().splitlines()
-            if l.startswith("    python sweep.py ")]
+    return [shlex.split(l, comments=True)[2:] for l in open(os.path.join(HERE, "README.md")).read().splitlines()
+            if l.startswith("    python sweep.py ") and not l.endswith("\\")]
 
 
 def gpu_command_files(root):
