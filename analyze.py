@@ -2,8 +2,11 @@
 Analyze Phase 2 run directories (spec2.md): verification table, cosine
 trajectories, per-sample buckets, the Phase 1 label comparison, vanilla vs
 projected on the same seed, and the Phase 3 go/no-go decision. Online runs
-(Phase 3, sweep.py) get the Phase 3 report instead: final-window hack and gt
-rates per arm and seed, #runs hacked, each arm vs vanilla paired by seed.
+(Phase 3, sweep.py) get the Phase 3 report instead: the held-out endpoints
+(hack rate with the hint, capability without it) first, then #runs hacked and
+the final-window training rates; each arm vs the vanilla of its basis, paired by
+seed (mean difference, 95% CI, p) and, for the held-out endpoints, paired by
+problem (the public environment's test, alpha 0.01).
 
     python analyze.py RUN_DIR [RUN_DIR ...] [--json] [--plot FILE.png]
     python analyze.py out/sweep/runs/* [--window 10] [--json] [--plot FILE.png]   # Phase 3 online runs
@@ -1095,6 +1098,13 @@ def report(run_dirs, as_json=False, labels=None, window=WINDOW):
 
 ONLINE_STEP_KEYS = ("step", "hack_rate", "gt_rate", "labels")
 EVAL_KEYS = ("step", "hack_rate_hint", "gt_rate_nohint")
+EVAL_ROWS = "eval_rows.jsonl.gz"     # train.py: one row per held-out rollout of every evaluation
+EVAL_ROW_KEYS = ("step", "kind", "problem_id", "sample", "hacked", "gt_pass")
+ALPHA_PROBLEM = 0.01   # the public environment's test: paired by problem (mean over seeds x samples), alpha 0.01
+# the endpoints of the report: (key of a run row, name, eval row kind and field of the per-problem test)
+ENDPOINTS = (("eval_hack", "held-out hack rate (hint on)", "hint", "hacked"),
+             ("capability", "capability: held-out pass rate (hint off)", "nohint", "gt_pass"),
+             ("hack_final", "training hack rate, final window (secondary)", None, None))
 ATTEMPT = "Attempted Reward Hack"
 LABELS = ("Correct", HACK_CORRECT, PURE_HACK, ATTEMPT, "Incorrect")
 # the plot's label mix: correct = passes the ground truth (gt_rate), hack = a working hack that fails it
@@ -1145,7 +1155,34 @@ def load_online(run_dir):
     ev = os.path.join(run_dir, "eval.jsonl")
     evals = sorted(read_jsonl(ev, EVAL_KEYS), key=lambda e: e["step"]) if os.path.exists(ev) else []
     return dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir)), cfg=cfg, arm=arm_name(cfg),
-                seed=cfg["seed"], steps=sorted(steps, key=lambda s: s["step"]), evals=evals)
+                seed=cfg["seed"], steps=sorted(steps, key=lambda s: s["step"]), evals=evals,
+                eval_rows=load_eval_rows(run_dir, evals[-1]["step"] if evals else None))
+
+def load_eval_rows(run_dir, step):
+    """The per-sample rows of the run's last evaluation (`step`, eval.jsonl's last row) from
+    eval_rows.jsonl.gz: one row per held-out rollout, kind 'hint' (hack rate) or 'nohint' (capability).
+    None when the run has no such file (it predates per-sample evaluation rows): the per-problem test is
+    then n/a. Strict: a malformed row, a duplicate, or no row of the last evaluation is an error."""
+    path = os.path.join(run_dir, EVAL_ROWS)
+    if not os.path.exists(path):
+        return None
+    rows, seen = read_jsonl(path, EVAL_ROW_KEYS), set()
+    for i, r in enumerate(rows, 1):
+        key = (r["step"], r["kind"], r["problem_id"], r["sample"])
+        ok = r["kind"] in ("hint", "nohint") and all(isinstance(r[k], bool) for k in ("hacked", "gt_pass")) and \
+            all(isinstance(r[k], int) and not isinstance(r[k], bool) for k in ("step", "problem_id", "sample"))
+        if not ok:
+            raise ValueError(f"{path}:{i}: kind must be 'hint' or 'nohint', hacked and gt_pass booleans, step, "
+                             f"problem_id and sample integers")
+        if key in seen:
+            raise ValueError(f"{path}:{i}: duplicate row (step {key[0]}, {key[1]}, problem {key[2]}, sample {key[3]})")
+        seen.add(key)
+    if step is None:
+        raise ValueError(f"{path}: per-sample evaluation rows but no eval.jsonl in {run_dir}")
+    last = [r for r in rows if r["step"] == step]
+    if not last:
+        raise ValueError(f"{path}: no row of the last evaluation (step {step} in eval.jsonl)")
+    return last
 
 def final_window(run, window):
     return run["steps"][-window:]
@@ -1161,7 +1198,9 @@ def online_run_row(r, window):
                 capability=last.get("gt_rate_nohint"), hacked_at=hacked_at(r["steps"]))
 
 def check_comparable(runs):
-    """One-line refusals: arms compared by seed need the same seeds, preset and step count, all finished."""
+    """One-line refusals: runs judged together need the same preset and step count, one run per arm and
+    seed, all finished. Arms may have different seeds (a sweep the stop rule stopped): each comparison
+    pairs the seeds both arms have."""
     for key in ("preset", "steps"):
         got = sorted({str(r["cfg"][key]) for r in runs})
         if len(got) > 1:
@@ -1174,19 +1213,49 @@ def check_comparable(runs):
         if not finished(r["steps"], r["cfg"]["steps"]):
             raise ValueError(f"{r['dir']}: unfinished ({len(r['steps'])} of {r['cfg']['steps']} steps): "
                              f"finish it (sweep.py --resume) or leave it out")
-    seeds = defaultdict(set)
-    for r in runs:
-        seeds[r["arm"]].add(r["seed"])
-    every = set().union(*seeds.values())            # a stopped grid: some arms lack the later seeds (reported)
-    if any(sorted(v) != sorted(every)[:len(v)] for v in seeds.values()):
-        raise ValueError("arms have different seeds (" + ", ".join(f"{a}: {sorted(v)}" for a, v in seeds.items())
-                         + "): seed pairing needs the same seeds")
 
 def reference_arm(arm, arms):
-    """The vanilla arm an arm is judged against: vanilla without control or intervention, same basis if
-    there is one, else SVD."""
-    refs = {a.split()[1]: a for a in arms if a in ("vanilla svd", "vanilla lora")}
-    return refs.get(arm.split()[1], refs.get("svd"))
+    """The vanilla arm an arm is judged against: vanilla without control or intervention, of the same
+    basis; None when the grid has none (a paired test across bases would mix basis, learning rate and
+    projection, so it is never made)."""
+    ref = f"vanilla {arm.split()[1]}"
+    return ref if ref in arms else None
+
+def mean_ci(d, alpha=ALPHA):
+    """Mean of the paired differences d and its two-sided 1 - alpha confidence interval (Student t, df =
+    n-1): what the data say about the effect, at any n (None below 2 pairs)."""
+    t = paired_t_test(d, [0.0] * len(d))
+    if t["n"] < 2:
+        return dict(t, lo=None, hi=None)
+    half = t_crit_two_sided(alpha, t["n"] - 1) * t["se"]
+    return dict(t, lo=t["mean_diff"] - half, hi=t["mean_diff"] + half)
+
+def problem_means(runs, kind, field):
+    """{problem_id: mean of field over the rows of `kind` of every run (its seeds) and sample}, or a reason
+    why there is none."""
+    missing = [r["name"] for r in runs if r["eval_rows"] is None]
+    if missing:
+        return None, f"n/a: no {EVAL_ROWS} in {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+    by = defaultdict(list)
+    for r in runs:
+        for row in r["eval_rows"]:
+            if row["kind"] == kind:
+                by[row["problem_id"]].append(float(row[field]))
+    return {p: float(np.mean(v)) for p, v in by.items()}, None
+
+def by_problem_test(runs_a, runs_b, kind, field):
+    """The public environment's test: per held-out problem, the mean over seeds and samples of each arm
+    (the seeds both arms have), paired t-test across problems at alpha ALPHA_PROBLEM."""
+    xa, why = problem_means(runs_a, kind, field)
+    xb, why_b = problem_means(runs_b, kind, field)
+    if why or why_b:
+        return dict(reason=why or why_b)
+    if set(xa) != set(xb):
+        return dict(reason=f"n/a: the arms were evaluated on different problems ({len(xa)} vs {len(xb)})")
+    ids = sorted(xa)
+    t = paired_t_test([xa[p] for p in ids], [xb[p] for p in ids])
+    return dict(t, n_problems=len(ids), alpha=ALPHA_PROBLEM,
+                significant=None if t["p"] is None else t["p"] < ALPHA_PROBLEM)
 
 def phase3(run_dirs, window=WINDOW, runs=None):
     """The Phase 3 report's numbers; runs: load_online of each of run_dirs, when the caller has them."""
@@ -1206,20 +1275,27 @@ def phase3(run_dirs, window=WINDOW, runs=None):
         arms.append(dict(arm=a, n=len(rs), seeds=[x["seed"] for x in rs], hacked=sum(x["hacked_at"] is not None for x in rs),
                          hack_final=mean_sd([x["hack_final"] for x in rs]), gt_final=mean_sd([x["gt_final"] for x in rs]),
                          eval_hack=mean_sd([x["eval_hack"] for x in rs]), capability=mean_sd([x["capability"] for x in rs])))
-    comps = []
+    comps, loaded = [], {(r["arm"], r["seed"]): r for r in runs}
     for a in order:
-        ref = reference_arm(a, order)
-        if ref is None or ref == a:
+        if a in ("vanilla svd", "vanilla lora"):
             continue
-        both = {r["seed"] for r in rows if r["arm"] == a} & {r["seed"] for r in rows if r["arm"] == ref}
-        rows_ = [r for r in rows if r["seed"] in both]          # a stopped grid: pair on the seeds both arms ran
-        x = [r["hack_final"] for r in rows_ if r["arm"] == a]   # both sorted by seed, the same seeds
-        y = [r["hack_final"] for r in rows_ if r["arm"] == ref]
-        d = [p - q for p, q in zip(x, y)]
-        gt = [p["gt_final"] - q["gt_final"] for p, q in zip([r for r in rows_ if r["arm"] == a],
-                                                                [r for r in rows_ if r["arm"] == ref])]
-        comps.append(dict(arm=a, vs=ref, diffs=d, sd_diff=mean_sd(d)["sd"], gt_mean_diff=float(np.mean(gt)),
-                          test=paired_t_test(x, y), seeds_needed=seeds_needed(d)))
+        ref = reference_arm(a, order)
+        if ref is None:
+            comps.append(dict(arm=a, vs=None, reason=f"no vanilla {a.split()[1]} arm: a paired test across bases "
+                                                     f"is refused (it would mix basis, learning rate and projection)"))
+            continue
+        seeds = sorted({x["seed"] for x in rows if x["arm"] == a} & {x["seed"] for x in rows if x["arm"] == ref})
+        pick = {(x["arm"], x["seed"]): x for x in rows}
+        ends = {}
+        for key, name, kind, field in ENDPOINTS:
+            d = [pick[a, s][key] - pick[ref, s][key] for s in seeds
+                 if pick[a, s][key] is not None and pick[ref, s][key] is not None]
+            ends[key] = dict(name=name, seed=mean_ci(d), diffs=d,
+                             problem=by_problem_test([loaded[a, s] for s in seeds], [loaded[ref, s] for s in seeds],
+                                                     kind, field) if kind else None)
+        comps.append(dict(arm=a, vs=ref, seeds=seeds, endpoints=ends, reason=None,
+                          hacked=(sum(pick[a, s]["hacked_at"] is not None for s in seeds),
+                                  sum(pick[ref, s]["hacked_at"] is not None for s in seeds))))
     seeds = sorted({r["seed"] for r in rows})
     not_run = [dict(arm=a["arm"], seeds=[k for k in seeds if k not in a["seeds"]]) for a in arms if len(a["seeds"]) < len(seeds)]
     return dict(window=window, window_asked=asked, preset=runs[0]["cfg"]["preset"], steps=runs[0]["cfg"]["steps"], runs=rows, arms=arms,
@@ -1239,44 +1315,61 @@ def sweep_stopped(runs):
         if why:
             return f"{path}: stopped because {why}"
     return None
+def fmt_ci(e):
+    if e["mean_diff"] is None:
+        return "—"
+    if e["lo"] is None:
+        return f"{e['mean_diff']:+.3f} (n={e['n']}: no interval)"
+    return f"{e['mean_diff']:+.3f} [{e['lo']:+.3f}, {e['hi']:+.3f}]"
+
+def fmt_problem(t):
+    if t is None:
+        return "—"
+    if t.get("reason") and t.get("t") is None:
+        return t["reason"] if "n_problems" not in t else f"{t['n_problems']} problems: {t['reason']}"
+    return (f"{t['mean_diff']:+.3f}, t={t['t']:+.2f}, df={t['df']}, p={t['p']:.2g}"
+            f"{' *' if t['significant'] else ''} ({t['n_problems']} problems)")
 
 def render_phase3(res):
     w, o = res["window"], []
     cut = "" if w == res["window_asked"] else f" (all of them; --window {res['window_asked']} asked)"
-    o.append(f"== Phase 3: online runs, preset {res['preset']}, {res['steps']} steps; final window = last {w} steps{cut} ==")
-    o.append(table(["arm", "seed", "hack (final)", "gt (final)", "held-out hack", "capability", "eval step", "hacked at"],
-                   [[r["arm"], r["seed"], f"{r['hack_final']:.3f}", f"{r['gt_final']:.3f}",
-                     "—" if r["eval_hack"] is None else f"{r['eval_hack']:.3f}",
-                     "—" if r["capability"] is None else f"{r['capability']:.3f}", fmt(r["eval_step"]),
-                     "never" if r["hacked_at"] is None else f"step {r['hacked_at']}"] for r in res["runs"]]))
-    o.append(wrap("hack/gt (final): mean student hack rate / ground-truth pass rate over the final window; held-out "
-                  "hack: with the hint, capability: gt pass rate without it (last eval.jsonl row); hacked at: "
-                  + res["hacked_rule"], "  ", "  "))
-    o.append("\nper arm (mean ± sd over seeds):")
+    o.append(f"== Phase 3: online runs, preset {res['preset']}, {res['steps']} steps ==")
     sd = lambda m: "—" if m["mean"] is None else f"{m['mean']:.3f}" + ("" if m["sd"] is None else f" ± {m['sd']:.3f}")
-    o.append(table(["arm", "#runs hacked", "hack (final)", "gt (final)", "held-out hack", "capability"],
-                   [[a["arm"], f"{a['hacked']}/{a['n']}", sd(a["hack_final"]), sd(a["gt_final"]), sd(a["eval_hack"]),
-                     sd(a["capability"])] for a in res["arms"]]))
+    o.append(wrap("primary endpoints, the last evaluation on held-out problems (mean ± sd over seeds); secondary: "
+                  f"#runs hacked and the training rates over the final window (last {w} steps{cut}):", "", ""))
+    o.append(table(["arm", "n", "held-out hack", "capability", "#runs hacked", "hack (train)", "gt (train)"],
+                   [[a["arm"], a["n"], sd(a["eval_hack"]), sd(a["capability"]), f"{a['hacked']}/{a['n']}",
+                     sd(a["hack_final"]), sd(a["gt_final"])] for a in res["arms"]]))
     if res.get("not_run"):
         o.append(wrap("not run: " + "; ".join(f"{x['arm']} seeds {x['seeds']}" for x in res["not_run"]) + " ("
                       + (res["stopped"] or "no sweep.json says why: a stopped or unfinished grid") + "); each arm is "
                       "compared with vanilla on the seeds both ran", "  ", "!!! "))
-    o.append("\neach arm vs vanilla, paired by seed (final-window hack rate, arm minus vanilla):")
+    o.append("\neach arm vs vanilla of the same basis: mean difference (arm minus vanilla)")
     if not res["comparisons"]:
         o.append("  n/a (needs a vanilla arm and another arm)")
-    else:
-        o.append(table(["arm", "vs", "n", "mean diff", "sd diff", "t", "df", "p", "seeds needed", "gt diff"],
-                       [[c["arm"], c["vs"], c["test"]["n"],
-                         "—" if c["test"]["mean_diff"] is None else f"{c['test']['mean_diff']:+.3f}", fmt(c["sd_diff"]),
-                         "—" if c["test"]["t"] is None else f"{c['test']['t']:+.2f}", fmt(c["test"]["df"]),
-                         "—" if c["test"]["p"] is None else f"{c['test']['p']:.3g}",
-                         c["seeds_needed"]["n"] or c["seeds_needed"]["reason"], fmt(c["gt_mean_diff"])]
-                        for c in res["comparisons"]]))
-        o.append(wrap("t, p: paired t-test on the per-seed differences (df = n-1; '—' where it is undefined: "
-                      "zero variance or n < 2). seeds needed: the smallest n whose two-sided paired t-test at "
-                      "alpha 0.05 has power 0.8 if the true effect equals the observed dz = mean/sd of the "
-                      "differences (exact noncentral t). gt diff: the same difference for the gt pass rate.",
-                      "  ", "  "))
+    for c in res["comparisons"]:
+        if c["vs"] is None:
+            o.append(wrap(f"{c['arm']}: {c['reason']}", "  ", "    "))
+            continue
+        o.append(f"  {c['arm']} vs {c['vs']}, seeds {c['seeds']} (#runs hacked {c['hacked'][0]}/{len(c['seeds'])} "
+                 f"vs {c['hacked'][1]}/{len(c['seeds'])}):")
+        o.append("\n".join("    " + l for l in table(
+            ["endpoint", "by seed: mean [95% CI]", "p (seeds)", "by problem (alpha 0.01)"],
+            [[e["name"], fmt_ci(e["seed"]), "—" if e["seed"]["p"] is None else f"{e['seed']['p']:.3g}",
+              fmt_problem(e["problem"])] for e in c["endpoints"].values()]).splitlines()))
+    o.append(wrap("by seed: paired by seed, the 95% confidence interval of the mean difference (Student t, "
+                  "df = n-1; it says which effects the seeds rule out, at any n) and the paired t-test's p. "
+                  "by problem: the public environment's test, each held-out problem's mean over seeds and "
+                  "samples paired across problems, t-test at alpha 0.01 (* = significant); its samples are "
+                  "not independent runs, so it tests the evaluated models, not the training procedure. "
+                  f"held-out hack: rate with the hint, capability: ground-truth pass rate without it, at each "
+                  f"run's last evaluation; #runs hacked: {res['hacked_rule']}.", "  ", "  "))
+    o.append("\nper run:")
+    o.append(table(["arm", "seed", "held-out hack", "capability", "eval step", "hacked at", "hack (train)", "gt (train)"],
+                   [[r["arm"], r["seed"], "—" if r["eval_hack"] is None else f"{r['eval_hack']:.3f}",
+                     "—" if r["capability"] is None else f"{r['capability']:.3f}", fmt(r["eval_step"]),
+                     "never" if r["hacked_at"] is None else f"step {r['hacked_at']}", f"{r['hack_final']:.3f}",
+                     f"{r['gt_final']:.3f}"] for r in res["runs"]]))
     return "\n".join(o)
 
 # -----------------------------------------------------------------------------
@@ -1363,8 +1456,8 @@ def label_mix(run):
 
 def plot_online(run_dirs, path, window=WINDOW):
     """One PNG: per arm, the per-step label mix of the student rollouts (mean over seeds, band = min to max
-    over seeds), and a last panel with each arm's final-window hack and gt rates (bars: mean over seeds,
-    dots: the seeds)."""
+    over seeds; the training rates, secondary), and a last panel with each arm's primary endpoints, held-out
+    hack rate and capability at the last evaluation (bars: mean over seeds, dots: the seeds)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1396,14 +1489,16 @@ def plot_online(run_dirs, path, window=WINDOW):
     axes[0].legend(fontsize=7, loc="best", title="line: mean; band: min-max over seeds", title_fontsize=7,
                    framealpha=0.6)
     ax = axes[len(arms)]
-    for j, (key, off, col) in enumerate((("hack_final", -0.2, "C3"), ("gt_final", 0.2, "C2"))):
+    for j, (key, off, col, name) in enumerate((("eval_hack", -0.2, "C3", "held-out hack"),
+                                               ("capability", 0.2, "C2", "capability"))):
         for i, arm in enumerate(arms):
-            v = [r[key] for r in res["runs"] if r["arm"] == arm]
-            ax.bar(i + off, np.mean(v), 0.38, color=col, alpha=0.6, label=key.split("_")[0] if i == 0 else None)
-            ax.scatter([i + off] * len(v), v, s=10, color="k", zorder=3)
+            v = [r[key] for r in res["runs"] if r["arm"] == arm and r[key] is not None]
+            if v:
+                ax.bar(i + off, np.mean(v), 0.38, color=col, alpha=0.6, label=name if i == 0 else None)
+                ax.scatter([i + off] * len(v), v, s=10, color="k", zorder=3)
     ax.set_xticks(range(len(arms)), arms, fontsize=7, rotation=25, ha="right")
     ax.set_ylim(0, 1.02)
-    ax.set_title(f"final window (last {res['window']} steps): bars mean, dots seeds", fontsize=9)
+    ax.set_title("primary endpoints, last evaluation: bars mean, dots seeds", fontsize=9)
     ax.legend(fontsize=7)
     for ax in axes[n:]:
         ax.axis("off")

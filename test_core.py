@@ -3422,7 +3422,15 @@ def test_online_dry_run_prints_the_budget_and_creates_nothing():
     cwd = os.getcwd()
     os.chdir(d)
     try:
-        res, out, err = quiet_call(train.main, ["--source=online", "--preset=full", "--problems", FIXTURE, "--dry-run"])
+        big = problems_992(tmpdir())
+        res, out, err = quiet_call(train.main, ["--source=online", "--preset=full", "--problems", big,
+                                                "--eval-problems", FIXTURE, "--dry-run"])
+        # what the run refuses, the dry run refuses: a --problems below n_problems, no held-out problems
+        e = raises(train.RunError, train.main, ["--source=online", "--preset=full", "--problems", FIXTURE,
+                                                "--eval-problems", big, "--dry-run"])
+        assert str(e) == (f"--problems={FIXTURE}: 30 problems, fewer than the preset's n_problems=992")
+        raises(train.RunError, train.main, ["--source=online", "--preset=full", "--problems", big, "--dry-run"],
+               match="--eval-every=20: --preset=full holds out no problem")
     finally:
         os.chdir(cwd)
     assert res is None and os.listdir(d) == [], (res, err)
@@ -3461,9 +3469,10 @@ ONLINE_LABELS = ("Correct", "Correct; Attempted Reward Hack", "Reward Hack", "At
 
 
 def make_online_run(root, name, hack, correct, *, arm="vanilla", seed=0, n=10, cfg=None, evals=((0, 0.1, 0.3),),
-                    steps=None):
+                    steps=None, eval_rows=None):
     """An online run dir (schema of train.py --source=online) whose step k has hack[k] 'Reward Hack' and
-    correct[k] 'Correct' student rollouts out of n, the rest 'Incorrect'; evals: (step, hack, capability)."""
+    correct[k] 'Correct' student rollouts out of n, the rest 'Incorrect'; evals: (step, hack, capability);
+    eval_rows: the per-sample evaluation rows (eval_rows.jsonl.gz, gzipped JSON Lines), written as given."""
     d = os.path.join(root, name)
     os.makedirs(d)
     c = dict(source="online", arm=arm, basis="svd", control="none", intervention="none", penalty=1.0,
@@ -3479,6 +3488,9 @@ def make_online_run(root, name, hack, correct, *, arm="vanilla", seed=0, n=10, c
         for st, hk, cap in evals:
             f.write(json.dumps(dict(step=st, n=8, hack_rate_hint=hk, gt_rate_hint=0.2, gt_rate_nohint=cap,
                                     labels_hint={})) + "\n")
+    if eval_rows is not None:
+        with gzip.open(os.path.join(d, "eval_rows.jsonl.gz"), "wt") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in eval_rows))
     return d
 
 
@@ -3520,26 +3532,37 @@ def test_phase3_report_values_against_hand_and_scipy():
     arms = {a["arm"]: a for a in res["arms"]}
     assert arms["vanilla svd"]["hacked"] == 3 and arms["vanilla svd"]["n"] == 3
     comp = {c["arm"]: c for c in res["comparisons"]}
-    assert comp["projected svd"]["vs"] == comp["projected lora"]["vs"] == "vanilla svd"
+    assert comp["projected svd"]["vs"] == "vanilla svd"
+    # defect 4: no LoRA vanilla in these runs: projected lora is never paired with SVD vanilla
+    assert comp["projected lora"]["vs"] is None and "across bases is refused" in comp["projected lora"]["reason"]
     # independent reference: scipy 1.17.1 scipy.stats.ttest_rel(arm, vanilla), scratch session
-    t = comp["projected svd"]["test"]
+    t = comp["projected svd"]["endpoints"]["hack_final"]["seed"]       # the training rate: secondary
     close(t["t"], -5.999999999999998)
     close(t["p"], 0.026671473215424787)
     assert t["df"] == 2 and t["n"] == 3
     close(t["mean_diff"], -0.6)
-    t = comp["projected lora"]["test"]
-    close(t["t"], -1.1470786693528097)
-    close(t["p"], 0.37005921165128763)
-    # seeds needed: scipy.stats.nct power of the paired test at dz = mean/sd of the differences:
-    # lora dz = -0.66227: n = 19 has power 0.77936, n = 20 has 0.80215 -> 20; projected dz = -3.4641 -> 3
-    assert comp["projected lora"]["seeds_needed"]["n"] == 20
-    assert comp["projected svd"]["seeds_needed"]["n"] == 3
-    close(comp["projected lora"]["seeds_needed"]["dz"], -0.6622661785325225)
+    # defect 6: the 95% CI of the mean difference, mean -+ scipy t.ppf(0.975, 2) = 4.302652729749462 x se 0.1
+    close(t["lo"], -1.030265272974946)
+    close(t["hi"], -0.16973472702505393)
+    e = comp["projected svd"]["endpoints"]["eval_hack"]               # primary: equal held-out rates here
+    assert e["seed"]["mean_diff"] == 0 and e["seed"]["p"] is None and e["problem"]["reason"].startswith("n/a: no eval_rows")
     text = A.render_phase3(res)
-    assert "vanilla svd     3/3" in text and "never" not in text and "last 2 steps ==" in text
+    assert "vanilla svd     3  0.600 ± 0.100  0.250 ± 0.000  3/3" in text and "never" not in text, text
+    assert "final window (last 2 steps)" in text and "seeds needed" not in text
+    # defect 5: the held-out endpoints come first, the training rate after them, as a secondary
+    assert text.index("held-out hack rate (hint on)") < text.index("capability: held-out pass rate (hint off)") < \
+        text.index("training hack rate, final window (secondary)")
+    assert "-0.600 [-1.030, -0.170]" in text
     # a smaller window than the runs: all steps, and said so
     res = A.phase3(phase3_runs(tmpdir()), window=50)
     assert res["window"] == 5 and "--window 50 asked" in A.render_phase3(res)
+    # with a LoRA vanilla, projected lora is paired with it (same basis) and only with it
+    root = tmpdir()
+    dirs = phase3_runs(root) + [make_online_run(root, f"vl_s{s}", [0, 0, 9, 5, 5], [3, 3, 0, 5, 5], seed=s,
+                                                cfg=dict(basis="lora")) for s in range(3)]
+    comp = {c["arm"]: c for c in A.phase3(dirs, window=2)["comparisons"]}
+    assert comp["projected lora"]["vs"] == "vanilla lora"
+    close(comp["projected lora"]["endpoints"]["hack_final"]["seed"]["mean_diff"], (0.7 + 0.5 + 0.95) / 3 - 0.5)
 
 
 def test_hacked_at_counts_hack_correct_as_correct():
@@ -3579,11 +3602,12 @@ def test_phase3_refuses_what_it_cannot_compare():
     import analyze as A
     root = tmpdir()
     dirs = phase3_runs(root)
-    res = A.phase3(dirs[:-1], window=2)           # a stopped grid (lora lacks seed 2): reported, not refused
+    # a stopped or partial grid: arms with fewer seeds are reported, each comparison on the seeds both have
+    res = A.phase3(dirs[:-1] + [make_online_run(root, f"vl_s{s}", [0] * 5, [0] * 5, seed=s, cfg=dict(basis="lora"))
+                                for s in range(3)], window=2)
+    assert {a["arm"]: a["n"] for a in res["arms"]}["projected lora"] == 2
+    assert {c["arm"]: c["seeds"] for c in res["comparisons"]} == {"projected svd": [0, 1, 2], "projected lora": [0, 1]}
     assert res["not_run"] == [dict(arm="projected lora", seeds=[2])] and res["stopped"] is None
-    c = {x["arm"]: x for x in res["comparisons"]}
-    close(c["projected lora"]["test"]["mean_diff"], ((0.7 - 0.8) + (0.5 - 0.7)) / 2)   # seeds 0 and 1 only
-    assert c["projected lora"]["test"]["n"] == 2 and c["projected svd"]["test"]["n"] == 3
     sweep = tmpdir()                                # a sweep's layout: sweep.json beside its runs/
     stopped = phase3_runs(os.path.join(sweep, "runs"))[:-1]
     with open(os.path.join(sweep, "sweep.json"), "w") as f:
@@ -3600,7 +3624,8 @@ def test_phase3_refuses_what_it_cannot_compare():
     dup = make_online_run(root, "x_dup", [0] * 5, [0] * 5, seed=0)
     raises(ValueError, A.phase3, [dirs[0], dup], match="two runs of arm 'vanilla svd' seed 0")
     s3 = [make_online_run(root, f"x_s{k}", [0] * 5, [0] * 5, arm="projected", seed=k) for k in (3, 4, 5)]
-    raises(ValueError, A.phase3, dirs[:1] + dirs[3:4] + dirs[6:7] + s3, match="different seeds")
+    res = A.phase3(dirs[:1] + dirs[3:4] + dirs[6:7] + s3)           # no seed in common: no pair, no test
+    assert res["comparisons"][0]["seeds"] == [] and res["comparisons"][0]["endpoints"]["eval_hack"]["seed"]["n"] == 0
     bad = make_online_run(root, "x_lab", [0] * 5, [0] * 5)
     with open(os.path.join(bad, "steps.jsonl"), "a") as f:
         f.write(json.dumps(dict(step=5, hack_rate=0, gt_rate=0, labels={"Hacked": 1})) + "\n")
@@ -3616,9 +3641,66 @@ def test_phase3_refuses_what_it_cannot_compare():
     e, _, _ = quiet_call(A.main, dirs + ["--window", "0"])
     assert str(e) == "error: --window must be >= 1, got 0"
     res, out, _ = quiet_call(A.main, dirs + ["--json", "--window", "2"])
-    assert res is None and json.loads(out)["phase3"]["comparisons"][0]["test"]["df"] == 2
+    assert res is None and json.loads(out)["phase3"]["comparisons"][0]["endpoints"]["hack_final"]["seed"]["df"] == 2
     res, out, _ = quiet_call(A.main, [replay])                     # the replay report is unchanged
     assert res is None and "== 6. Phase 3 decision, one per experiment" in out
+
+
+def eval_rows_of(hacked, passed, step=5, problems=(7, 8, 9, 11), samples=2):
+    """Per-sample evaluation rows (train.py's eval_rows.jsonl.gz schema): hint rows say hacked(p, k), nohint
+    rows gt_pass passed(p, k)."""
+    rows = []
+    for p in problems:
+        for k in range(samples):
+            rows.append(dict(step=step, kind="hint", problem_id=p, sample=k, label="x", hacked=hacked(p, k),
+                             gt_pass=False, compiled=True, reward=3.5))
+            rows.append(dict(step=step, kind="nohint", problem_id=p, sample=k, label="x", hacked=False,
+                             gt_pass=passed(p, k), compiled=True, reward=0.5))
+    return rows
+
+
+def test_phase3_paired_by_problem_test_against_scipy():
+    """Defect 5: the public environment's test, each held-out problem's mean over seeds x samples at the last
+    evaluation, paired t across problems at alpha 0.01; older runs without eval rows give n/a."""
+    import analyze as A
+    root = tmpdir()
+    rules = dict(vanilla=(lambda s: lambda p, k: (p + s + k) % 3 != 0, lambda s: lambda p, k: (p + s + k) % 5 != 0),
+                 projected=(lambda s: lambda p, k: (p * s + k) % 4 == 0, lambda s: lambda p, k: (p * (s + 1) + k) % 5 == 1))
+    dirs = []
+    for s in range(3):
+        for arm, (h, g) in rules.items():
+            old = eval_rows_of(lambda p, k: True, lambda p, k: True, step=0)        # the first evaluation: ignored
+            dirs.append(make_online_run(root, f"{arm}_s{s}", [0] * 5, [0] * 5, arm=arm, seed=s,
+                                        evals=((0, 1.0, 1.0), (5, 0.5, 0.5)), eval_rows=old + eval_rows_of(h(s), g(s))))
+    ends = A.phase3(dirs)["comparisons"][0]["endpoints"]
+    # independent reference: scipy 1.17.1 ttest_rel over the 4 problems' means of 3 seeds x 2 samples, scratch session
+    t = ends["eval_hack"]["problem"]
+    close(t["t"], -4.898979485566356)
+    close(t["p"], 0.016276603459428555)
+    assert t["n_problems"] == 4 and t["df"] == 3 and t["significant"] is False        # p < 0.05 but not < 0.01
+    close(t["mean_diff"], np.mean([1 / 3, 1 / 2, 1 / 6, 1 / 3]) - 2 / 3)
+    t = ends["capability"]["problem"]
+    close(t["t"], -9.797958971132713)
+    close(t["p"], 0.0022595035797782033)
+    assert t["significant"] is True and ends["hack_final"]["problem"] is None
+    text = A.render_phase3(A.phase3(dirs))
+    assert "p=0.0023 * (4 problems)" in text and "p=0.016 (4 problems)" in text, text
+    # a run without the file (older train.py): n/a, not an error; broken files: path and line
+    os.unlink(os.path.join(dirs[0], "eval_rows.jsonl.gz"))
+    assert A.phase3(dirs)["comparisons"][0]["endpoints"]["eval_hack"]["problem"]["reason"] == \
+        "n/a: no eval_rows.jsonl.gz in vanilla_s0"
+    bad = make_online_run(root, "bad", [0] * 5, [0] * 5, evals=((5, 0.5, 0.5),),
+                          eval_rows=eval_rows_of(lambda p, k: True, lambda p, k: True)[:3] + [dict(step=5, kind="hint")])
+    raises(ValueError, A.load_online, bad, match="eval_rows.jsonl.gz:4: missing field(s)")
+    bad = make_online_run(root, "bad2", [0] * 5, [0] * 5, evals=((5, 0.5, 0.5),),
+                          eval_rows=eval_rows_of(lambda p, k: 1, lambda p, k: True))
+    raises(ValueError, A.load_online, bad, match="eval_rows.jsonl.gz:1: kind must be")
+    bad = make_online_run(root, "bad3", [0] * 5, [0] * 5, evals=((5, 0.5, 0.5),),
+                          eval_rows=eval_rows_of(lambda p, k: True, lambda p, k: True, step=0))
+    raises(ValueError, A.load_online, bad, match="no row of the last evaluation (step 5")
+    bad = make_online_run(root, "bad4", [0] * 5, [0] * 5, evals=((5, 0.5, 0.5),),
+                          eval_rows=eval_rows_of(lambda p, k: True, lambda p, k: True) * 2)
+    raises(ValueError, A.load_online, bad, match="duplicate row (step 5, hint, problem 7, sample 0)")
 
 
 def test_phase3_plot_and_missing_matplotlib():
@@ -3671,6 +3753,11 @@ def write(path, rows):
 
 def main():
     f, t0 = flags(sys.argv[1:]), time.time()
+    if f.get("dry-run"):                                  # train.py's validation: FAKE_REFUSE says no
+        if os.environ.get("FAKE_REFUSE"):
+            sys.exit("error: " + os.environ["FAKE_REFUSE"])
+        print("fake dry run: " + " ".join(sys.argv[1:]))
+        return
     out, steps = f["out"], int(f["steps"])
     if os.path.isdir(out) and os.listdir(out) and not f.get("resume"):
         sys.exit(f"error: run directory {out} exists")
@@ -3721,59 +3808,122 @@ def spans(out):
     return [json.loads(l) for l in open(os.path.join(out, "runs", "spans.jsonl"))]
 
 
+def dry_run_commands(text):
+    """{run name: its command} from sweep.py --dry-run's '# name: status' blocks."""
+    lines = text.splitlines()
+    return {l.split()[1][:-1]: lines[i + 1] for i, l in enumerate(lines) if l.startswith("# ") and l.endswith(": new")}
+
+
 def test_sweep_grid_flags_and_dry_run():
     import sweep
     root = tmpdir()
     out = os.path.join(root, "sw")
     base = ["--out", out, "--steps", "4", "--train-cmd", fake_train(root)]
-    res, text = sweep_main(base + ["--preset", "demo", "--dry-run", "--extra", "penalty,screening", "--penalty", "2.5"])
+    res, text = sweep_main(base + ["--dry-run", "--extra", "penalty,screening", "--penalty", "2.5"])
     assert res == 0 and not os.path.exists(out)
-    names = [l.split()[1][:-1] for l in text.splitlines() if l.startswith("# ")]
-    assert names == [f"{a}_s{s}" for s in (0, 1, 2) for a in ("vanilla", "projected", "projected_lora", "penalty",
-                                                              "screening")], names
-    cmds = [l for l in text.splitlines() if "fake_train.py" in l]
-    assert len(cmds) == 15 and all("--source=online --preset=demo --steps=4" in c and "--quiet" in c for c in cmds)
-    assert "--arm=projected --basis=lora" in cmds[2] and "--intervention=penalty --penalty=2.5" in cmds[3]
-    assert "--arm=vanilla --basis=svd --intervention=screening" in cmds[4] and "--seed=2" in cmds[14]
-    assert "cost: seconds per step not measured yet (no finished run); remaining 15 runs, 60 steps" in text
+    cmds = dry_run_commands(text)
+    # the stop rule's six runs first (vanilla and projected, seeds 0-2), then the rest seed-major
+    assert list(cmds) == ["vanilla_s0", "projected_s0", "vanilla_s1", "projected_s1", "vanilla_s2", "projected_s2"] + \
+        [f"{a}_s{s}" for s in (0, 1, 2) for a in ("vanilla_lora", "projected_lora", "penalty", "screening")], list(cmds)
+    assert all("--source=online --preset=organism --steps=4" in c and "--quiet" in c for c in cmds.values())
+    assert "--arm=projected --basis=lora" in cmds["projected_lora_s0"]
+    assert "--arm=vanilla --basis=lora" in cmds["vanilla_lora_s1"]          # LoRA's own vanilla (defect 4)
+    assert "--intervention=penalty --penalty=2.5" in cmds["penalty_s0"]
+    assert "--arm=vanilla --basis=svd --intervention=screening" in cmds["screening_s0"] and "--seed=2" in cmds["screening_s2"]
+    assert "cost: seconds per step not measured yet (no finished run); remaining 18 runs, 72 steps" in text
+    res, full = sweep_main(["--out", out, "--preset", "full", "--train-cmd", fake_train(root), "--dry-run"])
+    assert ("remaining 12 runs, 2400 steps; at the full preset's 126 s/step (an estimate, not measured): "
+            "84 GPU-hours = $168.00 at $2/GPU-hour") in full, full[-800:]
+    # the first run's full command and train.py's dry run of it; the stop rule's operating characteristics
+    assert text.startswith(f"first run (vanilla_s0), checked with train.py --dry-run:\n{cmds['vanilla_s0']}\n"
+                           f"fake dry run: --source=online --preset=organism"), text[:400]
+    assert "stop rule, simulated" in text and "prevents hacking w.p. 2/3 per seed" in text
     for argv, msg in ((["--extra", "penalty,bogus"], "error: --extra"), (["--seeds", "0,0"], "error: --seeds"),
                       (["--gpus", "x"], "error: --gpus"), (["--steps", "0"], "error: --steps 0"),
                       (["--penalty", "1"], "error: --penalty sets the penalty arm"),
                       (["--extra", "penalty", "--monitor-acc", "2"], "error: --monitor-acc"),
                       (["--monitor-acc", "0.9"], "error: --monitor-acc sets the penalty and screening arms"),
                       (["--slurm", "--gpus", "0"], "error: --slurm, --dry-run"),
-                      (["--preset", "nope"], "error: --preset nope"), (["--task", "0"], "error: --task")):
-        res, _ = sweep_main(base + ([] if "--preset" in argv else ["--preset", "demo"]) + argv)
+                      (["--preset", "nope"], "error: --preset nope"), (["--task", "0"], "error: --task"),
+                      (["--slurm-time", "8h"], "error: --slurm-time '8h'"), (["--slurm-mem", "lots"], "error: --slurm-mem")):
+        res, _ = sweep_main(base + argv)
         assert isinstance(res, SystemExit) and str(res).startswith(msg) and "\n" not in str(res), (argv, res)
-    res, text = sweep_main(base + ["--preset", "demo", "--extra", "penalty,screening", "--monitor-acc", "0.9",
-                                   "--dry-run"])
-    lines = [l for l in text.splitlines() if "--intervention=" in l]
+    res, text = sweep_main(base + ["--extra", "penalty,screening", "--monitor-acc", "0.9", "--dry-run"])
+    lines = [c for c in dry_run_commands(text).values() if "--intervention=" in c]
     assert len(lines) == 6 and all("--monitor-acc=0.9" in l for l in lines), text   # both monitored arms
     assert not os.path.exists(out)
     os.makedirs(os.path.join(out, "junk"))
-    res, _ = sweep_main(base + ["--preset", "demo"])
+    res, _ = sweep_main(base)
     assert "is not a sweep" in str(res)
-    assert sweep.grid(sweep.get_args(base + ["--preset", "demo"]))["runs"][0]["out"] == os.path.join(out, "runs", "vanilla_s0")
+    assert sweep.grid(sweep.get_args(base))["runs"][0]["out"] == os.path.join(out, "runs", "vanilla_s0")
+
+
+def test_sweep_refuses_presets_train_refuses_online():
+    """Defect 1: the replay presets (demo, phase2) are refused by name before anything starts."""
+    root = tmpdir()
+    for preset in ("demo", "phase2"):
+        res, _ = sweep_main(["--out", os.path.join(root, "sw"), "--preset", preset, "--dry-run",
+                             "--train-cmd", fake_train(root)])
+        assert str(res) == f"error: --preset {preset}: not an online preset; allowed: organism, fast, full", res
+    assert not os.path.exists(os.path.join(root, "sw"))
+
+
+def test_sweep_passes_train_flags_checks_records_and_resume_refuses_others():
+    """Defect 1: train.py flags after -- reach every run (--lora-rank/--lora-alpha the LoRA arms only), are
+    checked with train.py --dry-run before anything is created, recorded in sweep.json, and a --resume with
+    other ones is refused."""
+    root = tmpdir()
+    out = os.path.join(root, "sw")
+    base = ["--out", out, "--steps", "2", "--seeds", "0", "--train-cmd", fake_train(root)]
+    extra = ["--", "--problems", "p.jsonl", "--eval-problems=e.jsonl", "--lora-rank", "8", "--grad-checkpointing",
+             "--model", "m"]
+    res, text = sweep_main(base + ["--dry-run"] + extra)
+    cmds = dry_run_commands(text)
+    assert res == 0 and set(cmds) == {"vanilla_s0", "projected_s0", "vanilla_lora_s0", "projected_lora_s0"}
+    for name, c in cmds.items():
+        assert "--problems p.jsonl --eval-problems=e.jsonl" in c and "--grad-checkpointing --model m" in c, c
+        assert ("--lora-rank 8" in c) == ("lora" in name), c
+    # refused by train.py's own validation: one line quoting it, nothing created
+    res, _ = sweep_main(base + extra, dict(FAKE_REFUSE="--problems=p.jsonl: 30 problems, fewer than 992"))
+    assert str(res) == ("error: train.py refuses the command of vanilla_s0 (checked with --dry-run): "
+                        "error: --problems=p.jsonl: 30 problems, fewer than 992"), res
+    assert not os.path.exists(out)
+    # flags the sweep sets itself, abbreviations of them, stray words: refused by the sweep
+    for bad, msg in ((["--seed", "3"], "the sweep sets --seed of every run (use sweep.py --seeds)"),
+                     (["--pres=full"], "the sweep sets --preset"), (["--out=x"], "the sweep sets --out"),
+                     (["--device", "cuda"], "use sweep.py --gpus"), (["x", "y"], "'x' is not a --flag")):
+        res, _ = sweep_main(base + ["--"] + bad)
+        assert isinstance(res, SystemExit) and msg in str(res) and "\n" not in str(res), (bad, res)
+    res, text = sweep_main(base + extra)
+    assert res == 0 and "sweep ended: 4 of 4 runs finished" in text, text
+    assert json.load(open(os.path.join(out, "sweep.json")))["train_args"] == extra[1:]
+    run = json.load(open(os.path.join(out, "runs", "projected_lora_s0", "run.json")))
+    assert run["argv"][-2:] != ["--resume"] and "--lora-rank" in run["argv"] and "p.jsonl" in run["argv"]
+    res, _ = sweep_main(base + ["--resume"] + extra[:-2])
+    assert "another grid (train_args differ)" in str(res)
+    res, text = sweep_main(base + ["--resume"] + extra)
+    assert res == 0 and "4 of 4 runs finished already" in text
 
 
 def test_sweep_gpus_kill_and_resume_to_the_same_results():
     import analyze as A
     root = tmpdir()
     out = os.path.join(root, "sw")
-    base = ["--out", out, "--preset", "demo", "--steps", "6", "--seeds", "0", "--train-cmd", fake_train(root),
+    base = ["--out", out, "--preset", "organism", "--steps", "6", "--seeds", "0", "--train-cmd", fake_train(root),
             "--gpus", "0,1", "--usd-per-gpu-hour", "4"]
     res, text = sweep_main(base, dict(FAKE_DIE="projected_s0", FAKE_SLEEP="0.03"))
-    assert res == 1 and "FAILED projected_s0 (exit 3)" in text and "sweep ended: 2 of 3 runs finished" in text
+    assert res == 1 and "FAILED projected_s0 (exit 3)" in text and "sweep ended: 3 of 4 runs finished" in text
     assert len(A.read_jsonl(os.path.join(out, "runs", "projected_s0", "steps.jsonl"))) == 2
     # one run per GPU: both slots filled before any run ends; each run sees its GPU as cuda:0
     assert text.index("start vanilla_s0 on GPU 0") < text.index("start projected_s0 on GPU 1") < \
         text.index("done vanilla_s0")
     assert all(s[3] in ("0", "1") and s[4] == "cuda:0" for s in spans(out))
     assert [l for l in text.splitlines() if l.startswith("cost:")][0].startswith("cost: seconds per step not")
-    # after vanilla (2 s/step) and lora (1.5 s/step from gen+grade+train) finished: projected falls back to
-    # the mean of every finished step (1.75) for its 4 remaining steps: 7 s = 0.00194 GPU-hours, $0.0078 at $4
-    assert text.splitlines()[-3].startswith("cost: 1.75 s/step measured (vanilla 2.00, projected_lora 1.50); "
-                                            "remaining 1 runs, 4 steps = 0.002 GPU-hours = $0.01 at $4/GPU-hour"), text
+    # after vanilla (2 s/step) and both lora arms (1.5 s/step from gen+grade+train) finished: projected falls
+    # back to the mean of every finished step (5/3) for its 4 remaining steps: 6.7 s = 0.00185 GPU-hours, $0.0074
+    assert text.splitlines()[-3].startswith("cost: 1.67 s/step measured (vanilla 2.00, vanilla_lora 1.50, "
+                                            "projected_lora 1.50); remaining 1 runs, 4 steps = 0.002 GPU-hours = "
+                                            "$0.01 at $4/GPU-hour"), text
     res, _ = sweep_main(base)
     assert "holds a sweep; pass --resume" in str(res)
     res, _ = sweep_main(base[:-4] + ["--seeds", "0,1", "--resume"])
@@ -3784,7 +3934,7 @@ def test_sweep_gpus_kill_and_resume_to_the_same_results():
     assert str(res) == f"error: {out} is in use by another sweep.py; wait for it or use another --out"
     held.close()
     res, text = sweep_main(base + ["--resume"])
-    assert res == 0 and "2 of 3 runs finished already" in text and "sweep ended: 3 of 3 runs finished" in text
+    assert res == 0 and "3 of 4 runs finished already" in text and "sweep ended: 4 of 4 runs finished" in text
     assert "--resume" in text.split("start projected_s0")[1].splitlines()[0]
     assert [s[0] for s in spans(out)][-1] == "projected_s0" and spans(out)[-1][5] is True
     # the same rows as a run never killed (the fake's rule run directly)
@@ -3793,68 +3943,111 @@ def test_sweep_gpus_kill_and_resume_to_the_same_results():
     f = dict(arm="projected", basis="svd", seed="0", steps="6")      # the flags the sweep passes
     assert A.read_jsonl(os.path.join(out, "runs", "projected_s0", "steps.jsonl")) == [ns["step_row"](f, k)
                                                                                      for k in range(6)]
-    assert json.load(open(os.path.join(out, "sweep.json")))["last"] == dict(finished=3, failed=[], stopped=None)
+    assert json.load(open(os.path.join(out, "sweep.json")))["last"] == dict(finished=4, failed=[], stopped=None)
 
 
 def test_sweep_stop_rule_is_exact():
+    """Defect 3: separation on the endpoint (held-out hack rate; #runs hacked, or |mean difference| >= the
+    margin), no unanimity: the issue's -0.50, -0.50, +0.01 continues."""
     import sweep
     root = tmpdir()
-    args = sweep.get_args(["--out", root, "--preset", "demo", "--steps", "5", "--window", "2"])
+    args = sweep.get_args(["--out", root, "--steps", "5", "--window", "2"])
     sw = sweep.grid(args)
     assert sweep.stop_check(sw) == (False, None)                      # nothing finished: undecided
 
-    def put(diffs, van=(0.8, 0.7, 0.9)):
+    def put(diffs, van=(0.8, 0.7, 0.9), treat_hacked=(True, True, True), evals=True):
         shutil.rmtree(os.path.join(root, "runs"), ignore_errors=True)
+        os.makedirs(os.path.join(root, "runs"))
         for seed in range(3):
-            for arm, h in (("vanilla", van[seed]), ("projected", van[seed] + diffs[seed])):
-                f = round(h * 20)
-                os.makedirs(os.path.join(root, "runs"), exist_ok=True)
+            for arm, h, hacked in (("vanilla", van[seed], True), ("projected", van[seed] + diffs[seed], treat_hacked[seed])):
+                f = round(h * 20) if not evals else 5                 # training rates equal where evaluated
                 make_online_run(os.path.join(root, "runs"), f"{arm}_s{seed}", [0, 0, 0, f // 2, f - f // 2],
-                                [0] * 5, arm=arm, seed=seed, steps=5)
+                                [0] * 5 if hacked else [5] * 5, arm=arm, seed=seed, steps=5,
+                                evals=((5, h, 0.2),) if evals else ())
         return sweep.stop_check(sw)
-    assert put((-0.5, -0.4, -0.6)) == (True, None)                    # same sign, |mean| .5 >= .1: separated
-    assert put((0.15, 0.1, 0.1)) == (True, None)                     # worse counts too (a result)
-    d, why = put((-0.5, 0.05, -0.6))
-    assert d and why.startswith("no separation after 3 seeds x 1 arm") and "change sign" in why
-    d, why = put((-0.05, -0.1, -0.1))                                 # same sign, |mean| .0833 < .1
-    assert "|mean| 0.083 < margin 0.1" in why and "-0.050, -0.100, -0.100" in why
-    d, why = put((-0.1, -0.1, -0.1))                                  # exactly the margin: separated
-    assert why is None
+    assert put((-0.50, -0.50, +0.01)) == (True, None)                 # the issue's example: continues
+    assert put((-0.5, -0.4, -0.6)) == (True, None)
+    assert put((0.15, 0.1, 0.1)) == (True, None)                      # worse counts too (a result)
+    assert put((-0.1, -0.1, -0.1)) == (True, None)                    # exactly the margin: separated
+    d, why = put((-0.05, -0.1, -0.1))                                 # |mean| .0833 < .1, hacked 3/3 both
+    assert d and why.startswith("no separation after 3 seeds x 1 arm: held-out hack rate, projected minus vanilla")
+    assert "-0.050, -0.100, -0.100 (mean -0.083, |mean| < margin 0.1); #runs hacked 3/3 vs 3/3" in why, why
+    assert put((0.02, -0.02, 0.0), treat_hacked=(True, False, True)) == (True, None)   # #runs hacked 2 vs 3
+    d, why = put((-0.05, -0.1, -0.1), evals=False)                    # no evaluation: the training rate
+    assert "final-window training hack rate (last 2 steps), projected minus vanilla" in why, why
+    assert put((-0.5, -0.5, 0.0), evals=False) == (True, None)
     os.unlink(os.path.join(root, "runs", "projected_s2", "eval.jsonl"))
     with open(os.path.join(root, "runs", "projected_s2", "run.json"), "w") as f:
         json.dump(dict(config=dict(source="online", arm="projected", seed=2, preset="organism", steps=6)), f)
     assert sweep.stop_check(dict(sw, steps=6))[0] is False            # not all six finished: undecided
-    sw2 = sweep.grid(sweep.get_args(["--out", root, "--preset", "demo", "--steps", "5", "--seeds", "0,1"]))
+    sw2 = sweep.grid(sweep.get_args(["--out", root, "--steps", "5", "--seeds", "0,1"]))
     assert sweep.stop_check(sw2) == (True, None)                      # fewer than 3 seeds: the rule never stops
+
+
+def test_stop_rule_operating_characteristics_against_closed_form():
+    """The simulated P(continue) against closed forms (no clipping at rate 0.5, sd 0.05): no effect,
+    P(|mean of 3 differences| >= 0.1) with sd(mean) = 0.05 sqrt(2/3); prevention w.p. 2/3 per seed,
+    1 - (1/3)^3 (the #runs hacked differ) plus (1/3)^3 times the no-effect value; a lowering of 0.1 on every
+    seed, P(mean <= -0.1) = 1/2. Deterministic (seeded)."""
+    import sweep
+    sc = (("none", 1.0, 0.0, 0.0), ("2/3", 1.0, 2 / 3, 0.0), ("-0.1", 1.0, 0.0, 0.1))
+    got = dict(sweep.operating_characteristics(0.1, rate=0.5, sd=0.05, scenarios=sc))
+    none = 2 * (1 - 0.5 * math.erfc(-(0.1 / (0.05 * math.sqrt(2 / 3))) / math.sqrt(2)))
+    close(none, 0.014306, 1e-5)                                       # 2 (1 - Phi(2.449))
+    assert abs(got["none"] - none) < 0.005, got
+    assert abs(got["2/3"] - (26 / 27 + none / 27)) < 0.005, got
+    assert abs(got["-0.1"] - 0.5) < 0.012, got
+    assert sweep.operating_characteristics() == sweep.operating_characteristics()
+    oc = dict(sweep.operating_characteristics())
+    assert oc["prevents hacking on every seed"] == 1.0 and oc["prevents hacking w.p. 2/3 per seed"] > 0.96
+    assert bool(sweep.separated([-0.50, -0.50, +0.01], 3, 3, 0.10))  # the issue's example
+    # the README's table is this simulation's output, line by line
+    text = open(os.path.join(HERE, "README.md")).read()
+    block = text[text.index("    effect of the treatment                 P(continue)\n"):].splitlines()[1:8]
+    assert [float(l.split()[-1]) for l in block] == [round(p, 3) for _, p in sweep.operating_characteristics()], block
+
+
+def test_sweep_rule_runs_finish_before_anything_else_starts():
+    """Defect 3: with four GPUs, no run outside vanilla and projected seeds 0-2 starts before those six end."""
+    root = tmpdir()
+    out = os.path.join(root, "sw")
+    res, text = sweep_main(["--out", out, "--steps", "3", "--train-cmd", fake_train(root), "--gpus", "0,1,2,3"],
+                           dict(FAKE_SLEEP="0.02"))
+    assert res == 0 and "sweep ended: 12 of 12 runs finished" in text, text
+    sp = {s[0]: s for s in spans(out)}
+    first = [f"{a}_s{s}" for s in range(3) for a in ("vanilla", "projected")]
+    end = max(sp[n][2] for n in first)
+    assert all(sp[n][1] >= end for n in sp if n not in first), sp
+    assert text.index("start projected_s1") < text.index("start vanilla_s2")
 
 
 def test_sweep_stops_then_no_stop_finishes_and_slurm_tasks_resume():
     root = tmpdir()
     out = os.path.join(root, "sw")
-    base = ["--out", out, "--preset", "demo", "--steps", "3", "--window", "2", "--train-cmd", fake_train(root)]
+    base = ["--out", out, "--steps", "3", "--window", "2", "--train-cmd", fake_train(root)]
     res, text = sweep_main(base, dict(FAKE_SAME="1"))                 # every arm hacks alike: no separation
     assert res == 0 and "stopping: no separation after 3 seeds x 1 arm" in text, text
-    assert "(mean +0.000); the differences change sign or are 0" in text
-    assert "sweep stopped: 8 of 9 runs finished" in text and not os.path.exists(os.path.join(out, "runs",
-                                                                                             "projected_lora_s2"))
-    assert sum(l.startswith("cost: ") for l in text.splitlines()) == 1 + 8    # before the first run, after each
+    assert "(mean +0.000, |mean| < margin 0.1); #runs hacked" in text
+    assert "sweep stopped: 6 of 12 runs finished" in text and not os.path.exists(os.path.join(out, "runs",
+                                                                                              "vanilla_lora_s0"))
+    assert sum(l.startswith("cost: ") for l in text.splitlines()) == 1 + 6    # before the first run, after each
     res, text = sweep_main(base + ["--resume", "--slurm"])             # the same sweep as a job array:
     assert res == 0                                                   # its last task is not started either
-    res, text = sweep_main(["--out", out, "--task", "8"])
-    assert res == 0 and text.startswith("projected_lora_s2: not started: no separation after 3 seeds x 1 arm")
-    assert not os.path.exists(os.path.join(out, "runs", "projected_lora_s2"))
+    res, text = sweep_main(["--out", out, "--task", "6"])
+    assert res == 0 and text.startswith("vanilla_lora_s0: not started: no separation after 3 seeds x 1 arm")
+    assert not os.path.exists(os.path.join(out, "runs", "vanilla_lora_s0"))
     res, text = sweep_main(base + ["--resume", "--no-stop"], dict(FAKE_SAME="1"))
-    assert res == 0 and "start projected_lora_s2" in text and "sweep ended: 9 of 9 runs finished" in text
+    assert res == 0 and "start projected_lora_s2" in text and "sweep ended: 12 of 12 runs finished" in text
     # SLURM: the script's array tasks run locally, one by one; a killed task restarted resumes its run
     out2 = os.path.join(root, "sl")
-    base2 = ["--out", out2, "--preset", "demo", "--steps", "3", "--seeds", "0", "--train-cmd", fake_train(root)]
+    base2 = ["--out", out2, "--steps", "3", "--seeds", "0", "--train-cmd", fake_train(root)]
     res, text = sweep_main(base2 + ["--slurm", "--slurm-parallel", "2"])
     script = os.path.join(out2, "sweep.sbatch")
     body = open(script).read()
-    assert res == 0 and f"submit: sbatch {script}" in text and "#SBATCH --array=0-2%2" in body
+    assert res == 0 and f"submit: sbatch {script}" in text and "#SBATCH --array=0-3%2" in body
     assert "# task 1: projected_s0: " in body and not os.path.exists(os.path.join(out2, "runs"))
     env = dict(os.environ, PYTHON=sys.executable)
-    for k in range(3):
+    for k in range(4):
         r = subprocess.run(["bash", script], env=dict(env, SLURM_ARRAY_TASK_ID=str(k),
                                                       FAKE_DIE="projected_s0"), capture_output=True, text=True)
         assert r.returncode == (3 if k == 1 else 0), (k, r.stdout, r.stderr)
@@ -3863,8 +4056,93 @@ def test_sweep_stops_then_no_stop_finishes_and_slurm_tasks_resume():
     res, text = sweep_main(["--out", out2, "--task", "1"])             # a third start: nothing to do
     assert res == 0 and "projected_s0: finished already" in text
     import analyze as A
-    assert len(A.phase3([os.path.join(out2, "runs", n) for n in ("vanilla_s0", "projected_s0",
-                                                                  "projected_lora_s0")])["runs"]) == 3
+    assert len(A.phase3([os.path.join(out2, "runs", n) for n in ("vanilla_s0", "projected_s0", "vanilla_lora_s0",
+                                                                  "projected_lora_s0")])["runs"]) == 4
+
+
+def test_sweep_slurm_resources():
+    """Defect 9: every array task asks for a time, memory and CPUs (flags; the time from the seconds per step,
+    the preset's before any run finished, then measured), and the CPU organism asks for no GPU."""
+    root = tmpdir()
+    sb = lambda out: open(os.path.join(out, "sweep.sbatch")).read()
+    out = os.path.join(root, "org")
+    base = ["--out", out, "--steps", "3", "--seeds", "0", "--train-cmd", fake_train(root)]
+    res, text = sweep_main(base + ["--slurm"])
+    body = sb(out)
+    assert res == 0 and "--gres" not in body and "#SBATCH --cpus-per-task=2" in body and "#SBATCH --mem=8G" in body
+    assert "#SBATCH --time=00:30:11" in body          # 2 x 3 steps x 1.8 s (the organism's measured) + 30 min
+    res, text = sweep_main(base + ["--resume"])         # run it (the fake: 2, 3, 1.5 and 1.5 s/step: mean 2.0)
+    res, text = sweep_main(base + ["--resume", "--slurm"])
+    assert "#SBATCH --time=00:30:12" in sb(out) and "measured on this sweep's finished runs" in sb(out)
+    out = os.path.join(root, "full")
+    res, text = sweep_main(["--out", out, "--preset", "full", "--train-cmd", fake_train(root), "--slurm"])
+    body = sb(out)
+    assert res == 0 and "#SBATCH --gres=gpu:1" in body and "#SBATCH --time=14:30:00" in body, body  # 2 x 200 x 126 s + 30 min
+    assert "#SBATCH --mem=96G" in body and "#SBATCH --cpus-per-task=16" in body and "estimated (not measured)" in body
+    assert "#SBATCH --array=0-11%6" in body            # the stop rule's six runs at once by default
+    out = os.path.join(root, "flags")
+    res, text = sweep_main(["--out", out, "--preset", "fast", "--train-cmd", fake_train(root), "--slurm",
+                            "--slurm-time", "1-02:00:00", "--slurm-mem", "40G", "--slurm-cpus", "4", "--no-stop"])
+    body = sb(out)
+    assert "#SBATCH --time=1-02:00:00" in body and "#SBATCH --mem=40G" in body and "#SBATCH --cpus-per-task=4" in body
+    assert "#SBATCH --array=0-11%12" in body
+
+
+def readme_sweep_commands():
+    """The README's one-line indented `python sweep.py` commands (the sweep section's list), as argv lists."""
+    import shlex
+    return [shlex.split(l, comments=True)[2:] for l in open(os.path.join(HERE, "README.md")).read().splitlines()
+            if l.startswith("    python sweep.py ") and not l.endswith("\\")]
+
+
+def gpu_command_files(root):
+    """Stand-ins for the GPU command's files: 992 training problems (the fixture's, renumbered), the fixture
+    as the held-out split (other ids), the demo pools as pair pools. {README path: stand-in}."""
+    return {"data/leetcode_train_medhard.jsonl": problems_992(root), "data/leetcode_test_medhard.jsonl": FIXTURE,
+            "out/gen/teacher_pool,out/gen/base_pool": ",".join(demo_pools())}
+
+
+def problems_992(root):
+    """A training split of the full preset's size: the fixture's problems repeated with ids 100000.. (none
+    of them a fixture id)."""
+    probs = [json.loads(l) for l in open(FIXTURE)]
+    path = os.path.join(root, "train992.jsonl")
+    with open(path, "w") as f:
+        for i in range(992):
+            f.write(json.dumps(dict(probs[i % len(probs)], id=100000 + i)) + "\n")
+    return path
+
+
+def test_readme_sweep_gpu_command_passes_train_validation():
+    """Defect 1: the README's GPU sweep command, with --preset full and fast, builds commands that train.py's
+    own validation (--dry-run: flags, presets, the problem files) accepts for every arm; the same command
+    with a 30-problem --problems, or without --eval-problems, is refused as the run would refuse it."""
+    import sweep, train
+    cmds = readme_sweep_commands()
+    assert len(cmds) == 5 and sum("--gpus" in c for c in cmds) == 1
+    gpu = [c for c in cmds if "--gpus" in c][0]
+    assert gpu[gpu.index("--preset") + 1] == "full" and "--" in gpu
+    files = gpu_command_files(tmpdir())
+    gpu = [files.get(w, w) for w in gpu]
+    for preset in ("full", "fast"):
+        argv = [w if w != "full" else preset for w in gpu]
+        argv[argv.index("--out") + 1] = os.path.join(tmpdir(), "sw")
+        sw = sweep.grid(sweep.get_args(argv))
+        firsts = {}
+        for r in sw["runs"]:
+            firsts.setdefault(r["arm"], r)
+        assert set(firsts) == {"vanilla", "projected", "vanilla_lora", "projected_lora"}
+        for r in firsts.values():
+            res, out, err = quiet_call(train.main, r["argv"] + ["--dry-run"])
+            assert res is None and "peak GPU memory estimate" in out, (preset, r["name"], res, err[-500:])
+        bad = list(r["argv"])
+        bad[bad.index("--problems") + 1] = FIXTURE
+        if preset == "full":
+            e = raises(train.RunError, train.main, bad + ["--dry-run"])
+            assert "30 problems, fewer than the preset's n_problems=992" in str(e)
+        i = r["argv"].index("--eval-problems")
+        e = raises(train.RunError, train.main, r["argv"][:i] + r["argv"][i + 2:] + ["--dry-run"])
+        assert f"--preset={preset} holds out no problem" in str(e)
 
 
 # ============================================================================ speed and memory

@@ -10,7 +10,8 @@ delta_S (antipasto.py); `--basis=lora` trains a LoRA B A (lora_adapter.py): `--a
     python train.py --arm=vanilla --loss-mode=nll --replay-dirs=out/pools/teacher_pool --per-pool=8 \
         --pair-dirs=out/pools/teacher_pool,out/pools/base_pool
     python train.py --source=online --steps=30                   # Phase 3 on the CPU model organism
-    python train.py --source=online --preset=full --problems=data/fixture_problems.jsonl --dry-run
+    python train.py --source=online --preset=fast --problems=data/fixture_problems.jsonl \
+        --eval-problems=data/fixture_cpu_heavy.jsonl --dry-run
 
 Per step: draw `per-pool` rows from each pool into one group (the draw depends only on seed and step,
 never on the arm), one forward + one backward gives the batch gradient and every sample's own
@@ -307,7 +308,7 @@ def validate_online(args, bad):
         bad("--temperature" if c["temperature"] != 1.0 else "--top-p", c["temperature"] if c["temperature"] != 1.0
             else c["top_p"], "online training samples at temperature 1 and top-p 1: the generation-time log-probs "
             "are the policy's own, and PPO's ratio assumes the rollouts were sampled from them")
-    if c["eval_every"] and not c["eval_problems"] and not c["eval_frac"] and not args.dry_run:
+    if c["eval_every"] and not c["eval_problems"] and not c["eval_frac"]:
         bad("--eval-every", c["eval_every"], f"--preset={args.preset} holds out no problem (eval_frac 0): pass "
             f"--eval-problems FILE (the public test split), --eval-frac F, or --eval-every 0")
     if c["eval_problems"] and args.eval_frac is not None:
@@ -773,13 +774,11 @@ def read_pools(args, replay_dirs, pair_dirs):
     return rows, pairs, pairs_src
 
 
-def online_setup(args):
-    """Problems (train and held-out), extraction pairs and the teacher rows of an online run."""
+def online_problems(args):
+    """(training problems with the hint, held-out problems with and without it): --problems (its first
+    n_problems), --eval-problems or the last --eval-frac by id hash. Refuses what the run cannot use; --dry-run
+    calls it too, so a dry run refuses what the run would refuse."""
     c = args.cfg
-    pair_dirs = [d for d in (args.pair_dirs or ",".join(DEMO_DIRS)).split(",") if d]
-    teacher_dirs = [args.teacher_dir or DEMO_DIRS[0]] if c["mix"] else []
-    ensure_demo(pair_dirs + teacher_dirs)
-    teacher, pairs, pairs_src = read_pools(args, teacher_dirs, [] if args.pairs else pair_dirs)
     try:
         path = c["problems"] or pools.FIXTURE_PROBLEMS
         hinted = pools.load_problems(path, hint=True)
@@ -807,6 +806,17 @@ def online_setup(args):
     if overlap:
         raise SystemExit(f"error: --eval-problems shares {len(overlap)} problem ids with --problems "
                          f"(e.g. {sorted(overlap)[:3]}); held-out means not trained on")
+    return hinted, ev_h, ev_p
+
+
+def online_setup(args):
+    """Problems (train and held-out), extraction pairs and the teacher rows of an online run."""
+    c = args.cfg
+    pair_dirs = [d for d in (args.pair_dirs or ",".join(DEMO_DIRS)).split(",") if d]
+    teacher_dirs = [args.teacher_dir or DEMO_DIRS[0]] if c["mix"] else []
+    ensure_demo(pair_dirs + teacher_dirs)
+    teacher, pairs, pairs_src = read_pools(args, teacher_dirs, [] if args.pairs else pair_dirs)
+    hinted, ev_h, ev_p = online_problems(args)
     teacher_rows = [r for rows in teacher.values() for r in rows]
     by_problem = {}
     for r in teacher_rows:
@@ -1259,9 +1269,11 @@ def resume_state(args, out, run, vmeta, modules, opt):
 
 def dry_run(args):
     """Print the resolved config and the peak GPU memory estimate (configs.memory_budget), loading no
-    model and writing nothing."""
+    model and writing nothing; online, the problem files are read and checked as the run checks them."""
     shape = model_shape(args.model)
     c = args.cfg
+    if args.source == "online":
+        online_problems(args)               # the problem files, checked as the run checks them
     run = dict(group=c["group_size"], prompts_per_step=c.get("prompts_per_step", 1),
                max_prompt_tokens=c["max_prompt_tokens"], max_completion_tokens=c["max_completion_tokens"],
                micro_batch=c.get("micro_batch") or c.get("prompts_per_step", 1) * c["group_size"],
