@@ -2890,7 +2890,8 @@ def test_online_dry_run_prints_the_budget_and_creates_nothing():
     cwd = os.getcwd()
     os.chdir(d)
     try:
-        res, out, err = quiet_call(train.main, ["--source=online", "--preset=full", "--problems", FIXTURE, "--dry-run"])
+        res, out, err = quiet_call(train.main, ["--source=online", "--preset=full", "--problems", FIXTURE, "--dry-run",
+                                                   "--pair-dirs", ",".join(train.DEMO_DIRS)])
     finally:
         os.chdir(cwd)
     assert res is None and os.listdir(d) == [], (res, err)

@@ -10,7 +10,8 @@ delta_S (antipasto.py); `--basis=lora` trains a LoRA B A (lora_adapter.py): `--a
     python train.py --arm=vanilla --loss-mode=nll --replay-dirs=out/pools/teacher_pool --per-pool=8 \
         --pair-dirs=out/pools/teacher_pool,out/pools/base_pool
     python train.py --source=online --steps=30                   # Phase 3 on the CPU model organism
-    python train.py --source=online --preset=full --problems=data/fixture_problems.jsonl --dry-run
+    python train.py --source=online --preset=full --problems=data/fixture_problems.jsonl --dry-run \
+        --pair-dirs=out/pools/teacher_pool,out/pools/base_pool
 
 Per step: draw `per-pool` rows from each pool into one group (the draw depends only on seed and step,
 never on the arm), one forward + one backward gives the batch gradient and every sample's own
