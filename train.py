@@ -17,7 +17,8 @@ Per step: draw `per-pool` rows from each pool into one group (the draw depends o
 never on the arm), one forward + one backward gives the batch gradient and every sample's own
 contribution, measure cos with v_hack, (projected) project, step. Online, each step instead samples --group rollouts of --prompts-per-step problems from the current
 student (hint on), grades them in the sandbox, centres rewards per prompt group and takes
---inner-epochs PPO-clip steps against the generation-time log-probs, plus beta * K3 KL to the
+--inner-epochs PPO-clip steps (old log-probs from the training forward, so the first epoch's ratio is
+exactly 1; the generation-time log-probs are a logged diagnostic), plus beta * K3 KL to the
 reference (knobs zeroed). Writes a run directory:
     run.json             argv, config, versions, v_hack and pool fingerprints, extraction pairs;
                          v_hack_source {kind: file | pairs | demo, path, sha256, pairs_source, ...} and,
