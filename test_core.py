@@ -1271,7 +1271,7 @@ def test_train_arms_share_samples_and_slim_schema_has_no_text():
     texts = [r["completion"] for d in demo_pools() for r in pools.read_pool(d)]
     texts += [r["prompt"][1]["content"][:200] for r in pools.read_pool(demo_pools()[0])[:5]]
     for run in (van, proj):
-        for f in os.listdir(run):
+        for f in [os.path.relpath(os.path.join(d, n), run) for d, _, names in os.walk(run) for n in names]:
             raw = open(os.path.join(run, f), "rb").read()
             if f.endswith(".gz"):
                 raw = gzip.decompress(raw)
