@@ -2988,6 +2988,19 @@ def real_online(model, mix_from, *extra, out=None, cwd=None):
         os.chdir(old)
 
 
+def two_pairs():
+    """A --pairs file of two short (hack, clean) pairs: a cheap v_hack extraction where its direction
+    does not matter to the test."""
+    if "two_pairs" not in _cache:
+        path = os.path.join(tmpdir(), "two_pairs.jsonl")
+        with open(path, "w") as f:
+            for i in range(2):
+                f.write(json.dumps(dict(prompt=f"Write f{i}.", hack=f"def run_tests(): print('ok {i}')",
+                                        clean=f"x = {i} * {i}  # the answer")) + "\n")
+        _cache["two_pairs"] = path
+    return _cache["two_pairs"]
+
+
 @slow
 def test_online_first_epoch_ratio_is_exactly_one_in_bf16():
     """Generation on merged bf16 weights and the training forward differ in log-prob; PPO's old log-probs
@@ -2995,7 +3008,8 @@ def test_online_first_epoch_ratio_is_exactly_one_in_bf16():
     with several; the mismatch is logged."""
     for epochs in ("1", "2"):
         _cache.setdefault("v_bf16", os.path.join(tmpdir(), "v_bf16.safetensors"))
-        run = run_online("--steps", "1", "--dtype", "bfloat16", "--inner-epochs", epochs, "--v-hack", _cache["v_bf16"])
+        run = run_online("--steps", "1", "--dtype", "bfloat16", "--inner-epochs", epochs, "--v-hack", _cache["v_bf16"],
+                         "--pairs", two_pairs())
         r = pools.read_jsonl(os.path.join(run, "steps.jsonl"))[0]
         assert r["ratio_epochs"][0] == [1.0, 1.0], (epochs, r["ratio_epochs"])
         assert 1e-4 < r["gen_mismatch_max"] and 0 < r["gen_mismatch_mean"] <= r["gen_mismatch_max"], r   # bf16 differs
@@ -3012,7 +3026,8 @@ def test_online_adapter_saved_loadable_by_peft_and_as_svd_knobs():
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
-    run = run_online("--steps", "2", "--basis", "lora", "--v-hack", os.path.join(tmpdir(), "v_lora.safetensors"))
+    run = run_online("--steps", "2", "--basis", "lora", "--v-hack", os.path.join(tmpdir(), "v_lora.safetensors"),
+                     "--pairs", two_pairs())
     knobs = torch.load(os.path.join(run, "state.pt"), weights_only=False)["knobs"]
     ours, _ = configs.tiny_qwen3()
     mods = la.wrap(ours, rank=16, alpha=32)
