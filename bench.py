@@ -548,13 +548,13 @@ def random_factors(seed=0):
     """factors(weight) for antipasto.wrap: random orthonormal U (d_out, r) and Vh (r, d_in) by QR on the
     weight's device, S = 1: the SVD's shapes and dtype, so the same cost and memory, in seconds where
     the SVD of a 4B model takes minutes (the real one is cached on disk after the first run)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    count = [0]
+    gens, count = {}, [0]
 
     def factors(w):
         d_out, d_in = w.shape
         r = min(d_out, d_in)
-        q = lambda n: torch.linalg.qr(torch.randn(n, r, generator=g).to(w.device))[0]     # (n, r) float32
+        g = gens.setdefault(str(w.device), torch.Generator(device=w.device).manual_seed(seed))   # drawn on the device
+        q = lambda n: torch.linalg.qr(torch.randn(n, r, generator=g, device=w.device))[0]   # (n, r) float32
         count[0] += 1
         return q(d_out).to(w.dtype), torch.ones(r), q(d_in).T.contiguous().to(w.dtype), f"random-{seed}-{count[0]}"
     return factors
