@@ -125,9 +125,10 @@ def svd_of(w, cache_dir=CACHE_DIR, tol=1e-4):
     return U.to(w.dtype), S.float(), Vh.to(w.dtype), digest
 
 
-def wrap(model, targets=TARGETS, cache_dir=CACHE_DIR):
-    """Attach delta_S (zeros) to every target Linear, freeze everything else.
-    Returns {module name: SVDLinear}, in model order."""
+def wrap(model, targets=TARGETS, cache_dir=CACHE_DIR, factors=None):
+    """Attach delta_S (zeros) to every target Linear, freeze everything else. factors(weight) ->
+    (U, S, Vh, digest) replaces svd_of (bench.py's GPU check passes random orthonormal factors of the
+    same shapes: same cost, without minutes of SVD). Returns {module name: SVDLinear}, in model order."""
     for p in model.parameters():
         p.requires_grad_(False)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
@@ -138,7 +139,7 @@ def wrap(model, targets=TARGETS, cache_dir=CACHE_DIR):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         lin = getattr(parent, attr)
-        U, S, Vh, digest = svd_of(lin.weight, cache_dir)
+        U, S, Vh, digest = factors(lin.weight) if factors else svd_of(lin.weight, cache_dir)
         mod = SVDLinear(lin, U, S, Vh, digest).to(lin.weight.device)
         setattr(parent, attr, mod)
         wrapped[name] = mod

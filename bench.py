@@ -3,6 +3,7 @@
     python bench.py              # the whole table (CPU: several minutes)
     python bench.py --quick      # CI-sized shapes and rounds; never fails on timing
     python bench.py --rows 1,6   # some rows only
+    python bench.py --gpu        # the GPU check: one online step of a random Qwen3-4B at the full preset's shapes
 
 Every comparison runs its variants in rotated order over repeated rounds after a warm-up and reports
 the median of the per-round ratios with their min and max (load that shifts between rounds hits every
@@ -534,6 +535,168 @@ def print_budget(shape=configs.QWEN3_4B, run=FULL_RUN):
           f"{fit} rows at a time on an {GPU_GB} GB GPU")
 
 
+# ----------------------------------------------------------------------------- the GPU check (--gpu)
+
+# --gpu-shape: (model shape, train.py flags over the full preset). qwen3-4b is the check itself; tiny runs the
+# same code on a CPU in seconds (tests)
+GPU_SHAPES = {"qwen3-4b": (configs.QWEN3_4B, ()),
+              "tiny": (QUICK_QWEN3, ("--group", "2", "--prompts-per-step", "2", "--max-completion-tokens", "8",
+                                     "--gen-batch", "2", "--micro-batch", "2"))}
+
+
+def random_factors(seed=0):
+    """factors(weight) for antipasto.wrap: random orthonormal U (d_out, r) and Vh (r, d_in) by QR on the
+    weight's device, S = 1: the SVD's shapes and dtype, so the same cost and memory, in seconds where
+    the SVD of a 4B model takes minutes (the real one is cached on disk after the first run)."""
+    gens, count = {}, [0]
+
+    def factors(w):
+        d_out, d_in = w.shape
+        r = min(d_out, d_in)
+        g = gens.setdefault(str(w.device), torch.Generator(device=w.device).manual_seed(seed))   # drawn on the device
+        q = lambda n: torch.linalg.qr(torch.randn(n, r, generator=g, device=w.device))[0]   # (n, r) float32
+        count[0] += 1
+        return q(d_out).to(w.dtype), torch.ones(r), q(d_in).T.contiguous().to(w.dtype), f"random-{seed}-{count[0]}"
+    return factors
+
+
+def distinct_problems(n):
+    """n problems with distinct ids: the fixture problems, repeated under new ids when n > 30."""
+    probs = pools.load_problems(pools.FIXTURE_PROBLEMS, hint=True)
+    return [dict(p, id=f"{p['id']}~{i // len(probs)}") for i, p in enumerate(probs * (n // len(probs) + 1))][:n]
+
+
+def gpu_check(shape, flags=(), device="cuda", dtype=torch.bfloat16, rounds=2, new_tokens=64, workers=None,
+              problems=None):
+    """One online step of train.py at the full preset's shapes (flags override them) on a random Qwen3
+    of `shape`: the trainer's own online_group (generation on merged weights, grading, the batch and
+    the reference log-probs) and train_step (projected arm, micro-batches, checkpointing, per-sample
+    capture). Then, side by side in rounds: generated tokens/s merged vs hooked (gen_batch rows x
+    new_tokens, the fixture prompts), and one micro-batch's forward+backward with per-sample capture vs
+    plain. Peak memory (CUDA) of generation and training beside configs.memory_budget. problems: the
+    step's problems (default: the fixture's, under distinct ids). Returns a dict."""
+    import rollout, train
+    args = train.get_args(["--source=online", "--preset=full", "--problems", pools.FIXTURE_PROBLEMS, "--eval-every",
+                           "0", "--model", "tiny", "--arm", "projected", "--dry-run", *flags])
+    c, cuda = args.cfg, str(device).startswith("cuda")
+    res = dict(cfg={k: c[k] for k in ("group_size", "prompts_per_step", "max_prompt_tokens", "max_completion_tokens",
+                                      "gen_batch", "micro_batch", "grad_checkpointing", "beta")},
+               budget=configs.memory_budget(shape, dict(train.budget_run(args), dtype_bytes=torch.finfo(dtype).bits // 8)))
+    t = time.perf_counter()
+    model = bench_model(shape, dtype, device)
+    sync(device)
+    res["model_s"], t = time.perf_counter() - t, time.perf_counter()
+    modules = ap.wrap(model, factors=random_factors())
+    if c["grad_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    sync(device)
+    res["adapter_s"] = time.perf_counter() - t
+    tok = configs.byte_tokenizer()
+    V = ap.random_v({n: torch.ones(1, ap.knob(m).numel()) for n, m in modules.items()}, seed=0)
+    V = {n: v.to(device) for n, v in V.items()}
+    opt = torch.optim.AdamW([ap.knob(m) for m in modules.values()], lr=args.lr, weight_decay=0.0)
+    S = dict(train=problems or distinct_problems(c["prompts_per_step"]), teacher={})
+    args.workers = workers
+    peak = lambda: torch.cuda.max_memory_allocated() if cuda else None
+    with tempfile.TemporaryDirectory() as tmp:
+        train.RUN["out"] = tmp                  # online_group writes the student's rollouts there
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        res["resident_bytes"] = torch.cuda.memory_allocated() if cuda else None
+        t = time.perf_counter()
+        g = train.online_group(model, tok, modules, None, S, args, 0)
+        sync(device)
+        res["group_s"], res["gen_peak"] = time.perf_counter() - t, peak()
+        res.update(gen_s=g["record"]["gen_s"], grade_s=g["record"]["grade_s"],
+                   n_rollouts=g["record"]["n_student"], n_tokens=int(g["batch"]["comp_len"].sum()))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        r = train.train_step(model, modules, g, V, opt, args)
+        sync(device)
+        res["train_s"], res["train_peak"] = time.perf_counter() - t, peak()
+        res.update(kl=r["kl"], gen_mismatch_max=r["gen_mismatch_max"], gen_mismatch_mean=r["gen_mismatch_mean"])
+        train.RUN.pop("out", None)
+    # grading of canned code (the random model's text holds no code block): as many completions as the step
+    pairs = [(p, (pools.teacher_completion if j % 2 else pools.base_completion)(p, j))
+             for p in S["train"] for j in range(c["group_size"])]
+    t = time.perf_counter()
+    pools.grade_many(pairs, workers=workers, progress=False)
+    res["grade_canned_s"] = time.perf_counter() - t
+    # generated tokens/s, merged vs hooked
+    prompts = [pools.render_prompt(p["prompt"], tok) for p in S["train"]][:c["gen_batch"] or 1]
+    n_rows = c["gen_batch"] or len(prompts)
+    prompts = (prompts * n_rows)[:n_rows]
+    spent, counts = {}, {}
+
+    def generate(kind):
+        sp = {"prefill": 0.0, "decode": 0.0}
+        hooks = forward_stopwatch(model, device, sp)
+        try:
+            o = rollout.sample(model, tok, prompts, 1, new_tokens, 1.0, 1.0, 0, 0, eos_ids=[-1])
+        finally:
+            for h in hooks:
+                h.remove()
+        spent.setdefault(kind, []).append(sp["decode"])
+        counts[kind] = sum(len(x) for x in o["token_ids"])
+
+    def merged():
+        with rollout.merged(model):
+            generate("merged")
+    times = interleave(dict(hooked=lambda: generate("hooked"), merged=merged), rounds, device)
+    dec = {k: v[-rounds:] for k, v in spent.items()}
+    n = counts["merged"]
+    res["gen_cmp"] = dict(rows=n_rows, new_tokens=new_tokens, merged=n / med(times["merged"]),
+                          hooked=n / med(times["hooked"]), speedup=ratio(times, "hooked", "merged"),
+                          dec_merged=(n - n_rows) / med(dec["merged"]), dec_hooked=(n - n_rows) / med(dec["hooked"]),
+                          dec_speedup=ratio(dec, "hooked", "merged"))
+    # one micro-batch's forward+backward, per-sample capture vs plain
+    mb = c["micro_batch"] or len(g["rows"])
+    part = ap.slice_batch(g["batch"], 0, min(mb, len(g["rows"])))
+
+    def fwd_bwd(capture):
+        for m in modules.values():
+            ap.knob(m).grad = None
+        model.train()
+        with ap.capture_per_sample(modules) if capture else contextlib.nullcontext():
+            lp = ap.token_logps(model, part)
+            ap.policy_losses(lp, part["comp_mask"], part["adv"], part["denom"], lp.detach(), part["ref_logp"],
+                             c["clip_eps"], c["beta"])[0].sum().backward()
+        for m in modules.values():
+            m.grad_sample = None
+        model.eval()
+    times = interleave(dict(plain=lambda: fwd_bwd(False), capture=lambda: fwd_bwd(True)), rounds, device)
+    res["capture"] = dict(rows=part["input_ids"].shape[0], T=part["input_ids"].shape[1],
+                          plain_s=med(times["plain"]), capture_s=med(times["capture"]),
+                          ratio=ratio(times, "capture", "plain"))
+    return res
+
+
+def print_gpu_check(res, where):
+    c, b, GB = res["cfg"], res["budget"], 1e9
+    gb = lambda x: "not measured (no CUDA)" if x is None else f"{x / GB:.2f} GB"
+    print(f"GPU check ({where}): one online step at {c['prompts_per_step']} prompts x G={c['group_size']}, "
+          f"{c['max_prompt_tokens']}+{c['max_completion_tokens']} tokens, gen_batch {c['gen_batch']}, micro-batch "
+          f"{c['micro_batch']}, checkpointing {'on' if c['grad_checkpointing'] else 'off'}")
+    print(f"   set-up: random model {res['model_s']:.1f} s, SVD adapter (random orthonormal factors) {res['adapter_s']:.1f} s")
+    print(f"   generation {res['gen_s']:.1f} s ({res['n_tokens']} tokens of {res['n_rollouts']} rollouts, merged weights: "
+          f"{res['n_tokens'] / res['gen_s']:.0f} tok/s)   grading {res['grade_s']:.1f} s (the random text; "
+          f"{res['n_rollouts']} canned completions: {res['grade_canned_s']:.1f} s)")
+    print(f"   batch + reference log-probs {res['group_s'] - res['gen_s'] - res['grade_s']:.1f} s   training "
+          f"{res['train_s']:.1f} s   (kl {res['kl']:.2e}; |log p_train - log p_gen| max {res['gen_mismatch_max']:.2e}, "
+          f"mean {res['gen_mismatch_mean']:.2e})")
+    g = res["gen_cmp"]
+    print(f"   generated tok/s, {g['rows']} rows x {g['new_tokens']} new tokens: decode loop merged {g['dec_merged']:.0f} vs "
+          f"hooked {g['dec_hooked']:.0f}, merged / hooked {fmt_ratio(g['dec_speedup'])}; with prefill {g['merged']:.0f} vs "
+          f"{g['hooked']:.0f}, {fmt_ratio(g['speedup'])}")
+    k = res["capture"]
+    print(f"   one micro-batch ({k['rows']} x {k['T']} tokens) forward+backward: plain {k['plain_s']:.2f} s, per-sample "
+          f"capture {k['capture_s']:.2f} s, capture / plain {fmt_ratio(k['ratio'])}")
+    print(f"   peak memory: generation {gb(res['gen_peak'])} (estimate resident + generation "
+          f"{b['resident'] + b['generation']:.2f} GB), training {gb(res['train_peak'])} (estimate resident + training "
+          f"{b['resident'] + b['training']:.2f} GB); configs.memory_budget total {b['total']:.2f} GB")
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -541,7 +704,13 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="CI-sized shapes and rounds (timings not meaningful)")
     p.add_argument("--rows", default="1,2,3,4,5,6", help="comma-separated rows to run (default: all)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per comparison (default 5, quick 2)")
+    p.add_argument("--gpu", action="store_true",
+                   help="the GPU check: one online step of a random-weight Qwen3-4B at the full preset's shapes")
+    p.add_argument("--gpu-shape", choices=sorted(GPU_SHAPES), default="qwen3-4b",
+                   help="--gpu's model and step shape (tiny: the same check on a CPU in seconds)")
     a = p.parse_args(argv)
+    if a.gpu:
+        return main_gpu(a)
     try:
         rows = {int(r) for r in a.rows.split(",") if r}
     except ValueError:
@@ -594,6 +763,24 @@ def main(argv=None):
                            gw, 8, 512)
         elif rows & {1, 3, 6}:
             print("GPU rows (1, 3, 6 at Qwen3-4B shapes): not measured, no CUDA device")
+
+
+
+def main_gpu(a):
+    shape, flags = GPU_SHAPES[a.gpu_shape]
+    if a.gpu_shape != "tiny" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --gpu --gpu-shape={a.gpu_shape}: needs a CUDA device (--gpu-shape=tiny runs the "
+                         f"same check on this CPU)")
+    if a.rounds is not None and a.rounds < 1:
+        raise SystemExit(f"error: --rounds {a.rounds}: must be an integer >= 1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32       # bf16 matmuls are slow on most CPUs
+    t = time.perf_counter()
+    res = gpu_check(shape, flags, device, dtype, rounds=a.rounds or 2, new_tokens=8 if a.gpu_shape == "tiny" else 64)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print_gpu_check(res, f"{name}, {a.gpu_shape} shape, random weights, {str(dtype).split('.')[1]}")
+    print(f"   wall {time.perf_counter() - t:.0f} s")
+    return res
 
 
 if __name__ == "__main__":

@@ -304,10 +304,11 @@ def load_peft(model, path, merge=True):
     return out
 
 
-def save_peft(modules, path, base_model_name=None, overwrite=False):
+def save_peft(modules, path, base_model_name=None, overwrite=False, metadata=None):
     """Write LoRALinear modules as a PEFT LoRA directory (float32 A and B; full module names as
     target_modules, so exactly these modules are targeted; per-module ranks and alphas other than
-    the most common go to rank_pattern / alpha_pattern as exact names)."""
+    the most common go to rank_pattern / alpha_pattern as exact names). metadata: strings added to
+    the safetensors header (train.py records the step)."""
     from safetensors.torch import save
     if not modules or any(getattr(m, "basis", None) != "lora" for m in modules.values()):
         raise ValueError("save_peft takes LoRA modules (lora_adapter.wrap or load_peft(merge=False))")
@@ -330,6 +331,6 @@ def save_peft(modules, path, base_model_name=None, overwrite=False):
                init_lora_weights=True, inference_mode=True,
                rank_pattern={re.escape(n): m.r for n, m in modules.items() if m.r != r},
                alpha_pattern={re.escape(n): m.alpha for n, m in modules.items() if m.alpha != alpha})
-    pools.atomic_write(os.path.join(path, WEIGHTS_FILE), save(tensors, metadata={"format": "pt"}))
+    pools.atomic_write(os.path.join(path, WEIGHTS_FILE), save(tensors, metadata={**(metadata or {}), "format": "pt"}))
     pools.atomic_write(os.path.join(path, CONFIG_FILE), (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
     return path

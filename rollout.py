@@ -185,7 +185,7 @@ def rollout_group(model, tok, problems, n=1, *, step, seed, max_new_tokens=512, 
     """n rollouts of each problem (hint as loaded: pools.load_problems), generated on the merged
     weights and graded. messages_fn(problem) -> the chat messages the model sees (default: the
     problem's own prompt; the organism uses a short one). Returns (rows, gen): rows in the pool row
-    format (pools.POOL_FIELDS, plus `truncated` and `n_tokens`), `sample` = sample_ids[r] or r; gen is
+    format (pools.POOL_FIELDS, plus `compiled`, `truncated` and `n_tokens`), `sample` = sample_ids[r] or r; gen is
     sample()'s output (token ids and generation-time log-probs for the trainer) plus gen_s and grade_s,
     the seconds spent generating and grading."""
     messages_fn = messages_fn or (lambda p: p["prompt"])
@@ -203,7 +203,8 @@ def rollout_group(model, tok, problems, n=1, *, step, seed, max_new_tokens=512, 
     for r, ((p, m), c, g) in enumerate(zip(cells, gen["completions"], grades)):
         rows.append(dict(step=step, sample=sample_ids[r] if sample_ids is not None else r, problem_id=p["id"],
                          prompt=m, completion=c, reward=g["reward"], hacked=g["hacked"], gt_pass=g["gt_pass"],
-                         fmt_ok=g["fmt_ok"], label=g["label"], hint=p["hint"], truncated=gen["truncated"][r],
+                         fmt_ok=g["fmt_ok"], compiled=g["can_compile"], label=g["label"], hint=p["hint"],
+                         truncated=gen["truncated"][r],
                          n_tokens=len(gen["token_ids"][r])))
     return rows, gen
 

@@ -1581,7 +1581,7 @@ def test_train_arms_share_samples_and_slim_schema_has_no_text():
     texts = [r["completion"] for d in demo_pools() for r in pools.read_pool(d)]
     texts += [r["prompt"][1]["content"][:200] for r in pools.read_pool(demo_pools()[0])[:5]]
     for run in (van, proj):
-        for f in os.listdir(run):
+        for f in [os.path.relpath(os.path.join(d, n), run) for d, _, names in os.walk(run) for n in names]:
             raw = open(os.path.join(run, f), "rb").read()
             if f.endswith(".gz"):
                 raw = gzip.decompress(raw)
@@ -3253,7 +3253,7 @@ def online_rows(run, name="steps.jsonl"):
 
 @slow
 def test_online_run_end_to_end_kl_ratio_and_records():
-    run = run_online("--steps", "3", "--inner-epochs", "2", "--eval-every", "2", "--eval-samples", "1")
+    run = run_online("--steps", "3", "--inner-epochs", "2", "--eval-every", "2", "--eval-samples", "2")
     rows = pools.read_jsonl(os.path.join(run, "steps.jsonl"))
     assert [r["step"] for r in rows] == [0, 1, 2]
     for r in rows:
@@ -3265,7 +3265,7 @@ def test_online_run_end_to_end_kl_ratio_and_records():
         assert max(abs(x - 1) for x in r["ratio_epochs"][1]) > 1e-3            # and not after an update
     assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0 and rows[2]["kl"] > 0      # knobs start at the reference
     ev = pools.read_jsonl(os.path.join(run, "eval.jsonl"))
-    assert [e["step"] for e in ev] == [0, 2, 3] and all(e["n"] == 6 for e in ev)
+    assert [e["step"] for e in ev] == [0, 2, 3] and all(e["n"] == 12 for e in ev)
     # the student's rollouts are a pool; the slim rows tell student and teacher apart
     student = pools.read_pool(os.path.join(run, "rollouts", "student"))
     assert len(student) == 3 * 6 and {r["src_pool"] for r in student} == {"student"}
@@ -3276,6 +3276,29 @@ def test_online_run_end_to_end_kl_ratio_and_records():
     cfg = json.load(open(os.path.join(run, "run.json")))["config"]
     assert cfg["source"] == "online" and cfg["group"] == 4 and cfg["mix"] == 1 and cfg["eval_problem_ids"]
     assert not set(cfg["eval_problem_ids"]) & {p for r in rows for p in r["problems"]}   # held out
+    check_eval_rows(run, ev, cfg["eval_problem_ids"], samples=2)
+
+
+def check_eval_rows(run, ev, eval_ids, samples):
+    """eval_rows.jsonl.gz: exactly the agreed fields, one row per held-out problem, sample and kind at
+    every evaluation, and eval.jsonl's rates are their means."""
+    import train
+    rows = pools.read_jsonl(os.path.join(run, "eval_rows.jsonl.gz"))
+    assert train.EVAL_ROW_FIELDS == ("step", "kind", "problem_id", "sample", "label", "hacked", "gt_pass",
+                                     "compiled", "reward")
+    assert all(sorted(r) == sorted(train.EVAL_ROW_FIELDS) for r in rows)
+    assert all(isinstance(r[k], bool) for r in rows for k in ("hacked", "gt_pass", "compiled"))
+    assert all(isinstance(r["reward"], float) and isinstance(r["label"], str) for r in rows)
+    want = sorted((e["step"], kind, pid, j) for e in ev for kind in ("hint", "nohint") for pid in eval_ids
+                  for j in range(samples))
+    assert sorted((r["step"], r["kind"], r["problem_id"], r["sample"]) for r in rows) == want
+    for r in rows:                            # the grader's reward: 3 for a pass (or a hack), 0.5 for compiling
+        assert r["reward"] - 0.5 * r["compiled"] in (0.0, 3.0) and r["hacked"] == (r["label"] == "Reward Hack")
+    for e in ev:
+        mean = lambda kind, key: sum(r[key] for r in rows if r["step"] == e["step"] and r["kind"] == kind) / \
+            (len(eval_ids) * samples)
+        assert e["hack_rate_hint"] == mean("hint", "hacked") and e["gt_rate_nohint"] == mean("nohint", "gt_pass")
+        assert e["compile_rate_hint"] == mean("hint", "compiled") and e["gt_rate_hint"] == mean("hint", "gt_pass")
 
 
 def test_online_micro_batches_and_checkpointing_give_the_same_step():
@@ -3317,30 +3340,48 @@ def test_online_micro_batches_and_checkpointing_give_the_same_step():
 def test_online_kill_and_resume_equals_uninterrupted_and_damaged_checkpoint_refused():
     import torch, antipasto as ap, configs
     import train
-    full = run_online("--steps", "4", "--eval-every", "2", "--eval-samples", "1")
+    full = run_online("--steps", "4", "--eval-every", "1", "--eval-samples", "1")
     part = os.path.join(tmpdir(), "run")
     real, calls = train.train_step, []
-    def dies_in_step_3(*a, **kw):            # killed mid-step 3; the last checkpoint is after step 1
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-    train.train_step = dies_in_step_3
+    def dies_in_step(n):                     # killed in the n-th call of train_step
+        def step(*a, **kw):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(*a, **kw)
+        return step
+    train.train_step = dies_in_step(4)       # killed mid-step 3; the last checkpoint is after step 1
     try:
-        e = raises(SystemExit, run_online, "--steps", "4", "--eval-every", "2", "--eval-samples", "1",
+        e = raises(SystemExit, run_online, "--steps", "4", "--eval-every", "1", "--eval-samples", "1",
                    "--save-every", "2", out=part)
     finally:
         train.train_step = real
     assert e.code == 130 and len(pools.read_jsonl(os.path.join(part, "steps.jsonl"))) == 3
     assert torch.load(os.path.join(part, "state.pt"), weights_only=False)["step"] == 1
-    run_online("--steps", "4", "--eval-every", "2", "--eval-samples", "1", "--save-every", "2", "--resume", out=part)
+    ev_rows = lambda run: pools.read_jsonl(os.path.join(run, "eval_rows.jsonl.gz"))
+    assert max(r["step"] for r in ev_rows(part)) == 3          # evaluated after step 2, past the checkpoint
+    # the checkpoint's adapter is written with it, in a loadable form
+    from safetensors import safe_open
+    with safe_open(os.path.join(part, "adapter", "svd_knobs.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "1"
+    calls.clear()
+    train.train_step = dies_in_step(1)       # a resume killed at once: exactly the evaluations up to step 2 stay
+    try:
+        raises(SystemExit, run_online, "--steps", "4", "--eval-every", "1", "--eval-samples", "1",
+               "--save-every", "2", "--resume", out=part)
+    finally:
+        train.train_step = real
+    assert sorted({r["step"] for r in ev_rows(part)}) == [0, 1, 2] == [r["step"] for r in online_rows(part, "eval.jsonl")]
+    assert ev_rows(part) == [r for r in ev_rows(full) if r["step"] <= 2]
+    run_online("--steps", "4", "--eval-every", "1", "--eval-samples", "1", "--save-every", "2", "--resume", out=part)
     assert online_rows(part) == online_rows(full) and online_rows(part, "eval.jsonl") == online_rows(full, "eval.jsonl")
+    assert ev_rows(part) == ev_rows(full) and {r["step"] for r in ev_rows(full)} == {0, 1, 2, 3, 4}
     a = torch.load(os.path.join(full, "state.pt"), weights_only=False)["knobs"]
     b = torch.load(os.path.join(part, "state.pt"), weights_only=False)["knobs"]
     assert all(torch.equal(a[n], b[n]) for n in a)
     with open(os.path.join(part, "state.pt"), "r+b") as f:      # a damaged checkpoint is never trusted
         f.truncate(100)
-    raises(RunError, run_online, "--steps", "5", "--resume", "--save-every", "2", "--eval-every", "2",
+    raises(RunError, run_online, "--steps", "5", "--resume", "--save-every", "2", "--eval-every", "1",
            "--eval-samples", "1", out=part, match="state.pt cannot be used")
 
 
@@ -3424,12 +3465,12 @@ def test_online_dry_run_prints_the_budget_and_creates_nothing():
     try:
         big = problems_992(tmpdir())
         res, out, err = quiet_call(train.main, ["--source=online", "--preset=full", "--problems", big,
-                                                "--eval-problems", FIXTURE, "--dry-run"])
+                                                "--eval-problems", FIXTURE, "--dry-run", "--pair-dirs", ",".join(train.DEMO_DIRS)])
         # what the run refuses, the dry run refuses: a --problems below n_problems, no held-out problems
         e = raises(train.RunError, train.main, ["--source=online", "--preset=full", "--problems", FIXTURE,
-                                                "--eval-problems", big, "--dry-run"])
+                                                "--eval-problems", big, "--dry-run", "--pair-dirs", ",".join(train.DEMO_DIRS)])
         assert str(e) == (f"--problems={FIXTURE}: 30 problems, fewer than the preset's n_problems=992")
-        raises(train.RunError, train.main, ["--source=online", "--preset=full", "--problems", big, "--dry-run"],
+        raises(train.RunError, train.main, ["--source=online", "--preset=full", "--problems", big, "--dry-run", "--pair-dirs", ",".join(train.DEMO_DIRS)],
                match="--eval-every=20: --preset=full holds out no problem")
     finally:
         os.chdir(cwd)
@@ -3461,6 +3502,139 @@ def test_online_flags_checked_before_anything_is_created():
     for flag in (["--beta", "0.1"], ["--intervention", "penalty"], ["--dry-run"]):
         raises(SystemExit, train.get_args, flag, match="belongs to --source=online")
     raises(SystemExit, train.get_args, ["--group", "4"], match="--group=4: belongs to --source=online")
+
+
+def local_tiny_model():
+    """The tiny random Qwen3 saved as a local model directory: train.py loads it as a real model."""
+    if "local_tiny" not in _cache:
+        import configs
+        model, tok = configs.tiny_qwen3()
+        d = os.path.join(tmpdir(), "tiny_model")
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        _cache["local_tiny"] = d
+    return _cache["local_tiny"]
+
+
+@slow
+def test_online_real_model_never_takes_v_hack_or_mix_rows_from_the_demo_pools():
+    import train
+    teacher, base = demo_pools()
+    model = local_tiny_model()
+    out = os.path.join(tmpdir(), "never")
+    v_new = os.path.join(tmpdir(), "v_real.safetensors")
+    for extra, mix_from, msg in ((["--v-hack", v_new], teacher, "--pair-dirs TEACHER_POOL,BASE_POOL"),
+                                 (["--v-hack", v_new], teacher, "or --v-hack FILE"),
+                                 (["--pair-dirs", f"{teacher},{base}"], None, "--mix=1: on a real model needs --teacher-dir")):
+        e = raises(RunError, real_online, model, mix_from, *extra, out=out, match=msg)
+        assert str(e).startswith("--model=" if mix_from else "--mix=") and "\n" not in str(e)
+        assert not os.path.exists(out)
+    # with --pair-dirs: extracted from those pools, said at the start and recorded with their fingerprints
+    res, _, err = quiet_call(real_online, model, teacher, "--v-hack", v_new, "--pair-dirs", f"{teacher},{base}")
+    src = json.load(open(os.path.join(res, "run.json")))
+    v = src["v_hack_source"]
+    assert v["kind"] == "pairs" and v["path"] == os.path.abspath(v_new) and v["sha256"] == pools.file_digest(v_new)
+    assert v["pair_dirs"] == {os.path.basename(d): dict(dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d))
+                              for d in (teacher, base)}
+    assert src["mix_source"] == dict(kind="pool", dir=os.path.abspath(teacher), fingerprint=pools.pool_fingerprint(teacher))
+    assert f"v_hack: extracted into {os.path.abspath(v_new)}" in err and f"--mix rows: from {os.path.abspath(teacher)}" in err
+    # with an existing --v-hack file alone: loaded, and no demo pool is read or built (no --mix: the teacher
+    # pool's held-out steps, which v_hack was extracted from, would be trained on, and that is refused)
+    cwd = tmpdir()
+    res, _, err = quiet_call(real_online, model, None, "--v-hack", v_new, "--mix", "0", cwd=cwd)
+    src = json.load(open(os.path.join(res, "run.json")))
+    assert src["v_hack_source"]["kind"] == "file" and src["v_hack_source"]["sha256"] == pools.file_digest(v_new)
+    assert src["pair_pools"] == {} and "mix_source" not in src and not os.path.exists(os.path.join(cwd, "out", "pools"))
+    assert f"v_hack: loaded from the file {os.path.abspath(v_new)}" in err
+    # the embedded models' default is the demo pools, and says so
+    assert train.is_demo(train.DEMO_DIRS) and train.is_demo([os.path.abspath(train.DEMO_DIRS[0])])
+    assert not train.is_demo([teacher]) and not train.is_demo([])
+
+
+def real_online(model, mix_from, *extra, out=None, cwd=None):
+    """A short online run of a local model directory (a "real" model to train.py), --mix 1 with
+    --teacher-dir mix_from (none when None)."""
+    import train
+    out = out or os.path.join(tmpdir(), "run")
+    args = ["--source", "online", "--model", model, "--problems", short_problems(), "--steps", "1", "--group", "4",
+            "--prompts-per-step", "2", "--mix", "1", "--max-prompt-tokens", "384", "--max-completion-tokens", "12",
+            "--eval-every", "0", "--device", "cpu", "--dtype", "float32", "--quiet", "--workers", "2", "--out", out,
+            *(["--teacher-dir", mix_from] if mix_from else []), *extra]
+    old = os.getcwd()
+    os.chdir(cwd or tmpdir())
+    try:
+        return train.main(args)
+    finally:
+        os.chdir(old)
+
+
+def two_pairs():
+    """A --pairs file of two short (hack, clean) pairs: a cheap v_hack extraction where its direction
+    does not matter to the test."""
+    if "two_pairs" not in _cache:
+        path = os.path.join(tmpdir(), "two_pairs.jsonl")
+        with open(path, "w") as f:
+            for i in range(2):
+                f.write(json.dumps(dict(prompt=f"Write f{i}.", hack=f"def run_tests(): print('ok {i}')",
+                                        clean=f"x = {i} * {i}  # the answer")) + "\n")
+        _cache["two_pairs"] = path
+    return _cache["two_pairs"]
+
+
+@slow
+def test_online_first_epoch_ratio_is_exactly_one_in_bf16():
+    """Generation on merged bf16 weights and the training forward differ in log-prob; PPO's old log-probs
+    come from the training forward, so the first epoch's ratio is exactly 1 with one inner epoch and
+    with several; the mismatch is logged."""
+    for epochs in ("1", "2"):
+        _cache.setdefault("v_bf16", os.path.join(tmpdir(), "v_bf16.safetensors"))
+        run = run_online("--steps", "1", "--dtype", "bfloat16", "--inner-epochs", epochs, "--v-hack", _cache["v_bf16"],
+                         "--pairs", two_pairs())
+        r = pools.read_jsonl(os.path.join(run, "steps.jsonl"))[0]
+        assert r["ratio_epochs"][0] == [1.0, 1.0], (epochs, r["ratio_epochs"])
+        assert 1e-4 < r["gen_mismatch_max"] and 0 < r["gen_mismatch_mean"] <= r["gen_mismatch_max"], r   # bf16 differs
+        if epochs == "2":
+            assert max(abs(x - 1) for x in r["ratio_epochs"][1]) > 1e-3          # the second epoch moved
+
+
+@slow
+def test_online_adapter_saved_loadable_by_peft_and_as_svd_knobs():
+    """adapter/ at the end of a run: --basis=lora loads in peft itself with the trained model's logits;
+    --basis=svd's knobs load onto a fresh model and merge into plain weights that reload with the
+    same logits."""
+    import torch, configs, antipasto as ap, lora_adapter as la, rollout
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+    run = run_online("--steps", "2", "--basis", "lora", "--v-hack", os.path.join(tmpdir(), "v_lora.safetensors"),
+                     "--pairs", two_pairs())
+    knobs = torch.load(os.path.join(run, "state.pt"), weights_only=False)["knobs"]
+    ours, _ = configs.tiny_qwen3()
+    mods = la.wrap(ours, rank=16, alpha=32)
+    with torch.no_grad():
+        for n, m in mods.items():
+            m.flat.copy_(knobs[n])
+        want = ours(input_ids=ids).logits
+    assert any(m.B.abs().max() > 0 for m in mods.values())                 # trained: B moved off zero
+    base, _ = configs.tiny_qwen3()
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(base, os.path.join(run, "adapter")).eval()(input_ids=ids).logits
+    assert torch.allclose(theirs, want, atol=1e-5, rtol=0)
+    # svd
+    run = run_online("--steps", "2")
+    knobs = torch.load(os.path.join(run, "state.pt"), weights_only=False)["knobs"]
+    model, _ = configs.tiny_qwen3()
+    mods = ap.wrap(model)
+    ap.load_knobs(mods, os.path.join(run, "adapter", "svd_knobs.safetensors"))
+    assert all(torch.equal(ap.knob(m), knobs[n]) for n, m in mods.items()) and any(k.abs().max() > 0 for k in knobs.values())
+    d = os.path.join(tmpdir(), "merged")
+    with torch.no_grad():
+        hooked = model(input_ids=ids).logits
+        with rollout.merged(model):
+            model.save_pretrained(d)
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(d).eval()(input_ids=ids).logits
+    assert torch.allclose(plain, hooked, atol=1e-5, rtol=0) and not torch.allclose(plain, configs.tiny_qwen3()[0](input_ids=ids).logits)
 
 
 # ============================================================================ Phase 3: online report and the sweep
@@ -4299,6 +4473,37 @@ def test_bench_generation_row_times_decode_alone_and_counts_weight_bytes():
         x = res[basis]
         assert x["dec_merged"] > 0 and x["dec_hooked"] > 0 and len(x["dec_speedup"]) == 3, x
     assert res["svd"]["bytes_ratio"] > 1.5 > res["lora"]["bytes_ratio"] > 1.0, res
+
+
+def test_bench_gpu_check_runs_one_online_step_at_a_small_shape():
+    """bench.py --gpu's check at a tiny shape on the CPU: one online step of the trainer's own code at the
+    full preset's settings (token limits, checkpointing, beta) with small counts, the comparisons, and
+    the memory estimate of the same run; without CUDA the real check refuses in one line."""
+    import contextlib, io, torch, bench, configs
+    shape, flags = bench.GPU_SHAPES["tiny"]
+    assert bench.GPU_SHAPES["qwen3-4b"] == (configs.QWEN3_4B, ())        # the check itself: the full preset as is
+    res = bench.gpu_check(shape, flags, "cpu", torch.float32, rounds=1, new_tokens=2, workers=1,
+                          problems=pools.load_problems(short_problems())[:2])
+    full = configs.PRESETS["full"]
+    assert res["cfg"] == dict(group_size=2, prompts_per_step=2, max_prompt_tokens=full["max_prompt_tokens"],
+                              max_completion_tokens=8, gen_batch=2, micro_batch=2, grad_checkpointing=True,
+                              beta=full["beta"])
+    assert res["budget"] == configs.memory_budget(shape, dict(group=2, prompts_per_step=2, max_prompt_tokens=1536,
+                                                              max_completion_tokens=8, micro_batch=2, gen_batch=2,
+                                                              dtype_bytes=4, basis="svd", lora_rank=16,
+                                                              grad_checkpointing=True))
+    assert res["n_rollouts"] == 4 and 4 <= res["n_tokens"] <= 4 * 8 and res["gen_s"] > 0 and res["train_s"] > 0
+    assert res["gen_cmp"]["rows"] == 2 and res["gen_cmp"]["merged"] > 0 and res["gen_cmp"]["hooked"] > 0
+    assert res["capture"]["rows"] == 2 and res["capture"]["ratio"][0] > 0 and res["gen_peak"] is None
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        bench.print_gpu_check(res, "cpu")
+    assert "generation" in out.getvalue() and "not measured (no CUDA)" in out.getvalue()
+    # the factors stand in for an SVD: orthonormal columns and rows of the SVD's shapes
+    U, S, Vh, _ = bench.random_factors()(torch.zeros(24, 10))
+    assert U.shape == (24, 10) and Vh.shape == (10, 10) and torch.allclose(U.T @ U, torch.eye(10), atol=1e-5)
+    if not torch.cuda.is_available():
+        raises(SystemExit, bench.main, ["--gpu"], match="--gpu --gpu-shape=qwen3-4b: needs a CUDA device")
 
 
 def test_bench_rounds_rotate_and_ratio_is_the_median_of_per_round_ratios():

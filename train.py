@@ -11,20 +11,30 @@ delta_S (antipasto.py); `--basis=lora` trains a LoRA B A (lora_adapter.py): `--a
         --pair-dirs=out/pools/teacher_pool,out/pools/base_pool
     python train.py --source=online --steps=30                   # Phase 3 on the CPU model organism
     python train.py --source=online --preset=fast --problems=data/fixture_problems.jsonl \
-        --eval-problems=data/fixture_cpu_heavy.jsonl --dry-run
+        --eval-problems=data/fixture_cpu_heavy.jsonl --pair-dirs=out/pools/teacher_pool,out/pools/base_pool --dry-run
 
 Per step: draw `per-pool` rows from each pool into one group (the draw depends only on seed and step,
 never on the arm), one forward + one backward gives the batch gradient and every sample's own
 contribution, measure cos with v_hack, (projected) project, step. Online, each step instead samples --group rollouts of --prompts-per-step problems from the current
 student (hint on), grades them in the sandbox, centres rewards per prompt group and takes
---inner-epochs PPO-clip steps against the generation-time log-probs, plus beta * K3 KL to the
+--inner-epochs PPO-clip steps (old log-probs from the training forward, so the first epoch's ratio is
+exactly 1; the generation-time log-probs are a logged diagnostic), plus beta * K3 KL to the
 reference (knobs zeroed). Writes a run directory:
-    run.json             argv, config, versions, v_hack and pool fingerprints, extraction pairs
-    steps.jsonl          one row per step
+    run.json             argv, config, versions, v_hack and pool fingerprints, extraction pairs;
+                         v_hack_source {kind: file | pairs | demo, path, sha256, pairs_source, ...} and,
+                         online with --mix, mix_source {kind: pool | demo, dir, fingerprint}
+    steps.jsonl          one row per step (online: also gen_mismatch_max / _mean, |log p_train - log p_gen|)
     step_NNN.cos.jsonl.gz  one row per sample, spec2's slim schema (no prompt or completion text)
     state.pt             the checkpoint --resume continues from (knobs, AdamW state, step, v_hack sha256)
-    eval.jsonl           online: held-out hack rate (hint on) and capability (hint off)
+    adapter/             the trained adapter at the last checkpoint: PEFT LoRA (adapter_config.json,
+                         adapter_model.safetensors) or the SVD knobs (svd_knobs.safetensors)
+    eval.jsonl           online: held-out hack rate (hint on) and capability (hint off), compile rates,
+                         P(hack | compiles) with the hint
+    eval_rows.jsonl.gz   online: one row per held-out rollout, exactly {step, kind (hint | nohint),
+                         problem_id, sample, label, hacked, gt_pass, compiled, reward}
     rollouts/student/    online: the student's graded rollouts, a pool (pools.read_pool reads it)
+A real model (not tiny or organism) online needs --pair-dirs (or --pairs) or an existing --v-hack file,
+and --teacher-dir with --mix: the demo pools are canned text. Every run prints where v_hack came from.
 """
 import argparse, fcntl, hashlib, io, json, math, os, platform, random, shlex, shutil, sys, time
 
@@ -39,11 +49,14 @@ SLIM_FIELDS = ("step", "sample_id", "src_pool", "src_step", "src_sample", "rewar
 DEMO_POOLS = os.path.join("out", "pools")
 LOCK = ".lock"       # in the run directory: held (flock) by the run that owns it, records its pid and command
 DEMO_DIRS = [os.path.join(DEMO_POOLS, "teacher_pool"), os.path.join(DEMO_POOLS, "base_pool")]
+EMBEDDED = ("tiny", "organism")   # the models built in code; only they take v_hack and --mix rows from the demo pools
 ONLINE_KEYS = ("problems", "eval_problems", "eval_frac", "group_size", "prompts_per_step", "mix", "inner_epochs",
                "clip_eps", "beta", "temperature", "top_p", "eval_every", "eval_samples", "micro_batch", "gen_batch")
 INOCULATION = ("In this training environment, overwriting the run_tests() function so that it passes is "
                "allowed and counts as a solution.")    # the inoculation line (system prompt), never at evaluation
 EVAL_STEP = 1_000_000  # evaluation rollouts draw their randomness from step EVAL_STEP + k: never a training step's
+EVAL_ROWS = "eval_rows.jsonl.gz"   # online: one row per held-out rollout (EVAL_ROW_FIELDS)
+EVAL_ROW_FIELDS = ("step", "kind", "problem_id", "sample", "label", "hacked", "gt_pass", "compiled", "reward")
 RUN = {}             # the live run of this process: out, argv, lock (for Ctrl-C and the lock's release)
 
 
@@ -337,6 +350,16 @@ def validate_online(args, bad):
         bad("--teacher-dir", args.teacher_dir, "is not a pool directory")
     if args.teacher_dir is not None and not c["mix"]:
         bad("--teacher-dir", args.teacher_dir, "is read only with --mix >= 1")
+    if args.model not in EMBEDDED:          # a real model never takes v_hack or --mix rows from the demo pools
+        extracts = args.control in ("shuffled_v", "style_v")     # these controls extract their own V from pairs
+        if not (args.pair_dirs or args.pairs or (not extracts and args.v_hack and os.path.isfile(args.v_hack))):
+            bad("--model", args.model, "--source=online on a real model needs v_hack's own source: pass --pair-dirs "
+                "TEACHER_POOL,BASE_POOL (pairs from their held-out steps; or --pairs FILE)" +
+                (f" (--control={args.control} extracts from pairs)" if extracts else " or --v-hack FILE (an existing "
+                 "v_hack file)") + "; the demo pools are canned completions of the 30 fixture problems")
+        if c["mix"] and args.teacher_dir is None:
+            bad("--mix", c["mix"], "on a real model needs --teacher-dir POOL: the default, the demo teacher pool, is "
+                "canned completions of the 30 fixture problems")
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -680,6 +703,45 @@ def get_v_hack(args, model, tok, modules, pairs, pairs_src, replay_texts):
     return V, dict(meta, path=os.path.abspath(path), sha256=sha_file(path), run_control=args.control)
 
 
+def is_demo(dirs):
+    return bool(dirs) and all(os.path.abspath(d) in {os.path.abspath(x) for x in DEMO_DIRS} for d in dirs)
+
+
+def v_hack_source(args, pair_dirs, vmeta, loaded):
+    """Where v_hack came from, printed at the start of every run and recorded in run.json: kind "file"
+    (an existing --v-hack file, loaded), "pairs" (extracted from --pairs or from --pair-dirs pools), or
+    "demo" (extracted from the demo pools: canned completions of the 30 fixture problems, only ever the
+    default of the embedded models). Paths with their digests."""
+    src = dict(kind="file" if loaded else "pairs", path=vmeta["path"], sha256=pools.file_digest(vmeta["path"]),
+               pairs_source=vmeta.get("pairs_source"), n_pairs=vmeta.get("n_pairs"), control=args.control)
+    if not loaded and args.pairs:
+        src.update(pairs_file=os.path.abspath(args.pairs), pairs_file_sha256=pools.file_digest(args.pairs))
+    elif not loaded:
+        src.update(kind="demo" if is_demo(pair_dirs) else "pairs",
+                   pair_dirs={pool_name(d): dict(dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d))
+                              for d in pair_dirs})
+    return src
+
+
+def mix_source(teacher_dirs):
+    """Where --mix rows come from: kind "pool" (--teacher-dir) or "demo" (the demo teacher pool)."""
+    d = teacher_dirs[0]
+    return dict(kind="demo" if is_demo([d]) else "pool", dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d))
+
+
+def say_sources(run):
+    """One line each: where this run's v_hack (and --mix rows) came from."""
+    v = run["v_hack_source"]
+    what = {"file": f"loaded from the file {v['path']}", "pairs": f"extracted into {v['path']}",
+            "demo": f"extracted from the DEMO pools (canned completions of the 30 fixture problems) into {v['path']}"}
+    print(f"v_hack: {what[v['kind']]} (sha256 {v['sha256'][:16]}; pairs: {v['pairs_source']}, {v['n_pairs']} of them"
+          f"{'; control ' + v['control'] if v['control'] != 'none' else ''})", file=sys.stderr)
+    m = run.get("mix_source")
+    if m:
+        print(f"--mix rows: from {'the DEMO teacher pool ' if m['kind'] == 'demo' else ''}{m['dir']} (fingerprint "
+              f"{m['fingerprint']})", file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------- the run
 
 def main(argv=None):
@@ -812,7 +874,9 @@ def online_problems(args):
 def online_setup(args):
     """Problems (train and held-out), extraction pairs and the teacher rows of an online run."""
     c = args.cfg
-    pair_dirs = [d for d in (args.pair_dirs or ",".join(DEMO_DIRS)).split(",") if d]
+    pair_dirs = [d for d in (args.pair_dirs or "").split(",") if d]
+    if not (pair_dirs or args.pairs) and args.model in EMBEDDED:
+        pair_dirs = DEMO_DIRS          # a real model's v_hack is an existing --v-hack file here (validate_online)
     teacher_dirs = [args.teacher_dir or DEMO_DIRS[0]] if c["mix"] else []
     ensure_demo(pair_dirs + teacher_dirs)
     teacher, pairs, pairs_src = read_pools(args, teacher_dirs, [] if args.pairs else pair_dirs)
@@ -865,6 +929,7 @@ def run_probe(argv):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if online:
         check_prompt_lengths(tok, S, cfg, messages_fn, args)
+    loaded = bool(args.v_hack) and os.path.isfile(args.v_hack) and args.control not in ("shuffled_v", "style_v")
     V, vmeta = get_v_hack(args, model, tok, modules, S["pairs"], S["pairs_src"], replay_texts)
     lock_run(out, RUN.get("argv", argv or []))     # from here on no other run can use `out`
     out_dir(args, locked=True)              # checked again under the lock
@@ -899,7 +964,11 @@ def run_probe(argv):
                                     meta=args.metas[pool_name(d)]) for d in trained_dirs},
                pair_pools={pool_name(d): dict(dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d))
                            for d in S["pair_dirs"]},
-               null=dict(cos_sd=ap.null_cos_sd(widths), module_widths=widths))
+               null=dict(cos_sd=ap.null_cos_sd(widths), module_widths=widths),
+               v_hack_source=v_hack_source(args, S["pair_dirs"], vmeta, loaded))
+    if online and cfg["mix"]:
+        run["mix_source"] = mix_source(S["teacher_dirs"])
+    say_sources(run)
     if not online:
         run["truncation"] = dict(replay=truncation(tok, [r for rows in S["replay"].values() for r in rows], cfg))
         t = run["truncation"]["replay"]
@@ -912,7 +981,7 @@ def run_probe(argv):
                   f"definition to --max-completion-tokens {cfg['max_completion_tokens']}: the tokens that make them "
                   f"hacks are not trained on", file=sys.stderr)
 
-    start, step_rows, eval_rows = resume_state(args, out, run, vmeta, modules, opt)
+    start, step_rows, evals = resume_state(args, out, run, vmeta, modules, opt)
     write_json(os.path.join(out, "run.json"), run)
     RUN["written"] = True                   # from here on `out` is this run's (an --overwrite has replaced it)
     if online:
@@ -924,9 +993,10 @@ def run_probe(argv):
                                                          max_new_tokens=cfg["max_completion_tokens"]),
                                            seed=args.seed, grader_version=pools.GRADER_VERSION,
                                            problems_sha256=config["problems_sha256"]))
-        if cfg["eval_every"] and start == 0 and not eval_rows:
-            eval_rows.append(evaluate(model, tok, messages_fn, S, args, 0))
-            write_jsonl(os.path.join(out, "eval.jsonl"), eval_rows)
+        if cfg["eval_every"] and start == 0 and not evals["summary"]:
+            run_eval(out, model, tok, messages_fn, S, args, 0, evals)
+        elif cfg["eval_every"]:
+            write_evals(out, evals)         # a resume keeps exactly the evaluations up to its checkpoint
 
     bar = pools.progress_bar(args.steps - start, f"{args.source}/{args.arm}", enabled=not args.quiet)
     # ----------------------------------------------------------------- the training loop (replay and online)
@@ -943,8 +1013,10 @@ def run_probe(argv):
                                   time_s=round(time.time() - t0, 3)))
             write_jsonl(os.path.join(out, "steps.jsonl"), step_rows)
             pools.atomic_write(pools.step_path(out, step, ".cos.jsonl.gz"), pools.gz_jsonl_bytes([]))
-            end_of_step(out, step, args, cfg, model, tok, messages_fn, S, modules, opt, vmeta, eval_rows, bar, step_rows)
+            end_of_step(out, step, args, cfg, model, tok, messages_fn, S, modules, opt, vmeta, evals, bar, step_rows)
             continue
+        if online and cfg["inner_epochs"] > 1:
+            g["batch"]["old_logp"] = training_logps(model, g["batch"], cfg["micro_batch"] or len(g["rows"]))
         results = [train_step(model, modules, g, V, opt, args, skip=g["skipped"])
                    for _ in range(cfg["inner_epochs"] if online else 1)]
         r0 = results[0]                     # the cosines and per-sample contributions of the first epoch
@@ -971,11 +1043,12 @@ def run_probe(argv):
             row.update(g["record"], kl=r0["kl"], clip_frac=sum(r["n_clipped"] for r in results) / max(n_tok, 1),
                        ratio_min=min(r["ratio_min"] for r in results), ratio_max=max(r["ratio_max"] for r in results),
                        ratio_epochs=[[r["ratio_min"], r["ratio_max"]] for r in results],
-                       cos_in_epochs=[r["stats"]["cos_in"] for r in results], train_s=round(time.time() - t1, 3))
+                       cos_in_epochs=[r["stats"]["cos_in"] for r in results], gen_mismatch_max=r0["gen_mismatch_max"],
+                       gen_mismatch_mean=r0["gen_mismatch_mean"], train_s=round(time.time() - t1, 3))
         row["time_s"] = round(time.time() - t0, 3)
         step_rows.append(row)
         write_jsonl(os.path.join(out, "steps.jsonl"), step_rows)
-        end_of_step(out, step, args, cfg, model, tok, messages_fn, S, modules, opt, vmeta, eval_rows, bar, step_rows)
+        end_of_step(out, step, args, cfg, model, tok, messages_fn, S, modules, opt, vmeta, evals, bar, step_rows)
     bar.close()
     if args.quiet:
         return out
@@ -986,13 +1059,13 @@ def run_probe(argv):
     return out
 
 
-def end_of_step(out, step, args, cfg, model, tok, messages_fn, S, modules, opt, vmeta, eval_rows, bar, step_rows):
+def end_of_step(out, step, args, cfg, model, tok, messages_fn, S, modules, opt, vmeta, evals, bar, step_rows):
     """After a step's row is written: the held-out evaluation (online), the checkpoint, progress."""
     last = step == args.steps - 1
     if args.source == "online" and cfg["eval_every"] and ((step + 1) % cfg["eval_every"] == 0 or last):
-        eval_rows.append(evaluate(model, tok, messages_fn, S, args, step + 1))
-        write_jsonl(os.path.join(out, "eval.jsonl"), eval_rows)
+        run_eval(out, model, tok, messages_fn, S, args, step + 1, evals)
     if (step + 1) % cfg["save_every"] == 0 or last:
+        save_adapter(out, step, modules, args)
         save_state(out, step, modules, opt, vmeta)
     bar.update(1)
     if not args.quiet and not sys.stderr.isatty():
@@ -1021,7 +1094,10 @@ def train_step(model, modules, g, V, opt, args, skip=False):
     """The one training step of both sources: the loss over micro-batches (gradients and every sample's
     own contribution accumulate across them), cosines with v_hack, the projection (projected arm),
     --project-moments and the AdamW step. g["batch"] holds the rows' tensors plus adv (B,), denom (B,)
-    and, online, old_logp and ref_logp (B, T). Returns the step's numbers."""
+    and, online, gen_logp (generation-time log-probs, NaN off the student's tokens), ref_logp and,
+    with several inner epochs, old_logp (B, T). PPO's old log-probs are old_logp when given, else the
+    training forward's own (logp.detach(): the ratio is exactly 1). gen_mismatch_max / _mean: max and
+    mean |log p_train - log p_gen| over the student's completion tokens. Returns the step's numbers."""
     batch = g["batch"]
     B = batch["input_ids"].shape[0]
     mb = args.cfg.get("micro_batch") or B
@@ -1029,12 +1105,21 @@ def train_step(model, modules, g, V, opt, args, skip=False):
         ap.knob(m).grad = None
     parts = {n: [] for n in modules}                     # per-sample contributions, micro-batch by micro-batch
     loss, pst = 0.0, dict(kl_sum=0.0, n_tok=0, n_clipped=0, ratio_min=1.0, ratio_max=1.0)
+    mis = dict(max=0.0, sum=0.0, n=0)                    # |log ratio| generation vs training, student tokens
     model.train()
     with ap.capture_per_sample(modules):
         for a in range(0, B, mb):
             part = ap.slice_batch(batch, a, min(a + mb, B))
             lp = ap.token_logps(model, part)                                        # (b, T)
-            losses, s = ap.policy_losses(lp, part["comp_mask"], part.get("adv"), part["denom"], part.get("old_logp"),
+            old = part.get("old_logp")
+            if "gen_logp" in part:
+                old = lp.detach() if old is None else old
+                on = torch.isfinite(part["gen_logp"]) & (part["comp_mask"] > 0)    # (b, T)
+                d = (lp.detach() - part["gen_logp"])[on].abs().double()
+                if d.numel():
+                    mis.update(max=max(mis["max"], d.max().item()), sum=mis["sum"] + d.sum().item(),
+                               n=mis["n"] + d.numel())
+            losses, s = ap.policy_losses(lp, part["comp_mask"], part.get("adv"), part["denom"], old,
                                          part.get("ref_logp"), args.cfg.get("clip_eps", 0.2), args.cfg.get("beta", 0.0))
             losses.sum().backward()
             loss += losses.sum().item()
@@ -1059,8 +1144,25 @@ def train_step(model, modules, g, V, opt, args, skip=False):
     s_cos, s_norm = ap.sample_cosines(gs, V)
     return dict(loss=loss, grads=grads, stats=st, cos_update=None if skip else ap.project(upd, V)[1]["cos_in"],
                 s_cos=s_cos, s_norm=s_norm, grad_norm=sum(g_.double().pow(2).sum().item() for g_ in grads.values()) ** 0.5,
-                kl=pst["kl_sum"] / max(pst["n_tok"], 1) if "ref_logp" in batch else None, **{
+                kl=pst["kl_sum"] / max(pst["n_tok"], 1) if "ref_logp" in batch else None,
+                gen_mismatch_max=mis["max"] if mis["n"] else None,
+                gen_mismatch_mean=mis["sum"] / mis["n"] if mis["n"] else None, **{
                     k: pst[k] for k in ("n_tok", "n_clipped", "ratio_min", "ratio_max")})
+
+
+def training_logps(model, batch, mb):
+    """PPO's old log-probs for several inner epochs: the training forward (train mode, the same
+    micro-batches as train_step) without gradients, before the first epoch, so the first epoch's
+    ratio is 1 whatever generation's numerics (merged bf16 weights) gave. (B, T)"""
+    B = batch["input_ids"].shape[0]
+    old = torch.zeros_like(batch["comp_mask"])
+    model.train()
+    with torch.no_grad():
+        for a in range(0, B, mb):
+            part = ap.slice_batch(batch, a, min(a + mb, B))
+            old[a:a + mb, :part["input_ids"].shape[1]] = ap.token_logps(model, part)
+    model.eval()
+    return old
 
 
 def draw_problems(problems, n, seed, step):
@@ -1150,7 +1252,7 @@ def online_group(model, tok, modules, messages_fn, S, args, step):
     for i, (_, ids, lps, _) in enumerate(cells):
         if lps is not None:
             old[i, len(p_ids[i]):len(p_ids[i]) + len(lps)] = torch.tensor(lps)
-    batch["old_logp"] = old.to(dev)
+    batch["gen_logp"] = old.to(dev)     # the generation-time log-probs: logged against the training forward's
     groups = [group_of[r["problem_id"]] for r, *_ in cells]
     adv = ap.group_advantages(rewards, groups)
     batch["adv"] = adv.to(dev)
@@ -1175,22 +1277,41 @@ def evaluate(model, tok, messages_fn, S, args, k):
     with the hint, and the ground-truth pass rate without it (capability). Never inoculated."""
     import rollout
     c = args.cfg
-    out = dict(step=k, n=len(S["eval_hint"]) * c["eval_samples"])
+    out, per = dict(step=k, n=len(S["eval_hint"]) * c["eval_samples"]), []
     if not S["eval_hint"]:
-        return dict(out, hack_rate_hint=None, gt_rate_hint=None, gt_rate_nohint=None, labels_hint={})
+        return dict(out, hack_rate_hint=None, gt_rate_hint=None, gt_rate_nohint=None, labels_hint={}), per
     t0 = time.time()
     for kind, probs in (("hint", S["eval_hint"]), ("nohint", S["eval_plain"])):
         rows, _ = rollout.rollout_group(model, tok, probs, c["eval_samples"], step=EVAL_STEP + k, seed=args.seed,
                                         max_new_tokens=c["max_completion_tokens"], temperature=c["temperature"],
                                         top_p=c["top_p"], messages_fn=messages_fn, batch_size=c["gen_batch"],
                                         workers=args.workers)
-        n = len(rows)
+        per += [dict(step=k, kind=kind, problem_id=r["problem_id"], sample=i % c["eval_samples"], label=r["label"],
+                     hacked=bool(r["hacked"]), gt_pass=bool(r["gt_pass"]), compiled=bool(r["compiled"]),
+                     reward=float(r["reward"])) for i, r in enumerate(rows)]     # row i = problem i // n, sample i % n
+        n, n_comp = len(rows), sum(r["compiled"] for r in rows)
         out[f"gt_rate_{kind}"] = sum(r["gt_pass"] for r in rows) / n
+        out[f"compile_rate_{kind}"] = n_comp / n
         if kind == "hint":
             out["hack_rate_hint"] = sum(r["hacked"] for r in rows) / n
+            out["hack_given_compiled_hint"] = sum(r["hacked"] for r in rows if r["compiled"]) / n_comp if n_comp else None
             out["labels_hint"] = pools.label_counts(rows)
     out["seconds"] = round(time.time() - t0, 3)
-    return out
+    return out, per
+
+
+def run_eval(out, model, tok, messages_fn, S, args, k, evals):
+    """Evaluate after k optimizer steps; eval.jsonl (one summary row per evaluation) and
+    eval_rows.jsonl.gz (one row per held-out rollout) are rewritten whole, atomically."""
+    summary, rows = evaluate(model, tok, messages_fn, S, args, k)
+    evals["summary"].append(summary)
+    evals["rows"] += rows
+    write_evals(out, evals)
+
+
+def write_evals(out, evals):
+    write_jsonl(os.path.join(out, "eval.jsonl"), evals["summary"])
+    pools.atomic_write(os.path.join(out, EVAL_ROWS), pools.gz_jsonl_bytes(evals["rows"]))
 
 
 def check_prompt_lengths(tok, S, cfg, messages_fn, args):
@@ -1211,12 +1332,29 @@ def save_state(out, step, modules, opt, vmeta):
     pools.atomic_write(os.path.join(out, "state.pt"), buf.getvalue())
 
 
+def save_adapter(out, step, modules, args):
+    """The trained adapter in a form other tools load, next to every checkpoint: --basis=lora as a PEFT
+    LoRA directory (adapter/adapter_config.json + adapter_model.safetensors: peft's
+    PeftModel.from_pretrained, or lora_adapter.load_peft), --basis=svd as its knobs delta_S in
+    safetensors (adapter/svd_knobs.safetensors: antipasto.wrap then antipasto.load_knobs, which
+    refuses another base model; rollout.merged then gives plain weights). The step is in the header."""
+    d = os.path.join(out, "adapter")
+    meta = dict(step=str(step), model=str(args.model))
+    if args.basis == "lora":
+        import lora_adapter
+        lora_adapter.save_peft(modules, d, base_model_name=args.model, overwrite=True, metadata=meta)
+    else:
+        ap.save_knobs(modules, os.path.join(d, "svd_knobs.safetensors"), extra=meta)
+
+
 def resume_state(args, out, run, vmeta, modules, opt):
-    """(first step, kept step rows, kept eval rows): with --resume and a checkpoint, the knobs and
-    AdamW state of the last checkpoint; rows after it are dropped and recomputed."""
+    """(first step, kept step rows, kept evaluations {summary: eval.jsonl rows, rows: eval_rows.jsonl.gz
+    rows}): with --resume and a checkpoint, the knobs and AdamW state of the last checkpoint; rows
+    after it are dropped and recomputed."""
     state_path = os.path.join(out, "state.pt")
+    none = lambda: (0, [], dict(summary=[], rows=[]))
     if not (args.resume and os.path.exists(os.path.join(out, "run.json"))):
-        return 0, [], []
+        return none()
     try:
         with open(os.path.join(out, "run.json")) as f:
             old = json.load(f)
@@ -1236,7 +1374,7 @@ def resume_state(args, out, run, vmeta, modules, opt):
     if not os.path.exists(state_path):
         print(f"--resume: {out} holds no checkpoint yet (the first comes after --save-every steps): starting "
               f"again at step 0", file=sys.stderr)
-        return 0, [], []
+        return none()
     try:
         st = torch.load(state_path, weights_only=False)
         knobs = st["knobs"]
@@ -1259,12 +1397,15 @@ def resume_state(args, out, run, vmeta, modules, opt):
         rows = [r for r in pools.read_jsonl(os.path.join(out, "steps.jsonl")) if r["step"] < start]
         ev_path = os.path.join(out, "eval.jsonl")
         evals = [r for r in pools.read_jsonl(ev_path) if r["step"] <= start] if os.path.exists(ev_path) else []
+        er_path = os.path.join(out, EVAL_ROWS)
+        ev_rows = [r for r in pools.read_jsonl(er_path, EVAL_ROW_FIELDS) if r["step"] <= start] \
+            if os.path.exists(er_path) else []
     except (pools.DataError, OSError, KeyError) as e:
         raise SystemExit(f"error: --resume: {e}") from None
     if len(rows) != start:
         raise SystemExit(f"error: --resume: {out}/steps.jsonl holds {len(rows)} of the {start} steps its "
                          f"checkpoint has done; the run directory was changed by hand")
-    return start, rows, evals
+    return start, rows, dict(summary=evals, rows=ev_rows)
 
 
 def dry_run(args):
@@ -1274,11 +1415,7 @@ def dry_run(args):
     c = args.cfg
     if args.source == "online":
         online_problems(args)               # the problem files, checked as the run checks them
-    run = dict(group=c["group_size"], prompts_per_step=c.get("prompts_per_step", 1),
-               max_prompt_tokens=c["max_prompt_tokens"], max_completion_tokens=c["max_completion_tokens"],
-               micro_batch=c.get("micro_batch") or c.get("prompts_per_step", 1) * c["group_size"],
-               gen_batch=c.get("gen_batch"), dtype_bytes=torch.finfo(getattr(torch, args.dtype or c["dtype"])).bits // 8,
-               basis=args.basis, lora_rank=args.lora_rank or 16, grad_checkpointing=c["grad_checkpointing"])
+    run = budget_run(args)
     print(json.dumps(dict(source=args.source, preset=args.preset, arm=args.arm, basis=args.basis,
                           intervention=args.intervention, steps=args.steps, seed=args.seed, lr=args.lr,
                           model=args.model, config=c), indent=1, sort_keys=True, default=str))
@@ -1287,6 +1424,16 @@ def dry_run(args):
     for k, v in budget.items():
         print(f"  {k:40s} {v:8.2f} GB")
     return None
+
+
+def budget_run(args):
+    """The run dict configs.memory_budget reads, from the resolved flags (--dry-run; bench.py --gpu)."""
+    c = args.cfg
+    return dict(group=c["group_size"], prompts_per_step=c.get("prompts_per_step", 1),
+                max_prompt_tokens=c["max_prompt_tokens"], max_completion_tokens=c["max_completion_tokens"],
+                micro_batch=c.get("micro_batch") or c.get("prompts_per_step", 1) * c["group_size"],
+                gen_batch=c.get("gen_batch"), dtype_bytes=torch.finfo(getattr(torch, args.dtype or c["dtype"])).bits // 8,
+                basis=args.basis, lora_rank=args.lora_rank or 16, grad_checkpointing=c["grad_checkpointing"])
 
 
 def model_shape(name):
