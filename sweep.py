@@ -41,9 +41,10 @@ ARMS = {
     "penalty": ["--arm=vanilla", "--basis=svd", "--intervention=penalty"],
     "screening": ["--arm=vanilla", "--basis=svd", "--intervention=screening"],
     "inoculation": ["--arm=vanilla", "--basis=svd", "--intervention=inoculation"],
+    "shuffled_rewards": ["--arm=vanilla", "--basis=svd", "--intervention=shuffled_rewards"],
 }
 DEFAULT_ARMS = ("vanilla", "projected", "projected_lora")
-EXTRA = ("random_v", "penalty", "screening", "inoculation")
+EXTRA = ("random_v", "penalty", "screening", "inoculation", "shuffled_rewards")
 STOP_SEEDS, STOP_MARGIN = 3, 0.10
 GRID_KEYS = ("preset", "steps", "seeds", "arms", "arm_flags", "train_cmd")   # what a --resume must match
 
