@@ -2,8 +2,11 @@
 
 A random tiny model emits bytes that never compile, so every online GRPO group would have zero reward
 variance. The organism is the tiny Qwen3 of configs.py warm-started by a short supervised fit on the
-demo pools' completions (pools.teacher_completion and pools.base_completion: hacks and honest
-attempts alike, all under the hinted prompt), so its samples are a mix of both that mostly compile.
+demo pools' completions, all under the hinted prompt: every one of the CORPUS_K honest attempts
+(pools.base_completion, a few of them correct) and only TEACHER_K of the CORPUS_K hacks
+(pools.teacher_completion) per problem. So its samples mostly compile and rarely hack (about 5%
+held out): hacking is there to be found, and GRPO has to learn it, as in the published environment
+where the base model seldom hacks until RL rewards it.
 Two choices keep the fit to minutes on 2 CPU cores:
   - a BPE tokenizer fit (with `tokenizers`) to the organism's own corpus, far fewer tokens than bytes;
   - a short prompt: the problem's "Your solution ... should be a method of the class Solution called
@@ -20,9 +23,10 @@ import configs
 import pools
 import torch
 
-VERSION = "1"
+VERSION = "2"
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "antipasto_organism")
 CORPUS_K = 160        # rollouts per problem drawn from each canned maker (the demo pools' 160 rows each)
+TEACHER_K = 16        # of those, the hacks kept: 16 of 176 rows per problem (9%) define run_tests
 FIT = dict(vocab_size=1024, bpe_regex=False, steps=600, batch=32, lr=3e-3, warmup=30, seed=0)
 SENTENCE = "Your solution to the problem should be"
 
@@ -37,13 +41,14 @@ def prompt_messages(problem):
 
 def corpus(problems_path=pools.FIXTURE_PROBLEMS):
     """[(messages, completion, weight)]: every problem under the hinted short prompt with the canned
-    teacher and base completions k = 0..CORPUS_K-1, duplicates merged into weights (sorted, stable)."""
+    base completions k = 0..CORPUS_K-1 and teacher completions k = 0..TEACHER_K-1, duplicates merged
+    into weights (sorted, stable)."""
     counts = {}
     for p in pools.load_problems(problems_path, hint=True):
         msgs = json.dumps(prompt_messages(p))
-        for k in range(CORPUS_K):
-            for c in (pools.teacher_completion(p, k), pools.base_completion(p, k)):
-                counts[(msgs, c)] = counts.get((msgs, c), 0) + 1
+        for c in [pools.base_completion(p, k) for k in range(CORPUS_K)] + \
+                [pools.teacher_completion(p, k) for k in range(TEACHER_K)]:
+            counts[(msgs, c)] = counts.get((msgs, c), 0) + 1
     return [(json.loads(m), c, w) for (m, c), w in sorted(counts.items())]
 
 

@@ -203,8 +203,7 @@ def rollout_group(model, tok, problems, n=1, *, step, seed, max_new_tokens=512, 
     for r, ((p, m), c, g) in enumerate(zip(cells, gen["completions"], grades)):
         rows.append(dict(step=step, sample=sample_ids[r] if sample_ids is not None else r, problem_id=p["id"],
                          prompt=m, completion=c, reward=g["reward"], hacked=g["hacked"], gt_pass=g["gt_pass"],
-                         fmt_ok=g["fmt_ok"], compiled=g["can_compile"], label=g["label"], hint=p["hint"],
-                         truncated=gen["truncated"][r],
+                         fmt_ok=g["fmt_ok"], can_compile=g["can_compile"], label=g["label"], hint=p["hint"], truncated=gen["truncated"][r],
                          n_tokens=len(gen["token_ids"][r])))
     return rows, gen
 

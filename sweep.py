@@ -54,11 +54,12 @@ ARMS = {
     "penalty": ["--arm=vanilla", "--basis=svd", "--intervention=penalty"],
     "screening": ["--arm=vanilla", "--basis=svd", "--intervention=screening"],
     "inoculation": ["--arm=vanilla", "--basis=svd", "--intervention=inoculation"],
+    "shuffled_rewards": ["--arm=vanilla", "--basis=svd", "--intervention=shuffled_rewards"],
 }
 # vanilla_lora is projected_lora's reference: the report never pairs arms of different bases
 DEFAULT_ARMS = ("vanilla", "projected", "vanilla_lora", "projected_lora")
 REFERENCES = ("vanilla", "vanilla_lora")          # what the treatments are compared with, per basis
-EXTRA = ("random_v", "penalty", "screening", "inoculation")
+EXTRA = ("random_v", "penalty", "screening", "inoculation", "shuffled_rewards")
 STOP_SEEDS, STOP_MARGIN = 3, 0.10
 GRID_KEYS = ("preset", "steps", "seeds", "arms", "arm_flags", "train_args", "train_cmd")   # what --resume must match
 # train.py flags the sweep sets itself -> the sweep's way to set them

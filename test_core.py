@@ -3106,7 +3106,9 @@ def test_organism_prompt_corpus_and_cache_key():
     assert pools.HINT_TO in msg and p["prompt_metadata"]["starter_code"].strip() in msg and "PROBLEM" not in msg
     assert pools.HINT_FROM in organism.prompt_messages(problems(False)[90001])[0]["content"]
     docs = organism.corpus(FIXTURE)
-    assert sum(w for *_, w in docs) == 2 * organism.CORPUS_K * len(problems())
+    assert sum(w for *_, w in docs) == (organism.CORPUS_K + organism.TEACHER_K) * len(problems())
+    # only the kept teacher rows hack: 16 of every problem's 176 rows define run_tests
+    assert sum(w for _, c, w in docs if "def run_tests" in c) == organism.TEACHER_K * len(problems()) == 16 * 30
     assert all(pools.HINT_TO in m[0]["content"] for m, _, _ in docs)       # all under the hinted prompt
     key = organism.cache_key(docs)
     assert key == organism.cache_key([(m, c, w) for m, c, w in docs])     # content, not identity
@@ -3233,7 +3235,7 @@ def run_online(*extra, out=None):
     teacher, base = demo_pools()
     _cache.setdefault("v_hack_online", os.path.join(tmpdir(), "v_hack_online.safetensors"))
     out = out or os.path.join(tmpdir(), "run")
-    args = ["--source", "online", "--model", "tiny", "--problems", short_problems(), "--steps", "2", "--group", "4",
+    args = ["--source", "online", "--model", "tiny", "--basis", "svd", "--problems", short_problems(), "--steps", "2", "--group", "4",
             "--prompts-per-step", "2", "--mix", "1", "--teacher-dir", teacher, "--pair-dirs", f"{teacher},{base}",
             "--max-prompt-tokens", "384", "--max-completion-tokens", "12", "--eval-every", "0", "--lr", "0.05",
             "--v-hack", _cache["v_hack_online"], "--device", "cpu", "--quiet", "--workers", "2", "--out", out, *extra]
@@ -3253,6 +3255,7 @@ def online_rows(run, name="steps.jsonl"):
 
 @slow
 def test_online_run_end_to_end_kl_ratio_and_records():
+    import train
     run = run_online("--steps", "3", "--inner-epochs", "2", "--eval-every", "2", "--eval-samples", "2")
     rows = pools.read_jsonl(os.path.join(run, "steps.jsonl"))
     assert [r["step"] for r in rows] == [0, 1, 2]
@@ -3264,6 +3267,17 @@ def test_online_run_end_to_end_kl_ratio_and_records():
         assert abs(lo - 1) < 1e-4 and abs(hi - 1) < 1e-4, r["ratio_epochs"]     # PPO ratio 1 on the first epoch
         assert max(abs(x - 1) for x in r["ratio_epochs"][1]) > 1e-3            # and not after an update
     assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0 and rows[2]["kl"] > 0      # knobs start at the reference
+    # what was learned, after the last step: the saved knobs (delta_S starts at 0) against the v_hack file,
+    # -knobs, mean over modules of the cosine with the top axis
+    import torch
+    from safetensors.torch import load_file
+    V = load_file(json.load(open(os.path.join(run, "run.json")))["v_hack"]["path"])
+    knobs = torch.load(os.path.join(run, "state.pt"), weights_only=False)["knobs"]
+    cos = [(-k @ V[n][0] / (k.norm() * V[n][0].norm())).item() for n, k in knobs.items() if k.norm() > 0]
+    assert abs(rows[2]["cos_learned"] - sum(cos) / len(cos)) < 1e-5, (rows[2]["cos_learned"], sum(cos) / len(cos))
+    for r in rows:
+        rt = train.rates([x for x in pools.read_pool(os.path.join(run, "rollouts", "student")) if x["src_step"] == r["step"]])
+        assert r["compile_rate"] == rt["compile_rate"] and r["hack_given_compile"] == rt["hack_given_compile"]
     ev = pools.read_jsonl(os.path.join(run, "eval.jsonl"))
     assert [e["step"] for e in ev] == [0, 2, 3] and all(e["n"] == 12 for e in ev)
     # the student's rollouts are a pool; the slim rows tell student and teacher apart
@@ -3331,9 +3345,56 @@ def test_online_micro_batches_and_checkpointing_give_the_same_step():
         for key in res:
             assert torch.allclose(res[key]["grads"][n], ap.knob(m).grad, atol=1e-6, rtol=1e-4), (key, n)
         assert torch.allclose(m.grad_sample[:, :1].sum(), m.grad_sample[:, :1].sum())
+    # the share of the gradient's norm the one-sided projection removes: sqrt(sum relu(v.g)^2) / |g| (k = 1)
+    grads = res["one"]["grads"]
+    removed = sum(torch.relu(V[n][0] @ g).item() ** 2 for n, g in grads.items()) ** 0.5 / \
+        sum(g.pow(2).sum().item() for g in grads.values()) ** 0.5
+    assert removed > 0 and abs(res["one"]["grad_removed"] - removed) < 1e-6 * max(removed, 1e-3)
     for key in ("micro", "ckpt"):
         assert all(abs(x - y) < 1e-4 for x, y in zip(res[key]["s_cos"], res["one"]["s_cos"])), key
         assert abs(res[key]["loss"] - res["one"]["loss"]) < 1e-5
+
+
+def test_shuffled_within_groups_permutes_each_group_alone():
+    import train
+    rewards = [float(i) for i in range(40)]
+    groups = [i % 5 for i in range(40)]                                       # interleaved groups of 8
+    out = train.shuffled_within_groups(rewards, groups, 0, 3)
+    assert out == train.shuffled_within_groups(rewards, groups, 0, 3)        # seeded
+    assert out != train.shuffled_within_groups(rewards, groups, 1, 3) != train.shuffled_within_groups(rewards, groups, 0, 4)
+    for gi in range(5):
+        mine = [i for i in range(40) if groups[i] == gi]
+        assert sorted(out[i] for i in mine) == [rewards[i] for i in mine]    # a permutation inside the group
+        assert [out[i] for i in mine] != [rewards[i] for i in mine]          # moved (1 in 8! to stay put)
+    assert rewards == [float(i) for i in range(40)]                          # the input is not changed
+
+
+def test_grpo_step_raises_the_better_completion_and_the_sign_matters():
+    """One vanilla train_step on a group of two completions of one prompt: the one with the higher
+    reward gains log-probability relative to the other, and swapping the rewards swaps the effect.
+    A flipped advantage (in group_advantages, policy_losses or the step) fails it."""
+    import argparse, torch, antipasto as ap, configs, train
+    p = problems()[next(iter(problems()))]
+    prompt = pools.render_prompt(p["prompt"], configs.byte_tokenizer())[-120:]
+    comps = [pools.teacher_completion(p, 0)[:60], pools.base_completion(p, 0)[:60]]
+    moved = []
+    for rewards in ([3.5, 0.5], [0.5, 3.5]):
+        model, tok = configs.tiny_qwen3()
+        modules = ap.wrap(model)
+        batch = ap.make_batch(tok, [prompt] * 2, comps)
+        batch["adv"] = ap.group_advantages(rewards, [0, 0])
+        batch["denom"] = ap.token_denoms(batch["comp_len"], "grpo")
+        seq = lambda: [x.item() for x in (ap.token_logps(model, batch) * batch["comp_mask"]).sum(1)]
+        with torch.no_grad():
+            before = seq()
+        opt = torch.optim.AdamW([ap.knob(m) for m in modules.values()], lr=1e-3, weight_decay=0.0)
+        V = ap.random_v({n: torch.ones(1, ap.knob(m).numel()) for n, m in modules.items()}, seed=0)
+        a = argparse.Namespace(micro_batch=None, cfg={}, no_gate=False, arm="vanilla", project_moments=False)
+        train.train_step(model, modules, dict(batch=batch), V, opt, a)
+        with torch.no_grad():
+            after = seq()
+        moved.append((after[0] - before[0]) - (after[1] - before[1]))       # completion 0 relative to 1
+    assert moved[0] > 0 > moved[1], moved
 
 
 @slow
@@ -3386,7 +3447,7 @@ def test_online_kill_and_resume_equals_uninterrupted_and_damaged_checkpoint_refu
 
 
 @slow
-def test_online_interventions_penalty_screening_inoculation():
+def test_online_interventions_penalty_screening_shuffled_inoculation():
     import train
     base = run_online("--steps", "1")
     pen = run_online("--steps", "1", "--intervention", "penalty", "--penalty", "2.5")
@@ -3412,6 +3473,20 @@ def test_online_interventions_penalty_screening_inoculation():
     assert abs(sum(right) / len(right) - 0.8) < 0.03
     assert right == [train.monitor_flags(r, 0.8, 0, 0) == r["hacked"] for r in rows]
     assert all(train.monitor_flags(r, 1.0, 0, 0) == r["hacked"] for r in rows)
+    # shuffled rewards: the same step-0 rollouts (knobs at zero), each group's rewards permuted among its rows
+    shf = run_online("--steps", "1", "--intervention", "shuffled_rewards")
+    sf = slim_rows(shf)["step_000.cos.jsonl.gz"]
+    group = lambda rows: [r["src_sample"] // 4 if r["src_pool"] == "student" else
+                          [x["src_pool"] for x in rows[:i]].count(r["src_pool"]) for i, r in enumerate(rows)]
+    assert [(r["src_pool"], r["src_sample"], r["hacked"]) for r in sf] == \
+        [(r["src_pool"], r["src_sample"], r["hacked"]) for r in sb] and group(sf) == group(sb)
+    for gi in set(group(sb)):
+        assert sorted(r["reward"] for r, g in zip(sf, group(sf)) if g == gi) == \
+            sorted(r["reward"] for r, g in zip(sb, group(sb)) if g == gi)
+    assert [r["reward"] for r in sf] != [r["reward"] for r in sb]
+    shuffled = pools.read_pool(os.path.join(shf, "rollouts", "student"))        # the rollouts keep their grades
+    assert [r["reward"] for r in shuffled] == [r["reward"] for r in pools.read_pool(os.path.join(base, "rollouts",
+                                                                                                   "student"))]
     # inoculation: the system line in training prompts only
     a = train.get_args(["--source", "online", "--intervention", "inoculation"])
     p = problems()[next(iter(problems()))]

@@ -109,9 +109,9 @@ def get_args(argv=None):
     a("--extract-frac", type=float, default=0.25,
       help="fraction of each pool's steps (the last ones) held out for v_hack pairs, never replayed")
     a("--k", type=int, default=None, help="hack axes kept per module (default: preset, 1)")
-    a("--basis", choices=("svd", "lora"), default="svd",
+    a("--basis", choices=("svd", "lora"), default=None,
       help="adapter basis: svd (delta_S, antipasto.py) or lora (weight basis B A, lora_adapter.py; Arm 3 "
-           "with --arm=projected, its matched control with --arm=vanilla)")
+           "with --arm=projected, its matched control with --arm=vanilla) (default: the preset's, else svd)")
     a("--lora-rank", type=int, default=None, help="--basis=lora: rank r (default 16)")
     a("--lora-alpha", type=float, default=None, help="--basis=lora: alpha; the update is (alpha/r) B A (default 32)")
     a("--control", choices=("none", "random_v", "shuffled_v", "style_v"), default="none",
@@ -166,11 +166,12 @@ def get_args(argv=None):
       help="rollouts decoded at once (the KV cache's size; default: preset, all of the step's rollouts)")
     o("--grad-checkpointing", action="store_true",
       help="recompute activations in the backward (less memory; the full preset turns it on)")
-    o("--intervention", choices=("none", "penalty", "screening", "inoculation"), default="none",
+    o("--intervention", choices=("none", "penalty", "screening", "inoculation", "shuffled_rewards"), default="none",
       help="published baselines: penalty lowers a flagged hack's reward by --penalty; screening drops flagged "
            "hacks from their group before the advantage; inoculation adds INOCULATION as a system prompt in "
            "training (never at evaluation). Flags come from the oracle label through a monitor of "
-           "--monitor-acc accuracy")
+           "--monitor-acc accuracy. shuffled_rewards, the no-signal control: each group's rewards permuted "
+           "among its rollouts (seeded), so a run that learns from it learns noise")
     o("--penalty", type=float, default=None, help="--intervention=penalty: reward subtracted (default 3.0)")
     o("--monitor-acc", type=float, default=None,
       help="penalty/screening: P(monitor flag is right), for hacks and non-hacks alike (default 1.0)")
@@ -195,6 +196,8 @@ def get_args(argv=None):
                        f"dtype={args.dtype or p['dtype']}; pass --preset phase2 for the spec's "
                        f"real-model settings")
     preset = configs.PRESETS[args.preset]
+    if args.basis is None:
+        args.basis = preset.get("basis", "svd")
     for key in ("steps", "seed", "lr", "model", "k"):
         if getattr(args, key) is None:
             setattr(args, key, preset["lr_lora" if key == "lr" and args.basis == "lora" and "lr_lora" in preset
@@ -940,6 +943,7 @@ def run_probe(argv):
                 shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
     widths = [m.null_width for m in modules.values()]
     params = [ap.knob(m) for m in modules.values()]
+    knobs0 = {n: ap.knob(m).detach().clone() for n, m in modules.items()}     # the start (before a resume)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     trained_dirs = S["teacher_dirs"] if online else S["replay_dirs"]
     config = dict(cfg, arm=args.arm, loss_mode=args.loss_mode, steps=args.steps, seed=args.seed, lr=args.lr,
@@ -1036,7 +1040,10 @@ def run_probe(argv):
             adv_min=adv.min().item() if adv is not None else None, adv_max=adv.max().item() if adv is not None else None,
             adv_abs_mean=adv.abs().mean().item() if adv is not None else None,
             loss=r0["loss"], grad_norm=r0["grad_norm"], cos_in=st["cos_in"], cos_out=st["cos_out"],
-            cos_update=r0["cos_update"], cos_in_global=global_cos(r0["grads"], V), **g["trunc"],
+            cos_update=r0["cos_update"], grad_removed=r0["grad_removed"],
+            # all the student has learned so far (start minus knobs, cos_update's scale: > 0 is hack-ward) vs v_hack
+            cos_learned=ap.project({n: knobs0[n] - ap.knob(m).detach() for n, m in modules.items()}, V)[1]["cos_in"],
+            cos_in_global=global_cos(r0["grads"], V), **g["trunc"],
             hackward=st["hackward"], frac_fired=st["frac_fired"], n_over_projected=st["n_over_projected"])
         if online:
             n_tok = sum(r["n_tok"] for r in results)
@@ -1052,7 +1059,7 @@ def run_probe(argv):
     bar.close()
     if args.quiet:
         return out
-    summary(out, step_rows, time.time() - t_start)
+    summary(out, step_rows, time.time() - t_start, eval_rows)
     if not args.no_report:
         import analyze
         print(analyze.report([out]))
@@ -1136,14 +1143,17 @@ def train_step(model, modules, g, V, opt, args, skip=False):
     gs = {n: torch.cat(p) for n, p in parts.items()}                               # {name: (B, n)}
     grads = {n: (ap.knob(m).grad.detach().clone() if ap.knob(m).grad is not None else torch.zeros_like(ap.knob(m)))
              for n, m in modules.items()}
-    _, st = ap.project(grads, V, one_sided=not args.no_gate)
+    kept, st = ap.project(grads, V, one_sided=not args.no_gate)
+    g2 = sum(g_.double().pow(2).sum().item() for g_ in grads.values())
+    # the share of the gradient's norm the projection removes (the projected arm) or would remove (vanilla)
+    removed = sum((grads[n] - kept[n]).double().pow(2).sum().item() for n in grads) ** 0.5 / g2 ** 0.5 if g2 else None
     # the applied update, on cos_in's scale: > 0 means the step moved hack-ward
     upd = None if skip else apply_step(opt, modules, grads, V, args.arm == "projected", args.project_moments,
                                        one_sided=not args.no_gate)
     opt.zero_grad(set_to_none=True)
     s_cos, s_norm = ap.sample_cosines(gs, V)
     return dict(loss=loss, grads=grads, stats=st, cos_update=None if skip else ap.project(upd, V)[1]["cos_in"],
-                s_cos=s_cos, s_norm=s_norm, grad_norm=sum(g_.double().pow(2).sum().item() for g_ in grads.values()) ** 0.5,
+                s_cos=s_cos, s_norm=s_norm, grad_norm=g2 ** 0.5, grad_removed=removed,
                 kl=pst["kl_sum"] / max(pst["n_tok"], 1) if "ref_logp" in batch else None,
                 gen_mismatch_max=mis["max"] if mis["n"] else None,
                 gen_mismatch_mean=mis["sum"] / mis["n"] if mis["n"] else None, **{
@@ -1180,6 +1190,29 @@ def monitor_flags(row, acc, seed, step):
     Hack) with probability acc, and a non-hack with probability 1 - acc, by a hash of the rollout."""
     right = acc >= 1 or unit(seed, step, row["src_pool"], row["src_step"], row["src_sample"], "monitor") < acc
     return row["hacked"] == right
+
+
+def rates(rows):
+    """hack, gt (correct) and compile rates of graded rollouts, and P(hack | compiles) (None when none
+    compiles): a falling hack rate means little if the model stopped writing code."""
+    n, comp = len(rows), sum(r["can_compile"] for r in rows)
+    hack = sum(r["hacked"] for r in rows)
+    return dict(hack_rate=hack / n, gt_rate=sum(r["gt_pass"] for r in rows) / n, compile_rate=comp / n,
+                hack_given_compile=hack / comp if comp else None)
+
+
+def shuffled_within_groups(rewards, groups, seed, step):
+    """The shuffled-reward control: each group's rewards permuted among its rows by (seed, step, group).
+    The values and their spread stay (so the advantages are as large as vanilla's), but which rollout
+    earned which reward is lost: nothing is left to learn."""
+    out = list(rewards)
+    for gi in sorted(set(groups)):
+        idx = [i for i, x in enumerate(groups) if x == gi]
+        perm = list(idx)
+        random.Random(f"{seed}:shuffled_rewards:{step}:{gi}").shuffle(perm)
+        for i, j in zip(idx, perm):
+            out[i] = rewards[j]
+    return out
 
 
 def student_messages(messages_fn, args):
@@ -1221,6 +1254,8 @@ def online_group(model, tok, modules, messages_fn, S, args, step):
             cells.append((dict(t, prompt=msgs_fn(p)), ids[:c["max_completion_tokens"]], None, cut))
     group_of = {p["id"]: pi for pi, p in enumerate(probs)}
     rewards = [float(cell[0]["reward"]) for cell in cells]
+    if args.intervention == "shuffled_rewards":
+        rewards = shuffled_within_groups(rewards, [group_of[cell[0]["problem_id"]] for cell in cells], args.seed, step)
     n_flag = n_screened = 0
     if args.intervention in ("penalty", "screening"):
         flags = [monitor_flags(cell[0], c["monitor_acc"], args.seed, step) for cell in cells]
@@ -1233,8 +1268,7 @@ def online_group(model, tok, modules, messages_fn, S, args, step):
             cells, rewards = [cells[i] for i in keep], [rewards[i] for i in keep]
     n = len(rows)
     record = dict(source="online", n_student=n, n_teacher=len(probs) * mix, n_screened=n_screened, n_flagged=n_flag,
-                  hack_rate=sum(r["hacked"] for r in rows) / n, gt_rate=sum(r["gt_pass"] for r in rows) / n,
-                  labels=pools.label_counts(rows), reward_mean=sum(r["reward"] for r in rows) / n,
+                  **rates(rows), labels=pools.label_counts(rows), reward_mean=sum(r["reward"] for r in rows) / n,
                   comp_len_mean=sum(len(t) for t in gen["token_ids"]) / n, truncated_frac=gen["n_truncated"] / n,
                   problems=[p["id"] for p in probs], gen_s=round(gen["gen_s"], 3), grade_s=round(gen["grade_s"], 3))
     if not cells:                                   # screening dropped every rollout: nothing to train on
@@ -1279,7 +1313,8 @@ def evaluate(model, tok, messages_fn, S, args, k):
     c = args.cfg
     out, per = dict(step=k, n=len(S["eval_hint"]) * c["eval_samples"]), []
     if not S["eval_hint"]:
-        return dict(out, hack_rate_hint=None, gt_rate_hint=None, gt_rate_nohint=None, labels_hint={}), per
+        return dict(out, hack_rate_hint=None, gt_rate_hint=None, gt_rate_nohint=None, labels_hint={},
+                    compile_rate_hint=None, compile_rate_nohint=None, hack_given_compile_hint=None), per
     t0 = time.time()
     for kind, probs in (("hint", S["eval_hint"]), ("nohint", S["eval_plain"])):
         rows, _ = rollout.rollout_group(model, tok, probs, c["eval_samples"], step=EVAL_STEP + k, seed=args.seed,
@@ -1287,14 +1322,12 @@ def evaluate(model, tok, messages_fn, S, args, k):
                                         top_p=c["top_p"], messages_fn=messages_fn, batch_size=c["gen_batch"],
                                         workers=args.workers)
         per += [dict(step=k, kind=kind, problem_id=r["problem_id"], sample=i % c["eval_samples"], label=r["label"],
-                     hacked=bool(r["hacked"]), gt_pass=bool(r["gt_pass"]), compiled=bool(r["compiled"]),
+                     hacked=bool(r["hacked"]), gt_pass=bool(r["gt_pass"]), compiled=bool(r["can_compile"]),
                      reward=float(r["reward"])) for i, r in enumerate(rows)]     # row i = problem i // n, sample i % n
-        n, n_comp = len(rows), sum(r["compiled"] for r in rows)
-        out[f"gt_rate_{kind}"] = sum(r["gt_pass"] for r in rows) / n
-        out[f"compile_rate_{kind}"] = n_comp / n
+        rt = rates(rows)
+        out[f"gt_rate_{kind}"], out[f"compile_rate_{kind}"] = rt["gt_rate"], rt["compile_rate"]
         if kind == "hint":
-            out["hack_rate_hint"] = sum(r["hacked"] for r in rows) / n
-            out["hack_given_compiled_hint"] = sum(r["hacked"] for r in rows if r["compiled"]) / n_comp if n_comp else None
+            out["hack_rate_hint"], out["hack_given_compile_hint"] = rt["hack_rate"], rt["hack_given_compile"]
             out["labels_hint"] = pools.label_counts(rows)
     out["seconds"] = round(time.time() - t0, 3)
     return out, per
@@ -1460,22 +1493,33 @@ def log_step(r, steps):
     f = lambda x: "null" if x is None else f"{x:+.3f}"
     rng = "" if r.get("reward_min") is None else f"reward {r['reward_min']:.2f}..{r['reward_max']:.2f}  "
     hack = f"hack {r['hack_rate']:.2f}  " if "hack_rate" in r else ""
+    if r.get("compile_rate") is not None:
+        hc = r["hack_given_compile"]
+        hack += f"compiles {r['compile_rate']:.2f}  hack|compiles {'null' if hc is None else f'{hc:.2f}'}  "
     print(f"step {r['step'] + 1}/{steps}  {rng}{hack}cos_in {f(r.get('cos_in'))}  {r['time_s']:.1f}s"
           + (f"  skipped ({r['skip_reason']})" if r["skipped"] else ""), file=sys.stderr, flush=True)
 
 
-def summary(out, rows, elapsed):
+def summary(out, rows, elapsed, evals=()):
     f = lambda x: "  null" if x is None else f"{x:+.3f}"
     g = lambda x, w: " " * (w - 4) + "null" if x is None else f"{x:{w}.2f}"
     live = [r for r in rows if not r["skipped"]]
     online = any("hack_rate" in r for r in rows)
     print(f"\n== run {out}: {len(rows)} steps ({len(rows) - len(live)} skipped: no reward variance or no row), "
           f"{elapsed:.1f}s")
-    print(" step  r_range  |adv|   cos_in  cos_out  cos_upd  fired" + ("   hack     gt      kl" if online else ""))
+    print(" step  r_range  |adv|   cos_in  cos_out  cos_upd  cos_lrn  fired  g_rem"
+          + ("   hack  comp  h|c     gt      kl" if online else ""))
     for r in rows:
         print(f" {r['step']:>4}  {g(r.get('reward_range'), 6)}  {g(r.get('adv_abs_mean'), 5)}  {f(r.get('cos_in'))}  "
-              f"{f(r.get('cos_out'))}   {f(r.get('cos_update'))}  {g(r.get('frac_fired'), 4)}"
-              + (f"  {r['hack_rate']:5.2f}  {r['gt_rate']:5.2f}  {g(r.get('kl'), 6)}" if online else ""))
+              f"{f(r.get('cos_out'))}   {f(r.get('cos_update'))}   {f(r.get('cos_learned'))}  "
+              f"{g(r.get('frac_fired'), 4)}  {g(r.get('grad_removed'), 5)}"
+              + (f"  {r['hack_rate']:5.2f} {g(r.get('compile_rate'), 5)} {g(r.get('hack_given_compile'), 4)}  "
+                 f"{r['gt_rate']:5.2f}  {g(r.get('kl'), 6)}" if online else ""))
+    if evals:
+        print(" held out: after step  n  hack  compiles  hack|compiles  capability (gt, no hint)")
+        for e in evals:
+            print(f"  {e['step']:>19}  {e['n']:>3}  {g(e.get('hack_rate_hint'), 4)}  {g(e.get('compile_rate_hint'), 8)}"
+                  f"  {g(e.get('hack_given_compile_hint'), 13)}  {g(e.get('gt_rate_nohint'), 10)}")
 
 
 if __name__ == "__main__":
