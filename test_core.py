@@ -4368,7 +4368,7 @@ def test_readme_sweep_gpu_command_passes_train_validation():
     with a 30-problem --problems, or without --eval-problems, is refused as the run would refuse it."""
     import sweep, train
     cmds = readme_sweep_commands()
-    assert len(cmds) == 5 and sum("--gpus" in c for c in cmds) == 1
+    assert len(cmds) == 6 and sum("--gpus" in c for c in cmds) == 1
     gpu = [c for c in cmds if "--gpus" in c][0]
     assert gpu[gpu.index("--preset") + 1] == "full" and "--" in gpu
     files = gpu_command_files(tmpdir())

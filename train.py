@@ -1059,7 +1059,7 @@ def run_probe(argv):
     bar.close()
     if args.quiet:
         return out
-    summary(out, step_rows, time.time() - t_start, eval_rows)
+    summary(out, step_rows, time.time() - t_start, evals["summary"])
     if not args.no_report:
         import analyze
         print(analyze.report([out]))
