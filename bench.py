@@ -10,7 +10,8 @@ variant of a round alike; a ratio of separate medians would not cancel it). Rows
     1  per-sample contributions: plain forward+backward, one backward with capture, a forward+backward
        per sample, the spec's snapshot-diff (one forward, G backwards with retain_graph); both bases
     2  a replay step split into tokenising, forward, backward, projection (+ cosines), saving
-    3  generation tokens/s on merged weights vs through the adapter's hooks
+    3  generation tokens/s on merged weights vs through the adapter's hooks; the previous decode loop vs
+       rollout.decode (bench model without stops; the organism with its own stop tokens)
     4  an online step split into generation, grading, training (from a short train.py run)
     5  grader completions/s, fresh interpreter vs warm path, 1 worker and all cores; cache hit rate
     6  memory: measured peaks of the bench model, base vs wrapped; the capture hooks' temporaries; the
