@@ -11,7 +11,8 @@ variant of a round alike; a ratio of separate medians would not cancel it). Rows
     1  per-sample contributions: plain forward+backward, one backward with capture, a forward+backward
        per sample, the spec's snapshot-diff (one forward, G backwards with retain_graph); both bases
     2  a replay step split into tokenising, forward, backward, projection (+ cosines), saving
-    3  generation tokens/s on merged weights vs through the adapter's hooks
+    3  generation tokens/s on merged weights vs through the adapter's hooks; the previous decode loop vs
+       rollout.decode (bench model without stops; the organism with its own stop tokens)
     4  an online step split into generation, grading, training (from a short train.py run)
     5  grader completions/s, fresh interpreter vs warm path, 1 worker and all cores; cache hit rate
     6  memory: measured peaks of the bench model, base vs wrapped; the capture hooks' temporaries; the
@@ -326,6 +327,72 @@ def weight_bytes_per_token(model, modules):
     return merged, merged + size(own.values())
 
 
+def dynamic_decode(model, pad_id, rows, max_new_tokens, temperature, top_p, eos, gen_batch=None):
+    """The previous decode loop, kept as the baseline row 3 compares rollout.decode against (same
+    arguments and results): chunks of gen_batch rows, each left-padded and decoded to its longest row
+    with a DynamicCache (keys and values concatenated at every token)."""
+    bs = gen_batch or len(rows)
+    out = [[], [], []]
+    for a in range(0, len(rows), bs):
+        for acc, part in zip(out, dynamic_decode_chunk(model, pad_id, rows[a:a + bs], max_new_tokens, temperature,
+                                                       top_p, eos)):
+            acc += part
+    return tuple(out)
+
+
+def dynamic_decode_chunk(model, pad_id, chunk, max_new_tokens, temperature, top_p, eos):
+    """One chunk [(prompt ids, seed)] of dynamic_decode: left padding, position ids that skip the
+    padding, DynamicCache. Returns (token ids, log-probs, truncated) per row."""
+    import rollout
+    from transformers import DynamicCache
+    dev = next(model.parameters()).device
+    B = len(chunk)
+    T = max(len(e) for e, _ in chunk)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for i, (e, _) in enumerate(chunk):
+        ids[i, T - len(e):] = torch.tensor(e)
+        mask[i, T - len(e):] = 1
+    u = torch.stack([torch.rand(max(max_new_tokens, 1), generator=torch.Generator().manual_seed(s),
+                                dtype=torch.float64) for _, s in chunk]).to(dev)   # (B, max_new)
+    ids, mask, eos = ids.to(dev), mask.to(dev), eos.to(dev)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)                                  # (B, T)
+    cache = DynamicCache()
+    kw = {rollout.cache_kwarg(model): cache}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                   **kw).logits[:, -1].float()                                # (B, V)
+    nxt = pos[:, -1:] + 1                                                     # (B, 1)
+    new, lps = [], []
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    for t in range(max_new_tokens):
+        tok_t = rollout.pick(logits, u[:, t], temperature, top_p)                     # (B,)
+        lp_t = torch.log_softmax(logits, -1).gather(-1, tok_t[:, None])[:, 0]  # (B,)
+        new.append(torch.where(done, -1, tok_t))
+        lps.append(lp_t)
+        done = done | torch.isin(tok_t, eos)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], 1)   # (B, T + t + 1)
+        logits = model(input_ids=tok_t[:, None], attention_mask=mask, position_ids=nxt, use_cache=True,
+                       **kw).logits[:, -1].float()
+        nxt = nxt + 1
+    if not new:
+        return [[] for _ in chunk], [[] for _ in chunk], [True] * B
+    new, lps = torch.stack(new, 1).cpu(), torch.stack(lps, 1).cpu()          # (B, steps)
+    out_ids, out_lp, trunc = [], [], []
+    for i in range(B):
+        k = int((new[i] >= 0).sum())
+        out_ids.append(new[i, :k].tolist())
+        out_lp.append(lps[i, :k].tolist())
+        trunc.append(not bool(torch.isin(new[i, :k], eos.cpu()).any()))
+    return out_ids, out_lp, trunc
+
+
+def fixture_prompts(tok, B):
+    """The first B fixture problems' hinted prompts, rendered."""
+    return [pools.render_prompt(p["prompt"], tok) for p in pools.load_problems(pools.FIXTURE_PROBLEMS, hint=True)[:B]]
+
+
 def row_generation(shape, B, new_tokens, rounds, device="cpu", dtype=torch.float32, cache_dir=None):
     """Tokens/s through the adapter's hooks vs on merged weights, same model, prompts and seed, for
     the decode loop alone (forward calls on one new position, timed by hooks) and the whole generation
@@ -334,7 +401,7 @@ def row_generation(shape, B, new_tokens, rounds, device="cpu", dtype=torch.float
     import rollout
     tok = configs.byte_tokenizer()
     probs = pools.load_problems(pools.FIXTURE_PROBLEMS, hint=True)[:B]
-    prompts = [pools.render_prompt(p["prompt"], tok) for p in probs]
+    prompts = fixture_prompts(tok, B)
     out = {}
     for basis in ("svd", "lora"):
         model = bench_model(shape, dtype, device)
@@ -367,6 +434,43 @@ def row_generation(shape, B, new_tokens, rounds, device="cpu", dtype=torch.float
                           dec_speedup=ratio(dec, "hooked", "merged"), bytes_ratio=hb / mb)
         del model, modules
     return out
+
+
+def row_loops(model, tok, prompts, new_tokens, gen_batches, rounds, eos_ids=None, device="cpu", ids=None):
+    """Tokens/s of the previous decode loop (dynamic_decode) vs rollout.decode on the same rows and
+    seeds, interleaved, for each gen_batch: {gen_batch: dict(old, new tok/s, speedup = median (min-max)
+    of per-round old / new seconds, same = both loops returned the same tokens and truncation,
+    max_dlogp, lengths)}. eos_ids None: the model's stop tokens (its real spread of lengths)."""
+    import rollout
+    ids = ids or list(range(len(prompts)))
+    rows = [(tok(p, add_special_tokens=False)["input_ids"], rollout.sample_seed(0, 0, i, r))
+            for r, (i, p) in enumerate(zip(ids, prompts))]
+    eos = torch.tensor(rollout.stop_token_ids(model, tok) if eos_ids is None else list(eos_ids))
+    out = {}
+    for gb in gen_batches:
+        res = {}
+        args = (model, tok.pad_token_id, rows, new_tokens, 1.0, 1.0, eos, gb)
+
+        def run(kind, loop):
+            with torch.no_grad():
+                res[kind] = loop(*args)
+        times = interleave(dict(old=lambda: run("old", dynamic_decode), new=lambda: run("new", rollout.decode)),
+                           rounds, device)
+        n = sum(len(x) for x in res["new"][0])
+        out[gb] = dict(old=n / med(times["old"]), new=n / med(times["new"]), speedup=ratio(times, "old", "new"),
+                       same=res["old"][0] == res["new"][0] and res["old"][2] == res["new"][2],
+                       max_dlogp=max((abs(a - b) for x, y in zip(res["old"][1], res["new"][1]) for a, b in zip(x, y)),
+                                     default=0.0),
+                       lengths=sorted(len(x) for x in res["new"][0]))
+    return out
+
+
+def print_loops(res, what):
+    for gb, r in res.items():
+        ls = r["lengths"]
+        print(f"   {what}, gen_batch {gb or len(ls)}: previous loop {r['old']:8.1f} tok/s  new {r['new']:8.1f} tok/s  "
+              f"new / previous {fmt_ratio(r['speedup'])}  (same tokens: {'yes' if r['same'] else 'NO'}, "
+              f"max |d logp| {r['max_dlogp']:.1e}; {len(ls)} rows of {ls[0]}-{ls[-1]} tokens, median {med(ls):g})")
 
 
 def print_row3(res, where, B, new_tokens):
@@ -738,6 +842,24 @@ def main(argv=None):
         if 3 in rows:
             B, new = (2, 8) if a.quick else (8, 64)
             print_row3(row_generation(shape, B, new, rounds, cache_dir=cache), where.split(", G=")[0], B, new)
+            print("   decode loops: the previous one (DynamicCache, a chunk decoded to its longest row) vs rollout.decode "
+                  "(cache written in place, finished rows refilled); median (min-max) of per-round ratios")
+            tok = configs.byte_tokenizer()
+            print_loops(row_loops(bench_model(shape), tok, fixture_prompts(tok, B), new, [None], rounds, eos_ids=[-1]),
+                        f"bench model, {B} rows x {new} tokens (no stop)")
+            if a.quick:
+                model, tok = configs.tiny_qwen3()
+                ps, pids = fixture_prompts(tok, 4), None
+            else:
+                import organism
+                model, tok = organism.load()
+                probs = pools.load_problems(pools.FIXTURE_PROBLEMS, hint=True)[:4]
+                ps = [pools.render_prompt(organism.prompt_messages(p), tok) for p in probs for _ in range(8)]
+                pids = [p["id"] for p in probs for _ in range(8)]
+            top = configs.PRESETS["organism"]["max_completion_tokens"] if not a.quick else 8
+            print_loops(row_loops(model, tok, ps, top, [None, 8], rounds, ids=pids,
+                                  eos_ids=[-1] if a.quick else None),
+                        f"{'tiny model (quick), no stop' if a.quick else 'organism, its stop tokens'}, up to {top} tokens")
         if 4 in rows:
             print_row4(row_online(tmp))
         if 5 in rows:

@@ -1,15 +1,17 @@
 """rollout.py — sampling rollouts from the policy, graded into pool rows; `pools.py generate` lives here.
 
-    sample()         a hand-written KV-cache decode loop over left-padded prompts. Each row draws its
-                     randomness from its own generator seeded by (seed, step, problem id, sample id), so
-                     a row's tokens do not depend on what else is in the batch, and a resumed run
-                     regenerates the same rollouts without saved RNG state (on CPU).
+    sample()         a hand-written decode loop (decode()): a KV cache allocated once and written in
+                     place (SlotCache), finished rows refilled from the pending ones (continuous
+                     batching). Each row draws its randomness from its own generator seeded by
+                     (seed, step, problem id, sample id), so a row's tokens do not depend on what else
+                     is in the batch, and a resumed run regenerates the same rollouts without saved RNG
+                     state (on CPU).
     merged()         generation runs on plain Linears holding each adapter's merged weight
                      (adapter.merged_weight()), not through the adapter's hooks; restored on exit.
     rollout_group()  sample + grade (pools.grade_many) -> rows in the pool row format.
     generate_pool()  the `pools.py generate` subcommand: resumable step_NNN.jsonl.gz + meta.json.
 
-Generation speed, merged vs hooked: `python bench.py --rows 3`.
+Generation speed, merged vs hooked and this loop vs the previous one: `python bench.py --rows 3`.
 """
 import contextlib, hashlib, json, os, platform, time
 
@@ -90,7 +92,8 @@ def sample(model, tok, prompts, n=1, max_new_tokens=512, temperature=1.0, top_p=
 
     Row r's randomness: a generator seeded by sample_seed(seed, step, problem_ids[p], s) with
     s = sample_ids[r] when given, else j; it draws one uniform per new token up front, so the tokens
-    depend on nothing else in the batch. Rows are generated in chunks of batch_size (default: all).
+    depend on nothing else in the batch. At most batch_size rows (default: all) are decoded at once;
+    a finished row's slot takes the next pending row.
 
     Returns dict:
       completions  [str]        decoded new tokens, the stop token excluded
@@ -117,65 +120,149 @@ def sample(model, tok, prompts, n=1, max_new_tokens=512, temperature=1.0, top_p=
         raise ValueError("empty prompt")
     seeds = [sample_seed(seed, step, problem_ids[p], s) for (p, _), s in zip(rows, sample_ids)]
     out = dict(completions=[], token_ids=[], logps=[], truncated=[], prompt_tokens=[len(enc[p]) for p, _ in rows])
-    bs = batch_size or len(rows)
-    for a in range(0, len(rows), bs):
-        chunk = [(enc[p], seeds[r]) for r, (p, _) in enumerate(rows[a:a + bs], a)]
-        ids, lps, trunc = decode(model, tok.pad_token_id, chunk, max_new_tokens, temperature, top_p, eos)
-        for t, l, tr in zip(ids, lps, trunc):
-            body = t if tr else t[:-1]
-            out["completions"].append(tok.decode(body, skip_special_tokens=False))
-            out["token_ids"].append(t)
-            out["logps"].append(l)
-            out["truncated"].append(tr)
+    ids, lps, trunc = decode(model, tok.pad_token_id, [(enc[p], s) for (p, _), s in zip(rows, seeds)],
+                             max_new_tokens, temperature, top_p, eos, batch_size)
+    for t, l, tr in zip(ids, lps, trunc):
+        body = t if tr else t[:-1]
+        out["completions"].append(tok.decode(body, skip_special_tokens=False))
+        out["token_ids"].append(t)
+        out["logps"].append(l)
+        out["truncated"].append(tr)
     out["n_truncated"] = sum(out["truncated"])
     return out
 
 
-def decode(model, pad_id, chunk, max_new_tokens, temperature, top_p, eos):
-    """The decode loop for one chunk [(prompt ids, seed)]: left padding, position ids that skip the
-    padding, KV cache. Returns (token ids, log-probs, truncated) per row."""
-    from transformers import DynamicCache
+class SlotCache:
+    """The KV cache of one decode call, allocated once and written in place: per layer, keys and values
+    (slots, kv_heads, S, head_dim) with S = the longest prompt + max_new_tokens. Slot i holds one row
+    at a time, in columns [start_i, end_i). decode() sets `write` before each forward, and the model's
+    attention layers call update() with the new keys and values:
+      ("prompts", slots)  the prompts (b, h, T, d) go to columns [0, T) of those slots; attention
+                          reads the prompts themselves (nothing else is in those slots yet)
+      ("tokens", cols, W) slots 0..b-1 each write one token (b, h, 1, d) at column cols[i]; attention
+                          reads columns [0, W) of those slots, a view (the mask hides unwritten columns)
+    Nothing is concatenated or copied per token; move() copies one slot when the live rows are packed."""
+
+    def __init__(self, slots, length):
+        self.slots, self.length, self.k, self.v, self.write = slots, length, {}, {}, None
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        if layer_idx not in self.k:
+            self.k[layer_idx] = key.new_zeros(self.slots, key.shape[1], self.length, key.shape[3])
+            self.v[layer_idx] = value.new_zeros(self.slots, value.shape[1], self.length, value.shape[3])
+        K, V = self.k[layer_idx], self.v[layer_idx]                            # (slots, h, S, d)
+        if self.write[0] == "prompts":
+            K[self.write[1], :, :key.shape[2]] = key
+            V[self.write[1], :, :key.shape[2]] = value
+            return key, value
+        _, cols, width = self.write
+        b = key.shape[0]
+        rows = torch.arange(b, device=key.device)
+        K[rows, :, cols] = key[:, :, 0]
+        V[rows, :, cols] = value[:, :, 0]
+        return K[:b, :, :width], V[:b, :, :width]                            # (b, h, W, d)
+
+    def move(self, src, dst):
+        for K in list(self.k.values()) + list(self.v.values()):
+            K[dst] = K[src]
+
+
+def decode(model, pad_id, rows, max_new_tokens, temperature, top_p, eos, gen_batch=None):
+    """The decode loop over rows [(prompt ids, seed)], at most gen_batch (default: all) decoded at once.
+    Returns (token ids, log-probs, truncated) per row, in the order of `rows`.
+
+    Continuous batching: the first gen_batch rows are prefilled together (left-padded); when a row
+    stops, the next pending row is prefilled into its slot, so the batch stays full until no row is
+    pending, and then finished rows leave it (the live slots are packed to the front). A row's
+    positions count from its own first prompt token, its mask covers only its own written columns,
+    and its k-th token is sampled with the k-th uniform of its own generator, so its tokens are those
+    it samples alone. One host sync per step (which rows stopped)."""
     dev = next(model.parameters()).device
-    B = len(chunk)
-    T = max(len(e) for e, _ in chunk)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    for i, (e, _) in enumerate(chunk):
-        ids[i, T - len(e):] = torch.tensor(e)
-        mask[i, T - len(e):] = 1
-    u = torch.stack([torch.rand(max(max_new_tokens, 1), generator=torch.Generator().manual_seed(s),
-                                dtype=torch.float64) for _, s in chunk]).to(dev)   # (B, max_new)
-    ids, mask, eos = ids.to(dev), mask.to(dev), eos.to(dev)
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)                                  # (B, T)
-    cache = DynamicCache()
+    N = len(rows)
+    if max_new_tokens < 1:
+        return [[] for _ in rows], [[] for _ in rows], [True] * N
+    kinds = set(getattr(model.config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise ValueError(f"decode: attention layers {sorted(kinds)}; only full attention is supported")
+    B = min(gen_batch or N, N)
+    cache = SlotCache(B, max(len(e) for e, _ in rows) + max_new_tokens)
     kw = {cache_kwarg(model): cache}
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                   **kw).logits[:, -1].float()                                # (B, V)
-    nxt = pos[:, -1:] + 1                                                     # (B, 1)
-    new, lps = [], []
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    for t in range(max_new_tokens):
-        tok_t = pick(logits, u[:, t], temperature, top_p)                     # (B,)
-        lp_t = torch.log_softmax(logits, -1).gather(-1, tok_t[:, None])[:, 0]  # (B,)
-        new.append(torch.where(done, -1, tok_t))
-        lps.append(lp_t)
-        done = done | torch.isin(tok_t, eos)
-        if bool(done.all()) or t == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], 1)   # (B, T + t + 1)
-        logits = model(input_ids=tok_t[:, None], attention_mask=mask, position_ids=nxt, use_cache=True,
-                       **kw).logits[:, -1].float()
-        nxt = nxt + 1
-    if not new:
-        return [[] for _ in chunk], [[] for _ in chunk], [True] * B
-    new, lps = torch.stack(new, 1).cpu(), torch.stack(lps, 1).cpu()          # (B, steps)
-    out_ids, out_lp, trunc = [], [], []
-    for i in range(B):
-        k = int((new[i] >= 0).sum())
-        out_ids.append(new[i, :k].tolist())
-        out_lp.append(lps[i, :k].tolist())
-        trunc.append(not bool(torch.isin(new[i, :k], eos.cpu()).any()))
-    return out_ids, out_lp, trunc
+    u = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                     for _, s in rows]).to(dev)                                 # (N, max_new)
+    out_ids = torch.full((N, max_new_tokens), -1, dtype=torch.long, device=dev)  # (N, max_new)
+    out_lp = torch.zeros(N, max_new_tokens, device=dev)                         # (N, max_new)
+    eos = eos.to(dev)
+    # per live slot (slots 0..len(row)-1): its row, first written column, next column, next position, tokens so far
+    row, start, end, pos, t = [], [], [], [], []
+    n_tok, stopped = [0] * N, [False] * N
+
+    def prefill(slots, new):
+        """Prompts of rows `new` into `slots`, left-padded to the longest; their next-token logits (b, V)."""
+        T = max(len(rows[r][0]) for r in new)
+        ids = torch.full((len(new), T), pad_id, dtype=torch.long)
+        first = torch.tensor([T - len(rows[r][0]) for r in new])                   # (b,)
+        for i, r in enumerate(new):
+            ids[i, first[i]:] = torch.tensor(rows[r][0])
+        col = torch.arange(T)
+        real = col[None, :] >= first[:, None]                                       # (b, T)
+        mask = (col[None, :, None] >= col[None, None, :]) & real[:, None, :]       # (b, T, T) causal, no padding
+        mask = mask | torch.eye(T, dtype=torch.bool)[None]     # a padding query sees itself: finite, never read
+        p = (real.long().cumsum(-1) - 1).clamp_min(0)                              # (b, T)
+        cache.write = ("prompts", torch.tensor(slots, device=dev))
+        logits = model(input_ids=ids.to(dev), attention_mask=mask[:, None].to(dev), position_ids=p.to(dev),
+                       use_cache=True, logits_to_keep=1, **kw).logits[:, -1].float()
+        for s, r, f in zip(slots, new, first.tolist()):
+            row[s:s + 1], start[s:s + 1], end[s:s + 1] = [r], [f], [T]
+            pos[s:s + 1], t[s:s + 1] = [len(rows[r][0])], [0]
+        return logits
+
+    queue = list(range(N))[::-1]                                                # pending rows, next last
+    logits = prefill(list(range(B)), [queue.pop() for _ in range(B)])           # (B, V)
+    while row:
+        b = len(row)
+        r_t, t_t = torch.tensor(row, device=dev), torch.tensor(t, device=dev)     # (b,)
+        tok_t = pick(logits, u[r_t, t_t], temperature, top_p)                     # (b,)
+        out_ids[r_t, t_t] = tok_t
+        out_lp[r_t, t_t] = torch.log_softmax(logits, -1).gather(-1, tok_t[:, None])[:, 0]
+        hit = torch.isin(tok_t, eos).tolist()                                    # the one host sync
+        for i in range(b):
+            t[i] += 1
+            n_tok[row[i]] = t[i]
+            stopped[row[i]] = hit[i]
+        done = [i for i in range(b) if hit[i] or t[i] == max_new_tokens]
+        if done:
+            # pack: the continuing rows move into the holes, so they are slots 0..c-1
+            keep = [i for i in range(b) if i not in set(done)]
+            c = len(keep)
+            for dst, src in zip([i for i in done if i < c], [i for i in keep if i >= c]):
+                cache.move(src, dst)
+                for lst in (row, start, end, pos, t):
+                    lst[dst] = lst[src]
+                tok_t[dst] = tok_t[src]
+            for lst in (row, start, end, pos, t):
+                del lst[c:]
+            tok_t = tok_t[:c]
+        else:
+            c = b
+        parts = []
+        if c:
+            cols = torch.tensor(end, device=dev)                                   # (c,)
+            colw = torch.arange(max(end) + 1, device=dev)                          # (W,)
+            mask = (colw[None, :] >= torch.tensor(start, device=dev)[:, None]) & (colw[None, :] <= cols[:, None])
+            cache.write = ("tokens", cols, len(colw))
+            parts.append(model(input_ids=tok_t[:, None], attention_mask=mask[:, None, None],
+                               position_ids=torch.tensor(pos, device=dev)[:, None], use_cache=True,
+                               **kw).logits[:, -1].float())                         # (c, V)
+            for i in range(c):
+                end[i] += 1
+                pos[i] += 1
+        k = min(b - c, len(queue))
+        if k:
+            parts.append(prefill(list(range(c, c + k)), [queue.pop() for _ in range(k)]))
+        logits = torch.cat(parts) if parts else None
+    out_ids, out_lp = out_ids.cpu(), out_lp.cpu()
+    return ([out_ids[r, :n_tok[r]].tolist() for r in range(N)], [out_lp[r, :n_tok[r]].tolist() for r in range(N)],
+            [not s for s in stopped])
 
 
 # ----------------------------------------------------------------------------- graded rows

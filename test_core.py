@@ -3026,6 +3026,111 @@ def test_sample_counts_truncation_and_stops_at_eos():
     assert edge["token_ids"][0] == free["token_ids"][0][:4] and not edge["truncated"][0]  # stopped on the last token
 
 
+def decode_cases(model, tok, prompts, n, max_new=24):
+    """Rows [(prompt ids, seed)] of prompts x n, and a stop set of the tokens a free run emits most
+    (so rows stop at spread-out lengths, as a trained model's do)."""
+    import collections, torch, bench, rollout
+    rows = [(tok(p, add_special_tokens=False)["input_ids"], rollout.sample_seed(3, 5, i, j))
+            for i, p in enumerate(prompts) for j in range(n)]
+    free = bench.dynamic_decode(model, tok.pad_token_id, rows, max_new, 1.0, 0.9, torch.tensor([-1]))
+    counts = collections.Counter(x for r in free[0] for x in r)
+    return rows, torch.tensor([t for t, _ in counts.most_common(3)])
+
+
+def assert_same_rows(got, want, tol=1e-5):
+    ids, lps, trunc = got
+    assert ids == want[0] and trunc == want[2]
+    assert [len(x) for x in lps] == [len(x) for x in want[1]]
+    assert max(abs(a - b) for x, y in zip(lps, want[1]) for a, b in zip(x, y)) < tol
+
+
+def test_decode_equals_the_previous_loop_alone_batched_and_refilled():
+    """rollout.decode (cache written in place, finished rows refilled) gives every row the tokens,
+    log-probs and truncation of the previous loop (bench.dynamic_decode, DynamicCache, a chunk decoded
+    to its longest row), whether the row is decoded alone, with all rows, or in slots refilled from the
+    queue; on the tiny model (merged knobs) and on an organism (its BPE tokenizer, a 2-step fit)."""
+    import torch, bench, organism, rollout
+    model, tok, mods = knobbed(scale=0.05)
+    d = tmpdir()
+    probs = os.path.join(d, "two.jsonl")
+    with open(probs, "w") as f:
+        f.writelines(open(FIXTURE).readlines()[:2])
+    om, otok = organism.load(probs, os.path.join(d, "cache"), dict(organism.FIT, steps=2, batch=4, vocab_size=400),
+                             log=None)
+    cases = [(model, tok, ["a much longer prompt, so the others are left-padded", "x", "mid length",
+                           "def f(x):\n    return"]),
+             (om, otok, [pools.render_prompt(organism.prompt_messages(p), otok) for p in problems(True).values()][:3])]
+    with rollout.merged(model), torch.no_grad():
+        for m, t, prompts in cases:
+            rows, eos = decode_cases(m, t, prompts, 3)
+            want = bench.dynamic_decode(m, t.pad_token_id, rows, 24, 1.0, 0.9, eos)
+            lens = [len(x) for x in want[0]]
+            assert min(lens) < 12 and max(lens) == 24 and any(want[2]) and not all(want[2]), lens  # a spread
+            for gb in (None, 2, 5):                     # all at once, refilled slots
+                assert_same_rows(rollout.decode(m, t.pad_token_id, rows, 24, 1.0, 0.9, eos, gb), want)
+            for i in (1, len(rows) - 1):                # alone, both loops
+                one = [r[i:i + 1] for r in want]
+                assert_same_rows(rollout.decode(m, t.pad_token_id, rows[i:i + 1], 24, 1.0, 0.9, eos), one)
+                assert_same_rows(bench.dynamic_decode(m, t.pad_token_id, rows[i:i + 1], 24, 1.0, 0.9, eos), one)
+            greedy = bench.dynamic_decode(m, t.pad_token_id, rows, 24, 0.0, 1.0, eos)
+            assert_same_rows(rollout.decode(m, t.pad_token_id, rows, 24, 0.0, 1.0, eos, 4), greedy)
+
+
+def test_decode_keeps_gen_batch_rows_live_and_decodes_no_finished_row():
+    """Continuous batching: while rows are pending every step carries gen_batch rows (decoded, or
+    prefilled into a freed slot); a row is fed to the model once per token it makes after the first
+    (no finished row is decoded); the cache is allocated once, (slots, kv heads, longest prompt +
+    max_new_tokens, head dim), and written in place."""
+    import torch, bench, rollout
+    model, tok = tiny()
+    rows, eos = decode_cases(model, tok, ["one", "two two", "three three three", "a longer prompt here"], 3)
+    want = bench.dynamic_decode(model, tok.pad_token_id, rows, 24, 1.0, 0.9, eos)
+    calls, caches = [], []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+
+    class Spy(rollout.SlotCache):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.ptrs = set()
+            caches.append(self)
+
+        def update(self, key, value, layer_idx, *a, **kw):
+            out = super().update(key, value, layer_idx, *a, **kw)
+            self.ptrs.add((layer_idx, self.k[layer_idx].data_ptr(), self.v[layer_idx].data_ptr()))
+            return out
+    real, rollout.SlotCache = rollout.SlotCache, Spy
+    try:
+        with torch.no_grad():
+            got = rollout.decode(model, tok.pad_token_id, rows, 24, 1.0, 0.9, eos, 4)
+    finally:
+        rollout.SlotCache = real
+        hook.remove()
+    assert_same_rows(got, want)
+    lens = [len(x) for x in want[0]]
+    decoded = [b for b, q in calls if q == 1]
+    assert sum(decoded) == sum(n - 1 for n in lens)            # one forward row per token after the first
+    prefilled = [b for b, q in calls if q > 1]
+    assert sum(prefilled) == len(rows) and prefilled[0] == 4 and len(prefilled) > 1   # refills happened
+    # a step: the decode call, then the refill's prefill (either may be absent); until the last row is
+    # admitted every step carries gen_batch = 4 rows, then the batch only shrinks
+    steps, prev = [], None
+    for b, q in calls[1:]:
+        if q == 1 or prev != 1:
+            steps.append([0, False])
+        steps[-1][0] += b
+        steps[-1][1] |= q > 1
+        prev = q
+    last = max(k for k, (_, refill) in enumerate(steps) if refill)
+    assert [n for n, _ in steps[:last + 1]] == [4] * (last + 1), steps
+    tail = [n for n, _ in steps[last + 1:]]
+    assert tail == sorted(tail, reverse=True) and tail[-1] >= 1, steps
+    (c,) = caches
+    L = model.config.num_hidden_layers
+    assert len(c.ptrs) == L                                      # one buffer pair per layer, never replaced
+    kv, hd = model.config.num_key_value_heads, model.config.head_dim
+    assert all(c.k[i].shape == (4, kv, max(len(e) for e, _ in rows) + 24, hd) for i in range(L))
+
+
 def test_rollout_group_rows_in_pool_format():
     import rollout
     model, tok, mods = knobbed(scale=0.05)
@@ -4579,6 +4684,18 @@ def test_bench_gpu_check_runs_one_online_step_at_a_small_shape():
     assert U.shape == (24, 10) and Vh.shape == (10, 10) and torch.allclose(U.T @ U, torch.eye(10), atol=1e-5)
     if not torch.cuda.is_available():
         raises(SystemExit, bench.main, ["--gpu"], match="--gpu --gpu-shape=qwen3-4b: needs a CUDA device")
+
+
+def test_bench_decode_loops_row_compares_the_same_rows():
+    """Row 3's loop comparison runs both loops on the same rows and seeds and reports their outputs equal,
+    at a tiny size, all rows at once and in refilled slots."""
+    import bench
+    model, tok = tiny()
+    res = bench.row_loops(model, tok, ["one", "two two", "a longer prompt"], 6, [None, 2], 1, eos_ids=[-1])
+    assert set(res) == {None, 2}
+    for r in res.values():
+        assert r["same"] and r["max_dlogp"] < 1e-5 and r["lengths"] == [6, 6, 6], r
+        assert r["old"] > 0 and r["new"] > 0 and len(r["speedup"]) == 3
 
 
 def test_bench_rounds_rotate_and_ratio_is_the_median_of_per_round_ratios():
