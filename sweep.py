@@ -60,6 +60,9 @@ ARMS = {
 DEFAULT_ARMS = ("vanilla", "projected", "vanilla_lora", "projected_lora")
 REFERENCES = ("vanilla", "vanilla_lora")          # what the treatments are compared with, per basis
 EXTRA = ("random_v", "penalty", "screening", "inoculation", "shuffled_rewards")
+# each extra arm in the LoRA basis too (<arm>_lora), judged against vanilla_lora: the basis a model learns in
+ARMS.update({f"{k}_lora": [f.replace("--basis=svd", "--basis=lora") for f in ARMS[k]] for k in EXTRA})
+EXTRA += tuple(f"{k}_lora" for k in EXTRA)
 STOP_SEEDS, STOP_MARGIN = 3, 0.10
 GRID_KEYS = ("preset", "steps", "seeds", "arms", "arm_flags", "train_args", "train_cmd")   # what --resume must match
 # train.py flags the sweep sets itself -> the sweep's way to set them
@@ -162,9 +165,9 @@ def get_args(argv=None):
     if bad or len(set(extra)) != len(extra):
         raise SystemExit(f"error: --extra {args.extra!r}: allowed (each once): {','.join(EXTRA)}")
     args.arms = list(DEFAULT_ARMS) + extra
-    if args.penalty is not None and "penalty" not in extra:
+    if args.penalty is not None and not {"penalty", "penalty_lora"} & set(extra):
         raise SystemExit("error: --penalty sets the penalty arm: add --extra penalty")
-    if args.monitor_acc is not None and not {"penalty", "screening"} & set(extra):
+    if args.monitor_acc is not None and not {"penalty", "screening", "penalty_lora", "screening_lora"} & set(extra):
         raise SystemExit("error: --monitor-acc sets the penalty and screening arms: add --extra penalty or screening")
     if args.monitor_acc is not None and not 0.5 <= args.monitor_acc <= 1:
         raise SystemExit(f"error: --monitor-acc must be in [0.5, 1] (below 0.5 the monitor is inverted), "
@@ -219,7 +222,8 @@ def grid(args):
     six runs first (vanilla and the first treatment, seeds 0-2), then the rest seed-major."""
     pen = [f"--penalty={args.penalty}"] if args.penalty is not None else []
     acc = [f"--monitor-acc={args.monitor_acc}"] if args.monitor_acc is not None else []
-    flags = {a: ARMS[a] + (pen + acc if a == "penalty" else acc if a == "screening" else []) for a in args.arms}
+    flags = {a: ARMS[a] + (pen + acc if a in ("penalty", "penalty_lora") else acc if a in ("screening", "screening_lora")
+                           else []) for a in args.arms}
     out = os.path.abspath(args.out)
     first = decision_runs(args.arms, args.seeds)
     order = first + [(a, s) for s in args.seeds for a in args.arms if (a, s) not in first]

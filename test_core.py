@@ -3919,6 +3919,35 @@ def test_phase3_report_values_against_hand_and_scipy():
     close(comp["projected lora"]["endpoints"]["hack_final"]["seed"]["mean_diff"], (0.7 + 0.5 + 0.95) / 3 - 0.5)
 
 
+def test_phase3_report_checks_its_controls_against_vanilla():
+    """The report prints whether it tells each control from vanilla (held-out hack rate, control minus
+    vanilla, the 95% CI wholly below 0): a penalty far below vanilla passes, a shuffled-reward arm at
+    vanilla's level fails and the report says its projection results are not validated; without controls
+    it says nothing shows it can detect an effect."""
+    import analyze as A
+    root = tmpdir()
+    dirs = phase3_runs(root)               # vanilla svd's last held-out hack rate: 0.5, 0.6, 0.7 (seeds 0-2)
+    pen = [make_online_run(root, f"pen_s{s}", [0] * 5, [0] * 5, seed=s, cfg=dict(intervention="penalty"),
+                           evals=((0, 0.1, 0.3), (5, h, 0.25))) for s, h in enumerate((0.05, 0.06, 0.04))]
+    shuf = [make_online_run(root, f"shuf_s{s}", [0] * 5, [0] * 5, seed=s, cfg=dict(intervention="shuffled_rewards"),
+                            evals=((0, 0.1, 0.3), (5, h, 0.25))) for s, h in enumerate((0.52, 0.57, 0.71))]
+    res = A.phase3(dirs + pen + shuf, window=2)
+    got = {k["control"]: k for k in res["control_checks"]}
+    assert set(got) == {"penalty", "shuffled_rewards"}
+    # by hand: penalty minus vanilla -0.45, -0.54, -0.66: mean -0.55, sd 0.10536, t(0.975, 2) = 4.302653
+    d = [-0.45, -0.54, -0.66]
+    half = 4.302652729911275 * float(np.std(d, ddof=1)) / math.sqrt(3)       # scipy.stats.t.ppf(0.975, 2)
+    close(got["penalty"]["ci"]["hi"], float(np.mean(d)) + half)
+    assert got["penalty"]["passed"] and not got["shuffled_rewards"]["passed"]   # +0.02, -0.03, +0.01 spans 0
+    text = " ".join(A.render_phase3(res).split())
+    assert "ok vanilla svd penalty" in text and "FAIL vanilla svd shuffled_rewards" in text
+    assert "cannot tell a control from vanilla at these seeds" in text
+    text = " ".join(A.render_phase3(A.phase3(dirs + pen, window=2)).split())
+    assert "cannot tell" not in text and "ok vanilla svd penalty" in text
+    text = " ".join(A.render_phase3(A.phase3(dirs, window=2)).split())
+    assert "controls: none in these runs" in text and "nothing shows that this report can detect an effect" in text
+
+
 def test_hacked_at_counts_hack_correct_as_correct():
     import analyze as A
     st = lambda k, **lab: dict(step=k, labels=lab)
@@ -4185,6 +4214,11 @@ def test_sweep_grid_flags_and_dry_run():
     assert "--intervention=penalty --penalty=2.5" in cmds["penalty_s0"]
     assert "--arm=vanilla --basis=svd --intervention=screening" in cmds["screening_s0"] and "--seed=2" in cmds["screening_s2"]
     assert "cost: seconds per step not measured yet (no finished run); remaining 18 runs, 72 steps" in text
+    # each extra arm in the LoRA basis too, with the same intervention flags
+    res, text = sweep_main(base + ["--dry-run", "--extra", "penalty_lora,shuffled_rewards_lora", "--penalty", "2.5"])
+    cmds = dry_run_commands(text)
+    assert "--arm=vanilla --basis=lora --intervention=penalty --penalty=2.5" in cmds["penalty_lora_s0"]
+    assert "--arm=vanilla --basis=lora --intervention=shuffled_rewards" in cmds["shuffled_rewards_lora_s2"]
     res, full = sweep_main(["--out", out, "--preset", "full", "--train-cmd", fake_train(root), "--dry-run"])
     assert ("remaining 12 runs, 2400 steps; at the full preset's 126 s/step (an estimate, not measured): "
             "84 GPU-hours = $168.00 at $2/GPU-hour") in full, full[-800:]

@@ -202,7 +202,7 @@ def get_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, preset["lr_lora" if key == "lr" and args.basis == "lora" and "lr_lora" in preset
                                       else key])
-    args.cfg = dict(preset)
+    args.cfg = dict(preset, basis=args.basis)  # the basis this run trains, not the preset's default
     for key in ONLINE_KEYS:                    # online flags override the preset's values
         if getattr(args, arg_of(key), None) is not None:
             args.cfg[key] = getattr(args, arg_of(key))
