@@ -272,7 +272,7 @@ def rollout_group(model, tok, problems, n=1, *, step, seed, max_new_tokens=512, 
     """n rollouts of each problem (hint as loaded: pools.load_problems), generated on the merged
     weights and graded. messages_fn(problem) -> the chat messages the model sees (default: the
     problem's own prompt; the organism uses a short one). Returns (rows, gen): rows in the pool row
-    format (pools.POOL_FIELDS, plus `compiled`, `truncated` and `n_tokens`), `sample` = sample_ids[r] or r; gen is
+    format (pools.POOL_FIELDS, plus `can_compile`, `truncated` and `n_tokens`), `sample` = sample_ids[r] or r; gen is
     sample()'s output (token ids and generation-time log-probs for the trainer) plus gen_s and grade_s,
     the seconds spent generating and grading."""
     messages_fn = messages_fn or (lambda p: p["prompt"])

@@ -3652,6 +3652,8 @@ def test_online_dry_run_prints_the_budget_and_creates_nothing():
         assert str(e) == (f"--problems={FIXTURE}: 30 problems, fewer than the preset's n_problems=992")
         raises(train.RunError, train.main, ["--source=online", "--preset=full", "--problems", big, "--dry-run", "--pair-dirs", ",".join(train.DEMO_DIRS)],
                match="--eval-every=20: --preset=full holds out no problem")
+        raises(train.RunError, train.main, ["--source=online", "--preset=organism", "--prompts-per-step=40", "--dry-run"],
+               match="--prompts-per-step=40: only 24 training problems")
     finally:
         os.chdir(cwd)
     assert res is None and os.listdir(d) == [], (res, err)
@@ -3942,6 +3944,7 @@ def test_phase3_report_checks_its_controls_against_vanilla():
     text = " ".join(A.render_phase3(res).split())
     assert "ok vanilla svd penalty" in text and "FAIL vanilla svd shuffled_rewards" in text
     assert "cannot tell a control from vanilla at these seeds" in text
+    assert text.index("controls (") < text.index("each arm vs vanilla") < text.index("projected svd vs vanilla svd")
     text = " ".join(A.render_phase3(A.phase3(dirs + pen, window=2)).split())
     assert "cannot tell" not in text and "ok vanilla svd penalty" in text
     text = " ".join(A.render_phase3(A.phase3(dirs, window=2)).split())
@@ -3998,6 +4001,12 @@ def test_phase3_refuses_what_it_cannot_compare():
     text = A.render_phase3(A.phase3(stopped, window=2))
     text = " ".join(text.split())
     assert "not run: projected lora seeds [2]" in text and "stopped because no separation after 3 seeds" in text
+    six = tmpdir()                                  # stopped after the rule's six runs: no arm is partial
+    runs6 = [d for d in phase3_runs(os.path.join(six, "runs")) if "lora" not in os.path.basename(d)]
+    with open(os.path.join(six, "sweep.json"), "w") as f:
+        json.dump(dict(last=dict(stopped="no separation after 3 seeds")), f)
+    res = A.phase3(runs6, window=2)
+    assert res["not_run"] == [] and "stopped because no separation after 3 seeds" in " ".join(A.render_phase3(res).split())
     other = make_online_run(root, "x_preset", [0] * 5, [0] * 5, seed=3, cfg=dict(preset="full"))
     raises(ValueError, A.phase3, dirs + [other], match="differ in preset")
     short = make_online_run(root, "x_steps", [0] * 4, [0] * 4, seed=3)

@@ -871,6 +871,8 @@ def online_problems(args):
     if overlap:
         raise SystemExit(f"error: --eval-problems shares {len(overlap)} problem ids with --problems "
                          f"(e.g. {sorted(overlap)[:3]}); held-out means not trained on")
+    if len(hinted) < c["prompts_per_step"]:
+        raise SystemExit(f"error: --prompts-per-step={c['prompts_per_step']}: only {len(hinted)} training problems")
     return hinted, ev_h, ev_p
 
 
