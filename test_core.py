@@ -4486,9 +4486,10 @@ def test_sweep_slurm_resources():
 
 
 def readme_sweep_commands():
-    """The README's one-line indented `python sweep.py` commands (the sweep section's list), as argv lists."""
+    """The one-line indented `python sweep.py` commands of the README's "Phase 3 sweep" section, as argv lists."""
     import shlex
-    return [shlex.split(l, comments=True)[2:] for l in open(os.path.join(HERE, "README.md")).read().splitlines()
+    text = open(os.path.join(HERE, "README.md")).read().split("\n### Phase 3 sweep\n")[1].split("\n#")[0]
+    return [shlex.split(l, comments=True)[2:] for l in text.splitlines()
             if l.startswith("    python sweep.py ") and not l.endswith("\\")]
 
 
@@ -4516,7 +4517,7 @@ def test_readme_sweep_gpu_command_passes_train_validation():
     with a 30-problem --problems, or without --eval-problems, is refused as the run would refuse it."""
     import sweep, train
     cmds = readme_sweep_commands()
-    assert len(cmds) == 6 and sum("--gpus" in c for c in cmds) == 1
+    assert len(cmds) == 5 and sum("--gpus" in c for c in cmds) == 1
     gpu = [c for c in cmds if "--gpus" in c][0]
     assert gpu[gpu.index("--preset") + 1] == "full" and "--" in gpu
     files = gpu_command_files(tmpdir())
