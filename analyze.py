@@ -1296,7 +1296,7 @@ def phase3(run_dirs, window=WINDOW, runs=None):
         comps.append(dict(arm=a, vs=ref, seeds=seeds, endpoints=ends, reason=None,
                           hacked=(sum(pick[a, s]["hacked_at"] is not None for s in seeds),
                                   sum(pick[ref, s]["hacked_at"] is not None for s in seeds))))
-    checks = control_checks(comps)
+    checks = control_checks(comps, cfgs)
     seeds = sorted({r["seed"] for r in rows})
     not_run = [dict(arm=a["arm"], seeds=[k for k in seeds if k not in a["seeds"]]) for a in arms if len(a["seeds"]) < len(seeds)]
     return dict(window=window, window_asked=asked, preset=runs[0]["cfg"]["preset"], steps=runs[0]["cfg"]["steps"], runs=rows, arms=arms,
@@ -1310,15 +1310,17 @@ ONLINE_CONTROLS = dict(penalty="the ground-truth penalty (a known intervention) 
                        screening="perfect-monitor screening keeps hacking down",
                        shuffled_rewards="shuffled rewards (no learning signal) do not learn what vanilla learns")
 
-def control_checks(comps):
+def control_checks(comps, cfgs):
     """[{arm, control, what, ci, passed}] for every positive (penalty, screening) or negative (shuffled
     rewards) control arm with a vanilla of its basis: passed when the 95% CI of the held-out hack rate,
     control minus vanilla paired by seed, lies wholly below 0. A report that cannot tell these from vanilla
     at the seeds used cannot tell a projection from it either."""
     out = []
     for c in comps:
-        kind = next((k for k in ONLINE_CONTROLS if c["arm"].endswith(" " + k) or f" {k} " in c["arm"]), None)
-        if kind is None or c["vs"] is None:
+        cfg = cfgs[c["arm"]]                   # a control is vanilla with one of these interventions, nothing else
+        kind = cfg.get("intervention", "none")
+        if kind not in ONLINE_CONTROLS or cfg["arm"] != "vanilla" or cfg.get("control", "none") != "none" \
+                or c["vs"] is None:
             continue
         e = c["endpoints"]["eval_hack"]["seed"]
         out.append(dict(arm=c["arm"], control=kind, what=ONLINE_CONTROLS[kind], ci=e,
