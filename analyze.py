@@ -135,66 +135,6 @@ def t_crit_two_sided(alpha, df):
         lo, hi = (mid, hi) if t_sf_two_sided(mid, df) > alpha else (lo, mid)
     return (lo + hi) / 2
 
-def normal_cdf(z):
-    return 0.5 * math.erfc(-z / math.sqrt(2.0))
-
-def paired_t_power(dz, n, alpha=ALPHA, grid=2001):
-    """Power of the two-sided paired t-test at alpha with n pairs when the true mean difference is dz
-    sd's of the differences. T = (Z + delta) / S with delta = dz*sqrt(n), Z ~ N(0,1) and S = sqrt(V/df),
-    V ~ chi2(df), df = n-1 (the noncentral t); power = E_S[Phi(delta - c S) + Phi(-delta - c S)],
-    the expectation over S's density integrated by Simpson's rule on a grid of `grid` points."""
-    df = n - 1
-    c = t_crit_two_sided(alpha, df)
-    sd_s = 1.0 / math.sqrt(2.0 * df)                      # S's sd for large df; the grid spans +-12 of it
-    lo, hi = max(0.0, 1.0 - 12 * sd_s), 1.0 + 12 * max(sd_s, 0.75)
-    s = np.linspace(lo, hi, grid)[1:] if lo == 0.0 else np.linspace(lo, hi, grid)
-    # log density of S: 2 (df/2)^(df/2) / Gamma(df/2) * s^(df-1) * exp(-df s^2 / 2)
-    logf = math.log(2.0) + df / 2 * math.log(df / 2) - math.lgamma(df / 2) + (df - 1) * np.log(s) - df * s * s / 2
-    delta = dz * math.sqrt(n)
-    g = np.exp(logf) * np.array([normal_cdf(delta - c * v) + normal_cdf(-delta - c * v) for v in s])
-    if lo == 0.0:                                          # s = 0 itself: density 0 unless df = 1
-        s, g = np.concatenate([[0.0], s]), np.concatenate([[math.sqrt(2 / math.pi) if df == 1 else 0.0], g])
-    h = (s[-1] - s[0]) / (len(s) - 1)
-    return float(h / 3 * (g[0] + g[-1] + 4 * g[1:-1:2].sum() + 2 * g[2:-1:2].sum()))
-
-def seeds_needed(d, alpha=ALPHA, power=0.8, n_max=10000):
-    """Smallest number of seeds n >= 2 at which a two-sided paired t-test at alpha has `power` to detect
-    the observed effect, taking it as true: dz = mean(d) / sd(d) of the paired differences d, power from
-    paired_t_power (exact noncentral t). The normal approximation n0 = ((z_alpha/2 + z_power) / dz)^2 (never
-    above the exact n: a z-test beats a t-test at equal n) is the start; power grows with n, so walking up
-    from there ends at the smallest n."""
-    d = _finite(d)
-    out = dict(n=None, dz=None, alpha=alpha, power=power, reason=None)
-    if len(d) < 2:
-        out["reason"] = f"need >= 2 pairs (n={len(d)})"
-        return out
-    sd = float(d.std(ddof=1))
-    if sd == 0:
-        out["reason"] = "zero variance of the paired differences"
-        return out
-    out["dz"] = dz = float(d.mean()) / sd
-    if dz == 0:
-        out["reason"] = "no observed effect"
-        return out
-    lo, hi = -40.0, 40.0                                   # z_power = Phi^-1(power) by bisection
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if normal_cdf(mid) < power else (lo, mid)
-    n0 = ((t_crit_two_sided(alpha, 1e12) + lo) / abs(dz)) ** 2
-    if n0 > n_max:
-        out["reason"] = f"more than {n_max} seeds"
-        return out
-    n = max(2, math.ceil(n0))
-    while n <= n_max and paired_t_power(abs(dz), n, alpha) < power:
-        n += 1
-    while n > 2 and paired_t_power(abs(dz), n - 1, alpha) >= power:   # a safeguard: n0 is below the exact n
-        n -= 1
-    if n > n_max:
-        out["reason"] = f"more than {n_max} seeds"
-        return out
-    out["n"] = n
-    return out
-
 # -----------------------------------------------------------------------------
 # loading: strict, because a silently dropped row biases every mean below
 

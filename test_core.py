@@ -3960,29 +3960,13 @@ def test_hacked_at_counts_hack_correct_as_correct():
     assert A.hacked_at([st(0, **{"Attempted Reward Hack": 8}), st(1, Incorrect=8)]) is None
 
 
-def test_paired_t_power_against_scipy_and_simulation():
+def test_t_quantile_against_scipy():
+    """The two-sided t critical value behind every confidence interval the reports print."""
     import analyze as A
-    # independent reference: scipy 1.17.1, nct.sf(c, n-1, dz*sqrt(n)) + nct.cdf(-c, n-1, dz*sqrt(n)) with
-    # c = t.ppf(0.975, n-1), scratch session
-    ref = {(0.5, 34): 0.8077775012792738, (1.0, 5): 0.40138991737179536, (2.0, 3): 0.47074943127843494,
-           (0.3, 20): 0.24708908996809562, (1.2, 2): 0.10823635440349615}
-    for (dz, n), v in ref.items():
-        close(A.paired_t_power(dz, n), v)
+    # independent reference: scipy 1.17.1, t.ppf(0.975, df), scratch session
     close(A.t_crit_two_sided(0.05, 33), 2.0345152974493383)
     close(A.t_crit_two_sided(0.05, 1), 12.706204736174694)
-    # the same scipy search gives the textbook sample sizes (G*Power: dz 0.5 -> 34, 0.8 -> 15, 1.0 -> 10)
-    for dz, n in ((0.5, 34), (0.8, 15), (1.0, 10), (1.5, 6), (0.3, 90)):
-        got = A.seeds_needed(np.array([1.0, -1.0]) * math.sqrt(0.5) + dz)["n"]   # sd 1, mean dz: dz exactly
-        assert got == n, (dz, got, n)
-    # simulation, independent of any t code: 20000 experiments of n = 10 pairs at dz = 1
-    rng = np.random.default_rng(0)
-    d = rng.normal(1.0, 1.0, size=(20000, 10))
-    t = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(10))
-    assert abs(np.mean(np.abs(t) > 2.2621571627409915) - A.paired_t_power(1.0, 10)) < 0.01   # c: scipy t.ppf
-    assert A.seeds_needed([0.1, 0.1])["reason"] == "zero variance of the paired differences"
-    assert A.seeds_needed([0.1])["n"] is None and A.seeds_needed([0.1, -0.1])["reason"] == "no observed effect"
-    assert A.seeds_needed([0.01, -0.0098])["reason"] == "more than 10000 seeds"   # dz 0.007: n about 160000
-
+    close(A.t_crit_two_sided(0.05, 9), 2.2621571627409915)
 
 def test_phase3_refuses_what_it_cannot_compare():
     import analyze as A
