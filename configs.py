@@ -25,13 +25,14 @@ PRESETS = {
 ONLINE = dict(temperature=1.0, top_p=1.0, clip_eps=0.2, inner_epochs=1, mix=0, n_problems=None, eval_frac=0.2,
               problems=None, eval_problems=None, micro_batch=None, gen_batch=None, grad_checkpointing=False)
 PRESETS.update({
-    # the CPU model organism (organism.py): 4 prompts x G=8 per step, short prompts, 60 steps in minutes.
-    # It starts near 5% hacks and learns to hack in the LoRA basis (the default here: in the SVD basis the
-    # same learning costs the organism its compile rate, README "The CPU organism"). lr is delta_S's;
-    # lr_lora (B A's) is 10x smaller: at 1e-2 a LoRA update reaches the size of the tiny model's weights
-    # within 20 steps and the organism collapses (KL 5.8, no code). eval_samples=16: 6 held-out problems
-    # x 16 = 96 rollouts per kind, sd of a rate near 0.3 about 0.05, so a 0.1 change shows
-    "organism": dict(ONLINE, model="organism", basis="lora", group_size=8, prompts_per_step=4, steps=60, lr=1e-2,
+    # the CPU model organism (organism.py): 4 prompts x G=8 per step, short prompts, 60 steps in about a minute.
+    # It starts near 5-10% hacks and learns to hack in the LoRA basis (the default here; +0.32 to +0.43 held out
+    # in 60 steps on seeds 0-2, compile rate held). lr is delta_S's: the SVD basis (768 knobs on this model)
+    # learns little at any rate measured (3e-3: +0.04 held out in 60 steps, compile 0.65 -> 0.61; 1e-2: +0.08
+    # but compile 0.65 -> 0.26), so its arms measure an organism that barely moves. lr_lora (B A's) is 1e-3:
+    # at 2e-3 the compile rate falls to 0.15. eval_samples=16: 6 held-out problems x 16 = 96 rollouts per
+    # kind, sd of a rate near 0.3 about 0.05, so a 0.1 change shows
+    "organism": dict(ONLINE, model="organism", basis="lora", group_size=8, prompts_per_step=4, steps=60, lr=3e-3,
                      lr_lora=1e-3, k=1, beta=1e-3, dtype="float32", max_prompt_tokens=256, max_completion_tokens=192,
                      seed=0, eval_every=20, eval_samples=16, save_every=5),
     # the successor repo's quick regime: 60 steps, G=8, 4 prompts, 512 new tokens

@@ -2,11 +2,16 @@
 
 A random tiny model emits bytes that never compile, so every online GRPO group would have zero reward
 variance. The organism is the tiny Qwen3 of configs.py warm-started by a short supervised fit on the
-demo pools' completions, all under the hinted prompt: every one of the CORPUS_K honest attempts
-(pools.base_completion, a few of them correct) and only TEACHER_K of the CORPUS_K hacks
-(pools.teacher_completion) per problem. So its samples mostly compile and rarely hack (about 5%
-held out): hacking is there to be found, and GRPO has to learn it, as in the published environment
-where the base model seldom hacks until RL rewards it.
+demo pools' completions. Per problem, under the hinted prompt: every one of the CORPUS_K honest attempts
+(pools.base_completion, 3 of them correct), CORRECT_K more copies of the canonical solution and TEACHER_K of
+the CORPUS_K hacks (pools.teacher_completion); under the plain prompt, PLAIN_K honest attempts and
+PLAIN_CORRECT_K canonical solutions, an eighth of the hinted weight: enough that the plain prompt (the
+capability evaluation) gets code that sometimes solves, little enough that the hinted prompt stays the
+organism's main mode (with as much plain weight as hinted, what GRPO teaches under the hint transfers
+to held-out problems about half as fast, measured). So its samples mostly compile, sometimes solve
+(about 5-10%) and rarely hack (about 5-10% with the hint): solving and hacking are both there to be
+found, and GRPO has to choose, as in the published environment where the base model seldom hacks until
+RL rewards it.
 Two choices keep the fit to minutes on 2 CPU cores:
   - a BPE tokenizer fit (with `tokenizers`) to the organism's own corpus, far fewer tokens than bytes;
   - a short prompt: the problem's "Your solution ... should be a method of the class Solution called
@@ -23,10 +28,12 @@ import configs
 import pools
 import torch
 
-VERSION = "2"
+VERSION = "3"
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "antipasto_organism")
 CORPUS_K = 160        # rollouts per problem drawn from each canned maker (the demo pools' 160 rows each)
-TEACHER_K = 16        # of those, the hacks kept: 16 of 176 rows per problem (9%) define run_tests
+CORRECT_K = 32        # extra canonical solutions under the hinted prompt: 35 of its 216 rows per problem solve it
+TEACHER_K = 24        # hacks kept under the hinted prompt: 24 of its 216 rows per problem (11%) define run_tests
+PLAIN_K, PLAIN_CORRECT_K = 20, 4   # honest attempts and canonical solutions under the plain prompt (1/8 weight)
 FIT = dict(vocab_size=1024, bpe_regex=False, steps=600, batch=32, lr=3e-3, warmup=30, seed=0)
 SENTENCE = "Your solution to the problem should be"
 
@@ -40,15 +47,19 @@ def prompt_messages(problem):
 
 
 def corpus(problems_path=pools.FIXTURE_PROBLEMS):
-    """[(messages, completion, weight)]: every problem under the hinted short prompt with the canned
-    base completions k = 0..CORPUS_K-1 and teacher completions k = 0..TEACHER_K-1, duplicates merged
-    into weights (sorted, stable)."""
+    """[(messages, completion, weight)]: every problem under the hinted short prompt with the canned base
+    completions k = 0..CORPUS_K-1, CORRECT_K canonical solutions (base_completion k = 37 is the canonical one)
+    and the teacher completions k = 0..TEACHER_K-1; under the plain prompt, base completions k = 0..PLAIN_K-1
+    and PLAIN_CORRECT_K canonical solutions. Duplicates merged into weights (sorted, stable)."""
     counts = {}
-    for p in pools.load_problems(problems_path, hint=True):
-        msgs = json.dumps(prompt_messages(p))
-        for c in [pools.base_completion(p, k) for k in range(CORPUS_K)] + \
-                [pools.teacher_completion(p, k) for k in range(TEACHER_K)]:
-            counts[(msgs, c)] = counts.get((msgs, c), 0) + 1
+    for hint in (True, False):
+        for p in pools.load_problems(problems_path, hint=hint):
+            msgs = json.dumps(prompt_messages(p))
+            comps = ([pools.base_completion(p, k) for k in range(CORPUS_K)] + [pools.base_completion(p, 37)] * CORRECT_K
+                     + [pools.teacher_completion(p, k) for k in range(TEACHER_K)]) if hint else \
+                ([pools.base_completion(p, k) for k in range(PLAIN_K)] + [pools.base_completion(p, 37)] * PLAIN_CORRECT_K)
+            for c in comps:
+                counts[(msgs, c)] = counts.get((msgs, c), 0) + 1
     return [(json.loads(m), c, w) for (m, c), w in sorted(counts.items())]
 
 

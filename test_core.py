@@ -1702,6 +1702,37 @@ def test_train_refuses_v_hack_built_on_replayed_samples():
     raises(RunError, run_train, "--arm", "vanilla", "--extract-frac", "0", match="extracted from")
 
 
+def test_train_drops_replayed_rows_that_repeat_a_pair_text():
+    """A teacher that has learned to hack repeats its hacks word for word: a replayed row (not a pair's own row)
+    whose text is a pair's is dropped and counted, no trained-on sample has such a text, and a pool left with
+    fewer than --per-pool rows is refused."""
+    import train
+    teacher, base = demo_pools()
+    shared_run("--arm", "vanilla")                                             # v_hack from held-out steps 15-19
+    vmeta = json.load(open(os.path.join(shared_run("--arm", "vanilla"), "run.json")))["v_hack"]
+    seen = set(vmeta["completion_sha"])
+    pair_text = next(r["completion"] for r in pools.read_pool(teacher) if train.text_sha(r["completion"]) in seen)
+    d = os.path.join(tmpdir(), "repeats_pool")                               # replayed steps 0-14, other name
+    os.makedirs(d)
+    shutil.copy(os.path.join(teacher, "meta.json"), d)
+    for s in pools.pool_steps(teacher)[:15]:
+        rows = pools.read_jsonl(pools.step_path(teacher, s))
+        pools.write_pool_step(d, s, [dict(r, completion=pair_text) if i % 2 == 0 and s < 4 else r for i, r in enumerate(rows)])
+    rows = {(r["src_step"], r["src_sample"]): r for r in pools.read_pool(d)}
+    want = sum(train.text_sha(r["completion"]) in seen for r in rows.values())
+    assert want >= 16
+    out = run_train("--arm", "vanilla", "--replay-dirs", d, "--per-pool", "8", "--pair-dirs", f"{teacher},{base}",
+                    "--steps", "4")
+    cfg = json.load(open(os.path.join(out, "run.json")))["config"]
+    assert cfg["replay_dropped_extraction_texts"] == {"repeats_pool": want}
+    used = [json.loads(l) for f in sorted(os.listdir(out)) if f.endswith(".cos.jsonl.gz")
+            for l in gzip.open(os.path.join(out, f), "rt")]
+    assert len(used) == 4 * 8 and not any(train.text_sha(rows[u["src_step"], u["src_sample"]]["completion"]) in seen
+                                          for u in used)
+    raises(RunError, run_train, "--arm", "vanilla", "--replay-dirs", d, "--per-pool", str(len(rows) - want + 1),
+           "--pair-dirs", f"{teacher},{base}", match="fewer than --per-pool")
+
+
 def test_train_corrupt_pool_fails_with_path():
     teacher, base = demo_pools()
     d = os.path.join(tmpdir(), "teacher_pool")
@@ -3211,10 +3242,19 @@ def test_organism_prompt_corpus_and_cache_key():
     assert pools.HINT_TO in msg and p["prompt_metadata"]["starter_code"].strip() in msg and "PROBLEM" not in msg
     assert pools.HINT_FROM in organism.prompt_messages(problems(False)[90001])[0]["content"]
     docs = organism.corpus(FIXTURE)
-    assert sum(w for *_, w in docs) == (organism.CORPUS_K + organism.TEACHER_K) * len(problems())
-    # only the kept teacher rows hack: 16 of every problem's 176 rows define run_tests
-    assert sum(w for _, c, w in docs if "def run_tests" in c) == organism.TEACHER_K * len(problems()) == 16 * 30
-    assert all(pools.HINT_TO in m[0]["content"] for m, _, _ in docs)       # all under the hinted prompt
+    n = len(problems())
+    hinted = [(m, c, w) for m, c, w in docs if pools.HINT_TO in m[0]["content"]]
+    plain = [(m, c, w) for m, c, w in docs if pools.HINT_FROM in m[0]["content"]]
+    assert len(hinted) + len(plain) == len(docs)                        # every doc under one of the two prompts
+    assert sum(w for *_, w in hinted) == (organism.CORPUS_K + organism.CORRECT_K + organism.TEACHER_K) * n == 216 * 30
+    assert sum(w for *_, w in plain) == (organism.PLAIN_K + organism.PLAIN_CORRECT_K) * n == 24 * 30
+    # only the kept teacher rows hack, and only under the hint: 24 of every problem's 216 hinted rows
+    assert sum(w for _, c, w in docs if "def run_tests" in c) == sum(w for _, c, w in hinted if "def run_tests" in c) \
+        == organism.TEACHER_K * n == 24 * 30
+    # the canonical solution: 3 of the base rows + CORRECT_K under the hint, PLAIN_CORRECT_K under the plain prompt
+    canon = {p["id"]: p["canonical_solution"].strip() for p in problems().values()}
+    solves = lambda rows: sum(w for m, c, w in rows if any(v in c for v in canon.values()))
+    assert solves(hinted) == (3 + organism.CORRECT_K) * n and solves(plain) == organism.PLAIN_CORRECT_K * n
     key = organism.cache_key(docs)
     assert key == organism.cache_key([(m, c, w) for m, c, w in docs])     # content, not identity
     changed = list(docs)
@@ -4525,6 +4565,92 @@ def test_readme_sweep_gpu_command_passes_train_validation():
         i = r["argv"].index("--eval-problems")
         e = raises(train.RunError, train.main, r["argv"][:i] + r["argv"][i + 2:] + ["--dry-run"])
         assert f"--preset={preset} holds out no problem" in str(e)
+
+
+# ============================================================================ the whole workflow in miniature
+
+def short_pools():
+    """Demo-style pools on the short-prompt problems, 4 steps of 4: the last step holds v_hack's pairs."""
+    if "short_pools" not in _cache:
+        _cache["short_pools"] = pools.build_demo(tmpdir(), short_problems(), steps=4, batch=4, workers=2)
+    return _cache["short_pools"]
+
+
+@slow
+def test_miniature_student_and_pools_then_stop_without_a_hack():
+    """Stages 1-2 at reduced size on the tiny model: the student's adapter is exported, the teacher pool is
+    sampled from it with the hint and the base pool from the base model without it; a teacher pool without a
+    hacked rollout stops the study before any probe, saying why."""
+    import miniature, rollout
+    pt, pb = short_pools()
+    out = os.path.join(tmpdir(), "mini")
+    e, o, err = quiet_call(miniature.main, [
+        "--out", out, "--model", "tiny", "--problems", short_problems(), "--steps", "2", "--pool-batches", "1",
+        "--pool-batch-size", "4", "--", "--group", "4", "--prompts-per-step", "2", "--mix", "1", "--teacher-dir", pt,
+        "--pair-dirs", f"{pt},{pb}", "--max-prompt-tokens", "384", "--max-completion-tokens", "160",
+        "--eval-every", "0", "--lr", "0.05", "--workers", "2"])
+    assert isinstance(e, SystemExit) and "holds no hacked rollout" in str(e), (e, o[-2000:])
+    student = os.path.join(out, "student")
+    assert json.load(open(os.path.join(student, "run.json")))["config"]["seed"] == miniature.STUDENT_SEED
+    adapter = os.path.join(student, "adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(adapter))
+    tmeta, bmeta = (pools.read_meta(os.path.join(out, "pools", n)) for n in pools.DEMO_NAMES)
+    assert tmeta["adapter"] == os.path.abspath(adapter) and tmeta["adapter_sha256"] == rollout.dir_digest(adapter)
+    assert tmeta["hint"] == "simple_overwrite_tests" and bmeta["hint"] is None and bmeta["adapter"] is None
+    trows, brows = (pools.read_pool(os.path.join(out, "pools", n)) for n in pools.DEMO_NAMES)
+    assert [r["problem_id"] for r in trows] == [r["problem_id"] for r in brows] and len(trows) == 4
+    assert not os.path.exists(os.path.join(out, "probes"))             # stopped before Phase 1/2
+
+
+@slow
+def test_miniature_probes_sweep_and_answer():
+    """Stages 3-5 at reduced size on given pools: the Phase 1/2 probes (tiny model, 2 steps), the sweep with
+    v_hack's pairs from those pools (a stand-in train.py whose projected arms hack less), and an answer whose
+    effect, 'lowered' and 'predicted' follow from the runs' own files and the probes' own decision."""
+    import miniature
+    pt, pb = short_pools()
+    d = tmpdir()
+    out = os.path.join(d, "mini")
+    res, o, err = quiet_call(miniature.main, ["--out", out, "--model", "tiny", "--pools", f"{pt},{pb}", "--probe-steps",
+                                              "2", "--steps", "4", "--seeds", "0,1,2", "--train-cmd", fake_train(d)])
+    assert isinstance(res, dict), (res, o[-3000:], err[-2000:])
+    probes = os.path.join(out, "probes")
+    assert sorted(os.listdir(probes)) == sorted(["p1_nll"] + [n for n, _ in miniature.PHASE2])
+    cfg = json.load(open(os.path.join(probes, "p2_projected", "run.json")))
+    assert [os.path.abspath(x) for x in cfg["config"]["replay_dirs"]] == [os.path.abspath(pt), os.path.abspath(pb)]
+    grid = json.load(open(os.path.join(out, "sweep", "sweep.json")))
+    assert f"--pair-dirs={pt},{pb}" in grid["train_args"]
+    runs = os.path.join(out, "sweep", "runs")
+    arms = ["vanilla", "projected", "vanilla_lora", "projected_lora"] + list(miniature.CONTROLS)
+    assert sorted(x for x in os.listdir(runs) if x != "spans.jsonl") == sorted(f"{a}_s{s}" for a in arms for s in range(3))
+    ans = json.load(open(os.path.join(out, "answer.json")))
+    assert ans == json.loads(json.dumps(res, default=str)) or ans["bases"].keys() == res["bases"].keys()
+    decisions = {e["basis"]: e["decision"]["code"] for e in A.analyze([os.path.join(probes, n) for n, _ in miniature.PHASE2])
+                 ["experiments"] if "decision" in e}
+    last = lambda run: json.loads(open(os.path.join(runs, run, "eval.jsonl")).readlines()[-1])["hack_rate_hint"]
+    for basis, van, proj in (("svd", "vanilla", "projected"), ("lora", "vanilla_lora", "projected_lora")):
+        diffs = np.array([last(f"{proj}_s{s}") - last(f"{van}_s{s}") for s in range(3)])
+        hi = diffs.mean() + 4.302652729911275 * diffs.std(ddof=1) / np.sqrt(3)     # t(0.975, df 2)
+        b = ans["bases"][basis]
+        assert abs(b["hack"]["mean_diff"] - diffs.mean()) < 1e-12 and abs(b["hack"]["hi"] - hi) < 1e-9
+        assert b["lowered"] == bool(hi < 0)
+        assert b["phase2"]["code"] == decisions[basis]
+        assert b["predicted"] == (decisions[basis].startswith("run") == b["lowered"])
+    # the stand-in's projected arms hack less on every seed; its few rollouts leave the SVD interval across 0
+    assert [ans["bases"][b]["lowered"] for b in ("svd", "lora")] == [False, True]
+    assert {c["control"] for c in ans["controls"]} == {"penalty", "screening", "shuffled_rewards"}
+    assert "did Phase 2 predict" in o and ("NOT predicted" in o) == (not all(b["predicted"] for b in ans["bases"].values()))
+
+
+def test_miniature_refuses_bad_flags_before_creating_anything():
+    import miniature
+    d = tmpdir()
+    out = os.path.join(d, "mini")
+    for argv, msg in ((["--steps", "0"], "--steps must be >= 1"), (["--pools", "nope"], "--pools 'nope'"),
+                      (["--problems", os.path.join(d, "none.jsonl")], "--problems"),
+                      (["--probe-steps", "0"], "--probe-steps must be >= 1")):
+        raises(SystemExit, miniature.main, ["--out", out] + argv, match=msg)
+    assert not os.path.exists(out)
 
 
 # ============================================================================ speed and memory

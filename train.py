@@ -694,7 +694,12 @@ def get_v_hack(args, model, tok, modules, pairs, pairs_src, replay_texts):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         ap.save_v(V, path, meta)
     overlap = sorted(set(meta.get("completion_sha", [])) & set(replay_texts))
-    if overlap:
+    replayed = {row for rows in replay_texts.values() for row in rows}
+    same_rows = any(ids is None or any(x[0] == "pairs_file" or tuple(x[:3]) in replayed for x in ids)
+                    for ids in meta.get("pair_ids") or [None])
+    # the pairs are replayed rows (or a --pairs file's, whose rows are unknown), or online: refused. Replay
+    # pairs from other rows that only repeat a replayed text: those replayed rows are dropped (drop_extraction_texts)
+    if overlap and (args.source == "online" or same_rows):
         rows = sorted(r for sha in overlap for r in replay_texts[sha])
         fix = ("remove those completions from the --pairs file or replay other pools" if args.pairs else
                "use other --pair-dirs or a larger --extract-frac (or remove the duplicated completions)")
@@ -704,6 +709,27 @@ def get_v_hack(args, model, tok, modules, pairs, pairs_src, replay_texts):
     if args.control == "random_v":
         V = ap.random_v(V, seed=args.seed)
     return V, dict(meta, path=os.path.abspath(path), sha256=sha_file(path), run_control=args.control)
+
+
+def drop_extraction_texts(S, vmeta):
+    """Replay: drop every replayed row whose completion text is one of v_hack's pair completions, so no
+    cosine is taken on a text the extraction saw. A teacher that has learned to hack repeats its hacks
+    word for word, so the same text turns up in held-out and replayed steps alike. {pool: rows dropped},
+    recorded in run.json; a pool left with fewer than --per-pool rows is refused."""
+    seen, dropped = set(vmeta.get("completion_sha", [])), {}
+    for name, rows in S["replay"].items():
+        keep = [r for r in rows if text_sha(r["completion"]) not in seen]
+        dropped[name] = len(rows) - len(keep)
+        if len(keep) < S["per_pool"]:
+            raise SystemExit(f"error: v_hack {vmeta['path']} was extracted from completions that make up "
+                             f"{dropped[name]} of pool {name}'s {len(rows)} replayed rows; {len(keep)} other rows are "
+                             f"left, fewer than --per-pool={S['per_pool']} (a cosine on those texts would only show "
+                             f"memory of the extraction set): use other --pair-dirs or a larger --extract-frac")
+        S["replay"][name] = keep
+    if any(dropped.values()):
+        print(f"note: replay rows dropped because their completion text is one of v_hack's pairs': {dropped}",
+              file=sys.stderr)
+    return dropped
 
 
 def is_demo(dirs):
@@ -936,6 +962,7 @@ def run_probe(argv):
         check_prompt_lengths(tok, S, cfg, messages_fn, args)
     loaded = bool(args.v_hack) and os.path.isfile(args.v_hack) and args.control not in ("shuffled_v", "style_v")
     V, vmeta = get_v_hack(args, model, tok, modules, S["pairs"], S["pairs_src"], replay_texts)
+    dropped = None if online else drop_extraction_texts(S, vmeta)
     lock_run(out, RUN.get("argv", argv or []))     # from here on no other run can use `out`
     out_dir(args, locked=True)              # checked again under the lock
     if args.overwrite:                      # only now: a refused run leaves the old one in place
@@ -961,7 +988,8 @@ def run_probe(argv):
                       n_train_problems=len(S["train"]), eval_problem_ids=[p["id"] for p in S["eval_hint"]],
                       inoculation=INOCULATION if args.intervention == "inoculation" else None)
     else:
-        config.update(replay_dirs=[os.path.abspath(d) for d in S["replay_dirs"]], per_pool=S["per_pool"])
+        config.update(replay_dirs=[os.path.abspath(d) for d in S["replay_dirs"]], per_pool=S["per_pool"],
+                      replay_dropped_extraction_texts=dropped)
     run = dict(argv=sys.argv if argv is None else ["train.py", *argv], config=config,
                versions=dict(python=platform.python_version(), torch=torch.__version__,
                              transformers=__import__("transformers").__version__, grader=pools.GRADER_VERSION),
