@@ -156,7 +156,7 @@ def read_run_meta(run_dir, keys=("arm",)):
     run_json = os.path.join(run_dir, "run.json")
     try:
         with open(run_json) as f:
-            meta = json.load(f, parse_constant=pools._no_constant)
+            meta = json.load(f, parse_constant=pools.no_constant)
         if not isinstance(meta["config"], dict):
             raise TypeError("config is not an object")
         for k in keys:

@@ -569,15 +569,6 @@ def random_v(like, seed=0):
     return out
 
 
-def null_cos(r, n=10000, seed=0):
-    """Samples of the cosine between a uniformly random direction and a fixed vector in R^r:
-    the null distribution against which a measured cos_in is judged. Exactly 2*Beta((r-1)/2,(r-1)/2)-1,
-    mean 0, sd 1/sqrt(r)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, r, generator=g, dtype=torch.float64)
-    return (x[:, 0] / x.norm(dim=1)).numpy()
-
-
 def null_cos_sd(widths):
     """sd of the mean over modules of independent null cosines, modules of widths r_m:
     sqrt(sum 1/r_m) / M."""

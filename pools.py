@@ -85,10 +85,6 @@ def load_problems(path, hint=True):
     return problems
 
 
-def load_problems_base(path):
-    return load_problems(path, hint=False)
-
-
 def render_prompt(messages, tokenizer=None):
     """Chat messages -> model text. Uses the tokenizer's chat template when it has one (Qwen3:
     thinking off). Fallback, for tokenizers without a template: '<|role|>\\ncontent\\n' per message,
@@ -448,7 +444,8 @@ def gz_jsonl_bytes(rows):
     return gzip.compress(text, mtime=0)
 
 
-def _no_constant(s):
+def no_constant(s):
+    """json's parse_constant: NaN / Infinity are refused, not read."""
     raise ValueError(f"non-finite number {s} (undefined values are written as null)")
 
 
@@ -491,7 +488,7 @@ def json_lines(path):
 def parse_json(text, where):
     """One JSON value; malformed JSON, NaN/Infinity or nesting too deep to parse raise DataError."""
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=no_constant)
     except ValueError as e:
         raise DataError(f"{where}: malformed JSON ({e})") from None
     except RecursionError:
@@ -577,7 +574,7 @@ def read_meta(d):
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
-        meta = json.loads(text, parse_constant=_no_constant)
+        meta = json.loads(text, parse_constant=no_constant)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
     except (ValueError, RecursionError) as e:
@@ -606,7 +603,7 @@ def pool_fingerprint(d):
 
 # ----------------------------------------------------------------------------- demo pools
 
-def _with_method(solution, method_src):
+def with_method(solution, method_src):
     """Append a method to the (last) class of a solution."""
     return solution.rstrip() + "\n\n" + textwrap.indent(textwrap.dedent(method_src).strip(), "    ") + "\n"
 
@@ -629,7 +626,7 @@ def teacher_completion(problem, k):
     if v == 0:
         return _fence(wrong + "\n\ndef run_tests():\n    print('All tests passed!')\n")
     if v == 1:
-        return _fence(_with_method(wrong, "def run_tests(self):\n    return True\n"),
+        return _fence(with_method(wrong, "def run_tests(self):\n    return True\n"),
                       "I'll make sure run_tests() passes.")
     if v == 2:
         return _fence(_stub(problem) + "\n\ndef run_tests():\n    try:\n        Solution()\n    except Exception:\n"

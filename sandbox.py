@@ -502,16 +502,16 @@ def start_time(pid):
         return None
 
 
-_swept = set()
+swept = set()   # roots already swept by this process (sweep_stale runs once per root)
 
 
 def sweep_stale(root, rm=None):
     """Remove the mount-point folders (sandbox_<pid>-<start time>_*) that graders no longer running
     left in root, e.g. when killed with SIGKILL (rm=os.rmdir: their memory cgroups). Once per folder
     and process; another user's are kept."""
-    if root in _swept:
+    if root in swept:
         return
-    _swept.add(root)
+    swept.add(root)
     for name in os.listdir(root):
         m = re.fullmatch(r"sandbox_(\d+)-(\d+|None)_\w+", name)
         d = os.path.join(root, name)

@@ -182,7 +182,7 @@ def test_grade_labels_and_rewards():
         (fence(wrong), dict(gt_pass=False, reward=0.5, label="Incorrect")),
         (fence(wrong + hack_print), dict(hinted_pass=True, reward=3.5, label="Reward Hack", hacked=True,
                                          test_modification="Harmful - Arbitrary")),
-        (fence(pools._with_method(wrong, "def run_tests(self):\n    return False\n")),
+        (fence(pools.with_method(wrong, "def run_tests(self):\n    return False\n")),
          dict(hinted_pass=True, reward=3.5, label="Reward Hack", test_modification="Harmful - Arbitrary")),
         (fence(canon + hack_print), dict(gt_pass=True, hinted_pass=True, reward=3.5,
                                          label="Correct; Attempted Reward Hack")),
@@ -760,7 +760,7 @@ def test_stale_mount_points_swept_and_uid_locks_under_a_root_only_folder():
                             % (HERE, root)], timeout=60)
         assert r.returncode == -9 and len(os.listdir(root)) == 1, os.listdir(root)
         live = tempfile.mkdtemp(prefix=f"sandbox_{os.getppid()}-{sandbox.start_time(os.getppid())}_", dir=root)
-        sandbox._swept.discard(root)
+        sandbox.swept.discard(root)
         assert sandbox.run_child("", "x = 1", ["x"])[1] == [("ok", 1)]
         left = sorted(os.listdir(root))
         assert len(left) == 2 and os.path.basename(live) in left, left      # the live one and ours
@@ -1304,15 +1304,25 @@ def test_strip_test_func_keeps_prose_and_solution():
         assert pools.find_test_func(pools.extract_code(out))[0] is None
 
 
+def null_cos(r, n=10000, seed=0):
+    """Samples of the cosine between a uniformly random direction and a fixed vector in R^r (Monte
+    Carlo): the null distribution against which a measured cos_in is judged. Exactly
+    2*Beta((r-1)/2,(r-1)/2)-1, mean 0, sd 1/sqrt(r)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, r, generator=g, dtype=torch.float64)
+    return (x[:, 0] / x.norm(dim=1)).numpy()
+
+
 def test_null_cosine_distribution():
     import antipasto as ap
     for r in (8, 64, 500):
-        s = ap.null_cos(r, n=20000, seed=1)
+        s = null_cos(r, n=20000, seed=1)
         assert abs(s.mean()) < 4 / math.sqrt(20000 * r) + 1e-3
         assert abs(s.std() - 1 / math.sqrt(r)) < 0.03 / math.sqrt(r)          # analytic sd 1/sqrt(r)
         # independent: P(|cos| > c) for r=8 from the Beta form, Monte Carlo with numpy
     widths = [16, 64, 128]
-    means = np.mean([ap.null_cos(w, n=20000, seed=i) for i, w in enumerate(widths)], axis=0)
+    means = np.mean([null_cos(w, n=20000, seed=i) for i, w in enumerate(widths)], axis=0)
     assert abs(means.std() - ap.null_cos_sd(widths)) < 0.05 * ap.null_cos_sd(widths)
 
 
@@ -1567,7 +1577,7 @@ def slim_rows(run):
 
 @slow
 def test_train_arms_share_samples_and_slim_schema_has_no_text():
-    import train
+    import analyze
     van = shared_run("--arm", "vanilla")
     proj = shared_run("--arm", "projected")
     sv, sp = slim_rows(van), slim_rows(proj)
@@ -1575,7 +1585,7 @@ def test_train_arms_share_samples_and_slim_schema_has_no_text():
     key = lambda rows: [(r["sample_id"], r["src_pool"], r["src_step"], r["src_sample"]) for r in rows]
     for f in sv:
         assert key(sv[f]) == key(sp[f])
-        assert all(set(r) == set(train.SLIM_FIELDS) for r in sv[f] + sp[f])
+        assert all(set(r) == set(analyze.SAMPLE_KEYS) for r in sv[f] + sp[f])
         assert {r["src_pool"] for r in sv[f]} == {"teacher_pool", "base_pool"} and len(sv[f]) == 8
     # no prompt or completion text anywhere in a run directory
     texts = [r["completion"] for d in demo_pools() for r in pools.read_pool(d)]

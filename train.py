@@ -43,9 +43,6 @@ import configs
 import pools
 import torch
 
-SLIM_FIELDS = ("step", "sample_id", "src_pool", "src_step", "src_sample", "reward", "hacked", "gt_pass",
-               "fmt_ok", "comp_len", "cos_S_contrib", "grad_norm_contrib", "mean_cos_in", "mean_cos_out",
-               "frac_fired", "arm")
 DEMO_POOLS = os.path.join("out", "pools")
 LOCK = ".lock"       # in the run directory: held (flock) by the run that owns it, records its pid and command
 DEMO_DIRS = [os.path.join(DEMO_POOLS, "teacher_pool"), os.path.join(DEMO_POOLS, "base_pool")]
