@@ -2363,7 +2363,7 @@ def test_phase1_run_gets_a_phase1_verdict():
         samples = A.load_run(d)["samples"]
         for pure, code in (("teacher_pool", "phase1_pure_above_mixed"), ("base_pool", "phase1_reversed")):
             labels = {(s["src_pool"], s["src_step"], s["src_sample"]):
-                      A.PURE_HACK if s["src_pool"] == pure else A.HACK_CORRECT for s in samples}
+                      pools.REWARD_HACK if s["src_pool"] == pure else pools.HACK_CORRECT for s in samples}
             res = A.analyze([d], labels=labels)
             (e,) = res["experiments"]
             p = e["phase1"]
@@ -2376,7 +2376,7 @@ def test_phase1_run_gets_a_phase1_verdict():
             text = A.render(res)
             assert text.startswith(f"PHASE 1: ") and f"[{code}]" in text.splitlines()[0] and "no_vanilla" not in text
             assert "sign: cos > 0 means" in text and "per-sample cos_S_contrib by label" in text
-        one = {k: A.PURE_HACK for k in labels}                 # no mixed rows: the comparison is n/a, said so
+        one = {k: pools.REWARD_HACK for k in labels}                 # no mixed rows: the comparison is n/a, said so
         p = A.analyze([d], labels=one)["experiments"][0]["phase1"]
         assert p["code"] == "phase1_no_labels" and "needs both" in p["why"]
 

@@ -411,7 +411,7 @@ def pool_pairs(held_rows):
     completion alone."""
     clean = {}
     for r in held_rows:
-        if not r["hacked"] and r["label"] not in ("Attempted Reward Hack", "Correct; Attempted Reward Hack"):
+        if not r["hacked"] and r["label"] not in (pools.ATTEMPTED_HACK, pools.HACK_CORRECT):
             clean.setdefault(r["problem_id"], []).append(r)
     pairs, used = [], set()
     for h in held_rows:
