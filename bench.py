@@ -220,7 +220,7 @@ def print_row1(res, where):
 
 def demo_rows(tmp):
     """The demo pools' rows (out/pools when built, else built once into `tmp`)."""
-    dirs = [os.path.join("out", "pools", n) for n in ("teacher_pool", "base_pool")]
+    dirs = [os.path.join(pools.DEMO_OUT, n) for n in pools.DEMO_NAMES]
     if not all(os.path.isdir(d) for d in dirs):
         with contextlib.redirect_stdout(io.StringIO()):
             dirs = pools.build_demo(os.path.join(tmp, "pools"), workers=os.cpu_count())

@@ -650,7 +650,8 @@ def base_completion(problem, k):
     return _fence(problem["demo_wrong_solutions"][k % 2], "Let me try.")
 
 
-DEMO_NAMES = ("teacher_pool", "base_pool")
+DEMO_NAMES = ("teacher_pool", "base_pool")   # the hinted pool, then the plain one
+DEMO_OUT = os.path.join("out", "pools")       # where the demo pools live (pools.py demo's --out default)
 DEMO_SOURCE = "demo:canned-completions"
 
 
@@ -708,8 +709,9 @@ def _build_demo_into(out, problems_path, steps, batch, seed, workers):
     order = list(range(len(hinted)))
     random.Random(seed).shuffle(order)
     digest = file_digest(problems_path)
-    for name, probs, make, hint in (("teacher_pool", hinted, teacher_completion, True),
-                                    ("base_pool", plain, base_completion, False)):
+    teacher, base = DEMO_NAMES
+    for name, probs, make, hint in ((teacher, hinted, teacher_completion, True),
+                                    (base, plain, base_completion, False)):
         d = os.path.join(out, name)
         cells = [(s, i, probs[order[(s * batch + i) % len(order)]]) for s in range(steps) for i in range(batch)]
         # the numbered opening makes every canned completion a distinct text, like sampled rollouts
@@ -985,7 +987,7 @@ def main(argv=None):
                        description="Build the demo pools teacher_pool (hinted, canned hacks) and base_pool "
                                    "(no hint, honest attempts), every row labelled by the grader. Kept when "
                                    "they exist already; built atomically (both or nothing).")
-    a.add_argument("--out", default="out/pools", help="directory that receives teacher_pool/ and base_pool/")
+    a.add_argument("--out", default=DEMO_OUT, help="directory that receives teacher_pool/ and base_pool/")
     a.add_argument("--problems", default=FIXTURE_PROBLEMS, help="problem file (the benchmark's JSON Lines format)")
     a.add_argument("--steps", type=int, default=20, help="steps per pool")
     a.add_argument("--batch", type=int, default=8, help="rollouts per step")

@@ -43,9 +43,8 @@ import configs
 import pools
 import torch
 
-DEMO_POOLS = os.path.join("out", "pools")
 LOCK = ".lock"       # in the run directory: held (flock) by the run that owns it, records its pid and command
-DEMO_DIRS = [os.path.join(DEMO_POOLS, "teacher_pool"), os.path.join(DEMO_POOLS, "base_pool")]
+DEMO_DIRS = [os.path.join(pools.DEMO_OUT, n) for n in pools.DEMO_NAMES]
 EMBEDDED = ("tiny", "organism")   # the models built in code; only they take v_hack and --mix rows from the demo pools
 ONLINE_KEYS = ("problems", "eval_problems", "eval_frac", "group_size", "prompts_per_step", "mix", "inner_epochs",
                "clip_eps", "beta", "temperature", "top_p", "eval_every", "eval_samples", "micro_batch", "gen_batch")
@@ -832,8 +831,8 @@ def replay_setup(args):
 
 def ensure_demo(dirs):
     if any(d in DEMO_DIRS for d in dirs) and not all(os.path.isdir(d) for d in DEMO_DIRS):
-        print(f"building demo pools in {DEMO_POOLS} (once) ...", file=sys.stderr)
-        pools.build_demo(DEMO_POOLS)
+        print(f"building demo pools in {pools.DEMO_OUT} (once) ...", file=sys.stderr)
+        pools.build_demo(pools.DEMO_OUT)
 
 
 def read_pools(args, replay_dirs, pair_dirs):
