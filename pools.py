@@ -22,7 +22,7 @@ CLI:
     python pools.py import ROLLOUTS.jsonl --problems PROBLEMS.jsonl --out DIR [--no-hint]   # your own rollouts
     python pools.py generate --model M (--hint | --no-hint) --out DIR   # sample a pool from a model
 """
-import argparse, ast, gzip, hashlib, json, os, re, shutil, signal, stat, sys, tempfile, textwrap, threading, time, zlib
+import argparse, ast, fcntl, gzip, hashlib, json, os, re, shutil, signal, stat, sys, tempfile, textwrap, threading, time, zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -439,6 +439,27 @@ def atomic_write(path, data: bytes):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def hold_lock(path, holder=None):
+    """Take the flock of `path` (created if absent) without waiting. (open file, None) when taken: held
+    until the file is closed or the process dies (the kernel drops a flock then, so a lock file a killed
+    process left never blocks), `holder` (e.g. 'pid N: command') written into it. (None, what the
+    holder wrote) when another process holds it."""
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip() or "pid unknown"
+        f.close()
+        return None, owner
+    if holder is not None:
+        f.seek(0)
+        f.truncate()
+        f.write(holder + "\n")
+        f.flush()
+    return f, None
 
 
 def gz_jsonl_bytes(rows):

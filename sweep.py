@@ -457,12 +457,9 @@ def launch(sweep, run, device):
 def lock_sweep(out):
     """Hold OUT/.lock (flock) for this process: a second sweep of the same directory is refused; the kernel
     drops the lock when the process dies."""
-    import fcntl
-    f = open(os.path.join(out, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise SystemExit(f"error: {out} is in use by another sweep.py; wait for it or use another --out") from None
+    f, _ = pools.hold_lock(os.path.join(out, ".lock"))
+    if f is None:
+        raise SystemExit(f"error: {out} is in use by another sweep.py; wait for it or use another --out")
     return f
 
 

@@ -36,7 +36,7 @@ reference (knobs zeroed). Writes a run directory:
 A real model (not tiny or organism) online needs --pair-dirs (or --pairs) or an existing --v-hack file,
 and --teacher-dir with --mix: the demo pools are canned text. Every run prints where v_hack came from.
 """
-import argparse, fcntl, hashlib, io, json, math, os, platform, random, shlex, shutil, sys, time
+import argparse, hashlib, io, json, math, os, platform, random, shlex, shutil, sys, time
 
 import antipasto as ap   # first: it pins MKL's reproducible mode before torch loads
 import configs
@@ -589,32 +589,20 @@ def lock_owner(out):
     path = os.path.join(out, LOCK)
     if not os.path.isfile(path):
         return None
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            return f.read().strip() or "pid unknown"
-    return None
+    f, owner = pools.hold_lock(path)
+    if f is not None:
+        f.close()
+    return owner
 
 
 def lock_run(out, argv):
     """Create `out` and hold its lock for the rest of this run (released in main, or by the kernel
     when the process dies); refuse when another run holds it."""
     os.makedirs(out, exist_ok=True)
-    f = open(os.path.join(out, LOCK), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        owner = f.read().strip() or "pid unknown"
-        f.close()
+    f, owner = pools.hold_lock(os.path.join(out, LOCK), f"pid {os.getpid()}: python train.py {shlex.join(argv)}")
+    if f is None:
         raise SystemExit(f"error: run directory {out} is in use by another run ({owner}); wait for it to "
-                         f"finish or pass another --out") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()}: python train.py {shlex.join(argv)}\n")
-    f.flush()
+                         f"finish or pass another --out")
     RUN["lock"] = f
 
 
