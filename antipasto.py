@@ -92,12 +92,15 @@ def token_sum(a, b):
     return out
 
 
-def weight_digest(w):
-    """sha256 of a weight's dtype, shape and raw bytes: the SVD cache key and the model fingerprint."""
-    t = w.detach().contiguous().cpu()
-    raw = t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t
-    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(raw.numpy().tobytes())
+def weight_digest(*tensors, extra=""):
+    """sha256 over a tag and each tensor's dtype, shape and raw bytes: of one weight, the SVD cache key and
+    the model fingerprint; of a LoRA module's weight, A and scaling, its basis' identity (lora_adapter)."""
+    h = hashlib.sha256(extra.encode())
+    for w in tensors:
+        t = w.detach().contiguous().cpu()
+        raw = t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(raw.numpy().tobytes())
     return h.hexdigest()
 
 

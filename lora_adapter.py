@@ -32,12 +32,13 @@ PEFT layout: `load_peft` reads `adapter_config.json` + `adapter_model.safetensor
 merges it into the base weights or returns it as trainable modules; `save_peft` writes trained modules
 in the same layout, so peft and other tools load them. peft itself is never imported.
 """
-import hashlib, json, math, os, re, sys
+import json, math, os, re, sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import antipasto as ap   # weight_digest: one digest of weights for both bases
 from configs import CAPTURE_CHUNK, TARGETS
 import pools   # atomic_write (standard library only)
 
@@ -63,7 +64,7 @@ class LoRALinear(nn.Module):
         self.n_A = r * d_in
         self.flat = nn.Parameter(torch.cat([A.detach().float().flatten(), B.detach().float().flatten()]))
         self.null_width = d_out * r               # B's coordinates: where the gradient lives at B = 0
-        self.digest = digest_of(base.weight, self.flat, extra=f"lora:{r}:{self.scaling!r}")
+        self.digest = ap.weight_digest(base.weight, self.flat, extra=f"lora:{r}:{self.scaling!r}")
         self.capture = False
         self.grad_sample = None                   # (B, n) after a backward with capture on
 
@@ -119,17 +120,6 @@ def token_outer(a, b):
     for i in range(0, a.shape[1], step):
         out += a[:, i:i + step].float().transpose(1, 2) @ b[:, i:i + step].float()
     return out
-
-
-def digest_of(*tensors, extra=""):
-    """sha256 over dtypes, shapes and raw bytes of tensors (plus a tag): the basis' identity."""
-    h = hashlib.sha256(extra.encode())
-    for w in tensors:
-        t = w.detach().contiguous().cpu()
-        raw = t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(raw.numpy().tobytes())
-    return h.hexdigest()
 
 
 def init_A(r, d_in, generator):
