@@ -217,7 +217,7 @@ def make_batch(tokenizer, prompts, completions, max_prompt=None, max_completion=
     nothing is cut silently: prompt_cut / comp_cut count the tokens each row lost.
     Returns dict(input_ids (B, T), attention_mask (B, T), comp_mask (B, T), comp_len (B,),
     prompt_cut [B ints], comp_cut [B ints])."""
-    seqs, comp, p_cut, c_cut = [], [], [], []
+    prompt_ids, comp_ids, p_cut, c_cut = [], [], [], []
     for p, c in zip(prompts, completions):
         pi = tokenizer(p, add_special_tokens=False)["input_ids"]
         ci = tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -228,19 +228,10 @@ def make_batch(tokenizer, prompts, completions, max_prompt=None, max_completion=
             ci = ci[:max_completion]
         p_cut.append(n_p - len(pi))
         c_cut.append(n_c - len(ci))
-        seqs.append(pi + ci)
-        comp.append((len(pi), len(ci)))
-    T = max(len(s) for s in seqs)
-    B = len(seqs)
-    ids = torch.full((B, T), tokenizer.pad_token_id, dtype=torch.long)
-    att = torch.zeros(B, T, dtype=torch.long)
-    cm = torch.zeros(B, T, dtype=torch.float32)
-    for i, (s, (lp, lc)) in enumerate(zip(seqs, comp)):
-        ids[i, :len(s)] = torch.tensor(s)
-        att[i, :len(s)] = 1
-        cm[i, lp:lp + lc] = 1.0
-    return dict(input_ids=ids.to(device), attention_mask=att.to(device), comp_mask=cm.to(device),
-                comp_len=torch.tensor([lc for _, lc in comp], device=device), prompt_cut=p_cut, comp_cut=c_cut)
+        prompt_ids.append(pi)
+        comp_ids.append(ci)
+    batch = batch_from_ids(prompt_ids, comp_ids, tokenizer.pad_token_id, device)
+    return dict(batch, prompt_cut=p_cut, comp_cut=c_cut)
 
 
 def token_logps(model, batch):
@@ -255,8 +246,9 @@ def token_logps(model, batch):
 
 def batch_from_ids(prompt_ids, comp_ids, pad_id, device="cpu"):
     """make_batch's dict from token ids already in hand (the online trainer trains on the exact tokens
-    it sampled, never on a re-tokenisation of their text). comp_ids end with the stop token when the
-    rollout stopped. Nothing is cut here: prompt_cut and comp_cut are all 0."""
+    it sampled, never on a re-tokenisation of their text; make_batch pads its tokenised rows here).
+    comp_ids end with the stop token when the rollout stopped. Nothing is cut here: prompt_cut and
+    comp_cut are all 0."""
     seqs = [list(p) + list(c) for p, c in zip(prompt_ids, comp_ids)]
     B, T = len(seqs), max(len(s) for s in seqs)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
