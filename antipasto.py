@@ -22,13 +22,6 @@ runs through the same code (neither adapter file imports the other). An adapter 
 """
 import contextlib, hashlib, io, json, math, os
 
-# MKL's default CPU kernels can give results that depend on buffer alignment (1e-8 noise between two
-# runs in one process); conditional numerical reproducibility in strict mode makes same-seed runs
-# byte-identical on one CPU whatever the alignment, on the CPU's fastest code path ("COMPATIBLE",
-# the portable path, runs float32 matmuls at about a third of the speed). Only effective when this
-# module is imported before torch.
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
-os.environ.setdefault("MKL_DYNAMIC", "FALSE")     # a fixed thread count, as reproducible mode needs
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -21,8 +21,9 @@ With CUDA, rows 1, 3 and 6 run again at Qwen3-4B shapes (random weights, bf16) o
 """
 import argparse, contextlib, ctypes, functools, gc, io, os, subprocess, sys, tempfile, time
 
-import antipasto as ap   # first: it pins MKL's reproducible mode before torch loads
 import configs
+configs.reproducible()   # before torch (MKL) loads: it reads these variables once, when it loads
+import antipasto as ap
 import pools
 import torch
 

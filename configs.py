@@ -6,6 +6,17 @@ a byte-level tokenizer (256 byte tokens + chat specials, no merges) with a Qwen-
 """
 import os
 
+
+def reproducible():
+    """MKL's default CPU kernels can give results that depend on buffer alignment (1e-8 noise between two
+    runs in one process); conditional numerical reproducibility in strict mode makes same-seed runs
+    byte-identical on one CPU whatever the alignment, on the CPU's fastest code path ("COMPATIBLE", the
+    portable path, runs float32 matmuls at about a third of the speed). Only effective before torch
+    loads (MKL reads the variables once): every entry point calls this before importing torch or any
+    module that does. Variables already set are kept."""
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+    os.environ.setdefault("MKL_DYNAMIC", "FALSE")     # a fixed thread count, as reproducible mode needs
+
 PRESETS = {
     # the demo: tiny random Qwen3 on CPU, demo pools, Phase 2 probe shape (G = 4 + 4); token limits above the
     # demo pools' longest prompt (1232) and completion (585 + eos), so nothing is cut

@@ -27,6 +27,8 @@ arm lowered the held-out hack rate (the CI of projected minus vanilla wholly bel
 """
 import argparse, json, os, shlex, subprocess, sys, time
 
+import configs
+configs.reproducible()   # before numpy or torch loads MKL (it reads these variables once); the runs inherit them
 import analyze
 import pools
 

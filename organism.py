@@ -23,8 +23,8 @@ shape), written to a temporary directory and renamed into place, so a half-writt
 """
 import hashlib, json, os, shutil, tempfile, time
 
-import antipasto  # noqa: F401 - first: pins MKL's reproducible mode before torch loads
 import configs
+configs.reproducible()   # before torch (MKL) loads: it reads these variables once, when it loads
 import pools
 import torch
 

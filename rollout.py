@@ -15,7 +15,8 @@ Generation speed, merged vs hooked and this loop vs the previous one: `python be
 """
 import contextlib, hashlib, json, os, platform, time
 
-import antipasto  # noqa: F401 - first: it pins MKL's reproducible mode before torch loads
+import configs
+configs.reproducible()   # before torch (MKL) loads: it reads these variables once, when it loads
 import pools
 import torch
 import torch.nn as nn
@@ -301,7 +302,6 @@ def load_policy(name, dtype=None, device="cpu", lora=None):
     """(model, tokenizer, messages_fn) for --model: 'tiny' (random, built in code), 'organism' (the
     CPU model organism, organism.py; it sees a short prompt), or a Hugging Face id / local path.
     lora: a PEFT adapter directory merged into the weights (lora_adapter.load_peft)."""
-    import configs
     messages_fn = None
     if name == "tiny":
         model, tok = configs.tiny_qwen3()
@@ -364,7 +364,6 @@ def check_generate_args(a):
     if a.lora is not None:
         if not os.path.isdir(a.lora):
             raise SystemExit(f"error: --lora {a.lora}: not a PEFT adapter directory")
-    import configs
     configs.check_model(a.model)            # train.py's rule: local or cached, never a download
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         raise SystemExit(f"error: --out {a.out}: exists and is not a directory")

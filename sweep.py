@@ -37,10 +37,11 @@ For tests only: --train-cmd "python fake_train.py" replaces `python train.py` (s
 """
 import argparse, json, math, os, shlex, subprocess, sys, time
 
+import configs
+configs.reproducible()   # before numpy or torch loads MKL (it reads these variables once); the runs inherit them
 import numpy as np
 
 import analyze   # the endpoints of a run (one definition, shared with the report)
-import configs
 import pools     # atomic_write, strict JSON Lines
 
 HERE = os.path.dirname(os.path.abspath(__file__))

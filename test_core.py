@@ -9,9 +9,10 @@ import gzip, json, math, os, shutil, subprocess, sys, tempfile, time, zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import configs
+configs.reproducible()   # before numpy or torch loads MKL (it reads these variables once), as the entry points do
 import numpy as np
 
-import antipasto  # noqa: F401 - imported before torch: pins MKL's reproducible CPU mode
 import pools
 import sandbox
 from train import RunError   # what train.main raises for a refused run (the command line prints it)
@@ -989,7 +990,7 @@ COMPS = ["```python\ndef add(a, b):\n    return a + b\n```", "no code here, sorr
 
 
 def test_matmuls_do_not_depend_on_buffer_alignment():
-    """MKL's reproducible mode (antipasto.py sets it before torch loads) is in effect: a matrix-vector
+    """MKL's reproducible mode (configs.reproducible, called before torch loads) is in effect: a matrix-vector
     product gives the same bits wherever its input starts in memory (without the mode, most shifted
     copies differ in the last bits on x86 CPUs, and same-seed runs could too)."""
     import torch
@@ -1001,6 +1002,29 @@ def test_matmuls_do_not_depend_on_buffer_alignment():
         a = buf[off:off + A0.numel()].view(512, 4096)
         a.copy_(A0)
         assert torch.equal(a @ x, ref), f"offset {off}: {(a @ x - ref).abs().max().item():.2e}"
+
+
+ENTRY_POINTS = ("train.py", "sweep.py", "bench.py", "organism.py", "rollout.py", "miniature.py", "test_core.py")
+
+
+def test_reproducible_mode_set_by_entry_points_before_torch_not_by_imports():
+    """Importing a library file (antipasto, lora_adapter) leaves MKL's settings alone; each entry point
+    calls configs.reproducible() before any import that can load torch or numpy (only the standard
+    library and configs come first); importing train.py sets it."""
+    import ast
+    for f in ENTRY_POINTS:
+        body = ast.parse(open(os.path.join(HERE, f)).read()).body
+        call = next(i for i, n in enumerate(body) if isinstance(n, ast.Expr) and ast.unparse(n) == "configs.reproducible()")
+        early = [a.name if isinstance(n, ast.Import) else n.module for n in body[:call]
+                 if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names]
+        assert all(m == "configs" or m.split(".")[0] in sys.stdlib_module_names for m in early), (f, early)
+    code = ("import os, sys\nseen = []\nclass Spy:\n    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch' and not seen:\n            seen.append(os.environ.get('MKL_CBWR'))\n"
+            "sys.meta_path.insert(0, Spy())\nimport antipasto, lora_adapter\nprint(os.environ.get('MKL_CBWR'), seen)\n"
+            "import train\nprint(os.environ.get('MKL_CBWR'))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MKL_")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split("\n")[:2] == ["None [None]", "AUTO,STRICT"], (r.stdout, r.stderr[-2000:])
 
 
 def test_wrap_is_bit_identical_at_zero_and_zero_knobs_gives_reference():

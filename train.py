@@ -38,8 +38,9 @@ and --teacher-dir with --mix: the demo pools are canned text. Every run prints w
 """
 import argparse, hashlib, io, json, math, os, platform, random, shlex, shutil, sys, time
 
-import antipasto as ap   # first: it pins MKL's reproducible mode before torch loads
 import configs
+configs.reproducible()   # before torch (MKL) loads: it reads these variables once, when it loads
+import antipasto as ap
 import pools
 import torch
 
