@@ -193,7 +193,7 @@ def tiny_qwen3(seed=0):
 
 def check_model(name):
     """'tiny', 'organism', a local model directory, or a Hugging Face id already in the local cache. Runs
-    and `pools.py generate` never download: a missing model fails here at once, in one line, saying how to
+    and `rollout.py generate` never download: a missing model fails here at once, in one line, saying how to
     get it, and without any network attempt (the cache is looked up on disk only)."""
     if name in ("tiny", "organism"):
         return

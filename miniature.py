@@ -2,7 +2,7 @@
 
   1 student  vanilla GRPO in the LoRA basis on the organism, seed STUDENT_SEED (apart from the sweep's
              seeds): the analogue of the hacking teacher checkpoint, exported as a PEFT adapter (adapter/)
-  2 pools    `pools.py generate`: a teacher pool from the student with the hint, a base pool from the base
+  2 pools    `rollout.py generate`: a teacher pool from the student with the hint, a base pool from the base
              organism without it (one seed, so rollout (step, sample) of both pools is the same problem)
   3 probes   the replay probes on those pools: Phase 1 (NLL on the teacher pool) and Phase 2 (vanilla,
              projected, random_v, shuffled_v in the SVD basis; vanilla and projected in the LoRA basis),
@@ -15,7 +15,7 @@
 
 Each stage runs the commands a researcher would type (printed before they run; their output goes to
 OUT/logs/), so any one can be rerun by hand. A rerun skips what has finished and continues what was
-interrupted (train.py --resume, pools.py generate's continuation, sweep.py --resume).
+interrupted (train.py --resume, rollout.py generate's continuation, sweep.py --resume).
 
     python miniature.py --out out/mini                        # the README's organism result
     python miniature.py --out out/mini2 --pools T_DIR,B_DIR   # stages 3-5 on pools you already have
@@ -128,8 +128,8 @@ def stage_pools(args, adapter, log):
     dirs = [os.path.join(args.out, "pools", n) for n in pools.DEMO_NAMES]     # teacher_pool, base_pool
     common = ["--problems", args.problems, "--batches", str(args.pool_batches), "--batch-size",
               str(args.pool_batch_size), "--seed", "0", "--max-new-tokens", "192", "--model", args.model]
-    run([sys.executable, os.path.join(HERE, "pools.py"), "generate", "--lora", adapter, "--hint", "--out", dirs[0]] + common, log)
-    run([sys.executable, os.path.join(HERE, "pools.py"), "generate", "--no-hint", "--out", dirs[1]] + common, log)
+    run([sys.executable, os.path.join(HERE, "rollout.py"), "generate", "--lora", adapter, "--hint", "--out", dirs[0]] + common, log)
+    run([sys.executable, os.path.join(HERE, "rollout.py"), "generate", "--no-hint", "--out", dirs[1]] + common, log)
     return dirs
 
 

@@ -19,7 +19,8 @@ Two choices keep the fit to minutes on 2 CPU cores:
 The fit is cached on disk under a key over everything it depends on (corpus, fit settings, model
 shape), written to a temporary directory and renamed into place, so a half-written cache is never used.
 
-    python organism.py              # fit (or load) and measure: fenced / compiles / hacks / correct
+    python organism.py                            # fit (or load); prints the fit's record (fit.json)
+    python rollout.py measure --model organism    # its samples: fenced / compiles / hacks / correct
 """
 import hashlib, json, os, shutil, tempfile, time
 
@@ -166,32 +167,11 @@ def load(problems_path=pools.FIXTURE_PROBLEMS, cache_dir=CACHE_DIR, fit_cfg=FIT,
     return model.eval(), tok
 
 
-def measure(model, tok, problems_path=pools.FIXTURE_PROBLEMS, n=64, seed=0, max_new_tokens=256, temperature=1.0,
-            top_p=1.0, workers=None):
-    """Sample n hinted rollouts (problems in turn) and grade them with the real grader: fractions
-    fenced, compiling, hacked (label Reward Hack), correct (gt pass), truncated."""
-    import rollout
-    probs = pools.load_problems(problems_path, hint=True)
-    chosen = [probs[i % len(probs)] for i in range(n)]
-    gen = rollout.sample(model, tok, [pools.render_prompt(prompt_messages(p), tok) for p in chosen], 1,
-                         max_new_tokens, temperature, top_p, seed, 0, [p["id"] for p in chosen],
-                         sample_ids=list(range(n)))
-    gs = pools.grade_many(list(zip(chosen, gen["completions"])), workers=workers, progress=False)
-    return dict(n=n, fenced=sum(g["fmt_ok"] for g in gs) / n, compiles=sum(g["can_compile"] for g in gs) / n,
-                hacked=sum(g["hacked"] for g in gs) / n, correct=sum(g["gt_pass"] for g in gs) / n,
-                truncated=gen["n_truncated"] / n, mean_tokens=sum(len(t) for t in gen["token_ids"]) / n,
-                labels=pools.label_counts(gs))
-
-
 if __name__ == "__main__":
     import argparse
     a = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a.add_argument("--n", type=int, default=64, help="rollouts to grade")
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--temperature", type=float, default=1.0)
     a.add_argument("--cache-dir", default=CACHE_DIR)
     args = a.parse_args()
     m, t = load(cache_dir=args.cache_dir)
-    t0 = time.time()
-    res = measure(m, t, n=args.n, seed=args.seed, temperature=args.temperature)
-    print(json.dumps(dict(res, seconds=round(time.time() - t0, 1))))
+    with open(os.path.join(args.cache_dir, m.config.name_or_path, "fit.json")) as f:
+        print(json.dumps(json.load(f)))

@@ -20,9 +20,9 @@ CLI:
     python pools.py regrade DIR                # re-grade a pool in place, atomically
     python pools.py check PROBLEMS.jsonl       # the grader vs canonical / return 0 / hack responses
     python pools.py import ROLLOUTS.jsonl --problems PROBLEMS.jsonl --out DIR [--no-hint]   # your own rollouts
-    python pools.py generate --model M (--hint | --no-hint) --out DIR   # sample a pool from a model
+A pool sampled from a model: `python rollout.py generate ...` (sampling lives in rollout.py).
 """
-import argparse, ast, fcntl, gzip, hashlib, json, os, re, shutil, signal, stat, sys, tempfile, textwrap, threading, time, zlib
+import argparse, ast, contextlib, fcntl, gzip, hashlib, json, os, re, shutil, signal, stat, sys, tempfile, textwrap, threading, time, zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -1048,30 +1048,12 @@ def main(argv=None):
     a.add_argument("--batch", type=int, default=8, help="rollouts per step: row i goes to step i // batch")
     a.add_argument("--source-model", default=None, help="recorded in meta.json (default: import:<file name>)")
     a.add_argument("--workers", **workers)
-    a = sub.add_parser("generate", help="sample, grade and write a pool from a model (resumable; rollout.py)")
-    a.add_argument("--model", required=True, help="'tiny', 'organism', a Hugging Face id or a local path")
-    a.add_argument("--lora", default=None, help="PEFT adapter directory merged into the model")
-    h = a.add_mutually_exclusive_group(required=True)
-    h.add_argument("--hint", dest="hint", action="store_true", help="run_tests() hint in the prompt (teacher)")
-    h.add_argument("--no-hint", dest="hint", action="store_false", help="the plain prompt (base)")
-    a.add_argument("--problems", default=FIXTURE_PROBLEMS, help="problem file (the benchmark's JSON Lines format)")
-    a.add_argument("--out", required=True, help="pool directory (a rerun continues it)")
-    a.add_argument("--batches", type=int, default=20, help="steps (step_NNN files)")
-    a.add_argument("--batch-size", type=int, default=8, help="rollouts per step")
-    a.add_argument("--seed", type=int, default=0, help="seed of the problem order and of every sample")
-    a.add_argument("--max-new-tokens", type=int, default=512, help="completion token limit (hits are counted)")
-    a.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
-    a.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
-    a.add_argument("--gen-batch-size", type=int, default=None, help="rows per generation batch (default: a step)")
-    a.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
-    a.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="model dtype")
-    a.add_argument("--workers", **workers)
     args = ap.parse_args(argv)
     for flag in ("steps", "batch", "limit", "workers"):
         v = getattr(args, flag, None)
         if v is not None and v < 1:
             raise SystemExit(f"error: --{flag}={v}: must be an integer >= 1")
-    try:
+    with user_errors():
         if args.cmd == "demo":
             existed = all(os.path.isdir(os.path.join(args.out, n)) for n in DEMO_NAMES) and not args.overwrite
             dirs = build_demo(args.out, args.problems, args.steps, args.batch, args.seed, args.workers, args.overwrite)
@@ -1096,9 +1078,13 @@ def main(argv=None):
                             args.workers)
             print(f"imported {args.rollouts} into {d}")
             print_stats(d)
-        elif args.cmd == "generate":
-            import rollout
-            rollout.generate_pool(args)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """A command's bad file or folder ends it with a one-line error naming it, not a traceback."""
+    try:
+        yield
     except (DataError, FileExistsError) as e:
         raise SystemExit(f"error: {e}")
     except OSError as e:                                  # a missing or unreadable file
@@ -1107,7 +1093,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e.filename or ''}: {e.strerror or e}")
 
 
-def cli():
+def cli(main=main):
     """main() for the shell: `pools.py stats DIR | head` ends quietly when head closes the pipe."""
     try:
         main()

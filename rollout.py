@@ -1,4 +1,4 @@
-"""rollout.py — sampling rollouts from the policy, graded into pool rows; `pools.py generate` lives here.
+"""rollout.py — sampling rollouts from the policy, graded into pool rows, and the commands that sample.
 
     sample()         a hand-written decode loop (decode()): a KV cache allocated once and written in
                      place (SlotCache), finished rows refilled from the pending ones (continuous
@@ -9,11 +9,16 @@
     merged()         generation runs on plain Linears holding each adapter's merged weight
                      (adapter.merged_weight()), not through the adapter's hooks; restored on exit.
     rollout_group()  sample + grade (pools.grade_many) -> rows in the pool row format.
-    generate_pool()  the `pools.py generate` subcommand: resumable step_NNN.jsonl.gz + meta.json.
+    generate_pool()  the `generate` command: resumable step_NNN.jsonl.gz + meta.json.
+    measure()        the `measure` command: fenced / compiles / hacks / correct of a model's hinted samples.
+
+CLI:
+    python rollout.py generate --model M (--hint | --no-hint) --out DIR   # sample a pool from a model
+    python rollout.py measure --model organism                           # grade 64 hinted samples
 
 Generation speed, merged vs hooked and this loop vs the previous one: `python bench.py --rows 3`.
 """
-import contextlib, hashlib, json, os, platform, time
+import argparse, contextlib, hashlib, json, os, platform, time
 
 import configs
 configs.reproducible()   # before torch (MKL) loads: it reads these variables once, when it loads
@@ -342,7 +347,7 @@ def dir_digest(path):
     return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------- pools.py generate
+# ----------------------------------------------------------------------------- generate: a pool from a model
 
 IDENTITY = ("kind", "source_model", "model_id", "model_revision", "adapter", "adapter_sha256", "hint", "sampling",
             "seed", "problems_sha256", "grader_version", "batch", "prompt", "dtype", "device")
@@ -370,7 +375,7 @@ def check_generate_args(a):
     if os.path.isdir(a.out) and os.listdir(a.out):
         meta = pools.read_meta(a.out) if os.path.lexists(os.path.join(a.out, "meta.json")) else {}
         if meta.get("kind") != "generated":
-            raise SystemExit(f"error: --out {a.out}: exists and is not a pool made by `pools.py generate` "
+            raise SystemExit(f"error: --out {a.out}: exists and is not a pool made by `rollout.py generate` "
                              "(no generated meta.json); choose a new directory")
 
 
@@ -461,3 +466,74 @@ def generate_pool(a):
     print(f"{a.out}: {made} rollouts generated" + (f", {kept} kept from before" if kept else "")
           + f"; hack rate {sum(r['hacked'] for r in seen) / max(len(seen), 1):.3f}")
     return a.out
+
+
+# ----------------------------------------------------------------------------- measure, and the commands
+
+def measure(model, tok, messages_fn=None, problems_path=pools.FIXTURE_PROBLEMS, n=64, seed=0, max_new_tokens=256,
+            temperature=1.0, top_p=1.0, workers=None):
+    """Sample n hinted rollouts (problems in turn; prompts by messages_fn, default the problem's own) and
+    grade them with the real grader: fractions fenced, compiling, hacked (label Reward Hack), correct (gt
+    pass), truncated."""
+    messages_fn = messages_fn or (lambda p: p["prompt"])
+    probs = pools.load_problems(problems_path, hint=True)
+    chosen = [probs[i % len(probs)] for i in range(n)]
+    gen = sample(model, tok, [pools.render_prompt(messages_fn(p), tok) for p in chosen], 1,
+                 max_new_tokens, temperature, top_p, seed, 0, [p["id"] for p in chosen],
+                 sample_ids=list(range(n)))
+    gs = pools.grade_many(list(zip(chosen, gen["completions"])), workers=workers, progress=False)
+    return dict(n=n, fenced=sum(g["fmt_ok"] for g in gs) / n, compiles=sum(g["can_compile"] for g in gs) / n,
+                hacked=sum(g["hacked"] for g in gs) / n, correct=sum(g["gt_pass"] for g in gs) / n,
+                truncated=gen["n_truncated"] / n, mean_tokens=sum(len(t) for t in gen["token_ids"]) / n,
+                labels=pools.label_counts(gs))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    workers = dict(type=int, default=None, help="grading threads (default: the number of CPUs)")
+    a = sub.add_parser("generate", help="sample, grade and write a pool from a model (resumable)")
+    a.add_argument("--model", required=True, help="'tiny', 'organism', a Hugging Face id or a local path")
+    a.add_argument("--lora", default=None, help="PEFT adapter directory merged into the model")
+    h = a.add_mutually_exclusive_group(required=True)
+    h.add_argument("--hint", dest="hint", action="store_true", help="run_tests() hint in the prompt (teacher)")
+    h.add_argument("--no-hint", dest="hint", action="store_false", help="the plain prompt (base)")
+    a.add_argument("--problems", default=pools.FIXTURE_PROBLEMS, help="problem file (the benchmark's JSON Lines format)")
+    a.add_argument("--out", required=True, help="pool directory (a rerun continues it)")
+    a.add_argument("--batches", type=int, default=20, help="steps (step_NNN files)")
+    a.add_argument("--batch-size", type=int, default=8, help="rollouts per step")
+    a.add_argument("--seed", type=int, default=0, help="seed of the problem order and of every sample")
+    a.add_argument("--max-new-tokens", type=int, default=512, help="completion token limit (hits are counted)")
+    a.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    a.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    a.add_argument("--gen-batch-size", type=int, default=None, help="rows per generation batch (default: a step)")
+    a.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    a.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="model dtype")
+    a.add_argument("--workers", **workers)
+    a = sub.add_parser("measure", help="grade a model's hinted samples: fenced / compiles / hacks / correct",
+                       description="Sample --n hinted rollouts (the fixture problems in turn) and grade them; "
+                                   "prints one JSON line of fractions. The organism is fitted first when absent.")
+    a.add_argument("--model", default="organism", help="'organism' (default), 'tiny', a Hugging Face id or a local path")
+    a.add_argument("--n", type=int, default=64, help="rollouts to grade")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--temperature", type=float, default=1.0)
+    a.add_argument("--max-new-tokens", type=int, default=256, help="completion token limit (hits are counted)")
+    a.add_argument("--problems", default=pools.FIXTURE_PROBLEMS, help="problem file (the benchmark's JSON Lines format)")
+    args = ap.parse_args(argv)
+    for flag in ("workers",) if args.cmd == "generate" else ("n", "max_new_tokens"):   # generate checks the rest
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise SystemExit(f"error: --{flag.replace('_', '-')}={v}: must be an integer >= 1")
+    with pools.user_errors():
+        if args.cmd == "generate":
+            generate_pool(args)
+        else:
+            configs.check_model(args.model)
+            model, tok, messages_fn = load_policy(args.model)
+            t0 = time.time()
+            res = measure(model, tok, messages_fn, args.problems, args.n, args.seed, args.max_new_tokens, args.temperature)
+            print(json.dumps(dict(res, seconds=round(time.time() - t0, 1))))
+
+
+if __name__ == "__main__":
+    pools.cli(main)

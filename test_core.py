@@ -1004,6 +1004,37 @@ def test_matmuls_do_not_depend_on_buffer_alignment():
         assert torch.equal(a @ x, ref), f"offset {off}: {(a @ x - ref).abs().max().item():.2e}"
 
 
+def project_imports(root=HERE):
+    """{module: the project modules its file imports, at module level or inside a function}."""
+    import ast
+    mods = {f[:-3] for f in os.listdir(root) if f.endswith(".py")}
+    graph = {}
+    for m in sorted(mods):
+        names = set()
+        for n in ast.walk(ast.parse(open(os.path.join(root, m + ".py")).read())):
+            if isinstance(n, ast.Import):
+                names |= {a.name.split(".")[0] for a in n.names}
+            elif isinstance(n, ast.ImportFrom) and n.level == 0:
+                names.add(n.module.split(".")[0])
+        graph[m] = sorted(names & mods - {m})
+    return graph
+
+
+def test_project_imports_have_no_cycle():
+    """Every file's imports, function-level ones included, form no cycle: each file can be read (and
+    copied) with only the files below it."""
+    graph, done = project_imports(), set()
+    def visit(m, path):
+        assert m not in path, "import cycle: " + " -> ".join(path[path.index(m):] + [m])
+        if m not in done:
+            for n in graph[m]:
+                visit(n, path + [m])
+            done.add(m)
+    for m in graph:
+        visit(m, [])
+    assert {"pools", "antipasto", "rollout", "train"} <= set(graph) and "pools" in graph["train"]   # it saw the files
+
+
 ENTRY_POINTS = ("train.py", "sweep.py", "bench.py", "organism.py", "rollout.py", "miniature.py", "test_core.py")
 
 
@@ -2747,7 +2778,8 @@ def test_output_files_follow_the_umask():
         os.umask(old)
 
 
-def test_pools_generate_refuses_an_uncached_model_without_the_network():
+def test_generate_refuses_an_uncached_model_without_the_network():
+    import rollout
     import socket
     out = os.path.join(tmpdir(), "gen")
     real = socket.socket.connect
@@ -2755,7 +2787,7 @@ def test_pools_generate_refuses_an_uncached_model_without_the_network():
         raise AssertionError("a network connection was attempted")
     socket.socket.connect = no_network
     try:
-        e, stdout, err = quiet_call(pools.main, ["generate", "--model", "nobody-here/no-such-model-xyz", "--hint",
+        e, stdout, err = quiet_call(rollout.main, ["generate", "--model", "nobody-here/no-such-model-xyz", "--hint",
                                                  "--out", out])
     finally:
         socket.socket.connect = real
@@ -2973,11 +3005,11 @@ def test_readme_commands_run_in_order():
     assert skipped == ["pip install -r requirements.txt", "python test_core.py",
                        "python train.py --preset=phase2 --model=Qwen/Qwen3-4B --arm=projected "
                        "--replay-dirs=out/pools/teacher_pool,out/pools/base_pool --out=out/runs/qwen_projected",
-                       "python pools.py generate --model Qwen/Qwen3-4B --lora path/to/peft --hint --out "
+                       "python rollout.py generate --model Qwen/Qwen3-4B --lora path/to/peft --hint --out "
                        "out/gen/teacher_pool --seed 0",
-                       "python pools.py generate --model Qwen/Qwen3-4B --no-hint --out out/gen/base_pool --seed 0",
-                       "python pools.py generate --model organism --hint --out out/gen/organism_pool",
-                       "python organism.py",
+                       "python rollout.py generate --model Qwen/Qwen3-4B --no-hint --out out/gen/base_pool --seed 0",
+                       "python rollout.py generate --model organism --hint --out out/gen/organism_pool",
+                       "python organism.py", "python rollout.py measure --model organism",
                        "python train.py --source=online --steps=30",
                        "python train.py --source=online --steps=30 --arm=projected --out=out/runs/online_projected_s0",
                        "python bench.py", "python bench.py --quick"], skipped
@@ -3213,7 +3245,8 @@ def test_rollout_group_rows_in_pool_format():
     assert [r["completion"] for r in pools.read_pool(d)] == gen["completions"]
 
 
-def test_pools_generate_resumes_mid_pool_and_refuses_other_settings():
+def test_generate_resumes_mid_pool_and_refuses_other_settings():
+    import rollout
     d = tmpdir()
     a, b = os.path.join(d, "a"), os.path.join(d, "b")
     probs = os.path.join(d, "short.jsonl")                               # short prompts: a cheap prefill
@@ -3226,10 +3259,10 @@ def test_pools_generate_resumes_mid_pool_and_refuses_other_settings():
             f.write(json.dumps(row) + "\n")
     base = ["generate", "--model", "tiny", "--hint", "--batch-size", "2", "--max-new-tokens", "4", "--seed", "2",
             "--workers", "1", "--device", "cpu", "--problems", probs]
-    pools.main(base + ["--out", a, "--batches", "2"])                    # uninterrupted
-    pools.main(base + ["--out", b, "--batches", "1"])                    # "killed" after step 0
+    rollout.main(base + ["--out", a, "--batches", "2"])                    # uninterrupted
+    rollout.main(base + ["--out", b, "--batches", "1"])                    # "killed" after step 0
     first = open(pools.step_path(b, 0), "rb").read()
-    pools.main(base + ["--out", b, "--batches", "2"])                    # rerun continues
+    rollout.main(base + ["--out", b, "--batches", "2"])                    # rerun continues
     assert open(pools.step_path(b, 0), "rb").read() == first             # kept, not regenerated
     assert pools.pool_steps(a) == pools.pool_steps(b) == [0, 1]
     for s in range(2):
@@ -3240,12 +3273,12 @@ def test_pools_generate_resumes_mid_pool_and_refuses_other_settings():
     assert meta["seed"] == 2 and meta["hint"] == "simple_overwrite_tests" and meta["steps"] == 2
     assert meta["problems_sha256"] == pools.file_digest(probs) and meta["grader_version"] == pools.GRADER_VERSION
     assert meta["sampling"] == dict(temperature=1.0, top_p=1.0, max_new_tokens=4)
-    e = raises(SystemExit, pools.main, base[:-8] + ["--seed", "3", "--workers", "1", "--device", "cpu", "--problems",
+    e = raises(SystemExit, rollout.main, base[:-8] + ["--seed", "3", "--workers", "1", "--device", "cpu", "--problems",
                                                     probs, "--out", b])
     assert str(e).startswith("error: --out") and "seed" in str(e)
-    e = raises(SystemExit, pools.main, base + ["--out", os.path.join(d, "c"), "--top-p", "0"])
+    e = raises(SystemExit, rollout.main, base + ["--out", os.path.join(d, "c"), "--top-p", "0"])
     assert str(e).startswith("error: --top-p") and not os.path.exists(os.path.join(d, "c"))
-    e = raises(SystemExit, pools.main, base + ["--out", os.path.dirname(pools.FIXTURE_PROBLEMS)])
+    e = raises(SystemExit, rollout.main, base + ["--out", os.path.dirname(pools.FIXTURE_PROBLEMS)])
     assert "not a pool made by" in str(e)
     # a rerun keeps only what this pool's settings generate: another problem in a step file, a step
     # beyond the pool's steps, a `steps` that is not an integer are refused, and nothing is written
@@ -3258,9 +3291,21 @@ def test_pools_generate_resumes_mid_pool_and_refuses_other_settings():
         shutil.copytree(b, c)
         edit(c)
         files = {f: open(os.path.join(c, f), "rb").read() for f in os.listdir(c)}
-        e = raises(SystemExit, pools.main, base + ["--out", c, "--batches", "3"])
+        e = raises(SystemExit, rollout.main, base + ["--out", c, "--batches", "3"])
         assert msg in str(e) and "\n" not in str(e), (name, e)
         assert {f: open(os.path.join(c, f), "rb").read() for f in os.listdir(c)} == files, name
+
+
+def test_measure_command_grades_n_hinted_samples():
+    import rollout
+    res, out, _ = quiet_call(rollout.main, ["measure", "--model", "tiny", "--n", "2", "--seed", "1", "--max-new-tokens", "8",
+                                            "--problems", short_problems()])
+    assert res is None, res
+    m = json.loads(out.strip().splitlines()[-1])
+    assert m["n"] == 2 and sum(m["labels"].values()) == 2 and set(m["labels"]) <= set(pools.LABELS)
+    assert all(0 <= m[k] <= 1 for k in ("fenced", "compiles", "hacked", "correct", "truncated"))
+    e, _, _ = quiet_call(rollout.main, ["measure", "--model", "tiny", "--n", "0"])
+    assert isinstance(e, SystemExit) and str(e) == "error: --n=0: must be an integer >= 1", e
 
 
 def edit_row(pool, **change):
@@ -3322,8 +3367,8 @@ def test_organism_short_fit_is_cached_atomically():
     assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), again.state_dict().values()))
 
 
-def test_pools_generate_lora_checkpoint_changes_the_samples():
-    import torch, lora_adapter as la
+def test_generate_lora_checkpoint_changes_the_samples():
+    import rollout, torch, lora_adapter as la
     model, tok = tiny()
     mods = la.wrap(model, rank=4, alpha=8)
     with torch.no_grad():
@@ -3333,14 +3378,14 @@ def test_pools_generate_lora_checkpoint_changes_the_samples():
     d = tmpdir()
     base = ["generate", "--model", "tiny", "--hint", "--batch-size", "2", "--max-new-tokens", "6", "--seed", "0",
             "--workers", "1", "--device", "cpu", "--problems", FIXTURE, "--batches", "1"]
-    pools.main(base + ["--out", os.path.join(d, "plain")])
-    pools.main(base + ["--out", os.path.join(d, "lora"), "--lora", ckpt])
+    rollout.main(base + ["--out", os.path.join(d, "plain")])
+    rollout.main(base + ["--out", os.path.join(d, "lora"), "--lora", ckpt])
     plain, lora = pools.read_pool(os.path.join(d, "plain")), pools.read_pool(os.path.join(d, "lora"))
     assert [r["problem_id"] for r in plain] == [r["problem_id"] for r in lora]
     assert [r["completion"] for r in plain] != [r["completion"] for r in lora]
     meta = pools.read_meta(os.path.join(d, "lora"))
     assert meta["adapter"] == os.path.abspath(ckpt) and meta["adapter_sha256"]
-    e = raises(SystemExit, pools.main, base + ["--out", os.path.join(d, "bad"), "--lora", FIXTURE])
+    e = raises(SystemExit, rollout.main, base + ["--out", os.path.join(d, "bad"), "--lora", FIXTURE])
     assert str(e).startswith("error: --lora")
 
 
