@@ -1235,12 +1235,28 @@ def phase3(run_dirs, window=WINDOW, runs=None):
                           hacked=(sum(pick[a, s]["hacked_at"] is not None for s in seeds),
                                   sum(pick[ref, s]["hacked_at"] is not None for s in seeds))))
     checks = control_checks(comps, cfgs)
+    curves = learning_curves(runs, order)
     seeds = sorted({r["seed"] for r in rows})
     not_run = [dict(arm=a["arm"], seeds=[k for k in seeds if k not in a["seeds"]]) for a in arms if len(a["seeds"]) < len(seeds)]
     return dict(window=window, window_asked=asked, preset=runs[0]["cfg"]["preset"], steps=runs[0]["cfg"]["steps"], runs=rows, arms=arms,
-                not_run=not_run, stopped=sweep_stopped(runs), control_checks=checks,
+                not_run=not_run, stopped=sweep_stopped(runs), control_checks=checks, curves=curves,
                 comparisons=comps, hacked_rule=f"first step with labels[{pools.REWARD_HACK!r}] > labels[{pools.CORRECT!r}] + "
                 f"labels[{pools.HACK_CORRECT!r}] (student rollouts)")
+
+def learning_curves(runs, order):
+    """[{arm, points: [{step, n, hack, compile, capability}]}]: at each evaluation step, the mean over the
+    arm's runs evaluated there (n of them) of the held-out hack rate and compile rate (hint on) and the
+    capability (ground-truth pass rate, hint off); compile is None where no run recorded it."""
+    by = {}
+    for r in runs:
+        for e in r["evals"]:
+            by.setdefault(r["arm"], {}).setdefault(e["step"], []).append(e)
+    mean = lambda xs: None if not xs else float(np.mean(xs))
+    return [dict(arm=a, points=[dict(step=st, n=len(es), hack=mean([e["hack_rate_hint"] for e in es]),
+                                     compile=mean([e["compile_rate_hint"] for e in es if e.get("compile_rate_hint") is not None]),
+                                     capability=mean([e["gt_rate_nohint"] for e in es]))
+                                for st, es in sorted(by[a].items())])
+            for a in order if a in by]
 
 # the controls a working pipeline must tell from vanilla (same basis, same seeds), and what each must show:
 # the held-out hack rate below vanilla's, its whole confidence interval (arm minus vanilla) below zero
@@ -1302,6 +1318,14 @@ def render_phase3(res):
     o.append(table(["arm", "n", "held-out hack", "capability", "#runs hacked", "hack (train)", "gt (train)"],
                    [[a["arm"], a["n"], sd(a["eval_hack"]), sd(a["capability"]), f"{a['hacked']}/{a['n']}",
                      sd(a["hack_final"]), sd(a["gt_final"])] for a in res["arms"]]))
+    if res.get("curves"):
+        steps = sorted({p["step"] for c in res["curves"] for p in c["points"]})
+        o.append("\nheld-out learning curves, mean over seeds at each evaluation (after step ...):")
+        cell = lambda c, st, k: next(("—" if p[k] is None else f"{p[k]:.2f}" for p in c["points"] if p["step"] == st), "")
+        o.append(table(["arm", "held out"] + [str(st) for st in steps],
+                       [[c["arm"] if k == "hack" else "", name] + [cell(c, st, k) for st in steps]
+                        for c in res["curves"] for k, name in (("hack", "hack"), ("compile", "compiles"),
+                                                               ("capability", "capability"))]))
     if res.get("not_run") or res.get("stopped"):
         o.append(wrap("not run: " + ("; ".join(f"{x['arm']} seeds {x['seeds']}" for x in res["not_run"]) or
                                      "the sweep's other runs") + " ("
@@ -1431,8 +1455,9 @@ def label_mix(run):
 
 def plot_online(run_dirs, path, window=WINDOW):
     """One PNG: per arm, the per-step label mix of the student rollouts (mean over seeds, band = min to max
-    over seeds; the training rates, secondary), and a last panel with each arm's primary endpoints, held-out
-    hack rate and capability at the last evaluation (bars: mean over seeds, dots: the seeds)."""
+    over seeds; the training rates, secondary); a panel with each arm's primary endpoints, held-out hack
+    rate and capability at the last evaluation (bars: mean over seeds, dots: the seeds); and the held-out
+    learning curves (learning_curves: hack rate; capability and compile rate), a line per arm."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1443,7 +1468,7 @@ def plot_online(run_dirs, path, window=WINDOW):
     res = phase3(run_dirs, window, runs)
     mixes = {r["dir"]: label_mix(r)[1] for r in runs}
     arms = [a["arm"] for a in res["arms"]]
-    n = len(arms) + 1
+    n = len(arms) + 3
     ncol = min(4, n)
     nrow = -(-n // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), squeeze=False, constrained_layout=True)
@@ -1475,6 +1500,19 @@ def plot_online(run_dirs, path, window=WINDOW):
     ax.set_ylim(0, 1.02)
     ax.set_title("primary endpoints, last evaluation: bars mean, dots seeds", fontsize=9)
     ax.legend(fontsize=7)
+    for ax, keys, title in ((axes[len(arms) + 1], (("hack", "-"),), "held-out hack rate (hint on)"),
+                            (axes[len(arms) + 2], (("capability", "-"), ("compile", ":")),
+                             "held-out capability (solid) and compile rate (dotted)")):
+        for i, c in enumerate(res["curves"]):
+            for key, ls in keys:
+                pts = [(p["step"], p[key]) for p in c["points"] if p[key] is not None]
+                if pts:
+                    ax.plot(*zip(*pts), ls, marker="o", ms=3, color=f"C{i % 10}",
+                            label=c["arm"] if key in ("hack", "capability") else None)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("after step")
+        ax.set_title(title + ", mean over seeds", fontsize=9)
+        ax.legend(fontsize=6)
     for ax in axes[n:]:
         ax.axis("off")
     fig.suptitle("student rollouts' labels per step, per arm (line: mean, band: min-max over seeds; shaded: the "

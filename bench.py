@@ -341,6 +341,20 @@ def dynamic_decode(model, pad_id, rows, max_new_tokens, temperature, top_p, eos,
     return tuple(out)
 
 
+def sorted_pick(logits, u, temperature, top_p):
+    """The previous rollout.pick, kept with the previous loop: the same tokens, with the vocabulary sorted per
+    row by torch.sort (rollout.sort_rows now sorts all rows in one pass)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)                   # (B, V)
+    p, idx = probs.sort(dim=-1, descending=True, stable=True)               # (B, V)
+    keep = (p.cumsum(-1) - p) < top_p                                     # (B, V)
+    c = (p.double() * keep).cumsum(-1)                                    # (B, V)
+    j = torch.searchsorted(c, (u * c[:, -1])[:, None], right=True)        # (B, 1)
+    j = torch.minimum(j, keep.sum(-1, keepdim=True) - 1)
+    return idx.gather(-1, j).squeeze(-1)
+
+
 def dynamic_decode_chunk(model, pad_id, chunk, max_new_tokens, temperature, top_p, eos):
     """One chunk [(prompt ids, seed)] of dynamic_decode: left padding, position ids that skip the
     padding, DynamicCache. Returns (token ids, log-probs, truncated) per row."""
@@ -366,7 +380,7 @@ def dynamic_decode_chunk(model, pad_id, chunk, max_new_tokens, temperature, top_
     new, lps = [], []
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     for t in range(max_new_tokens):
-        tok_t = rollout.pick(logits, u[:, t], temperature, top_p)                     # (B,)
+        tok_t = sorted_pick(logits, u[:, t], temperature, top_p)                      # (B,)
         lp_t = torch.log_softmax(logits, -1).gather(-1, tok_t[:, None])[:, 0]  # (B,)
         new.append(torch.where(done, -1, tok_t))
         lps.append(lp_t)

@@ -70,12 +70,26 @@ def pick(logits, u, temperature, top_p):
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)                   # (B, V)
-    p, idx = probs.sort(dim=-1, descending=True, stable=True)               # (B, V)
+    p, idx = sort_rows(probs)                                             # (B, V) each
     keep = (p.cumsum(-1) - p) < top_p                                     # (B, V), column 0 always True
     c = (p.double() * keep).cumsum(-1)                                    # (B, V)
     j = torch.searchsorted(c, (u * c[:, -1])[:, None], right=True)        # (B, 1)
     j = torch.minimum(j, keep.sum(-1, keepdim=True) - 1)                  # never past the kept set
     return idx.gather(-1, j).squeeze(-1)
+
+
+def sort_rows(probs):
+    """probs.sort(dim=-1, descending=True, stable=True) for float32 probs >= 0, as one 1-D stable sort of
+    int64 keys (row << 32 | reversed float bits): a non-negative float's bits sort as an integer, so this is
+    the same permutation, ties in index order included, about 3x faster than the per-row sort on CPU,
+    where sorting the vocabulary was a third of a decode step on the organism."""
+    if probs.dtype != torch.float32:
+        return probs.sort(dim=-1, descending=True, stable=True)
+    B, V = probs.shape
+    base = torch.arange(B, device=probs.device)[:, None]                   # (B, 1)
+    key = (base << 32) | (0x7FFFFFFF - probs.view(torch.int32).long())    # (B, V)
+    idx = key.flatten().sort(stable=True).indices.view(B, V) - base * V    # (B, V)
+    return probs.gather(-1, idx), idx
 
 
 def cache_kwarg(model):

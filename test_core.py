@@ -3141,6 +3141,24 @@ def assert_same_rows(got, want, tol=1e-5):
     assert max(abs(a - b) for x, y in zip(lps, want[1]) for a, b in zip(x, y)) < tol
 
 
+def test_sort_rows_is_torch_stable_sort_and_pick_matches_the_sorted_pick():
+    """rollout.sort_rows (one int64-key sort) gives torch.sort's stable descending permutation, ties in
+    index order included, and rollout.pick picks exactly what the per-row sorted pick picks."""
+    import torch, bench, rollout
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(7, 300, generator=g) * 3, -1)
+    probs[0, 10:40] = probs[0, 5]                                   # ties, and exact zeros
+    probs[1, ::3] = 0.0
+    probs[2] = 1.0 / 300
+    p, idx = rollout.sort_rows(probs)
+    want = probs.sort(dim=-1, descending=True, stable=True)
+    assert torch.equal(idx, want.indices) and torch.equal(p, want.values)
+    logits = torch.randn(64, 1024, generator=g) * 4
+    u = torch.rand(64, generator=g, dtype=torch.float64)
+    for temp, top_p in ((1.0, 1.0), (1.0, 0.9), (0.7, 0.5), (1.0, 1e-6)):
+        assert torch.equal(rollout.pick(logits, u, temp, top_p), bench.sorted_pick(logits, u, temp, top_p))
+
+
 def test_decode_equals_the_previous_loop_alone_batched_and_refilled():
     """rollout.decode (cache written in place, finished rows refilled) gives every row the tokens,
     log-probs and truncation of the previous loop (bench.dynamic_decode, DynamicCache, a chunk decoded
@@ -3967,6 +3985,27 @@ def make_online_run(root, name, hack, correct, *, arm="vanilla", seed=0, n=10, c
         with gzip.open(os.path.join(d, "eval_rows.jsonl.gz"), "wt") as f:
             f.write("".join(json.dumps(r) + "\n" for r in eval_rows))
     return d
+
+
+def test_phase3_learning_curves_average_each_evaluation_over_seeds():
+    root = tmpdir()
+    ev = {("vanilla", 0): ((0, 0.1, 0.3), (10, 0.5, 0.2)), ("vanilla", 1): ((0, 0.3, 0.1), (10, 0.7, 0.0)),
+          ("projected", 0): ((0, 0.1, 0.3), (10, 0.2, 0.4)), ("projected", 1): ((0, 0.3, 0.1),)}   # s1: no step 10
+    dirs = [make_online_run(root, f"{a}_s{s}", [1] * 10, [1] * 10, arm=a, seed=s, evals=e) for (a, s), e in ev.items()]
+    with open(os.path.join(dirs[0], "eval.jsonl")) as f:                  # compile rates in one run only
+        rows = [dict(json.loads(l), compile_rate_hint=0.6 + 0.1 * i) for i, l in enumerate(f)]
+    open(os.path.join(dirs[0], "eval.jsonl"), "w").write("".join(json.dumps(r) + "\n" for r in rows))
+    res = A.phase3(dirs)
+    got = {c["arm"]: [(p["step"], p["n"], p["hack"], p["compile"], p["capability"]) for p in c["points"]]
+           for c in res["curves"]}
+    assert list(got) == ["vanilla svd", "projected svd"]
+    near = lambda a, b: all(x == y if x is None or isinstance(x, int) else abs(x - y) < 1e-12 for x, y in zip(a, b))
+    for want, have in zip([(0, 2, 0.2, 0.6, 0.2), (10, 2, 0.6, 0.7, 0.1)], got["vanilla svd"]):
+        assert near(have, want), (have, want)
+    for want, have in zip([(0, 2, 0.2, None, 0.2), (10, 1, 0.2, None, 0.4)], got["projected svd"]):
+        assert near(have, want), (have, want)
+    text = A.render_phase3(res)
+    assert "held-out learning curves" in text and "0.60" in text and "0.70" in text
 
 
 def phase3_runs(root, **kw):
