@@ -13,7 +13,8 @@ variant of a round alike; a ratio of separate medians would not cancel it). Rows
     2  a replay step split into tokenising, forward, backward, projection (+ cosines), saving
     3  generation tokens/s on merged weights vs through the adapter's hooks; the previous decode loop vs
        rollout.decode (bench model without stops; the organism with its own stop tokens)
-    4  an online step split into generation, grading, training (from a short train.py run)
+    4  an online step split into generation, grading, training (from a short train.py run); without
+       --quick, the generation seconds of the same 20 online steps with the previous loop and with this one
     5  grader completions/s, fresh interpreter vs warm path, 1 worker and all cores; cache hit rate
     6  memory: measured peaks of the bench model, base vs wrapped; the capture hooks' temporaries; the
        computed budget of Qwen3-4B at the full preset (configs.memory_budget) against 80 GB
@@ -528,6 +529,47 @@ def print_row4(res):
               f"  (step {f(r['time_s'])})")
 
 
+def row_online_loops(tmp, steps=20, rounds=1):
+    """The online step's generation seconds with the previous decode loop (dynamic_decode, sorted_pick) and
+    with rollout.decode, on the same `steps` steps of one train.py run (in process, the organism preset):
+    both loops sample the same tokens, so both runs train on the same rollouts step for step. Variants
+    rotate over `rounds`; per loop, every step's gen_s of every round. None with the reason when a run fails."""
+    import rollout, train
+    loops = dict(previous=dynamic_decode, current=rollout.decode)
+    gen, completions = {k: [] for k in loops}, {}
+    real = rollout.decode
+    for i in range(rounds):
+        for name in list(loops)[i % 2:] + list(loops)[:i % 2]:
+            out = os.path.join(tmp, f"loops_{name}_{i}")
+            rollout.decode, cwd = loops[name], os.getcwd()
+            os.chdir(tmp)                    # the demo pools and the v_hack cache land in tmp, not the checkout
+            try:
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    train.main(["--source=online", f"--steps={steps}", "--eval-every=0", "--quiet", "--out", out])
+            except (SystemExit, train.RunError) as e:
+                return f"not measured: train.py --source=online --steps={steps} ({name} loop) stopped: {e}"
+            finally:
+                rollout.decode = real
+                os.chdir(cwd)
+            gen[name].append([r["gen_s"] for r in pools.read_jsonl(os.path.join(out, "steps.jsonl"))])
+            completions[name] = [r["completion"] for r in pools.read_pool(os.path.join(out, "rollouts", "student"))]
+    per_step = [a / b for ra, rb in zip(gen["previous"], gen["current"]) for a, b in zip(ra, rb)]
+    return dict(steps=steps, rounds=rounds, previous=med([x for r in gen["previous"] for x in r]),
+                current=med([x for r in gen["current"] for x in r]), ratio=(med(per_step), min(per_step), max(per_step)),
+                same=completions["previous"] == completions["current"])
+
+
+def print_row4b(res):
+    print("4b. online generation seconds per step, the previous decode loop vs rollout.decode (organism preset, "
+          "in process; the same steps: both loops sample the same tokens)")
+    if isinstance(res, str):
+        print(f"   {res}")
+        return
+    print(f"   median over {res['steps']} steps x {res['rounds']} round(s): previous {res['previous']:.3f} s, current "
+          f"{res['current']:.3f} s; per-step ratio previous/current {fmt_ratio(res['ratio'])}; same rollouts: "
+          f"{'yes' if res['same'] else 'NO'}")
+
+
 # ----------------------------------------------------------------------------- row 5
 
 def row_grader(rounds, limit, tmp):
@@ -877,6 +919,8 @@ def main(argv=None):
                         f"{'tiny model (quick), no stop' if a.quick else 'organism, its stop tokens'}, up to {top} tokens")
         if 4 in rows:
             print_row4(row_online(tmp))
+            if not a.quick:
+                print_row4b(row_online_loops(tmp, steps=20, rounds=1))
         if 5 in rows:
             limit = 4 if a.quick else None
             n = len(pools.load_problems(pools.FIXTURE_PROBLEMS)[:limit])
