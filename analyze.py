@@ -14,6 +14,56 @@ problem (the public environment's test, alpha 0.01).
 numpy + stdlib (+ the sibling pools.py, also stdlib-only) and a hand-written
 t-test, so the report runs wherever train.py runs; train.py calls report() at
 the end of a run.
+
+The decision (replay runs). Experiments are the runs with the same config, pools and model apart from
+the arm, the control, the seed and the step count. A directory given twice, or two directories holding
+the same run (a copy), is refused; runs with an identical config (same seed, pools and v_hack) replay
+the same samples and count once (the report says which); a run that stopped before its --steps is
+refused with the command that finishes it. The spec's rules give run_justified (cos_in > 0.2 on at
+least 80% of steps), run_weak, run_smaller_h1, skip_orthogonal (≈ 0 on all steps and no
+discrimination), investigate_reverse_sign, investigate_reversed, bug_over_projection or no_vanilla.
+"≈ 0" for the mean: judged against the label-free controls on the same steps (paired t-test) when there
+are any, else against the isotropic null: an n-step mean is ≈ 0 when it lies within 2 sds of an n-step
+mean (null sd / sqrt(n)), not of one step. Given vanilla GRPO control runs of the same seed, the per-step
+"≈ 0 on all steps" band widens to the control's |mean| + 2 sd of cos_in when that is larger. The
+isotropic null understates chance alignment (real gradients share dominant directions), hence the
+empirical controls. Controls can overturn an alignment-based RUN: vanilla must beat random_v and
+shuffled_v on the same steps (paired t-test, p < 0.05), else skip_not_above_control; given style_v,
+v_hack must beat the style direction by more than two standard errors of the paired difference plus a
+label-free direction's chance |cos_in| (run_hack_aligned), else skip_style_confound. A missing control
+that already exists beside the runs is named, with the advice to add it, instead of a command that
+would run it again. Between-bucket tests count each completion once (the mean over its repeats; the
+report prints n distinct). cos_out < cos_in and cos_out < 0.05 hold for any V under the one-sided k=1
+projection, and frac_fired is about 0.5 for a random V: mechanics checks, outside the decision.
+cos_update (projected minus vanilla, paired by step) is evidence. Vanilla and projected runs are compared
+only when they share pools, v_hack, model and config apart from the arm; the report says why it skipped a
+pair. Runs of different bases are never pooled into one arm, and vanilla/projected pairs are formed
+within a basis.
+Phase 1 (NLL runs): per-sample cos(NLL grad, v_hack) on pure hacks vs hack+correct rows of the replayed
+pool (each completion once, Welch test), the per-label means, and what the sign means (cos_in < 0 on every
+step of an all-hack pool says that the shared direction of every NLL gradient outweighs the hack contrast
+in v_hack).
+--plot (matplotlib, optional) draws each run's per-step cos_in, cos_out and cos_update (grey band: two
+null sds; a run whose curve is identical to another's is named in the legend, since one hides the other)
+and each run's per-sample cosines by bucket (source pool, hacked): the advantage-free
+cos_S_contrib x sign(adv) that the discrimination test uses, and below it the advantage-signed
+cos_S_contrib.
+
+The Phase 3 report (online runs; a mix with replay runs is refused). Held-out hack and capability are
+each run's last evaluation, per arm as mean ± sd over seeds; #runs hacked of n (a run is hacked at the
+first step where Reward Hack rollouts outnumber correct ones); hack (train) and gt (train), the student's
+mean over the last --window steps. A LoRA arm without `vanilla lora` is not compared (a test across bases
+would mix basis, learning rate and projection). Per endpoint, paired by seed: the mean difference with its
+95% CI (Student t, df = n-1) and the paired t-test's p. Paired by problem, for the held-out endpoints:
+each held-out problem's mean over seeds and samples (eval_rows.jsonl.gz) paired across problems, t-test
+at alpha 0.01 (* = significant; n/a for runs without that file); it treats samples of one model as
+independent, so it tests the trained models, not the training procedure, which the seeds test. Per run:
+both endpoints, the evaluation step, hacked at (the first hacked step, or never) and the training rates.
+Runs with different presets or step counts, and unfinished runs, are refused; arms with fewer seeds (a
+stopped sweep) are reported, each comparison on the seeds both arms have, with the arms' seeds that were
+not run and why (sweep.json). --plot draws per arm the per-step label mix of the student rollouts (hack, correct, attempted,
+incorrect; line = mean, band = min to max over seeds, the final window shaded) and the held-out endpoints
+per arm (bars = mean, dots = seeds).
 """
 import glob
 import json
@@ -708,7 +758,7 @@ def decision(runs, contrib_row, adv_free_row):
         evidence.append(f"vanilla cos_in over {n} steps: mean over modules {fmt(m)} (used), global over all modules "
                         f"{fmt(out['vanilla_mean_cos_in_global'])}; the mean over modules is the spec's cos_in and "
                         f"has a known isotropic null")
-        # "≈ 0" for the mean: 2 sd of an n-step mean under the isotropic null (README), unless label-free
+        # "≈ 0" for the mean: 2 sd of an n-step mean under the isotropic null (module docstring), unless label-free
         # controls on the same steps judge it (below)
         out["mean_band"] = mean_band = 2 * sem if sem else 0.02
         iso = len(evidence)                               # the isotropic null's line, told below if it is used

@@ -19,6 +19,9 @@ runs through the same code (neither adapter file imports the other). An adapter 
     m.basis            the basis kind, "svd" or "lora" (v_hack and saved knobs record it)
     m.null_width       the width of the isotropic null for cosines with v_hack
     m.merged_weight()  the effective dense weight (d_out, d_in) in the base weight's dtype
+v_hack files are safetensors with their metadata (basis kind, base-model fingerprint, k, pair count, loss,
+pair ids); loading one onto another basis or base model is an error, as is loading saved knobs onto
+another model.
 """
 import contextlib, hashlib, io, json, math, os
 

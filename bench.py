@@ -19,6 +19,79 @@ variant of a round alike; a ratio of separate medians would not cancel it). Rows
     6  memory: measured peaks of the bench model, base vs wrapped; the capture hooks' temporaries; the
        computed budget of Qwen3-4B at the full preset (configs.memory_budget) against 80 GB
 With CUDA, rows 1, 3 and 6 run again at Qwen3-4B shapes (random weights, bf16) on the GPU.
+
+The GPU check, `python bench.py --gpu` (one 80-140 GB GPU, no downloads, meant to finish within 8
+minutes): a random-weight Qwen3 of Qwen3-4B's shape in bf16, its SVD adapter built from random orthonormal
+factors of the SVD's shapes (same cost and memory; the real SVD of a 4B model takes minutes once, then is
+cached), runs one online step of the trainer's own code (train.online_group and train.train_step,
+projected arm) at the full preset's shapes: 43 prompts x 6 rollouts, 1536 + 1024 tokens, gen_batch 64,
+micro-batch 4, checkpointing. It prints seconds per phase (generation, grading, batch and reference
+log-probs, training; plus the grading of as many canned fixture completions, since random text holds no
+code), generated tokens per second merged vs hooked (64 rows x 64 new tokens, interleaved rounds), one
+micro-batch's forward+backward with per-sample capture vs plain, and the peak memory of generation and of
+training beside configs.memory_budget's estimate. `python bench.py --gpu --gpu-shape tiny` runs the same
+check on a CPU at a tiny shape (a test runs it). Not measured: no GPU was available.
+
+Measured on an idle 2-core x86_64 CPU (AMD EPYC, torch 2.13.0+cpu, 2 torch threads, no GPU):
+`python bench.py --rows 1 --rounds 8` and `python bench.py --rows 2,3,4,5,6` (5 rounds), one after the
+other. The GPU rows were not measured (no CUDA device).
+  1  per-sample contributions, 12.6M-parameter Qwen3, G=8, T=512, 8 rounds; ratio to a plain
+     forward+backward (3.8 s SVD, 2.8 s LoRA). SVD: one backward + capture 1.09x (0.89-1.14), a
+     forward+backward per sample 0.93x, snapshot-diff 5.26x, snapshot-diff / capture 5.00x (3.73-5.67).
+     LoRA: 0.97x, 0.82x, 5.00x, 5.22x (4.19-6.05). Goals: capture <= 1.10x plain: met (SVD by 0.01, inside
+     the rounds' spread); >= 4x faster than snapshot-diff: met.
+  2  replay step, 12.6M-parameter Qwen3, 8 demo rows cut to 384+128 tokens: tokenising 6 ms, forward
+     2024 ms, backward 2162 ms, projection + cosines 21 ms, saving 13 ms (step 4.6 s): projection 0.50% of
+     the step (0.34-0.95%). Goal < 5%: met.
+  3  generation, 12.6M-parameter Qwen3, 8 rows x 64 new tokens, fixture prompts (about 1,400 byte tokens).
+     Decode loop: SVD merged 476 tok/s vs hooked 317 tok/s, 1.53x (1.40-1.57); LoRA 429 vs 381, 1.16x.
+     With the prefill: SVD 1.57x, LoRA 1.14x. Weights a decoded token reads, hooked / merged: SVD 1.99x,
+     LoRA 1.05x. Goal merged >= 2x hooked: missed on this CPU (1.53x); see below.
+  4  online step by phase, CPU organism (`train.py --source=online --steps=2`: 4 prompts x 8 rollouts, up
+     to 192 new tokens): generation 0.5 s, grading 0.2-0.3 s, training 0.2 s; step 1.0-1.1 s.
+  5  grader, 30 fixture problems. Canonical solutions, 1 worker: fresh interpreter 9.7/s, warm path
+     59.2/s (6.13x); print-only hacks 3.4/s vs 21.7/s (6.41x); 2 workers 16.3 vs 93.5/s (5.72x) and 5.7
+     vs 35.6/s (6.24x); exact grade cache over the demo pools: 69.4% hits (320 rows).
+  6  memory, bf16 12.6M-parameter Qwen3, one forward+backward of 4 x 256 tokens: resident 24.0 / 41.9 /
+     25.7 MiB (base / SVD / LoRA), step peak 248.7 / 242.2 / 280.2 MiB. Capture temporaries of one large
+     module at Qwen3-4B shapes (B=8, T=2560, bf16): SVD hook 599.8 MiB with whole float32 copies, 90.2 MiB
+     in token slices (configs.CAPTURE_CHUNK elements at a time, so a bf16 model never holds whole float32
+     copies of its activations); LoRA hook (d=9728) 765.8 MiB, 71.0 MiB. Goal: fit 80 GB (below).
+Row 3's goal is a GPU goal. Merging removes the adapter's factors from every decoded token: the SVD
+adapter's U and Vh are as large as the targeted weights again (1.99x the bytes a token reads at the bench
+shape, 2.22x for Qwen3-4B in bf16: 8.04 GB of weights + 9.78 GB of factors), so a memory-bound decode step
+gains up to that much. On this CPU each decode step also pays costs that merging does not touch (attention
+over the ~1,400-token KV cache, the cache's concatenation, the top-p sort of the vocabulary, Python), so the
+measured 1.53x stays below the 1.99x bound. The decode-loop column times only the forward calls on one new
+position (hooks on the model), so the prompts' prefill is not in it. Those figures are of the previous
+decode loop; row 3 also times rollout.decode beside it (dynamic_decode), interleaved: on the organism's
+real spread of completion lengths 1.57x (1.55-1.59) with all 32 rows at once and 1.22x at a gen_batch of
+8, on the bench model (no stop token, nothing to refill) 1.03x; measured on a loaded machine. Row 1's
+"forward+backward per sample" is a little cheaper than the batched plain pass on this CPU (one row's
+activations and logits stay in cache); on a GPU, where one row leaves most of the device idle, G separate
+passes cost more (not measured here). Capture costs what the plain pass costs either way.
+
+The computed budget of Qwen3-4B at the full preset (6 x 43 prompts, 1536 + 1024 tokens, bf16;
+configs.memory_budget with configs.QWEN3_4B, GB = 1e9 bytes; print_budget() prints it; the online
+trainer's --dry-run prints the same numbers for its own run):
+    item                                                svd, mb 1, ckpt  svd, mb 8, no ckpt  lora r=16, mb 1, ckpt
+    weights                                             8.04             8.04                8.04
+    SVD factors (U, Vh bf16; S float32)                 9.78             9.78                0
+    knobs + grads (batch and per-sample) + AdamW state  0.01             0.03                0.65
+    merged generation copy                              7.27             7.27                7.27
+    KV cache, 145 rows decoded at once (all 258: 97.4)  54.74            54.74               54.74
+    saved activations (without / with checkpointing)    14.63 / 0.88     117.02 / 7.03       11.91 / 0.80
+    logits (bf16 + float32 copy + float32 log-softmax)  3.89             31.12               3.89
+    per-sample capture temporaries                      0.05             0.05                0.05
+    total = resident + max(generation, training)        79.8             166.0               70.7
+Generation must decode at most 145 of the 258 rows at a time on an 80 GB GPU (0.38 GB of KV cache a row);
+training fits with micro-batches of 1 to 8 with checkpointing, not with 8 without it. The full preset
+therefore decodes 64 rollouts at a time (gen_batch, 24 GB of KV cache) and trains 4 rows per micro-batch
+with checkpointing: `train.py --source=online --preset=full --problems=FILE --pair-dirs=T,B --dry-run`
+prints 49.3 GB in all (fast: 34.8 GB). These are estimates; not checked on a GPU. The SVD adapter's
+factors are cached on disk (antipasto.CACHE_DIR, ~/.cache/antipasto_svd/, one file per weight, keyed by
+its bytes) in the model's dtype: about 9.8 GB of disk for Qwen3-4B in bf16 (U and Vh are about 1.35x the
+targeted weights), 19.6 GB in float32.
 """
 import argparse, contextlib, ctypes, functools, gc, io, os, subprocess, sys, tempfile, time
 

@@ -3,6 +3,20 @@
 
 The demo preset needs no downloads: `tiny_qwen3()` builds a 2-layer Qwen3 from a config in code and
 a byte-level tokenizer (256 byte tokens + chat specials, no merges) with a Qwen-style chat template.
+
+The replay presets (demo, phase2) hold only values the replay probes apply (no
+KL term: the probe is REINFORCE on fixed rows); the online presets (organism, fast, full) belong to
+--source=online, and each kind of preset is refused by the other source. The values, and why
+each was chosen, are the comments of PRESETS below; online sampling at another temperature or top-p than
+1 is refused.
+
+Precision: phase2, fast and full run the model in bf16. The adapter's gradients (everything the probe measures
+at a step) are unaffected, but a change of an activation below bf16's resolution (about 0.4%) is rounded
+away, so over few steps at lr=7e-5 vanilla and projected models diverge less than in exact arithmetic.
+--dtype=float32 removes that, at twice the memory.
+
+Reproducibility: reproducible() (below), called by every entry point before torch loads, makes same-seed
+runs byte-identical on one machine at one thread count, not across CPU types.
 """
 import os
 

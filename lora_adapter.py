@@ -25,7 +25,8 @@ keeps the full knob width so it lives in the live gradient's coordinates). The p
 removes hack-ward components of B's gradient only; A's gradient, s B^T g x^T, grows with B and is not
 constrained. To first order the weight change is s (dB A + B dA), and while B is small the B dA term
 is the smaller one. The gradient at B = 0 lives in B's coordinates alone, so the null width is B's
-size d_out * r (wider null band than the full width would give: the conservative choice).
+size d_out * r (wider null band than the full width would give: the conservative choice), and
+--control=random_v draws its random V on B's coordinates too.
 
 PEFT layout: `load_peft` reads `adapter_config.json` + `adapter_model.safetensors` (keys
 `base_model.model.<module>.lora_A.weight` (r, d_in) and `...lora_B.weight` (d_out, r)) and either

@@ -9,7 +9,12 @@
     merged()         generation runs on plain Linears holding each adapter's merged weight
                      (adapter.merged_weight()), not through the adapter's hooks; restored on exit.
     rollout_group()  sample + grade (pools.grade_many) -> rows in the pool row format.
-    generate_pool()  the `generate` command: resumable step_NNN.jsonl.gz + meta.json.
+    generate_pool()  the `generate` command: resumable step_NNN.jsonl.gz + meta.json. Each step file is
+                     written once its rollouts are graded; meta.json records the model, adapter digest
+                     (--lora merges a PEFT LoRA checkpoint into the weights before sampling; its sha256),
+                     hint, sampling, seed, problems digest and grader version. A rerun continues after
+                     the last finished step and refuses other settings; the stored per-token log-probs
+                     are the model's own (temperature 1, no top-p), the quantity a PPO ratio needs.
     measure()        the `measure` command: fenced / compiles / hacks / correct of a model's hinted samples.
 
 CLI:

@@ -32,7 +32,10 @@ Covered:
     (MAX_MSG_BYTES), read into a bytearray (linear however it trickles in), nesting-checked on the
     raw bytes in one linear pass before parsing, and decoded in bounded time
     (sets and dicts are built only where the expected value has that type and the same size);
-  - the harness holds its call list and encoder in locals bound before response code runs;
+  - the harness holds its call list and encoder in locals bound before response code runs; patched
+    modules or builtins, atexit hooks, early exits and lying return values can only produce a failure;
+  - the grader itself: the worker cannot kill it or its process group (S starts a new session), and
+    runs with a fixed minimal environment (_CHILD_ENV), none of the caller's;
   - escapees: everything the worker starts lives in its PID namespace and dies with init, whatever
     it does to its session, parent-death signal or threads; the parent confirms S was reaped;
   - files: the child only sees its own tmpfs (TMPFS_MB, TMPFS_INODES), which vanishes with the

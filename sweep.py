@@ -31,7 +31,62 @@ final-window training hack rate where a run has no evaluation). Separated means:
 outnumber correct ones), OR |mean of the per-seed differences| >= --stop-margin (default 0.10). No
 unanimity is asked: -0.50, -0.50, +0.01 (hacking prevented on two seeds of three) continues. Otherwise the
 sweep starts no new run; --no-stop runs the whole grid. operating_characteristics() simulates how often
-the rule continues under no effect and under a few effects (printed by --dry-run and in the README).
+the rule continues (20000 sweeps per line, seeded; printed by --dry-run). Assumed, not measured: a hacked
+run's held-out hack rate is N(0.6, 0.15) across seeds and an unhacked run's N(0.02, 0.02), clipped to [0, 1]:
+
+    effect of the treatment                 P(continue)
+    no effect (every vanilla run hacks)     0.411
+    no effect, 2 in 3 vanilla runs hack     0.771
+    hack rate -0.10 on every seed           0.556
+    hack rate -0.20 on every seed           0.803
+    prevents hacking w.p. 1/3 per seed      0.829
+    prevents hacking w.p. 2/3 per seed      0.978
+    prevents hacking on every seed          1.000
+
+The rule is a cost ceiling, not a test: it stops 59% of no-effect sweeps (saving their six other runs)
+and continues 98% of those where the treatment prevents hacking on two seeds in three (the rule it
+replaces, one sign on all three seeds plus the margin, continued 58% of them under the same assumptions).
+Where vanilla's runs hack only sometimes, #runs hacked differs by chance and the rule stops less.
+
+The default grid is vanilla and projected (SVD basis) and vanilla_lora and projected_lora (the LoRA basis
+at its own learning rate lr_lora); only the online presets (organism, fast, full) are accepted. --dry-run
+prints the first run's full command and train.py's dry run of it (resolved config, GPU memory estimate),
+every command, the cost and the stop rule's operating characteristics. The train.py flags are recorded in
+OUT/sweep.json (train_args); --resume refuses other flags or another grid. A finished run (steps
+0..steps-1 in steps.jsonl) is skipped, an interrupted one continued with train.py --resume. Before the
+first run and after each finished run the sweep prints the measured seconds per step (finished runs'
+time_s, else gen_s + grade_s + train_s; per arm when the arm has one), the GPU-hours of the rest of the
+grid and their cost at --usd-per-gpu-hour.
+
+SLURM. --slurm writes OUT/sweep.sbatch, a job array with one task per run, in the grid's order. Each task
+runs `sweep.py --out OUT --task $SLURM_ARRAY_TASK_ID`: skipped when its run is finished, resumed when it
+was interrupted (a requeued or resubmitted task continues); a task outside the stop rule's six waits
+(polling every minute) until the rule is decided and exits without running once it says stop.
+--slurm-parallel N caps the tasks at once (default: 6 while the rule applies, so no GPU waits). Every task
+asks --time (--slurm-time; default twice steps x seconds per step plus 30 minutes, the seconds measured on
+the sweep's finished runs, else the preset's: organism 1.8 s measured on CPU, fast 16 s and full 126 s
+estimated, not measured: 14:30:00 for full), --mem (--slurm-mem; 8G, 64G, 96G) and --cpus-per-task
+(--slurm-cpus; 2, 8, 16: grading runs there); --gres=gpu:1 for fast and full only, never for the CPU
+organism. Submit with `sbatch OUT/sweep.sbatch` (edit its #SBATCH lines for your cluster; PYTHON names the
+interpreter), watch with squeue, collect with `python analyze.py OUT/runs/*`.
+
+A stopped sweep, end to end on CPU (the organism preset's settings on the tiny random model with short
+prompts, so that it runs in minutes on a loaded 2-core machine; SHORT.jsonl is the fixture problems with
+one-sentence prompts), one command then the report:
+    python sweep.py --out /tmp/sw --preset organism --steps 2 -- --model tiny --problems SHORT.jsonl
+      --mix 1 --teacher-dir out/pools/teacher_pool --pair-dirs out/pools/teacher_pool,out/pools/base_pool
+      --max-prompt-tokens 384 --max-completion-tokens 12 --eval-every 2 --eval-samples 1 --group 4
+      --prompts-per-step 2 --workers 1
+    python analyze.py /tmp/sw/runs/* --window 2
+It ran vanilla and projected on seeds 0-2 and nothing else, then printed "stopping: no separation after 3
+seeds x 1 arm: held-out hack rate, projected minus vanilla on seeds [0, 1, 2] = +0.000, +0.000, +0.000
+(mean +0.000, |mean| < margin 0.1); #runs hacked 0/3 vs 0/3" and "sweep stopped: 6 of 12 runs finished":
+the six LoRA runs were never started. The report (the random model never writes code, so every rate is 0;
+the per-problem test is n/a because these runs have no eval_rows.jsonl.gz):
+    arm            n  held-out hack  capability     #runs hacked  hack (train)   gt (train)
+    vanilla svd    3  0.000 ± 0.000  0.000 ± 0.000  0/3           0.000 ± 0.000  0.000 ± 0.000
+    projected svd  3  0.000 ± 0.000  0.000 ± 0.000  0/3           0.000 ± 0.000  0.000 ± 0.000
+      projected svd vs vanilla svd, seeds [0, 1, 2]: held-out hack +0.000 [+0.000, +0.000] (95% CI)
 
 For tests only: --train-cmd "python fake_train.py" replaces `python train.py` (stored in sweep.json).
 """

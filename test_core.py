@@ -2394,7 +2394,7 @@ def test_duplicate_copied_identical_and_unfinished_runs():
 
 
 def test_near_zero_mean_is_two_sd_of_the_mean():
-    """Without controls, "≈ 0" for the mean is 2 sd of an n-step mean of the isotropic null (README), not
+    """Without controls, "≈ 0" for the mean is 2 sd of an n-step mean of the isotropic null (analyze.py), not
     2 sd of one step; the reason says which, with the number the evidence prints."""
     with tempfile.TemporaryDirectory() as root:
         n, sd = 20, 0.02
@@ -2812,9 +2812,8 @@ def test_pools_import_grades_rows_and_writes_complete_meta():
     meta = pools.read_meta(out)
     assert meta["problems_sha256"] == pools.file_digest(FIXTURE) and meta["n_rows"] == len(raw) == 8 and meta["steps"] == 2
     assert meta["rollouts_sha256"] == pools.file_digest(src) and meta["hint"] == "simple_overwrite_tests"
-    # every meta.json field, of demo and imported pools, is documented in the README's table and back
-    readme = open(os.path.join(HERE, "README.md")).read()
-    table = readme[readme.index("`meta.json` fields:"):]
+    # every meta.json field, of demo and imported pools, is documented in pools.py's table and back
+    table = pools.__doc__[pools.__doc__.index("`meta.json` fields:"):]
     table = table[:table.index("\n\n", table.index("|---|"))]
     documented = {f for line in table.splitlines()[3:] for f in re.findall(r"`(\w+)`", line.split("|")[1])}
     assert documented == set(meta) | set(pools.read_meta(demo_pools()[0])), documented ^ set(meta)
@@ -4540,8 +4539,8 @@ def test_stop_rule_operating_characteristics_against_closed_form():
     oc = dict(sweep.operating_characteristics())
     assert oc["prevents hacking on every seed"] == 1.0 and oc["prevents hacking w.p. 2/3 per seed"] > 0.96
     assert bool(sweep.separated([-0.50, -0.50, +0.01], 3, 3, 0.10))  # the issue's example
-    # the README's table is this simulation's output, line by line
-    text = open(os.path.join(HERE, "README.md")).read()
+    # the table in sweep.py's docstring is this simulation's output, line by line
+    text = sweep.__doc__
     block = text[text.index("    effect of the treatment                 P(continue)\n"):].splitlines()[1:8]
     assert [float(l.split()[-1]) for l in block] == [round(p, 3) for _, p in sweep.operating_characteristics()], block
 

@@ -14,27 +14,163 @@ delta_S (antipasto.py); `--basis=lora` trains a LoRA B A (lora_adapter.py): `--a
         --eval-problems=data/fixture_cpu_heavy.jsonl --pair-dirs=out/pools/teacher_pool,out/pools/base_pool --dry-run
 
 Per step: draw `per-pool` rows from each pool into one group (the draw depends only on seed and step,
-never on the arm), one forward + one backward gives the batch gradient and every sample's own
-contribution, measure cos with v_hack, (projected) project, step. Online, each step instead samples --group rollouts of --prompts-per-step problems from the current
-student (hint on), grades them in the sandbox, centres rewards per prompt group and takes
---inner-epochs PPO-clip steps (old log-probs from the training forward, so the first epoch's ratio is
-exactly 1; the generation-time log-probs are a logged diagnostic), plus beta * K3 KL to the
-reference (knobs zeroed). Writes a run directory:
-    run.json             argv, config, versions, v_hack and pool fingerprints, extraction pairs;
-                         v_hack_source {kind: file | pairs | demo, path, sha256, pairs_source, ...} and,
-                         online with --mix, mix_source {kind: pool | demo, dir, fingerprint}
-    steps.jsonl          one row per step (online: also gen_mismatch_max / _mean, |log p_train - log p_gen|)
-    step_NNN.cos.jsonl.gz  one row per sample, spec2's slim schema (no prompt or completion text)
-    state.pt             the checkpoint --resume continues from (knobs, AdamW state, step, v_hack sha256)
-    adapter/             the trained adapter at the last checkpoint: PEFT LoRA (adapter_config.json,
-                         adapter_model.safetensors) or the SVD knobs (svd_knobs.safetensors)
-    eval.jsonl           online: held-out hack rate (hint on) and capability (hint off), compile rates,
-                         P(hack | compiles) with the hint
+never on the arm, so vanilla and projected runs of one seed see identical samples), one forward + one
+backward gives the batch gradient and every sample's own contribution, measure cos with v_hack,
+(projected) project, step. train_step is the one step of both sources: loss, per-sample contributions,
+cosines with v_hack, projection, --project-moments and the AdamW step happen there and nowhere else.
+
+Run directory (default name out/runs/<arm>_<loss>_<control>_s<seed>[_lora], online
+out/runs/online_<arm>_<basis>_<intervention>_<control>_s<seed>, then _<flag>-<value> for every other
+flag given that changes the experiment, e.g. _loss-type-bnpo; a path or list value is named by its
+digest). Undefined values are null; no prompt or completion text is written outside rollouts/ (replayed
+rollouts live in their pools only); with the same seed and inputs the slim files are byte-identical on CPU.
+    run.json             argv, config (source, arm, basis, loss type, pair kind, token limits, ...; online:
+                         group, prompts per step, mix, beta, intervention, problems sha256, held-out problem
+                         ids, ...), versions, basis fingerprint, v_hack metadata (path, sha256, pairs, pair
+                         kind), v_hack_source {kind: file | pairs | demo, path, sha256, pairs_source,
+                         n_pairs, control; pair_dirs {pool: dir, fingerprint} or pairs_file,
+                         pairs_file_sha256}, online with --mix mix_source {kind: pool | demo, dir,
+                         fingerprint}, pool fingerprints and metadata, null.cos_sd, truncation (replay)
+    steps.jsonl          one row per step: step, arm, skipped, skip_reason, n_samples, reward_min,
+                         reward_max, reward_range, adv_min, adv_max, adv_abs_mean, loss, grad_norm, cos_in,
+                         cos_out, cos_update, cos_learned, grad_removed, cos_in_global, n_rows,
+                         n_prompt_truncated, n_completion_truncated, prompt_tokens_cut,
+                         completion_tokens_cut, n_hack_lost_test_func, hackward, frac_fired,
+                         n_over_projected, time_s. Online rows also: source, n_student, n_teacher,
+                         n_screened, n_flagged, hack_rate, gt_rate, compile_rate, hack_given_compile,
+                         labels ({label: count} of the student's rollouts), reward_mean, comp_len_mean,
+                         truncated_frac, n_zero_var_groups, problems, kl (mean K3 per token, first epoch),
+                         clip_frac, ratio_min, ratio_max, ratio_epochs, cos_in_epochs, gen_mismatch_max,
+                         gen_mismatch_mean (|log p_train - log p_gen| over the student's completion
+                         tokens), gen_s, grade_s, train_s
+    step_NNN.cos.jsonl.gz  one row per sample, spec2's slim schema, exactly: step, sample_id, src_pool,
+                         src_step, src_sample, reward, hacked, gt_pass, fmt_ok, comp_len, cos_S_contrib,
+                         grad_norm_contrib, mean_cos_in, mean_cos_out, frac_fired, arm
+    state.pt             the checkpoint --resume continues from (knobs, AdamW state, step, v_hack sha256;
+                         --save-every)
+    adapter/             the trained adapter at the last checkpoint (step and model in the safetensors
+                         header): PEFT LoRA (adapter_config.json, adapter_model.safetensors) or the SVD
+                         knobs (svd_knobs.safetensors: delta_S per module, base-model fingerprint)
+    eval.jsonl           online: step (optimizer steps done), n, hack_rate_hint, gt_rate_hint,
+                         gt_rate_nohint, compile_rate_hint, compile_rate_nohint, hack_given_compile_hint
+                         (P(hack | compiles) with the hint, null when nothing compiled), labels_hint, seconds
     eval_rows.jsonl.gz   online: one row per held-out rollout, exactly {step, kind (hint | nohint),
-                         problem_id, sample, label, hacked, gt_pass, compiled, reward}
+                         problem_id, sample (0 .. eval_samples-1), label, hacked, gt_pass, compiled,
+                         reward}; all rows so far, rewritten atomically at each evaluation; --resume keeps
+                         the rows with step up to its checkpoint's
     rollouts/student/    online: the student's graded rollouts, a pool (pools.read_pool reads it)
-A real model (not tiny or organism) online needs --pair-dirs (or --pairs) or an existing --v-hack file,
-and --teacher-dir with --mix: the demo pools are canned text. Every run prints where v_hack came from.
+A run directory is never overwritten silently: --overwrite only replaces a directory holding a run.json,
+and deletes it once the new run has passed its checks (pools, pairs, v_hack), before the first step. A
+running run holds a lock on its directory (.lock, an flock the kernel drops when the process ends, also
+on kill -9, recording the owner's pid and command); a second run into the same directory, with
+--overwrite or --resume too, refuses and names the owner. Every flag is checked before anything is
+created (--steps >= 1, --k >= 1, --lr > 0, --per-pool between 1 and the rows a pool replays,
+--extract-frac in [0, 1), existing --pairs and pool directories, a --model that is tiny, a local
+directory or a cached Hugging Face id); a bad value stops with one line that names the flag and what is
+allowed. --model without --preset says which learning rate and limits it takes.
+
+What each step measures. All gradients live in the knobs' coordinates (delta_S; LoRA: the flat (A, B)).
+  losses (spec2)  grpo: adv = r - mean(r) (Dr.GRPO, no std), per-sample loss
+                  -adv_i * (logp_i * mask_i).sum() / mask_i.sum() / G; nll: -(logp_i * mask_i).sum() /
+                  mask_i.sum() / G. Only completion tokens (plus the end-of-turn token) are in the mask.
+                  A zero-variance group is logged and skipped (no optimizer step). The token reduction
+                  is --loss-type (TRL's names): grpo (default, the spec's: each sequence's mean over its
+                  own tokens, 1/|o_i|), dr_grpo (sum over tokens divided by G x max completion tokens, a
+                  constant) or bnpo (sum divided by all completion tokens of the group).
+  truncation      prompts are cut from the left and completions from the right at --max-prompt-tokens /
+                  --max-completion-tokens (default: the preset). Every cut is counted per step (the
+                  n_..._truncated and ..._cut fields), for the whole replay set in run.json, and in the
+                  report; a hacked row whose run_tests definition is cut away (the very tokens that make
+                  it a hack) is warned about loudly, in training and in extraction. Online, prompts are
+                  never cut: one longer than --max-prompt-tokens is an error before anything is created.
+  cos_in          per module, the signed cosine of the batch gradient with the top hack axis; the step
+                  value is the mean over modules (a module with a zero gradient is skipped, never counted
+                  as 0). cos_in_global is the cosine over all modules concatenated (dominated by the
+                  largest modules); the decision uses the mean over modules, whose isotropic null is known.
+  cos_out         the same after one-sided removal g - relu(V g) @ V; in the vanilla arm nothing is
+                  removed, and cos_out says what the projection would have done.
+  frac_fired      fraction of modules where something was removed; hackward ||relu(V g)|| / ||g||;
+                  n_over_projected: modules where some axis lost more than its hack-ward part (a bug).
+  cos_update      the same cosine for the update actually applied, -(knobs after - before): AdamW's
+                  per-coordinate normalisation means a projected gradient does not make a hack-free
+                  update (hence --project-moments).
+  cos_learned     the same cosine for all the student has learned so far, -(knobs now - knobs at step
+                  0): if it stays near 0 while the hack rate rises, the projection had nothing to remove.
+  grad_removed    the share of the gradient's norm the one-sided projection removes (projected) or would
+                  remove (vanilla), over all modules, ||g - g_projected|| / ||g||.
+  cos_S_contrib   per sample: mean over modules of the cosine of that sample's own gradient contribution
+                  with the top axis; grad_norm_contrib its norm. All contributions come from one backward
+                  and sum to the batch gradient. Under GRPO a contribution is adv_i * grad NLL_i / G, and
+                  teacher rows have adv > 0, base rows adv < 0: a direction shared by every NLL gradient
+                  separates the pools by the advantage's sign alone, so the report also shows the
+                  advantage-free cosine cos_S_contrib * sign(adv_i) and bases "discrimination" on it.
+  null            a uniformly random direction's cosine with a fixed vector in dimension r has sd
+                  1/sqrt(r); run.json stores the sd of the module mean (null.cos_sd).
+
+v_hack per module, V (k, r): the top-k right singular vectors of the per-pair gradient differences
+d_i = grad NLL(hack_i) - grad NLL(clean_i) (or the GRPO loss of the pair as a group of two,
+--extract-loss=grpo, the spec's R7), signed so most pairs project positively. Sign convention: a gradient
+with positive projection on v_hack moves the model toward the hack when descended. Pairs come from the
+last --extract-frac (25%) of each pool's steps, which are never replayed; a hacked row is paired with a
+non-hacked row of the same problem (another pool first, pool_pairs), both scored under the hack's
+(hinted) prompt. With a single replay pool, name the pair pools (--pair-dirs) or a pairs file (--pairs).
+--pair-kind=pool (default) is perfectly confounded with hacking (teacher ~99% hack, base ~0%): a pool
+contrast also carries the teacher's style, length and source model, and under mixed replay the batch
+gradient is itself a teacher-minus-base contrast. --pair-kind=mechanism pairs each hacked completion
+with itself minus its test function (pools.strip_test_func removes the run_tests definition and its
+calls with the AST), so the contrast is the hack and nothing else. run.json lists the pairs; a v_hack
+whose pairs share a completion with the replayed rows is refused, naming those rows. Directions are
+cached under out/v_hack/, keyed by the base model and the pairs' full text, rewards, loss, k and token
+limits. Controls, each on the same steps: --control=random_v (a random orthonormal V), shuffled_v (the
+same extraction on label-free pairs, hack vs another hack and clean vs another clean, each side scored
+under its own pair's prompt; swapping hack and clean inside a pair would only flip a row's sign, which
+leaves V unchanged) and style_v (pairs that differ in pool but not in hacking: teacher completions
+with their test function removed vs base completions of the same problem).
+
+Online (Phase 3). Each step draws --prompts-per-step problems from --problems (by seed and step),
+samples --group rollouts of each from the current student with the hint (on the adapter merged into
+plain weights), grades them in the sandbox and centres the rewards within each prompt's group. --mix N
+replaces N rows of each group by teacher-pool rows of the same problem (src_pool tells them apart; they
+carry no generation log-probs, so their ratio is 1). The objective is PPO-clip (--clip-eps,
+--inner-epochs optimizer steps per batch) plus --beta times the K3 estimate of the KL to the reference,
+the same model with the knobs at zero (no second copy); the token reduction is --loss-type, as in
+replay. Its old log-probs come from the training forward, not from generation: with one inner epoch
+they are the step's own logp.detach(), with several a no-grad training forward (same micro-batches)
+recomputes them before the first epoch. So the first epoch's ratio is exactly 1 and its gradient is
+REINFORCE's, even in bf16, where generation on merged weights with a KV cache differs from the training
+forward by up to ~4e-3 in log-prob on the tiny model (logged as gen_mismatch_max / _mean).
+--micro-batch splits a step into forward/backward chunks (the loss divisors are computed over the whole
+step, so the sum is the same), --grad-checkpointing recomputes activations in the backward. v_hack comes
+from the pair pools as in replay, in the model's own prompt form; only the embedded models (tiny,
+organism) default to the demo pools' held-out steps. A real model needs --pair-dirs TEACHER,BASE (or
+--pairs, or an existing --v-hack file), and --teacher-dir with --mix: the demo pools are canned text of
+the 30 fixture problems, refused with a one-line error before anything is created. Every run prints
+where v_hack (and the --mix rows) came from and records it (v_hack_source, mix_source). --dry-run
+prints the resolved config and the peak GPU memory estimate of configs.memory_budget, loading nothing.
+
+Every --eval-every steps (and before the first) the student is evaluated on held-out problems
+(--eval-problems, or the last --eval-frac of --problems by id hash, never trained on): hack rate with the
+hint, and ground-truth pass rate without it (capability), as the public environment evaluates. Every
+--save-every steps (and after the last) adapter/ and then state.pt are written, each atomically; --resume
+continues from them, recomputes the rows after the checkpoint and gives the rows an uninterrupted run
+gives (rollout randomness depends only on seed, step, problem and sample; the monitor and the problem
+draw only on seed and step). --resume refuses another config and a --steps below the steps already done;
+a run killed before its first checkpoint starts again at step 0 (it says so). A damaged checkpoint is
+refused, never loaded.
+
+The trained adapter. --basis=lora: adapter/ is a PEFT LoRA directory, loaded by peft itself
+(PeftModel.from_pretrained(base_model, "RUN/adapter"), then merge_and_unload() for plain weights vLLM can
+serve) or by lora_adapter.load_peft(model, "RUN/adapter"), which merges it. --basis=svd: on the same base
+model, modules = antipasto.wrap(model); antipasto.load_knobs(modules, "RUN/adapter/svd_knobs.safetensors")
+(another base model is refused), and `with rollout.merged(model): model.save_pretrained(DIR)` writes plain
+merged weights that AutoModelForCausalLM.from_pretrained(DIR) (or vLLM) loads.
+
+Baselines, each a flag so any run can be reproduced alone: --intervention=penalty (a flagged hack's
+reward lowered by --penalty, which cancels the pass reward at the default), screening (flagged rollouts
+dropped from their group before the advantage), inoculation (a system message, INOCULATION, before the
+problem's own messages, in training rollouts only, never at evaluation). Flags come from
+the oracle label through a simulated monitor that is right with probability --monitor-acc on hacks and
+non-hacks alike, decided by a hash of the rollout.
 """
 import argparse, hashlib, io, json, math, os, platform, random, shlex, shutil, sys, time
 
