@@ -760,12 +760,11 @@ def gpu_check(shape, flags=(), device="cuda", dtype=torch.bfloat16, rounds=2, ne
     args.workers = workers
     peak = lambda: torch.cuda.max_memory_allocated() if cuda else None
     with tempfile.TemporaryDirectory() as tmp:
-        train.RUN["out"] = tmp                  # online_group writes the student's rollouts there
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         res["resident_bytes"] = torch.cuda.memory_allocated() if cuda else None
         t = time.perf_counter()
-        g = train.online_group(model, tok, modules, None, S, args, 0)
+        g = train.online_group(model, tok, modules, None, S, args, 0, tmp)   # the student's rollouts go to tmp
         sync(device)
         res["group_s"], res["gen_peak"] = time.perf_counter() - t, peak()
         res.update(gen_s=g["record"]["gen_s"], grade_s=g["record"]["grade_s"],
@@ -777,7 +776,6 @@ def gpu_check(shape, flags=(), device="cuda", dtype=torch.bfloat16, rounds=2, ne
         sync(device)
         res["train_s"], res["train_peak"] = time.perf_counter() - t, peak()
         res.update(kl=r["kl"], gen_mismatch_max=r["gen_mismatch_max"], gen_mismatch_mean=r["gen_mismatch_mean"])
-        train.RUN.pop("out", None)
     # grading of canned code (the random model's text holds no code block): as many completions as the step
     pairs = [(p, (pools.teacher_completion if j % 2 else pools.base_completion)(p, j))
              for p in S["train"] for j in range(c["group_size"])]
