@@ -34,7 +34,7 @@ BENCH_QWEN3 = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
 QUICK_QWEN3 = dict(configs.TINY_QWEN3, vocab_size=512)
 # the full preset's shape of one step (spec2 Phase 3), as configs.memory_budget reads it
 FULL_RUN = dict(group=6, prompts_per_step=43, max_prompt_tokens=1536, max_completion_tokens=1024, micro_batch=1,
-                dtype_bytes=2, basis="svd", lora_rank=16, grad_checkpointing=True)
+                dtype_bytes=2, basis="svd", lora_rank=configs.LORA_RANK, grad_checkpointing=True)
 GPU_GB = 80
 
 
@@ -132,7 +132,7 @@ def adapter(model, basis, cache_dir):
     if basis == "svd":
         return ap.wrap(model, cache_dir=cache_dir)
     import lora_adapter
-    return lora_adapter.wrap(model, rank=16, alpha=32)
+    return lora_adapter.wrap(model, rank=configs.LORA_RANK, alpha=configs.LORA_ALPHA)
 
 
 def set_knobs(modules, scale=0.01, seed=0):

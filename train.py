@@ -123,8 +123,9 @@ def experiment_flags(a):
     a("--basis", choices=("svd", "lora"), default=None,
       help="adapter basis: svd (delta_S, antipasto.py) or lora (weight basis B A, lora_adapter.py; Arm 3 "
            "with --arm=projected, its matched control with --arm=vanilla) (default: the preset's, else svd)")
-    a("--lora-rank", type=int, default=None, help="--basis=lora: rank r (default 16)")
-    a("--lora-alpha", type=float, default=None, help="--basis=lora: alpha; the update is (alpha/r) B A (default 32)")
+    a("--lora-rank", type=int, default=None, help=f"--basis=lora: rank r (default {configs.LORA_RANK})")
+    a("--lora-alpha", type=float, default=None,
+      help=f"--basis=lora: alpha; the update is (alpha/r) B A (default {configs.LORA_ALPHA:g})")
     a("--control", choices=("none", "random_v", "shuffled_v", "style_v"), default="none",
       help="replace v_hack by a random orthonormal V, a label-shuffled extraction, or style_v: a direction "
            "from pairs that differ in pool but not in hacking (teacher completions minus their test "
@@ -172,7 +173,7 @@ def online_flags(o):
       help="rows of each group replaced by teacher-pool rows of the same problem (src_pool tells them apart)")
     o("--teacher-dir", default=None, help="the pool --mix draws from (default: the demo teacher pool)")
     o("--inner-epochs", type=int, default=None, help="optimizer steps per batch of rollouts (PPO epochs)")
-    o("--clip-eps", type=float, default=None, help="PPO clip range epsilon (default 0.2)")
+    o("--clip-eps", type=float, default=None, help=f"PPO clip range epsilon (default {configs.CLIP_EPS})")
     o("--beta", type=float, default=None, help="weight of the K3 KL to the reference (knobs zeroed)")
     o("--temperature", type=float, default=None, help="sampling temperature (default: preset, 1.0)")
     o("--top-p", type=float, default=None, help="nucleus sampling threshold (default: preset, 1.0)")
@@ -190,9 +191,11 @@ def online_flags(o):
            "training (never at evaluation). Flags come from the oracle label through a monitor of "
            "--monitor-acc accuracy. shuffled_rewards, the no-signal control: each group's rewards permuted "
            "among its rollouts (seeded), so a run that learns from it learns noise")
-    o("--penalty", type=float, default=None, help="--intervention=penalty: reward subtracted (default 3.0)")
+    o("--penalty", type=float, default=None,
+      help=f"--intervention=penalty: reward subtracted (default {configs.PENALTY})")
     o("--monitor-acc", type=float, default=None,
-      help="penalty/screening: P(monitor flag is right), for hacks and non-hacks alike (default 1.0)")
+      help=f"penalty/screening: P(monitor flag is right), for hacks and non-hacks alike "
+           f"(default {configs.MONITOR_ACC})")
     o("--workers", type=int, default=None, help="grading processes (default: all cores)")
     o("--dry-run", action="store_true",
       help="print the resolved config and a peak GPU memory estimate, load nothing, write nothing")
@@ -230,13 +233,13 @@ def resolve(args):
     args.cfg["grad_checkpointing"] = bool(args.grad_checkpointing or args.cfg.get("grad_checkpointing"))
     args.cfg.setdefault("save_every", 1)
     if args.intervention in ("penalty", "screening"):
-        args.cfg["penalty"] = 3.0 if args.penalty is None else args.penalty
-        args.cfg["monitor_acc"] = 1.0 if args.monitor_acc is None else args.monitor_acc
+        args.cfg["penalty"] = configs.PENALTY if args.penalty is None else args.penalty
+        args.cfg["monitor_acc"] = configs.MONITOR_ACC if args.monitor_acc is None else args.monitor_acc
     if args.basis != "lora" and (args.lora_rank is not None or args.lora_alpha is not None):
         raise SystemExit("error: --lora-rank and --lora-alpha belong to --basis=lora")
     if args.basis == "lora":
-        args.lora_rank = 16 if args.lora_rank is None else args.lora_rank
-        args.lora_alpha = 32.0 if args.lora_alpha is None else args.lora_alpha
+        args.lora_rank = configs.LORA_RANK if args.lora_rank is None else args.lora_rank
+        args.lora_alpha = configs.LORA_ALPHA if args.lora_alpha is None else args.lora_alpha
         if args.lora_rank < 1 or not args.lora_alpha > 0:
             raise SystemExit(f"error: --lora-rank must be >= 1 and --lora-alpha > 0 "
                              f"(got {args.lora_rank}, {args.lora_alpha:g})")
@@ -1231,7 +1234,8 @@ def train_step(model, modules, g, V, opt, args, skip=False):
                 old = lp.detach() if old is None else old
                 add_mismatch(mis, lp, part)
             losses, s = ap.policy_losses(lp, part["comp_mask"], part.get("adv"), part["denom"], old,
-                                         part.get("ref_logp"), args.cfg.get("clip_eps", 0.2), args.cfg.get("beta", 0.0))
+                                         part.get("ref_logp"), args.cfg.get("clip_eps", configs.CLIP_EPS),
+                                         args.cfg.get("beta", 0.0))
             losses.sum().backward()
             loss += losses.sum().item()
             for key in ("n_tok", "n_clipped"):
@@ -1353,7 +1357,8 @@ def online_group(model, tok, modules, messages_fn, S, args, step, out):
     cells, rewards, n_flag, n_screened = intervene(cells, group_of, args, step)
     n = len(rows)
     record = dict(source="online", n_student=n, n_teacher=len(probs) * mix, n_screened=n_screened, n_flagged=n_flag,
-                  **rollout.rates(rows), labels=pools.label_counts(rows), reward_mean=sum(r["reward"] for r in rows) / n,
+                  **rollout.rates(rows), labels=pools.label_counts(rows),
+                  reward_mean=sum(r["reward"] for r in rows) / n,
                   comp_len_mean=sum(len(t) for t in gen["token_ids"]) / n, truncated_frac=gen["n_truncated"] / n,
                   problems=[p["id"] for p in probs], gen_s=round(gen["gen_s"], 3), grade_s=round(gen["grade_s"], 3))
     if not cells:                                   # screening dropped every rollout: nothing to train on
@@ -1571,7 +1576,8 @@ def budget_run(args):
                 max_prompt_tokens=c["max_prompt_tokens"], max_completion_tokens=c["max_completion_tokens"],
                 micro_batch=c.get("micro_batch") or c.get("prompts_per_step", 1) * c["group_size"],
                 gen_batch=c.get("gen_batch"), dtype_bytes=torch.finfo(getattr(torch, args.dtype or c["dtype"])).bits // 8,
-                basis=args.basis, lora_rank=args.lora_rank or 16, grad_checkpointing=c["grad_checkpointing"])
+                basis=args.basis, lora_rank=args.lora_rank or configs.LORA_RANK,
+                grad_checkpointing=c["grad_checkpointing"])
 
 
 def model_shape(name):
