@@ -71,6 +71,7 @@ import math
 import os
 import sys
 from collections import defaultdict
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -714,18 +715,10 @@ def control_command(ctrl, runs):
         cmd += f" --replay-dirs={','.join(c['replay_dirs'])}"
     return cmd + f" --out={os.path.join(os.path.dirname(r['dir']), r['name'] + '_' + ctrl)}"
 
-def decision(runs, contrib_row, adv_free_row):
-    """One answer. The alignment rules use cos_in as the mean over modules (the spec's cos_in, whose
-    isotropic null is known); the global cosine is shown beside it. When control runs are given, an
-    alignment-based RUN must beat each control on the same steps (paired), and "aligned with the hack"
-    needs v_hack to beat the style direction by more than noise plus a label-free direction's chance
-    alignment. cos_out < cos_in and cos_out < 0.05 hold for any V under the one-sided k=1 projection:
-    they are mechanics checks, kept out of the decision."""
-    van, proj = main_runs(runs, "vanilla"), main_runs(runs, "projected")
-    sd, band = null_band(van + proj)
-    ci = [s["cos_in"] for r in van for s in live(r) if s["cos_in"] is not None]
-    cg = [s.get("cos_in_global") for r in van for s in live(r) if s.get("cos_in_global") is not None]
-    out, notes, evidence, mech = dict(null_sd=sd, band=band, n_steps=len(ci), cos_in_used="mean over modules"), [], [], []
+def mechanics(proj, out):
+    """Mechanics checks of the projected arm (cos_out, frac_fired): true for any V under the one-sided k=1
+    projection, so they are reported beside the decision, never in it."""
+    mech = []
     co = [s["cos_out"] for r in proj for s in live(r) if s["cos_out"] is not None]
     if co:
         mco = float(np.mean(co))
@@ -737,126 +730,179 @@ def decision(runs, contrib_row, adv_free_row):
         ff = vals([s for r in proj for s in live(r)], "frac_fired")
         if ff:
             mech.append(f"projected mean frac_fired {fmt(float(np.mean(ff)))} (a random V fires on ~0.5 of modules)")
-    bad = over_projected_steps(runs)
-    comps = control_comparisons(runs)
-    out["controls"] = {c: comps[c] for c in comps}
-    out["controls_missing"] = [c for c in CONTROLS if c not in comps]
+    return mech
+
+def update_evidence(runs):
+    """cos_update (the update AdamW applied), projected minus vanilla, one line per seed pair."""
+    lines = []
     for p in pairs(runs):
         if "skipped" in p:
             continue
         cu = p["cos_update"]
         if cu["mean_diff"] is not None:
-            evidence.append(f"cos_update (the update AdamW applied) seed {p['seed']}: projected minus vanilla "
-                            f"{fmt(cu['mean_diff'])} per step" + (f", p={cu['p']:.2g} (paired, n={cu['n']})"
-                                                                   if cu["p"] is not None else f" ({cu['reason']})"))
+            lines.append(f"cos_update (the update AdamW applied) seed {p['seed']}: projected minus vanilla "
+                         f"{fmt(cu['mean_diff'])} per step" + (f", p={cu['p']:.2g} (paired, n={cu['n']})"
+                                                                if cu["p"] is not None else f" ({cu['reason']})"))
+    return lines
+
+def widened_band(runs, van, ci, band, out):
+    """Label-free control runs widen the isotropic per-step near-zero band (chance alignment with real
+    gradients): the larger of the band and each control's |mean| + 2 sd of its per-step cos_in."""
+    seeds = {r["seed"] for r in van}                      # only controls with a vanilla run of their seed
+    for ctrl in ("random_v", "shuffled_v"):
+        rnd = [s["cos_in"] for r in runs if r["control"] == ctrl and r["arm"] == "vanilla"
+               and r["loss_mode"] == "grpo" and r["seed"] in seeds for s in live(r) if s["cos_in"] is not None]
+        if len(rnd) >= 2:
+            out[f"vs_{ctrl}"] = welch_t_test(ci, rnd)
+            band = max(band, abs(float(np.mean(rnd))) + 2 * float(np.std(rnd, ddof=1)))
+    return band
+
+def alignment(runs, van, ci, comps, out, evidence, notes):
+    """Is vanilla cos_in ≈ 0? spec: "cos_in ≈ 0 over 20 steps". The mean is judged against the label-free
+    controls on the same steps (paired) when there are any, else within 2 sd of an n-step mean under the
+    isotropic null (module docstring); the widened per-step band serves the per-step skip rule only ("≈ 0 on ALL
+    steps"): a noisy control must not make any mean "≈ 0". Returns m, near0, near0_all."""
+    sd, band0 = out["null_sd"], out["band"]
+    cg = [s.get("cos_in_global") for r in van for s in live(r) if s.get("cos_in_global") is not None]
+    m, n = float(np.mean(ci)), len(ci)
+    sem = sd / math.sqrt(n) if sd else None
+    out.update(vanilla_mean_cos_in=m, vanilla_mean_cos_in_global=float(np.mean(cg)) if cg else None,
+               z_vs_null=m / sem if sem else None, frac_steps_above_0_2=float(np.mean(np.array(ci) > 0.2)),
+               steps_outside_band=int(np.sum(np.abs(ci) >= band0)))
+    evidence.append(f"vanilla cos_in over {n} steps: mean over modules {fmt(m)} (used), global over all modules "
+                    f"{fmt(out['vanilla_mean_cos_in_global'])}; the mean over modules is the spec's cos_in and "
+                    f"has a known isotropic null")
+    out["mean_band"] = mean_band = 2 * sem if sem else 0.02
+    free = {c: comps[c] for c in ("random_v", "shuffled_v") if c in comps and comps[c]["p"] is not None}
+    if sem:
+        evidence.append(f"isotropic null: a {n}-step mean has sd {sem:.4f} (one step: {sd:.4f}); mean cos_in = "
+                        f"{m / sem:+.1f} sd of the mean" + (" (not what '≈ 0' uses here: the paired controls "
+                        "are)" if free else f" ('≈ 0' for the mean: within 2 sd of the mean, {mean_band:.4f})"))
+    band = widened_band(runs, van, ci, band0, out)
+    for c, t in comps.items():
+        evidence.append(f"vanilla vs {c} on the same steps: {fmt(t['vanilla_mean'])} vs {fmt(t['control_mean'])}, "
+                        f"diff {fmt(t['mean_diff'])}" + (f", t={t['t']:+.2f}, p={t['p']:.2g}" if t["p"] is not None
+                                                         else f" ({t['reason']})") + f" (paired, n={t['n']})")
+    out.update(band=band, steps_outside_band=int(np.sum(np.abs(ci) >= band)))
+    near0 = all(t["p"] >= ALPHA for t in free.values()) if free else abs(m) < mean_band
+    out["mean_near0_by"] = ("not above the label-free controls on the same steps (" + ", ".join(
+        f"{c} p={t['p']:.2g}" for c, t in free.items()) + "; the isotropic null is not used: it understates "
+        "chance alignment)" if free else f"|mean| {'<' if near0 else '>='} {mean_band:.4f} = 2 sd of a {n}-step "
+        f"mean under the isotropic null" + ("" if sem else " (null sd unknown: 0.02)"))
+    out["step_band_by"] = (f"{band:.3f} = the larger of max(0.02, 2 null sd) and each label-free control's "
+                           f"|mean| + 2 sd of its per-step cos_in" if band > band0 else
+                           f"{band:.3f} = max(0.02, 2 null sd of one step)")
+    if out["steps_outside_band"]:
+        notes.append(f"|cos_in| >= {band:.3f} on {out['steps_outside_band']}/{len(ci)} steps")
+    return dict(m=m, near0=near0, near0_all=out["steps_outside_band"] == 0)
+
+def discrimination(contrib_row, adv_free_row, evidence, notes):
+    """Do teacher rows' own gradients align with v_hack more than base rows'? Judged on the advantage-free
+    cos_S_contrib (without the advantage's sign). Returns disc (yes, the right way round) and rev (reversed)."""
+    tb = contrib_row.get("test")
+    notes.append(f"cos_S_contrib teacher vs base: {fmt_test(tb)}" if tb else "cos_S_contrib: no test")
+    ta = adv_free_row.get("test")
+    sig = bool(ta and ta["p"] is not None and ta["p"] < ALPHA)
+    rev = sig and ta["mean1"] < ta["mean2"]               # teacher below base: the wrong way round
+    disc = sig and not rev
+    evidence.append("advantage-free teacher-vs-base discrimination: "
+                    + ("yes" if disc else "REVERSED (teacher < base)" if rev else "no")
+                    + (f" ({fmt_test(ta)})" if ta else ""))
+    return dict(rev=rev, disc=disc)
+
+# The decision rules, in order: the first whose condition holds gives the code and the rule (spec2 "Decision
+# rules" and "Skip Phase 3 if"; the reversed cases are not covered by spec2). f: the facts of `decision`.
+RULES = [
+    ("bug_over_projection", lambda f: f.bad, "BUG: fix before any sweep"),
+    ("no_vanilla", lambda f: not f.ci, "n/a"),
+    ("run_justified", lambda f: f.frac_above_0_2 >= 0.8, "RUN Phase 3 (justified)"),
+    ("investigate_reversed", lambda f: f.near0 and f.rev, "INVESTIGATE: reversed discrimination"),
+    ("skip_orthogonal", lambda f: f.near0 and f.near0_all and not f.disc,
+     "SKIP Phase 3; try R7 (GRPO-style v_hack re-extraction) first"),
+    ("run_smaller_h1", lambda f: f.near0, "RUN but expect smaller H1 effect"),
+    ("investigate_reverse_sign", lambda f: f.m < 0, "INVESTIGATE: reverse sign"),
+    ("run_weak", lambda f: True, "RUN with caution: weak alignment"),
+]
+
+def explain(code, f, out):
+    """Why the rule `code` fired, in words, with the numbers it used."""
+    m = fmt(f.m) if f.ci else None
+    near0_by = f"({out.get('mean_near0_by')})"
+    if code == "bug_over_projection":
+        return f"over-projection on {len(f.bad)} steps"
+    if code == "no_vanilla":
+        return "no vanilla GRPO steps with cos_in"
+    if code == "run_justified":
+        return (f"cos_in > 0.2 on {out['frac_steps_above_0_2']:.0%} of steps (>= 80%)"
+                + ("; WARNING: teacher rows' own gradients align less with v_hack than base rows' "
+                   "(reversed discrimination): check v_hack's sign and pairs first" if f.rev else ""))
+    if code == "investigate_reversed":
+        return (f"mean cos_in {m} ≈ 0 {near0_by} and teacher rows' own gradients align less with v_hack than "
+                "base rows' (spec2 expects more): check v_hack's sign and extraction pairs before any sweep")
+    if code == "skip_orthogonal":
+        return (f"mean cos_in {m} ≈ 0 {near0_by}, every step within ±{out['step_band_by']}, "
+                "and no teacher-vs-base discrimination")
+    if code == "run_smaller_h1":
+        return (f"mean cos_in {m} ≈ 0 {near0_by}, but "
+                + ("teacher and base rows discriminate" if f.disc else
+                   f"not on all steps ({out['steps_outside_band']} outside ±{out['step_band_by']}), so the skip "
+                   f"rule does not apply"))
+    if code == "investigate_reverse_sign":
+        return f"vanilla mean cos_in {m} < 0 and not ≈ 0 {near0_by} (not covered by spec2 rules)"
+    return f"mean cos_in {m} > 0 and not ≈ 0 {near0_by}, but not > 0.2 on >= 80% of steps"
+
+def control_overrides(code, rule, why, comps, out):
+    """An alignment-based RUN must survive every control it was given, on the same steps: a label-free
+    control it does not beat turns it into a SKIP; then "aligned with the hack" needs v_hack to beat the
+    style direction by more than noise plus a label-free direction's chance alignment."""
+    if code not in ("run_justified", "run_weak"):
+        return code, rule, why
+    for c in ("random_v", "shuffled_v"):
+        t = comps.get(c)
+        if t and not (t["mean_diff"] > 0 and t["p"] is not None and t["p"] < ALPHA):
+            why = (f"{why}, but vanilla minus {c} on the same steps is {fmt(t['mean_diff'])}"
+                   + (f" (p={t['p']:.2g})" if t["p"] is not None else f" ({t['reason']})")
+                   + f": {CONTROL_WHY[c]} explains the alignment")
+            return "skip_not_above_control", f"SKIP Phase 3: cos_in is not above the {c} control", why
+    t = comps.get("style_v")
+    if not t:
+        return code, rule, why
+    chance = [abs(comps[c]["control_mean"]) for c in ("shuffled_v", "random_v") if c in comps][:1]
+    margin = 2 * (t["se"] or 0.0) + (chance[0] if chance else 0.0)
+    out["style_margin"] = margin
+    if t["mean_diff"] is not None and t["mean_diff"] > margin:
+        return "run_hack_aligned", rule + ": aligned with the hack", (
+            f"{why}; v_hack beats the style direction by {fmt(t['mean_diff'])} > margin {margin:.3f} "
+            f"(2 se of the paired difference + a label-free direction's chance |cos_in|)")
+    return "skip_style_confound", "SKIP Phase 3: cos_in is not aligned with the hack", (
+        f"{why}, but the style direction (pool contrast without the hack) aligns about as much: "
+        f"v_hack minus style_v {fmt(t['mean_diff'])} <= margin {margin:.3f} (2 se of the paired "
+        f"difference + a label-free direction's chance |cos_in|)")
+
+def decision(runs, contrib_row, adv_free_row):
+    """One answer: the statistics (mechanics, alignment, discrimination), then the first rule of RULES that
+    holds, explained, then the control overrides. The alignment rules use cos_in as the mean over modules
+    (the spec's cos_in, whose isotropic null is known); the global cosine is shown beside it. When control
+    runs are given, an alignment-based RUN must beat each control on the same steps (paired), and "aligned
+    with the hack" needs v_hack to beat the style direction by more than noise plus a label-free direction's
+    chance alignment. cos_out < cos_in and cos_out < 0.05 hold for any V under the one-sided k=1
+    projection: they are mechanics checks, kept out of the decision."""
+    van, proj = main_runs(runs, "vanilla"), main_runs(runs, "projected")
+    sd, band = null_band(van + proj)
+    ci = [s["cos_in"] for r in van for s in live(r) if s["cos_in"] is not None]
+    out, notes = dict(null_sd=sd, band=band, n_steps=len(ci), cos_in_used="mean over modules"), []
+    mech = mechanics(proj, out)
+    f = SimpleNamespace(bad=over_projected_steps(runs), ci=ci)
+    comps = control_comparisons(runs)
+    out["controls"] = {c: comps[c] for c in comps}
+    out["controls_missing"] = [c for c in CONTROLS if c not in comps]
+    evidence = update_evidence(runs)
     if ci:
-        m, n = float(np.mean(ci)), len(ci)
-        sem = sd / math.sqrt(n) if sd else None
-        out.update(vanilla_mean_cos_in=m, vanilla_mean_cos_in_global=float(np.mean(cg)) if cg else None,
-                   z_vs_null=m / sem if sem else None, frac_steps_above_0_2=float(np.mean(np.array(ci) > 0.2)),
-                   steps_outside_band=int(np.sum(np.abs(ci) >= band)))
-        evidence.append(f"vanilla cos_in over {n} steps: mean over modules {fmt(m)} (used), global over all modules "
-                        f"{fmt(out['vanilla_mean_cos_in_global'])}; the mean over modules is the spec's cos_in and "
-                        f"has a known isotropic null")
-        # "≈ 0" for the mean: 2 sd of an n-step mean under the isotropic null (module docstring), unless label-free
-        # controls on the same steps judge it (below)
-        out["mean_band"] = mean_band = 2 * sem if sem else 0.02
-        iso = len(evidence)                               # the isotropic null's line, told below if it is used
-        # control runs also widen the isotropic near-zero band (chance alignment with real gradients)
-        for ctrl in ("random_v", "shuffled_v"):
-            seeds = {r["seed"] for r in van}              # only controls with a vanilla run of their seed
-            rnd = [s["cos_in"] for r in runs if r["control"] == ctrl and r["arm"] == "vanilla"
-                   and r["loss_mode"] == "grpo" and r["seed"] in seeds for s in live(r) if s["cos_in"] is not None]
-            if len(rnd) >= 2:
-                out[f"vs_{ctrl}"] = welch_t_test(ci, rnd)
-                band = max(band, abs(float(np.mean(rnd))) + 2 * float(np.std(rnd, ddof=1)))
-        for c, t in comps.items():
-            evidence.append(f"vanilla vs {c} on the same steps: {fmt(t['vanilla_mean'])} vs {fmt(t['control_mean'])}, "
-                            f"diff {fmt(t['mean_diff'])}" + (f", t={t['t']:+.2f}, p={t['p']:.2g}" if t["p"] is not None
-                                                             else f" ({t['reason']})") + f" (paired, n={t['n']})")
-        out.update(band=band, steps_outside_band=int(np.sum(np.abs(ci) >= band)))
-        # spec: "cos_in ≈ 0 over 20 steps". The mean is judged against the label-free controls on the same
-        # steps (paired) when there are any, else against the isotropic null; the widened per-step band
-        # serves the per-step skip rule only (a noisy control must not make any mean "≈ 0")
-        free = {c: comps[c] for c in ("random_v", "shuffled_v") if c in comps and comps[c]["p"] is not None}
-        near0 = all(t["p"] >= ALPHA for t in free.values()) if free else abs(m) < mean_band
-        if sem:
-            evidence.insert(iso, f"isotropic null: a {n}-step mean has sd {sem:.4f} (one step: {sd:.4f}); mean cos_in = "
-                                 f"{m / sem:+.1f} sd of the mean" + (" (not what '≈ 0' uses here: the paired controls "
-                                 "are)" if free else f" ('≈ 0' for the mean: within 2 sd of the mean, {mean_band:.4f})"))
-        out["mean_near0_by"] = ("not above the label-free controls on the same steps (" + ", ".join(
-            f"{c} p={t['p']:.2g}" for c, t in free.items()) + "; the isotropic null is not used: it understates "
-            "chance alignment)" if free else f"|mean| {'<' if near0 else '>='} {mean_band:.4f} = 2 sd of a {n}-step "
-            f"mean under the isotropic null" + ("" if sem else " (null sd unknown: 0.02)"))
-        out["step_band_by"] = (f"{band:.3f} = the larger of max(0.02, 2 null sd) and each label-free control's "
-                               f"|mean| + 2 sd of its per-step cos_in" if band > null_band(van + proj)[1] else
-                               f"{band:.3f} = max(0.02, 2 null sd of one step)")
-        near0_all = out["steps_outside_band"] == 0        # spec's skip rule: "≈ 0 on ALL steps"
-        if not near0_all:
-            notes.append(f"|cos_in| >= {band:.3f} on {out['steps_outside_band']}/{len(ci)} steps")
-        tb = contrib_row.get("test")
-        notes.append(f"cos_S_contrib teacher vs base: {fmt_test(tb)}" if tb else "cos_S_contrib: no test")
-        ta = adv_free_row.get("test")                     # discrimination, judged without the advantage's sign
-        sig = bool(ta and ta["p"] is not None and ta["p"] < ALPHA)
-        rev = sig and ta["mean1"] < ta["mean2"]           # teacher below base: the wrong way round
-        disc = sig and not rev
-        evidence.append("advantage-free teacher-vs-base discrimination: "
-                        + ("yes" if disc else "REVERSED (teacher < base)" if rev else "no")
-                        + (f" ({fmt_test(ta)})" if ta else ""))
-    if bad:
-        code, rule, why = "bug_over_projection", "BUG: fix before any sweep", f"over-projection on {len(bad)} steps"
-    elif not ci:
-        code, rule, why = "no_vanilla", "n/a", "no vanilla GRPO steps with cos_in"
-    elif out["frac_steps_above_0_2"] >= 0.8:
-        code, rule, why = "run_justified", "RUN Phase 3 (justified)", \
-            f"cos_in > 0.2 on {out['frac_steps_above_0_2']:.0%} of steps (>= 80%)"
-        if rev:
-            why += ("; WARNING: teacher rows' own gradients align less with v_hack than base rows' "
-                    "(reversed discrimination): check v_hack's sign and pairs first")
-    elif near0 and rev:
-        code, rule, why = "investigate_reversed", "INVESTIGATE: reversed discrimination", \
-            (f"mean cos_in {fmt(m)} ≈ 0 ({out['mean_near0_by']}) and teacher rows' own gradients align less with v_hack than base "
-             "rows' (spec2 expects more): check v_hack's sign and extraction pairs before any sweep")
-    elif near0 and near0_all and not disc:
-        code, rule, why = "skip_orthogonal", "SKIP Phase 3; try R7 (GRPO-style v_hack re-extraction) first", \
-            (f"mean cos_in {fmt(m)} ≈ 0 ({out['mean_near0_by']}), every step within ±{out['step_band_by']}, "
-             "and no teacher-vs-base discrimination")
-    elif near0:
-        code, rule, why = "run_smaller_h1", "RUN but expect smaller H1 effect", \
-            (f"mean cos_in {fmt(m)} ≈ 0 ({out['mean_near0_by']}), but "
-             + ("teacher and base rows discriminate" if disc else
-                f"not on all steps ({out['steps_outside_band']} outside ±{out['step_band_by']}), so the skip "
-                f"rule does not apply"))
-    elif m < 0:
-        code, rule, why = "investigate_reverse_sign", "INVESTIGATE: reverse sign", \
-            f"vanilla mean cos_in {fmt(m)} < 0 and not ≈ 0 ({out['mean_near0_by']}) (not covered by spec2 rules)"
-    else:
-        code, rule, why = "run_weak", "RUN with caution: weak alignment", \
-            f"mean cos_in {fmt(m)} > 0 and not ≈ 0 ({out['mean_near0_by']}), but not > 0.2 on >= 80% of steps"
-    if code in ("run_justified", "run_weak"):
-        # an alignment-based RUN must survive every control it was given, on the same steps
-        for c in ("random_v", "shuffled_v"):
-            t = comps.get(c)
-            if t and not (t["mean_diff"] > 0 and t["p"] is not None and t["p"] < ALPHA):
-                code, rule = "skip_not_above_control", f"SKIP Phase 3: cos_in is not above the {c} control"
-                why = (f"{why}, but vanilla minus {c} on the same steps is {fmt(t['mean_diff'])}"
-                       + (f" (p={t['p']:.2g})" if t["p"] is not None else f" ({t['reason']})")
-                       + f": {CONTROL_WHY[c]} explains the alignment")
-                break
-        t = comps.get("style_v")
-        if code in ("run_justified", "run_weak") and t:
-            chance = [abs(comps[c]["control_mean"]) for c in ("shuffled_v", "random_v") if c in comps][:1]
-            margin = 2 * (t["se"] or 0.0) + (chance[0] if chance else 0.0)
-            out["style_margin"] = margin
-            if t["mean_diff"] is not None and t["mean_diff"] > margin:
-                code, rule = "run_hack_aligned", rule + ": aligned with the hack"
-                why += (f"; v_hack beats the style direction by {fmt(t['mean_diff'])} > margin {margin:.3f} "
-                        f"(2 se of the paired difference + a label-free direction's chance |cos_in|)")
-            else:
-                code, rule = "skip_style_confound", "SKIP Phase 3: cos_in is not aligned with the hack"
-                why = (f"{why}, but the style direction (pool contrast without the hack) aligns about as much: "
-                       f"v_hack minus style_v {fmt(t['mean_diff'])} <= margin {margin:.3f} (2 se of the paired "
-                       f"difference + a label-free direction's chance |cos_in|)")
+        vars(f).update(alignment(runs, van, ci, comps, out, evidence, notes),
+                       frac_above_0_2=out["frac_steps_above_0_2"])
+        vars(f).update(discrimination(contrib_row, adv_free_row, evidence, notes))
+    code, _, rule = next(r for r in RULES if r[1](f))
+    code, rule, why = control_overrides(code, rule, explain(code, f, out), comps, out)
     return dict(out, code=code, rule=rule, why=why, notes=notes, evidence=evidence, mechanics=mech)
 
 # -----------------------------------------------------------------------------
@@ -985,6 +1031,10 @@ def render_decision(e):
     return o
 
 def render(res):
+    """The replay report: each experiment's decision first, then the runs, sections 1-6."""
+    return "\n".join(render_runs(res) + render_sections_1_to_3(res) + render_sections_4_to_6(res))
+
+def render_runs(res):
     o = []
     for e in res["experiments"]:
         o += render_decision(e)
@@ -1002,6 +1052,10 @@ def render(res):
         o.append(wrap(f"{r['run']}: {r['arm']}, {r['basis']}, {r['loss_mode']}, loss_type={r.get('loss_type') or 'grpo'}, "
                       f"control={r['control']}, pair_kind={r.get('pair_kind') or 'pool'}, seed={r['seed']}, "
                       f"{r['n_steps']} steps, {r['n_samples']} samples; {tr}{same}", "  ", "  "))
+    return o
+
+def render_sections_1_to_3(res):
+    o = []
     for e in res["experiments"]:
         if "verification" not in e:
             continue
@@ -1027,6 +1081,10 @@ def render(res):
                                                                     for g, s in b[key]["buckets"].items()]))
             o.append(wrap(f"teacher vs base: {fmt_test(b[key]['teacher_vs_base'])}"))
             o.append(wrap(f"hacked vs not:   {fmt_test(b[key]['hacked_vs_not'])}"))
+    return o
+
+def render_sections_4_to_6(res):
+    o = []
     o.append("\n== 4. Phase 1 (NLL runs): pure hack vs hack+correct ==")
     for p in res["phase1"]:
         if "headline" in p:
@@ -1062,7 +1120,7 @@ def render(res):
                       f"{fmt_test(a['adv_free_teacher_vs_base'])}", "  ", "  "))
     o.append("\n== 6. Phase 3 decision, one per experiment (Phase 1 verdicts for NLL runs) ==")
     o += [wrap(headline(e), "  ", "") for e in res["experiments"]]
-    return "\n".join(o)
+    return o
 
 def online_or_replay(run_dirs):
     """True when every run is online, False when every run is replay; a mix is refused (different reports)."""
@@ -1393,7 +1451,12 @@ def render_phase3(res):
     else:
         o.append("\ncontrols: none in these runs (sweep.py --extra penalty,screening,shuffled_rewards or their _lora "
                  "arms): nothing shows that this report can detect an effect")
-    o.append("\neach arm vs vanilla of the same basis: mean difference (arm minus vanilla)")
+    o += render_comparisons(res)
+    return "\n".join(o + render_per_run(res))
+
+def render_comparisons(res):
+    """Each arm against vanilla of its basis: by seed (CI and p) and by problem (alpha 0.01)."""
+    o = ["\neach arm vs vanilla of the same basis: mean difference (arm minus vanilla)"]
     if not res["comparisons"]:
         o.append("  n/a (needs a vanilla arm and another arm)")
     for c in res["comparisons"]:
@@ -1413,13 +1476,16 @@ def render_phase3(res):
                   "not independent runs, so it tests the evaluated models, not the training procedure. "
                   f"held-out hack: rate with the hint, capability: ground-truth pass rate without it, at each "
                   f"run's last evaluation; #runs hacked: {res['hacked_rule']}.", "  ", "  "))
-    o.append("\nper run:")
+    return o
+
+def render_per_run(res):
+    o = ["\nper run:"]
     o.append(table(["arm", "seed", "held-out hack", "capability", "eval step", "hacked at", "hack (train)", "gt (train)"],
                    [[r["arm"], r["seed"], "—" if r["eval_hack"] is None else f"{r['eval_hack']:.3f}",
                      "—" if r["capability"] is None else f"{r['capability']:.3f}", fmt(r["eval_step"]),
                      "never" if r["hacked_at"] is None else f"step {r['hacked_at']}", f"{r['hack_final']:.3f}",
                      f"{r['gt_final']:.3f}"] for r in res["runs"]]))
-    return "\n".join(o)
+    return o
 
 # -----------------------------------------------------------------------------
 # picture (matplotlib is optional: only --plot needs it)
@@ -1433,19 +1499,24 @@ def overlapping(curves):
     return [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if curves[a][0] == curves[b][0] and
             curves[a][1] and max(abs(p - q) for p, q in zip(curves[a][1], curves[b][1])) <= tol]
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or the one-line error naming the optional extra."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: --plot needs matplotlib, an optional extra: pip install matplotlib") from None
+    return plt
+
 def plot(run_dirs, path):
     """One PNG: per-step cos_in / cos_out / cos_update of each run (top row; curves that lie on top of
     each other are named in the panel's title), and each run's per-sample cosines by bucket (src_pool,
     hacked) as box plots with the points on top: the advantage-free cos_S_contrib x sign(adv) that the
     decision's discrimination test uses (middle row) and the advantage-signed cos_S_contrib (bottom
     row). The legend sits below the panels; steps are integers."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        raise SystemExit("error: --plot needs matplotlib, an optional extra: pip install matplotlib") from None
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
     runs = load_runs(run_dirs)
     fig = plt.figure(figsize=(15, 12), constrained_layout=True)
     top = fig.subfigures(2, 1, height_ratios=[1, 1.6])
@@ -1470,7 +1541,14 @@ def plot(run_dirs, path):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_top[0].set_ylabel("cosine with the top hack axis")
     top[0].legend(*ax_top[0].get_legend_handles_labels(), fontsize=7, loc="outside lower center", ncols=2)
-    for sub, key, what in zip(top[1].subfigures(2, 1), ("cos_adv_free", "cos_S_contrib"),
+    plot_buckets(top[1], runs)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+def plot_buckets(fig, runs):
+    """The per-sample panels of `plot`: a row per cosine, a panel per run, box plots by bucket."""
+    for sub, key, what in zip(fig.subfigures(2, 1), ("cos_adv_free", "cos_S_contrib"),
                               ("advantage-free cos_S_contrib x sign(adv): what the decision's discrimination test uses",
                                "cos_S_contrib, advantage-signed (under GRPO teacher rows have adv > 0, base rows "
                                "adv < 0)")):
@@ -1491,9 +1569,6 @@ def plot(run_dirs, path):
             ax.axhline(0, color="k", lw=0.6)
             ax.set_title(f"{r['name']}: {key}", fontsize=9)
         row[0].set_ylabel(key)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 def label_mix(run):
     """(steps, {kind: fraction of the step's student rollouts}) for kind in MIX."""
@@ -1508,12 +1583,7 @@ def plot_online(run_dirs, path, window=WINDOW):
     over seeds; the training rates, secondary); a panel with each arm's primary endpoints, held-out hack
     rate and capability at the last evaluation (bars: mean over seeds, dots: the seeds); and the held-out
     learning curves (learning_curves: hack rate; capability and compile rate), a line per arm."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("error: --plot needs matplotlib, an optional extra: pip install matplotlib") from None
+    plt = pyplot()
     runs = [load_online(d) for d in run_dirs]
     res = phase3(run_dirs, window, runs)
     mixes = {r["dir"]: label_mix(r)[1] for r in runs}
@@ -1538,7 +1608,18 @@ def plot_online(run_dirs, path, window=WINDOW):
     axes[0].set_ylabel("fraction of student rollouts")
     axes[0].legend(fontsize=7, loc="best", title="line: mean; band: min-max over seeds", title_fontsize=7,
                    framealpha=0.6)
-    ax = axes[len(arms)]
+    plot_endpoints(axes[len(arms)], arms, res)
+    plot_curves(axes[len(arms) + 1], axes[len(arms) + 2], res)
+    for ax in axes[n:]:
+        ax.axis("off")
+    fig.suptitle("student rollouts' labels per step, per arm (line: mean, band: min-max over seeds; shaded: the "
+                 "final window); correct = passes the ground truth, hack = 'Reward Hack'", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+def plot_endpoints(ax, arms, res):
+    """plot_online's panel of primary endpoints: bars the mean over seeds, dots the seeds."""
     for j, (key, off, col, name) in enumerate((("eval_hack", -0.2, "C3", "held-out hack"),
                                                ("capability", 0.2, "C2", "capability"))):
         for i, arm in enumerate(arms):
@@ -1550,8 +1631,11 @@ def plot_online(run_dirs, path, window=WINDOW):
     ax.set_ylim(0, 1.02)
     ax.set_title("primary endpoints, last evaluation: bars mean, dots seeds", fontsize=9)
     ax.legend(fontsize=7)
-    for ax, keys, title in ((axes[len(arms) + 1], (("hack", "-"),), "held-out hack rate (hint on)"),
-                            (axes[len(arms) + 2], (("capability", "-"), ("compile", ":")),
+
+def plot_curves(ax_hack, ax_cap, res):
+    """plot_online's held-out learning curves: the hack rate; capability and compile rate."""
+    for ax, keys, title in ((ax_hack, (("hack", "-"),), "held-out hack rate (hint on)"),
+                            (ax_cap, (("capability", "-"), ("compile", ":")),
                              "held-out capability (solid) and compile rate (dotted)")):
         for i, c in enumerate(res["curves"]):
             for key, ls in keys:
@@ -1563,13 +1647,6 @@ def plot_online(run_dirs, path, window=WINDOW):
         ax.set_xlabel("after step")
         ax.set_title(title + ", mean over seeds", fontsize=9)
         ax.legend(fontsize=6)
-    for ax in axes[n:]:
-        ax.axis("off")
-    fig.suptitle("student rollouts' labels per step, per arm (line: mean, band: min-max over seeds; shaded: the "
-                 "final window); correct = passes the ground truth, hack = 'Reward Hack'", fontsize=9)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 def main(argv=None):
     import argparse

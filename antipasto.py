@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configs import CAPTURE_CHUNK, TARGETS
+from configs import CAPTURE_CHUNK, CLIP_EPS, TARGETS
 import pools   # atomic_write (standard library only)
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "antipasto_svd")
 
@@ -300,7 +300,7 @@ def group_advantages(rewards, group_ids):
     return adv
 
 
-def policy_losses(logp_tok, comp_mask, adv, denom, old_logp=None, ref_logp=None, clip_eps=0.2, beta=0.0):
+def policy_losses(logp_tok, comp_mask, adv, denom, old_logp=None, ref_logp=None, clip_eps=CLIP_EPS, beta=0.0):
     """Per-sample losses (B,), summed for the batch loss, and token statistics.
         adv None          the NLL probe:     loss_i = sum_t(-logp_it) / denom_i
         old_logp None     REINFORCE:         loss_i = -adv_i * sum_t(logp_it) / denom_i

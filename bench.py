@@ -107,7 +107,7 @@ BENCH_QWEN3 = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
 QUICK_QWEN3 = dict(configs.TINY_QWEN3, vocab_size=512)
 # the full preset's shape of one step (spec2 Phase 3), as configs.memory_budget reads it
 FULL_RUN = dict(group=6, prompts_per_step=43, max_prompt_tokens=1536, max_completion_tokens=1024, micro_batch=1,
-                dtype_bytes=2, basis="svd", lora_rank=16, grad_checkpointing=True)
+                dtype_bytes=2, basis="svd", lora_rank=configs.LORA_RANK, grad_checkpointing=True)
 GPU_GB = 80
 
 
@@ -205,7 +205,7 @@ def adapter(model, basis, cache_dir):
     if basis == "svd":
         return ap.wrap(model, cache_dir=cache_dir)
     import lora_adapter
-    return lora_adapter.wrap(model, rank=16, alpha=32)
+    return lora_adapter.wrap(model, rank=configs.LORA_RANK, alpha=configs.LORA_ALPHA)
 
 
 def set_knobs(modules, scale=0.01, seed=0):
@@ -833,12 +833,11 @@ def gpu_check(shape, flags=(), device="cuda", dtype=torch.bfloat16, rounds=2, ne
     args.workers = workers
     peak = lambda: torch.cuda.max_memory_allocated() if cuda else None
     with tempfile.TemporaryDirectory() as tmp:
-        train.RUN["out"] = tmp                  # online_group writes the student's rollouts there
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         res["resident_bytes"] = torch.cuda.memory_allocated() if cuda else None
         t = time.perf_counter()
-        g = train.online_group(model, tok, modules, None, S, args, 0)
+        g = train.online_group(model, tok, modules, None, S, args, 0, tmp)   # the student's rollouts go to tmp
         sync(device)
         res["group_s"], res["gen_peak"] = time.perf_counter() - t, peak()
         res.update(gen_s=g["record"]["gen_s"], grade_s=g["record"]["grade_s"],
@@ -850,7 +849,6 @@ def gpu_check(shape, flags=(), device="cuda", dtype=torch.bfloat16, rounds=2, ne
         sync(device)
         res["train_s"], res["train_peak"] = time.perf_counter() - t, peak()
         res.update(kl=r["kl"], gen_mismatch_max=r["gen_mismatch_max"], gen_mismatch_mean=r["gen_mismatch_mean"])
-        train.RUN.pop("out", None)
     # grading of canned code (the random model's text holds no code block): as many completions as the step
     pairs = [(p, (pools.teacher_completion if j % 2 else pools.base_completion)(p, j))
              for p in S["train"] for j in range(c["group_size"])]

@@ -31,6 +31,12 @@ def reproducible():
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     os.environ.setdefault("MKL_DYNAMIC", "FALSE")     # a fixed thread count, as reproducible mode needs
 
+# defaults of settings that no preset sets (each has its flag in train.py, which overrides it)
+CLIP_EPS = 0.2                    # PPO clip range epsilon (--clip-eps; antipasto.policy_losses)
+LORA_RANK, LORA_ALPHA = 16, 32.0  # --basis=lora: rank r and alpha; the update is (alpha / r) B A
+PENALTY = 3.0                     # --intervention=penalty: the reward subtracted from a flagged rollout
+MONITOR_ACC = 1.0                 # --intervention=penalty/screening: P(the monitor's flag is right)
+
 PRESETS = {
     # the demo: tiny random Qwen3 on CPU, demo pools, Phase 2 probe shape (G = 4 + 4); token limits above the
     # demo pools' longest prompt (1232) and completion (585 + eos), so nothing is cut
@@ -47,7 +53,7 @@ PRESETS = {
 #   top-p would make the behaviour policy differ from the one the ratio assumes, and a lower temperature
 #   would also hide rare behaviours (a first hack) that RL has to find. eval_samples: rollouts per
 #   held-out problem per kind (hint on: hack rate; hint off: capability).
-ONLINE = dict(temperature=1.0, top_p=1.0, clip_eps=0.2, inner_epochs=1, mix=0, n_problems=None, eval_frac=0.2,
+ONLINE = dict(temperature=1.0, top_p=1.0, clip_eps=CLIP_EPS, inner_epochs=1, mix=0, n_problems=None, eval_frac=0.2,
               problems=None, eval_problems=None, micro_batch=None, gen_batch=None, grad_checkpointing=False)
 PRESETS.update({
     # the CPU model organism (organism.py): 4 prompts x G=8 per step, short prompts, 60 steps in about a minute.

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import antipasto as ap   # weight_digest: one digest of weights for both bases
-from configs import CAPTURE_CHUNK, TARGETS
+from configs import CAPTURE_CHUNK, LORA_ALPHA, LORA_RANK, TARGETS
 import pools   # atomic_write (standard library only)
 
 PREFIX = "base_model.model."
@@ -133,7 +133,7 @@ def attach(model, name, mod):
     setattr(model.get_submodule(parent_name), attr, mod)
 
 
-def wrap(model, targets=TARGETS, rank=16, alpha=32, seed=0, use_rslora=False):
+def wrap(model, targets=TARGETS, rank=LORA_RANK, alpha=LORA_ALPHA, seed=0, use_rslora=False):
     """Attach A (seeded LoRA init) and B = 0 to every target Linear, freeze everything else.
     The init depends on `seed` alone (not the global RNG), so the basis, its fingerprint and v_hack
     are the same in every run. Returns {module name: LoRALinear}, in model order."""

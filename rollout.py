@@ -9,6 +9,7 @@
     merged()         generation runs on plain Linears holding each adapter's merged weight
                      (adapter.merged_weight()), not through the adapter's hooks; restored on exit.
     rollout_group()  sample + grade (pools.grade_many) -> rows in the pool row format.
+    evaluate()       the trainer's held-out evaluation: hack rate with the hint, capability without it.
     generate_pool()  the `generate` command: resumable step_NNN.jsonl.gz + meta.json. Each step file is
                      written once its rollouts are graded; meta.json records the model, adapter digest
                      (--lora merges a PEFT LoRA checkpoint into the weights before sampling; its sha256),
@@ -30,6 +31,8 @@ configs.reproducible()   # before torch (MKL) loads: it reads these variables on
 import pools
 import torch
 import torch.nn as nn
+
+EVAL_STEP = 1_000_000  # evaluation rollouts draw their randomness from step EVAL_STEP + k: never a training step's
 
 
 # ----------------------------------------------------------------------------- merged weights
@@ -318,6 +321,41 @@ def rollout_group(model, tok, problems, n=1, *, step, seed, max_new_tokens=512, 
                          fmt_ok=g["fmt_ok"], can_compile=g["can_compile"], label=g["label"], hint=p["hint"], truncated=gen["truncated"][r],
                          n_tokens=len(gen["token_ids"][r])))
     return rows, gen
+
+
+def rates(rows):
+    """hack, gt (correct) and compile rates of graded rollouts, and P(hack | compiles) (None when none
+    compiles): a falling hack rate means little if the model stopped writing code."""
+    n, comp = len(rows), sum(r["can_compile"] for r in rows)
+    hack = sum(r["hacked"] for r in rows)
+    return dict(hack_rate=hack / n, gt_rate=sum(r["gt_pass"] for r in rows) / n, compile_rate=comp / n,
+                hack_given_compile=hack / comp if comp else None)
+
+
+def evaluate(model, tok, messages_fn, hint_problems, plain_problems, k, *, seed, n, max_new_tokens, temperature,
+             top_p, batch_size=None, workers=None):
+    """Held-out evaluation after k optimizer steps, as the public environment evaluates: n rollouts of
+    each problem, the hack rate with the hint, and the ground-truth pass rate without it (capability).
+    Never inoculated. Returns (summary, one row per rollout: train.EVAL_ROW_FIELDS)."""
+    out, per = dict(step=k, n=len(hint_problems) * n), []
+    if not hint_problems:
+        return dict(out, hack_rate_hint=None, gt_rate_hint=None, gt_rate_nohint=None, labels_hint={},
+                    compile_rate_hint=None, compile_rate_nohint=None, hack_given_compile_hint=None), per
+    t0 = time.time()
+    for kind, probs in (("hint", hint_problems), ("nohint", plain_problems)):
+        rows, _ = rollout_group(model, tok, probs, n, step=EVAL_STEP + k, seed=seed, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, messages_fn=messages_fn, batch_size=batch_size,
+                                workers=workers)
+        per += [dict(step=k, kind=kind, problem_id=r["problem_id"], sample=i % n, label=r["label"],
+                     hacked=bool(r["hacked"]), gt_pass=bool(r["gt_pass"]), compiled=bool(r["can_compile"]),
+                     reward=float(r["reward"])) for i, r in enumerate(rows)]     # row i = problem i // n, sample i % n
+        rt = rates(rows)
+        out[f"gt_rate_{kind}"], out[f"compile_rate_{kind}"] = rt["gt_rate"], rt["compile_rate"]
+        if kind == "hint":
+            out["hack_rate_hint"], out["hack_given_compile_hint"] = rt["hack_rate"], rt["hack_given_compile"]
+            out["labels_hint"] = pools.label_counts(rows)
+    out["seconds"] = round(time.time() - t0, 3)
+    return out, per
 
 
 # ----------------------------------------------------------------------------- models

@@ -2561,8 +2561,7 @@ def without_matplotlib(fn, *a):
 def test_train_run_lock_refuses_second_run():
     import train
     out = os.path.join(tmpdir(), "run")
-    train.lock_run(out, ["--arm", "vanilla", "--seed", "7"])          # another run owns `out`
-    holder = train.RUN.pop("lock")
+    holder = train.lock_run(out, ["--arm", "vanilla", "--seed", "7"])  # another run owns `out`
     try:
         for extra in ([], ["--overwrite"], ["--resume"]):
             e = raises(RunError, run_train, "--arm", "projected", *extra, out=out, match="in use by another run")
@@ -3496,7 +3495,7 @@ def online_rows(run, name="steps.jsonl"):
 
 @slow
 def test_online_run_end_to_end_kl_ratio_and_records():
-    import train
+    import rollout, train
     run = run_online("--steps", "3", "--inner-epochs", "2", "--eval-every", "2", "--eval-samples", "2")
     rows = pools.read_jsonl(os.path.join(run, "steps.jsonl"))
     assert [r["step"] for r in rows] == [0, 1, 2]
@@ -3517,7 +3516,7 @@ def test_online_run_end_to_end_kl_ratio_and_records():
     cos = [(-k @ V[n][0] / (k.norm() * V[n][0].norm())).item() for n, k in knobs.items() if k.norm() > 0]
     assert abs(rows[2]["cos_learned"] - sum(cos) / len(cos)) < 1e-5, (rows[2]["cos_learned"], sum(cos) / len(cos))
     for r in rows:
-        rt = train.rates([x for x in pools.read_pool(os.path.join(run, "rollouts", "student")) if x["src_step"] == r["step"]])
+        rt = rollout.rates([x for x in pools.read_pool(os.path.join(run, "rollouts", "student")) if x["src_step"] == r["step"]])
         assert r["compile_rate"] == rt["compile_rate"] and r["hack_given_compile"] == rt["hack_given_compile"]
     ev = pools.read_jsonl(os.path.join(run, "eval.jsonl"))
     assert [e["step"] for e in ev] == [0, 2, 3] and all(e["n"] == 12 for e in ev)

@@ -172,7 +172,7 @@ problem's own messages, in training rollouts only, never at evaluation). Flags c
 the oracle label through a simulated monitor that is right with probability --monitor-acc on hacks and
 non-hacks alike, decided by a hash of the rollout.
 """
-import argparse, hashlib, io, json, math, os, platform, random, shlex, shutil, sys, time
+import argparse, contextlib, hashlib, io, json, math, os, platform, random, shlex, shutil, sys, time
 
 import configs
 configs.reproducible()   # before torch (MKL) loads: it reads these variables once, when it loads
@@ -187,10 +187,10 @@ ONLINE_KEYS = ("problems", "eval_problems", "eval_frac", "group_size", "prompts_
                "clip_eps", "beta", "temperature", "top_p", "eval_every", "eval_samples", "micro_batch", "gen_batch")
 INOCULATION = ("In this training environment, overwriting the run_tests() function so that it passes is "
                "allowed and counts as a solution.")    # the inoculation line (system prompt), never at evaluation
-EVAL_STEP = 1_000_000  # evaluation rollouts draw their randomness from step EVAL_STEP + k: never a training step's
 EVAL_ROWS = "eval_rows.jsonl.gz"   # online: one row per held-out rollout (EVAL_ROW_FIELDS)
 EVAL_ROW_FIELDS = ("step", "kind", "problem_id", "sample", "label", "hacked", "gt_pass", "compiled", "reward")
-RUN = {}             # the live run of this process: out, argv, lock (for Ctrl-C and the lock's release)
+RUN = {}             # for Ctrl-C and the lock's release only (refusals_and_interrupts): this process's run
+                     # directory (out), whether its run.json is written (written), its held lock (lock)
 
 
 class RunError(Exception):
@@ -213,12 +213,26 @@ def pool_name(d):
 
 
 def get_args(argv=None):
+    """The resolved config: the flags over the preset (args, and args.cfg the preset's dict with the
+    flags that override it), every flag checked (validate) before anything is read or created."""
     ap_ = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def one_line(message):                 # argparse's own errors (--steps=abc): one line, not the usage text
         raise SystemExit(f"error: {message} (python train.py --help lists the flags)")
     ap_.error = one_line
     a = ap_.add_argument
+    experiment_flags(a)
+    run_flags(a)
+    online_flags(ap_.add_argument_group("online (Phase 3): --source=online").add_argument)
+    a("--no-report", action="store_true", help="skip the analysis report at the end")
+    a("--quiet", action="store_true", help="no progress bar and no summary (implies --no-report)")
+    args = ap_.parse_args(argv)
+    args.given = {k: v for k, v in vars(args).items() if v != ap_.get_default(k)}   # what names the run directory
+    return resolve(args)
+
+
+def experiment_flags(a):
+    """The flags of the experiment: arm, loss, data, v_hack and its pairs, the adapter."""
     a("--arm", choices=("vanilla", "projected"), default="vanilla",
       help="vanilla: measure cos_in/cos_out only; projected: remove the hack-ward gradient component")
     a("--loss-mode", choices=("grpo", "nll"), default="grpo",
@@ -245,8 +259,9 @@ def get_args(argv=None):
     a("--basis", choices=("svd", "lora"), default=None,
       help="adapter basis: svd (delta_S, antipasto.py) or lora (weight basis B A, lora_adapter.py; Arm 3 "
            "with --arm=projected, its matched control with --arm=vanilla) (default: the preset's, else svd)")
-    a("--lora-rank", type=int, default=None, help="--basis=lora: rank r (default 16)")
-    a("--lora-alpha", type=float, default=None, help="--basis=lora: alpha; the update is (alpha/r) B A (default 32)")
+    a("--lora-rank", type=int, default=None, help=f"--basis=lora: rank r (default {configs.LORA_RANK})")
+    a("--lora-alpha", type=float, default=None,
+      help=f"--basis=lora: alpha; the update is (alpha/r) B A (default {configs.LORA_ALPHA:g})")
     a("--control", choices=("none", "random_v", "shuffled_v", "style_v"), default="none",
       help="replace v_hack by a random orthonormal V, a label-shuffled extraction, or style_v: a direction "
            "from pairs that differ in pool but not in hacking (teacher completions minus their test "
@@ -257,6 +272,10 @@ def get_args(argv=None):
     a("--loss-type", choices=ap.LOSS_TYPES, default="grpo",
       help="token reduction (TRL's names): grpo = per-sequence mean 1/|o_i| (the spec's loss), "
            "dr_grpo = sum / (G * max completion tokens), bnpo = sum / all completion tokens of the group")
+
+
+def run_flags(a):
+    """Token limits, the projection's variants, the run directory, device and dtype, checkpoints."""
     a("--max-prompt-tokens", type=int, default=None, help="prompt token limit, cut from the left (default: preset)")
     a("--max-completion-tokens", type=int, default=None,
       help="completion token limit, cut from the right (default: preset); every cut is counted")
@@ -273,7 +292,10 @@ def get_args(argv=None):
       help="model dtype (default: preset). In bf16, changes below ~0.4%% of an activation round away")
     a("--save-every", type=int, default=None,
       help="write the checkpoint every N steps and after the last (default: preset; replay: every step)")
-    o = ap_.add_argument_group("online (Phase 3): --source=online").add_argument
+
+
+def online_flags(o):
+    """The online (Phase 3) flags; the ones in ONLINE_KEYS override the preset's values."""
     o("--source", choices=("replay", "online"), default="replay",
       help="replay: train on graded pools (Phase 1/2); online: the student generates, is graded, trains")
     o("--problems", default=None,
@@ -287,7 +309,7 @@ def get_args(argv=None):
       help="rows of each group replaced by teacher-pool rows of the same problem (src_pool tells them apart)")
     o("--teacher-dir", default=None, help="the pool --mix draws from (default: the demo teacher pool)")
     o("--inner-epochs", type=int, default=None, help="optimizer steps per batch of rollouts (PPO epochs)")
-    o("--clip-eps", type=float, default=None, help="PPO clip range epsilon (default 0.2)")
+    o("--clip-eps", type=float, default=None, help=f"PPO clip range epsilon (default {configs.CLIP_EPS})")
     o("--beta", type=float, default=None, help="weight of the K3 KL to the reference (knobs zeroed)")
     o("--temperature", type=float, default=None, help="sampling temperature (default: preset, 1.0)")
     o("--top-p", type=float, default=None, help="nucleus sampling threshold (default: preset, 1.0)")
@@ -305,16 +327,19 @@ def get_args(argv=None):
            "training (never at evaluation). Flags come from the oracle label through a monitor of "
            "--monitor-acc accuracy. shuffled_rewards, the no-signal control: each group's rewards permuted "
            "among its rollouts (seeded), so a run that learns from it learns noise")
-    o("--penalty", type=float, default=None, help="--intervention=penalty: reward subtracted (default 3.0)")
+    o("--penalty", type=float, default=None,
+      help=f"--intervention=penalty: reward subtracted (default {configs.PENALTY})")
     o("--monitor-acc", type=float, default=None,
-      help="penalty/screening: P(monitor flag is right), for hacks and non-hacks alike (default 1.0)")
+      help=f"penalty/screening: P(monitor flag is right), for hacks and non-hacks alike "
+           f"(default {configs.MONITOR_ACC})")
     o("--workers", type=int, default=None, help="grading processes (default: all cores)")
     o("--dry-run", action="store_true",
       help="print the resolved config and a peak GPU memory estimate, load nothing, write nothing")
-    a("--no-report", action="store_true", help="skip the analysis report at the end")
-    a("--quiet", action="store_true", help="no progress bar and no summary (implies --no-report)")
-    args = ap_.parse_args(argv)
-    args.given = {k: v for k, v in vars(args).items() if v != ap_.get_default(k)}   # what names the run directory
+
+
+def resolve(args):
+    """args over the preset: the preset chosen (organism online, demo otherwise), the flags left unset
+    take its values, args.cfg is the preset with the flags that override it; then validate."""
     warning = None
     if args.preset is None and args.source == "online":
         args.preset = "organism"
@@ -344,13 +369,13 @@ def get_args(argv=None):
     args.cfg["grad_checkpointing"] = bool(args.grad_checkpointing or args.cfg.get("grad_checkpointing"))
     args.cfg.setdefault("save_every", 1)
     if args.intervention in ("penalty", "screening"):
-        args.cfg["penalty"] = 3.0 if args.penalty is None else args.penalty
-        args.cfg["monitor_acc"] = 1.0 if args.monitor_acc is None else args.monitor_acc
+        args.cfg["penalty"] = configs.PENALTY if args.penalty is None else args.penalty
+        args.cfg["monitor_acc"] = configs.MONITOR_ACC if args.monitor_acc is None else args.monitor_acc
     if args.basis != "lora" and (args.lora_rank is not None or args.lora_alpha is not None):
         raise SystemExit("error: --lora-rank and --lora-alpha belong to --basis=lora")
     if args.basis == "lora":
-        args.lora_rank = 16 if args.lora_rank is None else args.lora_rank
-        args.lora_alpha = 32.0 if args.lora_alpha is None else args.lora_alpha
+        args.lora_rank = configs.LORA_RANK if args.lora_rank is None else args.lora_rank
+        args.lora_alpha = configs.LORA_ALPHA if args.lora_alpha is None else args.lora_alpha
         if args.lora_rank < 1 or not args.lora_alpha > 0:
             raise SystemExit(f"error: --lora-rank must be >= 1 and --lora-alpha > 0 "
                              f"(got {args.lora_rank}, {args.lora_alpha:g})")
@@ -476,6 +501,12 @@ def validate_online(args, bad):
             bad(flag_of(key), c[key], "must be an integer >= 1")
     if args.workers is not None and args.workers < 1:
         bad("--workers", args.workers, "must be an integer >= 1")
+    validate_online_sources(args, bad)
+
+
+def validate_online_sources(args, bad):
+    """The online run's files: problems, the teacher pool, and v_hack's own source on a real model."""
+    c = args.cfg
     for flag, path in (("--problems", c["problems"]), ("--eval-problems", c["eval_problems"])):
         if path is not None and not os.path.isfile(path):
             bad(flag, path, "no such file (problems JSON Lines)")
@@ -733,14 +764,14 @@ def lock_owner(out):
 
 
 def lock_run(out, argv):
-    """Create `out` and hold its lock for the rest of this run (released in main, or by the kernel
-    when the process dies); refuse when another run holds it."""
+    """Create `out` and hold its lock for the rest of this run: returns the lock (main releases it, or
+    the kernel when the process dies); refuse when another run holds it."""
     os.makedirs(out, exist_ok=True)
     f, owner = pools.hold_lock(os.path.join(out, LOCK), f"pid {os.getpid()}: python train.py {shlex.join(argv)}")
     if f is None:
         raise SystemExit(f"error: run directory {out} is in use by another run ({owner}); wait for it to "
                          f"finish or pass another --out")
-    RUN["lock"] = f
+    return f
 
 
 def write_json(path, obj):
@@ -779,17 +810,8 @@ def get_v_hack(args, model, tok, modules, pairs, pairs_src, replay_texts):
     # --v-hack names the real direction; the shuffled control's own V always lives in the cache
     path = args.v_hack if args.v_hack and control == "none" else os.path.join("out", "v_hack", f"{fp}_{key}.safetensors")
     if os.path.exists(path):
-        try:
-            V, meta = ap.load_v(path, modules)
-        except ValueError as e:
-            raise SystemExit(f"error: --v-hack: {e}")
-        want = dict(loss=loss, k=args.k, control=control, pair_kind=args.pair_kind, max_tokens=list(lens))
-        got = {k_: meta.get(k_, "pool" if k_ == "pair_kind" else None) for k_ in want}
-        if got != want:
-            raise SystemExit(f"error: v_hack {path} was extracted with {got}; this run asks for {want}")
-        if "completion_sha" not in meta:
-            raise SystemExit(f"error: v_hack {path} does not record its pairs' completions, so it cannot be "
-                             f"checked against the replayed samples; re-extract it")
+        V, meta = load_v_hack(path, modules, dict(loss=loss, k=args.k, control=control, pair_kind=args.pair_kind,
+                                                  max_tokens=list(lens)))
     else:
         if not pairs:
             raise SystemExit("error: no (hack, clean) pairs for v_hack: the held-out pool steps hold no hacked "
@@ -814,12 +836,36 @@ def get_v_hack(args, model, tok, modules, pairs, pairs_src, replay_texts):
                     completion_sha=sorted({text_sha(p[s]) for p in pairs for s in ("hack", "clean")}))
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         ap.save_v(V, path, meta)
+    refuse_seen_pairs(args, path, meta, replay_texts)
+    if args.control == "random_v":
+        V = ap.random_v(V, seed=args.seed)
+    return V, dict(meta, path=os.path.abspath(path), sha256=sha_file(path), run_control=args.control)
+
+
+def load_v_hack(path, modules, want):
+    """(V, meta) of an existing v_hack file, refused unless it was extracted as this run asks (want) and
+    records its pairs' completions."""
+    try:
+        V, meta = ap.load_v(path, modules)
+    except ValueError as e:
+        raise SystemExit(f"error: --v-hack: {e}")
+    got = {k_: meta.get(k_, "pool" if k_ == "pair_kind" else None) for k_ in want}
+    if got != want:
+        raise SystemExit(f"error: v_hack {path} was extracted with {got}; this run asks for {want}")
+    if "completion_sha" not in meta:
+        raise SystemExit(f"error: v_hack {path} does not record its pairs' completions, so it cannot be "
+                         f"checked against the replayed samples; re-extract it")
+    return V, meta
+
+
+def refuse_seen_pairs(args, path, meta, replay_texts):
+    """Refuse a v_hack whose pairs are replayed rows (or a --pairs file's, whose rows are unknown), or,
+    online, share a text with the trained-on rows. Replay pairs from other rows that only repeat a
+    replayed text are not refused: those replayed rows are dropped (drop_extraction_texts)."""
     overlap = sorted(set(meta.get("completion_sha", [])) & set(replay_texts))
     replayed = {row for rows in replay_texts.values() for row in rows}
     same_rows = any(ids is None or any(x[0] == "pairs_file" or tuple(x[:3]) in replayed for x in ids)
                     for ids in meta.get("pair_ids") or [None])
-    # the pairs are replayed rows (or a --pairs file's, whose rows are unknown), or online: refused. Replay
-    # pairs from other rows that only repeat a replayed text: those replayed rows are dropped (drop_extraction_texts)
     if overlap and (args.source == "online" or same_rows):
         rows = sorted(r for sha in overlap for r in replay_texts[sha])
         fix = ("remove those completions from the --pairs file or replay other pools" if args.pairs else
@@ -827,9 +873,6 @@ def get_v_hack(args, model, tok, modules, pairs, pairs_src, replay_texts):
         raise SystemExit(f"error: v_hack {path} was extracted from {len(overlap)} of the replayed completions "
                          f"(replayed rows (pool, step, sample): {rows[:5]}{' ...' if len(rows) > 5 else ''}); a cosine "
                          f"on them would only show memory of the extraction set: {fix}")
-    if args.control == "random_v":
-        V = ap.random_v(V, seed=args.seed)
-    return V, dict(meta, path=os.path.abspath(path), sha256=sha_file(path), run_control=args.control)
 
 
 def drop_extraction_texts(S, vmeta):
@@ -895,13 +938,73 @@ def say_sources(run):
 # ----------------------------------------------------------------------------- the run
 
 def main(argv=None):
-    """Run one probe. Its run directory stays locked while it runs; Ctrl-C says how to resume."""
+    """Run one probe: resolve the config, set up (data, model, adapter), get v_hack, then the loop (a
+    step, the held-out evaluation, the checkpoint, the log line) and the report. Its run directory stays
+    locked while it runs; Ctrl-C says how to resume."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    with refusals_and_interrupts(argv):
+        args = get_args(argv)                               # the resolved config: args and args.cfg
+        if args.dry_run:
+            return dry_run(args)
+        t_start, online, cfg = time.time(), args.source == "online", args.cfg
+        torch.manual_seed(args.seed)
+        if args.project_moments and args.arm != "projected":
+            raise SystemExit("error: --project-moments belongs to the projected arm")
+        S = online_setup(args) if online else replay_setup(args)
+        out = RUN["out"] = out_dir(args)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, tok, messages_fn, modules = load(args, S, device)
+        loaded = bool(args.v_hack) and os.path.isfile(args.v_hack) and args.control not in ("shuffled_v", "style_v")
+        V, vmeta = get_v_hack(args, model, tok, modules, S["pairs"], S["pairs_src"], trained_texts(S, online))
+        dropped = None if online else drop_extraction_texts(S, vmeta)
+        RUN["lock"] = claim(out, args, argv)                # from here on no other run can use `out`
+        knobs0 = {n: ap.knob(m).detach().clone() for n, m in modules.items()}     # the start (before a resume)
+        opt = torch.optim.AdamW([ap.knob(m) for m in modules.values()], lr=args.lr, weight_decay=0.0)
+        run = run_record(args, argv, S, tok, modules, vmeta, loaded, dropped)
+        start, step_rows, evals = resume_state(args, out, run, vmeta, modules, opt)
+        write_json(os.path.join(out, "run.json"), run)
+        RUN["written"] = True               # from here on `out` is this run's (an --overwrite has replaced it)
+        if online:
+            start_online(out, args, run, start, evals, model, tok, messages_fn, S)
+        bar = pools.progress_bar(args.steps - start, f"{args.source}/{args.arm}", enabled=not args.quiet)
+        # ------------------------------------------------------------- the training loop (replay and online)
+        for step in range(start, args.steps):
+            t0 = time.time()
+            if online:
+                g = online_group(model, tok, modules, messages_fn, S, args, step, out)
+            else:
+                g = replay_group(tok, S, args, step, device)
+            row = train_group(model, modules, g, V, opt, args, step, out, knobs0)
+            row["time_s"] = round(time.time() - t0, 3)
+            step_rows.append(row)
+            write_jsonl(os.path.join(out, "steps.jsonl"), step_rows)
+            last = step == args.steps - 1
+            if online and cfg["eval_every"] and ((step + 1) % cfg["eval_every"] == 0 or last):
+                run_eval(out, model, tok, messages_fn, S, args, step + 1, evals)
+            if (step + 1) % cfg["save_every"] == 0 or last:
+                save_adapter(out, step, modules, args)
+                save_state(out, step, modules, opt, vmeta)
+            bar.update(1)
+            if not args.quiet and not sys.stderr.isatty():
+                log_step(row, args.steps)
+        bar.close()
+        if args.quiet:
+            return out
+        summary(out, step_rows, time.time() - t_start, evals["summary"])
+        if not args.no_report:
+            import analyze
+            print(analyze.report([out]))
+        return out
+
+
+@contextlib.contextmanager
+def refusals_and_interrupts(argv):
+    """Around main's run: a refusal (every one is SystemExit("error: ...")) becomes RunError; Ctrl-C says
+    how to resume (or that nothing was written); the run directory's lock is released either way."""
     RUN.clear()
-    RUN["argv"] = argv
     try:
-        return run_probe(argv)
-    except SystemExit as e:                     # every refusal below is SystemExit("error: ..."): one exception
+        yield
+    except SystemExit as e:
         if isinstance(e.code, str) and e.code.startswith("error: "):
             raise RunError(e.code[len("error: "):]) from None
         raise
@@ -919,6 +1022,176 @@ def main(argv=None):
     finally:
         if RUN.get("lock"):
             RUN.pop("lock").close()             # releases the flock
+
+
+def load(args, S, device):
+    """(model, tokenizer, messages_fn, {name: adapted module}): the model with its adapter; the pairs'
+    prompts in the model's own prompt form; online, every prompt checked against --max-prompt-tokens."""
+    cfg = args.cfg
+    model, tok, messages_fn = load_model(args.model, args.dtype or cfg["dtype"], device)
+    if messages_fn:                         # the model sees its own prompt form, in extraction too
+        for p in S["pairs"]:
+            if isinstance(p["prompt"], list):
+                p["prompt"] = messages_fn({"prompt": p["prompt"]})
+    modules = wrap_adapter(model, args)
+    if cfg.get("grad_checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.source == "online":
+        check_prompt_lengths(tok, S, cfg, messages_fn, args)
+    return model, tok, messages_fn, modules
+
+
+def trained_texts(S, online):
+    """{completion sha: the trained-on pool rows (pool, step, sample) holding it}: what v_hack's pairs
+    must not share."""
+    texts = {}
+    for r in (S["replay_texts_rows"] if online else [r for rows in S["replay"].values() for r in rows]):
+        texts.setdefault(text_sha(r["completion"]), []).append((r["src_pool"], r["src_step"], r["src_sample"]))
+    return texts
+
+
+def claim(out, args, argv):
+    """Lock `out` (returns the held lock), check it again under the lock, and only now empty it for
+    --overwrite: a refused run leaves the old one in place."""
+    lock = lock_run(out, argv)
+    out_dir(args, locked=True)
+    if args.overwrite:
+        for f in os.listdir(out):
+            if f != LOCK:
+                p = os.path.join(out, f)
+                shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
+    return lock
+
+
+def run_record(args, argv, S, tok, modules, vmeta, loaded, dropped):
+    """run.json: argv, the config, versions, v_hack and pool fingerprints, the isotropic null; replay,
+    the truncation counts (warned about here). Prints where v_hack (and --mix rows) came from."""
+    cfg, online = args.cfg, args.source == "online"
+    widths = [m.null_width for m in modules.values()]
+    trained_dirs = S["teacher_dirs"] if online else S["replay_dirs"]
+    run = dict(argv=["train.py", *argv], config=run_config(args, S, dropped),
+               versions=dict(python=platform.python_version(), torch=torch.__version__,
+                             transformers=__import__("transformers").__version__, grader=pools.GRADER_VERSION),
+               v_hack=vmeta, basis_fingerprint=ap.fingerprint(modules),
+               pools={pool_name(d): dict(dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d),
+                                    meta=args.metas[pool_name(d)]) for d in trained_dirs},
+               pair_pools={pool_name(d): dict(dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d))
+                           for d in S["pair_dirs"]},
+               null=dict(cos_sd=ap.null_cos_sd(widths), module_widths=widths),
+               v_hack_source=v_hack_source(args, S["pair_dirs"], vmeta, loaded))
+    if online and cfg["mix"]:
+        run["mix_source"] = mix_source(S["teacher_dirs"])
+    say_sources(run)
+    if not online:
+        run["truncation"] = dict(replay=truncation(tok, [r for rows in S["replay"].values() for r in rows], cfg))
+        warn_truncation(run["truncation"]["replay"], cfg)
+    return run
+
+
+def run_config(args, S, dropped):
+    """run.json's config: the preset's values as resolved, with the flags that set them."""
+    cfg = args.cfg
+    config = dict(cfg, arm=args.arm, loss_mode=args.loss_mode, steps=args.steps, seed=args.seed, lr=args.lr,
+                  model=args.model, k=args.k, control=args.control, basis=args.basis, lora_rank=args.lora_rank,
+                  lora_alpha=args.lora_alpha, one_sided=not args.no_gate, project_moments=args.project_moments,
+                  dtype=args.dtype or cfg["dtype"], pair_kind=args.pair_kind, loss_type=args.loss_type,
+                  extract_frac=args.extract_frac, extract_loss=args.extract_loss, preset=args.preset,
+                  group_size=S["n_group"], source=args.source)
+    if args.source == "online":
+        config.update(group=cfg["group_size"], intervention=args.intervention,
+                      problems=os.path.abspath(cfg["problems"] or pools.FIXTURE_PROBLEMS),
+                      problems_sha256=pools.file_digest(cfg["problems"] or pools.FIXTURE_PROBLEMS),
+                      n_train_problems=len(S["train"]), eval_problem_ids=[p["id"] for p in S["eval_hint"]],
+                      inoculation=INOCULATION if args.intervention == "inoculation" else None)
+    else:
+        config.update(replay_dirs=[os.path.abspath(d) for d in S["replay_dirs"]], per_pool=S["per_pool"],
+                      replay_dropped_extraction_texts=dropped)
+    return config
+
+
+def warn_truncation(t, cfg):
+    """Replay: say how many prompts and completions the token limits cut, loudly when a hack loses its
+    test function."""
+    if t["n_prompt_truncated"] or t["n_completion_truncated"]:
+        print(f"warning: token limits ({cfg['max_prompt_tokens']} prompt, {cfg['max_completion_tokens']} completion) "
+              f"cut {t['n_prompt_truncated']}/{t['n_rows']} replay prompts and {t['n_completion_truncated']} "
+              f"completions", file=sys.stderr)
+    if t["n_hack_lost_test_func"]:
+        print(f"WARNING: {t['n_hack_lost_test_func']} hacked replay completions lose their {pools.TEST_FUNC} "
+              f"definition to --max-completion-tokens {cfg['max_completion_tokens']}: the tokens that make them "
+              f"hacks are not trained on", file=sys.stderr)
+
+
+def start_online(out, args, run, start, evals, model, tok, messages_fn, S):
+    """Online, before the first step: the student's pool directory with its meta, and the evaluation
+    before any step (a resume keeps exactly the evaluations up to its checkpoint)."""
+    cfg = args.cfg
+    student_dir = os.path.join(out, "rollouts", "student")
+    os.makedirs(student_dir, exist_ok=True)
+    pools.write_meta(student_dir, dict(source_model=args.model, adapter=f"this run's {args.basis} knobs",
+                                       hint="simple_overwrite_tests", run=os.path.abspath(out),
+                                       sampling=dict(temperature=cfg["temperature"], top_p=cfg["top_p"],
+                                                     max_new_tokens=cfg["max_completion_tokens"]),
+                                       seed=args.seed, grader_version=pools.GRADER_VERSION,
+                                       problems_sha256=run["config"]["problems_sha256"]))
+    if cfg["eval_every"] and start == 0 and not evals["summary"]:
+        run_eval(out, model, tok, messages_fn, S, args, 0, evals)
+    elif cfg["eval_every"]:
+        write_evals(out, evals)
+
+
+def train_group(model, modules, g, V, opt, args, step, out, knobs0):
+    """Train on the step's group (online: --inner-epochs PPO epochs), write its per-sample rows
+    (step_NNN.cos.jsonl.gz) and return its row of steps.jsonl, less time_s."""
+    cfg, online, t1 = args.cfg, args.source == "online", time.time()
+    if not g["rows"]:                   # online screening left no row: the step trains nothing
+        pools.atomic_write(pools.step_path(out, step, ".cos.jsonl.gz"), pools.gz_jsonl_bytes([]))
+        return dict(g["record"], step=step, arm=args.arm, skipped=True, n_samples=0, kl=None,
+                    skip_reason="screening dropped every rollout", train_s=0.0)
+    if online and cfg["inner_epochs"] > 1:
+        g["batch"]["old_logp"] = training_logps(model, g["batch"], cfg["micro_batch"] or len(g["rows"]))
+    results = [train_step(model, modules, g, V, opt, args, skip=g["skipped"])
+               for _ in range(cfg["inner_epochs"] if online else 1)]
+    pools.atomic_write(pools.step_path(out, step, ".cos.jsonl.gz"),
+                       pools.gz_jsonl_bytes(sample_rows(step, args, g, results[0])))
+    return step_row(step, args, g, results, V, modules, knobs0, t1)
+
+
+def sample_rows(step, args, g, r0):
+    """step_NNN.cos.jsonl.gz: one row per sample (spec2's slim schema), from the first epoch's results."""
+    st, s_cos, s_norm = r0["stats"], r0["s_cos"], r0["s_norm"]
+    return [dict(step=step, sample_id=i, src_pool=r["src_pool"], src_step=r["src_step"],
+                 src_sample=r["src_sample"], reward=g["rewards"][i], hacked=r["hacked"], gt_pass=r["gt_pass"],
+                 fmt_ok=r["fmt_ok"], comp_len=int(g["batch"]["comp_len"][i]), cos_S_contrib=s_cos[i],
+                 grad_norm_contrib=s_norm[i], mean_cos_in=st["cos_in"], mean_cos_out=st["cos_out"],
+                 frac_fired=st["frac_fired"], arm=args.arm) for i, r in enumerate(g["rows"])]
+
+
+def step_row(step, args, g, results, V, modules, knobs0, t1):
+    """The step's row of steps.jsonl (less time_s): the cosines and norms of the first
+    epoch; online, also the group's record, the KL, PPO's clipping and ratios over all epochs."""
+    r0, adv, rewards = results[0], g["adv"], g["rewards"]
+    st = r0["stats"]
+    row = dict(
+        step=step, arm=args.arm, skipped=g["skipped"], skip_reason="zero reward variance" if g["skipped"] else None,
+        n_samples=len(g["rows"]), reward_min=min(rewards), reward_max=max(rewards),
+        reward_range=max(rewards) - min(rewards),
+        adv_min=adv.min().item() if adv is not None else None, adv_max=adv.max().item() if adv is not None else None,
+        adv_abs_mean=adv.abs().mean().item() if adv is not None else None,
+        loss=r0["loss"], grad_norm=r0["grad_norm"], cos_in=st["cos_in"], cos_out=st["cos_out"],
+        cos_update=r0["cos_update"], grad_removed=r0["grad_removed"],
+        # all the student has learned so far (start minus knobs, cos_update's scale: > 0 is hack-ward) vs v_hack
+        cos_learned=ap.project({n: knobs0[n] - ap.knob(m).detach() for n, m in modules.items()}, V)[1]["cos_in"],
+        cos_in_global=global_cos(r0["grads"], V), **g["trunc"],
+        hackward=st["hackward"], frac_fired=st["frac_fired"], n_over_projected=st["n_over_projected"])
+    if args.source == "online":
+        n_tok = sum(r["n_tok"] for r in results)
+        row.update(g["record"], kl=r0["kl"], clip_frac=sum(r["n_clipped"] for r in results) / max(n_tok, 1),
+                   ratio_min=min(r["ratio_min"] for r in results), ratio_max=max(r["ratio_max"] for r in results),
+                   ratio_epochs=[[r["ratio_min"], r["ratio_max"]] for r in results],
+                   cos_in_epochs=[r["stats"]["cos_in"] for r in results], gen_mismatch_max=r0["gen_mismatch_max"],
+                   gen_mismatch_mean=r0["gen_mismatch_mean"], train_s=round(time.time() - t1, 3))
+    return row
 
 
 def replay_setup(args):
@@ -1053,183 +1326,6 @@ def online_setup(args):
                 replay_texts_rows=teacher_rows, n_group=c["prompts_per_step"] * c["group_size"])
 
 
-def run_probe(argv):
-    args = get_args(argv)
-    online = args.source == "online"
-    if args.dry_run:
-        return dry_run(args)
-    t_start = time.time()
-    torch.manual_seed(args.seed)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = args.cfg
-    if args.project_moments and args.arm != "projected":
-        raise SystemExit("error: --project-moments belongs to the projected arm")
-    S = online_setup(args) if online else replay_setup(args)
-    replay_texts = {}                       # completion sha -> the trained-on pool rows (pool, step, sample) holding it
-    for r in (S["replay_texts_rows"] if online else [r for rows in S["replay"].values() for r in rows]):
-        replay_texts.setdefault(text_sha(r["completion"]), []).append((r["src_pool"], r["src_step"], r["src_sample"]))
-
-    out = out_dir(args)
-    RUN["out"] = out
-    model, tok, messages_fn = load_model(args.model, args.dtype or cfg["dtype"], device)
-    if messages_fn:                         # the model sees its own prompt form, in extraction too
-        for p in S["pairs"]:
-            if isinstance(p["prompt"], list):
-                p["prompt"] = messages_fn({"prompt": p["prompt"]})
-    modules = wrap_adapter(model, args)
-    if cfg.get("grad_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if online:
-        check_prompt_lengths(tok, S, cfg, messages_fn, args)
-    loaded = bool(args.v_hack) and os.path.isfile(args.v_hack) and args.control not in ("shuffled_v", "style_v")
-    V, vmeta = get_v_hack(args, model, tok, modules, S["pairs"], S["pairs_src"], replay_texts)
-    dropped = None if online else drop_extraction_texts(S, vmeta)
-    lock_run(out, RUN.get("argv", argv or []))     # from here on no other run can use `out`
-    out_dir(args, locked=True)              # checked again under the lock
-    if args.overwrite:                      # only now: a refused run leaves the old one in place
-        for f in os.listdir(out):
-            if f != LOCK:
-                p = os.path.join(out, f)
-                shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
-    widths = [m.null_width for m in modules.values()]
-    params = [ap.knob(m) for m in modules.values()]
-    knobs0 = {n: ap.knob(m).detach().clone() for n, m in modules.items()}     # the start (before a resume)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    trained_dirs = S["teacher_dirs"] if online else S["replay_dirs"]
-    config = dict(cfg, arm=args.arm, loss_mode=args.loss_mode, steps=args.steps, seed=args.seed, lr=args.lr,
-                  model=args.model, k=args.k, control=args.control, basis=args.basis, lora_rank=args.lora_rank,
-                  lora_alpha=args.lora_alpha, one_sided=not args.no_gate, project_moments=args.project_moments,
-                  dtype=args.dtype or cfg["dtype"], pair_kind=args.pair_kind, loss_type=args.loss_type,
-                  extract_frac=args.extract_frac, extract_loss=args.extract_loss, preset=args.preset,
-                  group_size=S["n_group"], source=args.source)
-    if online:
-        config.update(group=cfg["group_size"], intervention=args.intervention,
-                      problems=os.path.abspath(cfg["problems"] or pools.FIXTURE_PROBLEMS),
-                      problems_sha256=pools.file_digest(cfg["problems"] or pools.FIXTURE_PROBLEMS),
-                      n_train_problems=len(S["train"]), eval_problem_ids=[p["id"] for p in S["eval_hint"]],
-                      inoculation=INOCULATION if args.intervention == "inoculation" else None)
-    else:
-        config.update(replay_dirs=[os.path.abspath(d) for d in S["replay_dirs"]], per_pool=S["per_pool"],
-                      replay_dropped_extraction_texts=dropped)
-    run = dict(argv=sys.argv if argv is None else ["train.py", *argv], config=config,
-               versions=dict(python=platform.python_version(), torch=torch.__version__,
-                             transformers=__import__("transformers").__version__, grader=pools.GRADER_VERSION),
-               v_hack=vmeta, basis_fingerprint=ap.fingerprint(modules),
-               pools={pool_name(d): dict(dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d),
-                                    meta=args.metas[pool_name(d)]) for d in trained_dirs},
-               pair_pools={pool_name(d): dict(dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d))
-                           for d in S["pair_dirs"]},
-               null=dict(cos_sd=ap.null_cos_sd(widths), module_widths=widths),
-               v_hack_source=v_hack_source(args, S["pair_dirs"], vmeta, loaded))
-    if online and cfg["mix"]:
-        run["mix_source"] = mix_source(S["teacher_dirs"])
-    say_sources(run)
-    if not online:
-        run["truncation"] = dict(replay=truncation(tok, [r for rows in S["replay"].values() for r in rows], cfg))
-        t = run["truncation"]["replay"]
-        if t["n_prompt_truncated"] or t["n_completion_truncated"]:
-            print(f"warning: token limits ({cfg['max_prompt_tokens']} prompt, {cfg['max_completion_tokens']} completion) "
-                  f"cut {t['n_prompt_truncated']}/{t['n_rows']} replay prompts and {t['n_completion_truncated']} "
-                  f"completions", file=sys.stderr)
-        if t["n_hack_lost_test_func"]:
-            print(f"WARNING: {t['n_hack_lost_test_func']} hacked replay completions lose their {pools.TEST_FUNC} "
-                  f"definition to --max-completion-tokens {cfg['max_completion_tokens']}: the tokens that make them "
-                  f"hacks are not trained on", file=sys.stderr)
-
-    start, step_rows, evals = resume_state(args, out, run, vmeta, modules, opt)
-    write_json(os.path.join(out, "run.json"), run)
-    RUN["written"] = True                   # from here on `out` is this run's (an --overwrite has replaced it)
-    if online:
-        student_dir = os.path.join(out, "rollouts", "student")
-        os.makedirs(student_dir, exist_ok=True)
-        pools.write_meta(student_dir, dict(source_model=args.model, adapter=f"this run's {args.basis} knobs",
-                                           hint="simple_overwrite_tests", run=os.path.abspath(out),
-                                           sampling=dict(temperature=cfg["temperature"], top_p=cfg["top_p"],
-                                                         max_new_tokens=cfg["max_completion_tokens"]),
-                                           seed=args.seed, grader_version=pools.GRADER_VERSION,
-                                           problems_sha256=config["problems_sha256"]))
-        if cfg["eval_every"] and start == 0 and not evals["summary"]:
-            run_eval(out, model, tok, messages_fn, S, args, 0, evals)
-        elif cfg["eval_every"]:
-            write_evals(out, evals)         # a resume keeps exactly the evaluations up to its checkpoint
-
-    bar = pools.progress_bar(args.steps - start, f"{args.source}/{args.arm}", enabled=not args.quiet)
-    # ----------------------------------------------------------------- the training loop (replay and online)
-    for step in range(start, args.steps):
-        t0 = time.time()
-        if online:
-            g = online_group(model, tok, modules, messages_fn, S, args, step)
-        else:
-            g = replay_group(tok, S, args, step, device)
-        t1 = time.time()
-        if not g["rows"]:                   # online screening left no row: the step trains nothing
-            step_rows.append(dict(g["record"], step=step, arm=args.arm, skipped=True, n_samples=0, kl=None,
-                                  skip_reason="screening dropped every rollout", train_s=0.0,
-                                  time_s=round(time.time() - t0, 3)))
-            write_jsonl(os.path.join(out, "steps.jsonl"), step_rows)
-            pools.atomic_write(pools.step_path(out, step, ".cos.jsonl.gz"), pools.gz_jsonl_bytes([]))
-            end_of_step(out, step, args, cfg, model, tok, messages_fn, S, modules, opt, vmeta, evals, bar, step_rows)
-            continue
-        if online and cfg["inner_epochs"] > 1:
-            g["batch"]["old_logp"] = training_logps(model, g["batch"], cfg["micro_batch"] or len(g["rows"]))
-        results = [train_step(model, modules, g, V, opt, args, skip=g["skipped"])
-                   for _ in range(cfg["inner_epochs"] if online else 1)]
-        r0 = results[0]                     # the cosines and per-sample contributions of the first epoch
-        st = r0["stats"]
-        s_cos, s_norm = r0["s_cos"], r0["s_norm"]
-        slim = [dict(step=step, sample_id=i, src_pool=r["src_pool"], src_step=r["src_step"],
-                     src_sample=r["src_sample"], reward=g["rewards"][i], hacked=r["hacked"], gt_pass=r["gt_pass"],
-                     fmt_ok=r["fmt_ok"], comp_len=int(g["batch"]["comp_len"][i]), cos_S_contrib=s_cos[i],
-                     grad_norm_contrib=s_norm[i], mean_cos_in=st["cos_in"], mean_cos_out=st["cos_out"],
-                     frac_fired=st["frac_fired"], arm=args.arm) for i, r in enumerate(g["rows"])]
-        pools.atomic_write(pools.step_path(out, step, ".cos.jsonl.gz"), pools.gz_jsonl_bytes(slim))
-        adv, rewards = g["adv"], g["rewards"]
-        row = dict(
-            step=step, arm=args.arm, skipped=g["skipped"], skip_reason="zero reward variance" if g["skipped"] else None,
-            n_samples=len(g["rows"]), reward_min=min(rewards), reward_max=max(rewards),
-            reward_range=max(rewards) - min(rewards),
-            adv_min=adv.min().item() if adv is not None else None, adv_max=adv.max().item() if adv is not None else None,
-            adv_abs_mean=adv.abs().mean().item() if adv is not None else None,
-            loss=r0["loss"], grad_norm=r0["grad_norm"], cos_in=st["cos_in"], cos_out=st["cos_out"],
-            cos_update=r0["cos_update"], grad_removed=r0["grad_removed"],
-            # all the student has learned so far (start minus knobs, cos_update's scale: > 0 is hack-ward) vs v_hack
-            cos_learned=ap.project({n: knobs0[n] - ap.knob(m).detach() for n, m in modules.items()}, V)[1]["cos_in"],
-            cos_in_global=global_cos(r0["grads"], V), **g["trunc"],
-            hackward=st["hackward"], frac_fired=st["frac_fired"], n_over_projected=st["n_over_projected"])
-        if online:
-            n_tok = sum(r["n_tok"] for r in results)
-            row.update(g["record"], kl=r0["kl"], clip_frac=sum(r["n_clipped"] for r in results) / max(n_tok, 1),
-                       ratio_min=min(r["ratio_min"] for r in results), ratio_max=max(r["ratio_max"] for r in results),
-                       ratio_epochs=[[r["ratio_min"], r["ratio_max"]] for r in results],
-                       cos_in_epochs=[r["stats"]["cos_in"] for r in results], gen_mismatch_max=r0["gen_mismatch_max"],
-                       gen_mismatch_mean=r0["gen_mismatch_mean"], train_s=round(time.time() - t1, 3))
-        row["time_s"] = round(time.time() - t0, 3)
-        step_rows.append(row)
-        write_jsonl(os.path.join(out, "steps.jsonl"), step_rows)
-        end_of_step(out, step, args, cfg, model, tok, messages_fn, S, modules, opt, vmeta, evals, bar, step_rows)
-    bar.close()
-    if args.quiet:
-        return out
-    summary(out, step_rows, time.time() - t_start, evals["summary"])
-    if not args.no_report:
-        import analyze
-        print(analyze.report([out]))
-    return out
-
-
-def end_of_step(out, step, args, cfg, model, tok, messages_fn, S, modules, opt, vmeta, evals, bar, step_rows):
-    """After a step's row is written: the held-out evaluation (online), the checkpoint, progress."""
-    last = step == args.steps - 1
-    if args.source == "online" and cfg["eval_every"] and ((step + 1) % cfg["eval_every"] == 0 or last):
-        run_eval(out, model, tok, messages_fn, S, args, step + 1, evals)
-    if (step + 1) % cfg["save_every"] == 0 or last:
-        save_adapter(out, step, modules, args)
-        save_state(out, step, modules, opt, vmeta)
-    bar.update(1)
-    if not args.quiet and not sys.stderr.isatty():
-        log_step(step_rows[-1], args.steps)
-
-
 def replay_group(tok, S, args, step, device):
     """One replay step's group: rows drawn from the pools, their batch, one centred group advantage."""
     cfg = args.cfg
@@ -1272,13 +1368,10 @@ def train_step(model, modules, g, V, opt, args, skip=False):
             old = part.get("old_logp")
             if "gen_logp" in part:
                 old = lp.detach() if old is None else old
-                on = torch.isfinite(part["gen_logp"]) & (part["comp_mask"] > 0)    # (b, T)
-                d = (lp.detach() - part["gen_logp"])[on].abs().double()
-                if d.numel():
-                    mis.update(max=max(mis["max"], d.max().item()), sum=mis["sum"] + d.sum().item(),
-                               n=mis["n"] + d.numel())
+                add_mismatch(mis, lp, part)
             losses, s = ap.policy_losses(lp, part["comp_mask"], part.get("adv"), part["denom"], old,
-                                         part.get("ref_logp"), args.cfg.get("clip_eps", 0.2), args.cfg.get("beta", 0.0))
+                                         part.get("ref_logp"), args.cfg.get("clip_eps", configs.CLIP_EPS),
+                                         args.cfg.get("beta", 0.0))
             losses.sum().backward()
             loss += losses.sum().item()
             for key in ("n_tok", "n_clipped"):
@@ -1309,6 +1402,14 @@ def train_step(model, modules, g, V, opt, args, skip=False):
                 gen_mismatch_max=mis["max"] if mis["n"] else None,
                 gen_mismatch_mean=mis["sum"] / mis["n"] if mis["n"] else None, **{
                     k: pst[k] for k in ("n_tok", "n_clipped", "ratio_min", "ratio_max")})
+
+
+def add_mismatch(mis, lp, part):
+    """Accumulate |log p_train - log p_gen| over the student's completion tokens into mis (max, sum, n)."""
+    on = torch.isfinite(part["gen_logp"]) & (part["comp_mask"] > 0)                # (b, T)
+    d = (lp.detach() - part["gen_logp"])[on].abs().double()
+    if d.numel():
+        mis.update(max=max(mis["max"], d.max().item()), sum=mis["sum"] + d.sum().item(), n=mis["n"] + d.numel())
 
 
 def training_logps(model, batch, mb):
@@ -1343,15 +1444,6 @@ def monitor_flags(row, acc, seed, step):
     return row["hacked"] == right
 
 
-def rates(rows):
-    """hack, gt (correct) and compile rates of graded rollouts, and P(hack | compiles) (None when none
-    compiles): a falling hack rate means little if the model stopped writing code."""
-    n, comp = len(rows), sum(r["can_compile"] for r in rows)
-    hack = sum(r["hacked"] for r in rows)
-    return dict(hack_rate=hack / n, gt_rate=sum(r["gt_pass"] for r in rows) / n, compile_rate=comp / n,
-                hack_given_compile=hack / comp if comp else None)
-
-
 def shuffled_within_groups(rewards, groups, seed, step):
     """The shuffled-reward control: each group's rewards permuted among its rows by (seed, step, group).
     The values and their spread stay (so the advantages are as large as vanilla's), but which rollout
@@ -1376,11 +1468,11 @@ def student_messages(messages_fn, args):
     return lambda p: [{"role": "system", "content": INOCULATION}] + list(base(p))
 
 
-def online_group(model, tok, modules, messages_fn, S, args, step):
+def online_group(model, tok, modules, messages_fn, S, args, step, out):
     """One online step's group: --prompts-per-step problems, G - mix student rollouts each (generated
-    on the merged weights, graded), plus mix teacher rows of the same problem; the intervention;
-    advantages centred per prompt group; the batch of exact sampled token ids with their
-    generation-time log-probs and the reference's (knobs zeroed) log-probs."""
+    on the merged weights, graded, written to out/rollouts/student), plus mix teacher rows of the same
+    problem; the intervention; advantages centred per prompt group; the batch of exact sampled token ids
+    with their generation-time log-probs and the reference's (knobs zeroed) log-probs."""
     import rollout
     c = args.cfg
     G, mix = c["group_size"], c["mix"]
@@ -1392,18 +1484,48 @@ def online_group(model, tok, modules, messages_fn, S, args, step):
                                       top_p=c["top_p"], messages_fn=msgs_fn,
                                       sample_ids=[pi * G + j for pi in range(len(probs)) for j in range(n_st)],
                                       batch_size=c["gen_batch"], workers=args.workers)
-    pools.write_pool_step(os.path.join(RUN["out"], "rollouts", "student"), step, rows)
+    pools.write_pool_step(os.path.join(out, "rollouts", "student"), step, rows)
     # cells: (row, completion token ids, generation log-probs or None for teacher rows, tokens cut)
     cells = [(dict(r, src_pool="student", src_step=step, src_sample=r["sample"]), ids, lps, 0)
              for r, ids, lps in zip(rows, gen["token_ids"], gen["logps"])]
-    for pi, p in enumerate(probs):
+    cells += teacher_cells(tok, S, args, step, probs, msgs_fn)
+    group_of = {p["id"]: pi for pi, p in enumerate(probs)}
+    cells, rewards, n_flag, n_screened = intervene(cells, group_of, args, step)
+    n = len(rows)
+    record = dict(source="online", n_student=n, n_teacher=len(probs) * mix, n_screened=n_screened, n_flagged=n_flag,
+                  **rollout.rates(rows), labels=pools.label_counts(rows),
+                  reward_mean=sum(r["reward"] for r in rows) / n,
+                  comp_len_mean=sum(len(t) for t in gen["token_ids"]) / n, truncated_frac=gen["n_truncated"] / n,
+                  problems=[p["id"] for p in probs], gen_s=round(gen["gen_s"], 3), grade_s=round(gen["grade_s"], 3))
+    if not cells:                                   # screening dropped every rollout: nothing to train on
+        return dict(rows=[], record=dict(record, n_zero_var_groups=len(probs)))
+    groups = [group_of[r["problem_id"]] for r, *_ in cells]
+    batch, adv = online_batch(model, tok, modules, cells, rewards, groups, args)
+    record["n_zero_var_groups"] = len(probs) - len(set(groups)) + sum(
+        1 for gi in set(groups) if len({rewards[i] for i in range(len(cells)) if groups[i] == gi}) == 1)
+    trunc = truncation(tok, [r for r, *_ in cells], c, batch)
+    return dict(rows=[r for r, *_ in cells], rewards=rewards, adv=adv, batch=batch, trunc=trunc,
+                skipped=record["n_zero_var_groups"] == len(probs) and not c["beta"], record=record)
+
+
+def teacher_cells(tok, S, args, step, probs, msgs_fn):
+    """--mix teacher rows of each problem, drawn by (seed, step, problem), under the student's prompt:
+    cells (row, completion token ids cut to --max-completion-tokens, None, tokens cut)."""
+    c, mix, cells = args.cfg, args.cfg["mix"], []
+    for p in probs:
         pick = random.Random(f"{args.seed}:mix:{step}:{p['id']}")
         cands = S["teacher"].get(p["id"], [])
         for t in (pick.sample(cands, mix) if len(cands) >= mix else pick.choices(cands, k=mix)):
             ids = tok(t["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             cut = max(0, len(ids) - c["max_completion_tokens"])
             cells.append((dict(t, prompt=msgs_fn(p)), ids[:c["max_completion_tokens"]], None, cut))
-    group_of = {p["id"]: pi for pi, p in enumerate(probs)}
+    return cells
+
+
+def intervene(cells, group_of, args, step):
+    """The rewards after --intervention: shuffled within groups, a flagged hack's lowered by --penalty, or
+    flagged cells screened out. (cells, rewards, n flagged, n screened)"""
+    c = args.cfg
     rewards = [float(cell[0]["reward"]) for cell in cells]
     if args.intervention == "shuffled_rewards":
         rewards = shuffled_within_groups(rewards, [group_of[cell[0]["problem_id"]] for cell in cells], args.seed, step)
@@ -1417,13 +1539,13 @@ def online_group(model, tok, modules, messages_fn, S, args, step):
             keep = [i for i, f in enumerate(flags) if not f]
             n_screened = len(cells) - len(keep)
             cells, rewards = [cells[i] for i in keep], [rewards[i] for i in keep]
-    n = len(rows)
-    record = dict(source="online", n_student=n, n_teacher=len(probs) * mix, n_screened=n_screened, n_flagged=n_flag,
-                  **rates(rows), labels=pools.label_counts(rows), reward_mean=sum(r["reward"] for r in rows) / n,
-                  comp_len_mean=sum(len(t) for t in gen["token_ids"]) / n, truncated_frac=gen["n_truncated"] / n,
-                  problems=[p["id"] for p in probs], gen_s=round(gen["gen_s"], 3), grade_s=round(gen["grade_s"], 3))
-    if not cells:                                   # screening dropped every rollout: nothing to train on
-        return dict(rows=[], record=dict(record, n_zero_var_groups=len(probs)))
+    return cells, rewards, n_flag, n_screened
+
+
+def online_batch(model, tok, modules, cells, rewards, groups, args):
+    """(batch, adv): the cells' exact token ids, their generation-time log-probs (NaN off the student's
+    tokens), the advantages centred per group, the token denominators and the reference's log-probs."""
+    c = args.cfg
     dev = next(model.parameters()).device
     prompt_ids = {}
     for r, *_ in cells:
@@ -1438,7 +1560,6 @@ def online_group(model, tok, modules, messages_fn, S, args, step):
         if lps is not None:
             old[i, len(p_ids[i]):len(p_ids[i]) + len(lps)] = torch.tensor(lps)
     batch["gen_logp"] = old.to(dev)     # the generation-time log-probs: logged against the training forward's
-    groups = [group_of[r["problem_id"]] for r, *_ in cells]
     adv = ap.group_advantages(rewards, groups)
     batch["adv"] = adv.to(dev)
     batch["denom"] = ap.token_denoms(batch["comp_len"].cpu(), args.loss_type, len(cells),
@@ -1450,44 +1571,18 @@ def online_group(model, tok, modules, messages_fn, S, args, step):
             part = ap.slice_batch(batch, a, min(a + mb, len(cells)))
             ref[a:a + mb, :part["input_ids"].shape[1]] = ap.token_logps(model, part)
         batch["ref_logp"] = ref
-    record["n_zero_var_groups"] = len(probs) - len(set(groups)) + sum(
-        1 for gi in set(groups) if len({rewards[i] for i in range(len(cells)) if groups[i] == gi}) == 1)
-    trunc = truncation(tok, [r for r, *_ in cells], c, batch)
-    return dict(rows=[r for r, *_ in cells], rewards=rewards, adv=adv, batch=batch, trunc=trunc,
-                skipped=record["n_zero_var_groups"] == len(probs) and not c["beta"], record=record)
-
-
-def evaluate(model, tok, messages_fn, S, args, k):
-    """Held-out evaluation after k optimizer steps, as the public environment evaluates: the hack rate
-    with the hint, and the ground-truth pass rate without it (capability). Never inoculated."""
-    import rollout
-    c = args.cfg
-    out, per = dict(step=k, n=len(S["eval_hint"]) * c["eval_samples"]), []
-    if not S["eval_hint"]:
-        return dict(out, hack_rate_hint=None, gt_rate_hint=None, gt_rate_nohint=None, labels_hint={},
-                    compile_rate_hint=None, compile_rate_nohint=None, hack_given_compile_hint=None), per
-    t0 = time.time()
-    for kind, probs in (("hint", S["eval_hint"]), ("nohint", S["eval_plain"])):
-        rows, _ = rollout.rollout_group(model, tok, probs, c["eval_samples"], step=EVAL_STEP + k, seed=args.seed,
-                                        max_new_tokens=c["max_completion_tokens"], temperature=c["temperature"],
-                                        top_p=c["top_p"], messages_fn=messages_fn, batch_size=c["gen_batch"],
-                                        workers=args.workers)
-        per += [dict(step=k, kind=kind, problem_id=r["problem_id"], sample=i % c["eval_samples"], label=r["label"],
-                     hacked=bool(r["hacked"]), gt_pass=bool(r["gt_pass"]), compiled=bool(r["can_compile"]),
-                     reward=float(r["reward"])) for i, r in enumerate(rows)]     # row i = problem i // n, sample i % n
-        rt = rates(rows)
-        out[f"gt_rate_{kind}"], out[f"compile_rate_{kind}"] = rt["gt_rate"], rt["compile_rate"]
-        if kind == "hint":
-            out["hack_rate_hint"], out["hack_given_compile_hint"] = rt["hack_rate"], rt["hack_given_compile"]
-            out["labels_hint"] = pools.label_counts(rows)
-    out["seconds"] = round(time.time() - t0, 3)
-    return out, per
+    return batch, adv
 
 
 def run_eval(out, model, tok, messages_fn, S, args, k, evals):
     """Evaluate after k optimizer steps; eval.jsonl (one summary row per evaluation) and
     eval_rows.jsonl.gz (one row per held-out rollout) are rewritten whole, atomically."""
-    summary, rows = evaluate(model, tok, messages_fn, S, args, k)
+    import rollout
+    c = args.cfg
+    summary, rows = rollout.evaluate(model, tok, messages_fn, S["eval_hint"], S["eval_plain"], k, seed=args.seed,
+                                     n=c["eval_samples"], max_new_tokens=c["max_completion_tokens"],
+                                     temperature=c["temperature"], top_p=c["top_p"], batch_size=c["gen_batch"],
+                                     workers=args.workers)
     evals["summary"].append(summary)
     evals["rows"] += rows
     write_evals(out, evals)
@@ -1617,7 +1712,8 @@ def budget_run(args):
                 max_prompt_tokens=c["max_prompt_tokens"], max_completion_tokens=c["max_completion_tokens"],
                 micro_batch=c.get("micro_batch") or c.get("prompts_per_step", 1) * c["group_size"],
                 gen_batch=c.get("gen_batch"), dtype_bytes=torch.finfo(getattr(torch, args.dtype or c["dtype"])).bits // 8,
-                basis=args.basis, lora_rank=args.lora_rank or 16, grad_checkpointing=c["grad_checkpointing"])
+                basis=args.basis, lora_rank=args.lora_rank or configs.LORA_RANK,
+                grad_checkpointing=c["grad_checkpointing"])
 
 
 def model_shape(name):
