@@ -25,7 +25,7 @@ train.py flags after `--` go to every online run (the student and the sweep's ru
 "Predicted" compares the Phase 2 decision (RUN ... = go, anything else = no-go) with whether the projected
 arm lowered the held-out hack rate (the CI of projected minus vanilla wholly below 0).
 """
-import argparse, json, os, shlex, subprocess, sys, time
+import argparse, contextlib, json, os, shlex, subprocess, sys, time
 
 import configs
 configs.reproducible()   # before numpy or torch loads MKL (it reads these variables once); the runs inherit them
@@ -79,15 +79,26 @@ def get_args(argv=None):
     return args
 
 
-def run(cmd, log, env=None):
+def run(cmd, log):
     """Run one stage command (a list), echo it, append its output to `log`; a failure stops the study
-    with the command and the log's last lines."""
+    with the command and the log's last lines. train.py commands run in this process (train.main with the
+    same arguments: the same run, without another interpreter's start-up for each of the probes)."""
     print("$ " + shlex.join(cmd), flush=True)
     os.makedirs(os.path.dirname(log), exist_ok=True)
     with open(log, "a") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        if os.path.basename(cmd[1]) == "train.py":
+            import train
+            rc = 0
+            with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                try:
+                    train.main(cmd[2:])
+                except (SystemExit, train.RunError) as e:
+                    rc = 0 if isinstance(e, SystemExit) and e.code in (None, 0) else 1
+                    print(e if isinstance(e, train.RunError) else e.code, file=f)
+        else:
+            rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
     if rc:
         with open(log) as f:
             tail = "".join(f.readlines()[-8:])
