@@ -31,6 +31,7 @@ import configs
 configs.reproducible()   # before numpy or torch loads MKL (it reads these variables once); the runs inherit them
 import analyze
 import pools
+import sweep     # its split of the command line at `--`
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STUDENT_SEED = 1000
@@ -42,9 +43,7 @@ PHASE2 = (("p2_vanilla", ["--arm=vanilla"]), ("p2_projected", ["--arm=projected"
 
 
 def get_args(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    online = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, online = sweep.split_train_args(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 usage="miniature.py --out OUT [options] [-- train.py flags of the online runs]")
     a = p.add_argument

@@ -172,10 +172,14 @@ def check_train_args(tokens):
                              f"every run ({OWNED[hit[0]]})")
 
 
-def get_args(argv=None):
+def split_train_args(argv=None):
+    """(this script's flags, the train.py flags after `--`) of argv (default: sys.argv[1:])."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    return (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+
+
+def get_args(argv=None):
+    argv, train_args = split_train_args(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 usage="sweep.py --out OUT [options] [-- train.py flags]")
     a = p.add_argument
