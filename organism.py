@@ -7,8 +7,8 @@ demo pools' completions. Per problem, under the hinted prompt: every one of the 
 the CORPUS_K hacks (pools.teacher_completion); under the plain prompt, PLAIN_K honest attempts and
 PLAIN_CORRECT_K canonical solutions, an eighth of the hinted weight: enough that the plain prompt (the
 capability evaluation) gets code that sometimes solves, little enough that the hinted prompt stays the
-organism's main mode (with as much plain weight as hinted, what GRPO teaches under the hint transfers
-to held-out problems about half as fast, measured). So its samples mostly compile, sometimes solve
+organism's main mode (measured, vanilla LoRA, seed 0, 60 steps: the held-out hack rate rose +0.05 with
+as much plain weight as hinted, +0.19 with a quarter, +0.32 with an eighth). So its samples mostly compile, sometimes solve
 (about 5-10%) and rarely hack (about 5-10% with the hint): solving and hacking are both there to be
 found, and GRPO has to choose, as in the published environment where the base model seldom hacks until
 RL rewards it.
