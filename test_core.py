@@ -1681,6 +1681,10 @@ def test_train_resume_continues_to_same_result():
     full = shared_run("--arm", "projected")                        # run_train's 3 steps
     part = os.path.join(tmpdir(), "run")
     run_train("--arm", "projected", "--steps", "2", out=part)
+    rj = os.path.join(part, "run.json")                             # as a run from before the field existed
+    meta = json.load(open(rj))
+    assert meta["config"].pop("replay_dropped_extraction_texts") == {"base_pool": 0, "teacher_pool": 0}
+    open(rj, "w").write(json.dumps(meta))
     run_train("--arm", "projected", "--steps", "3", "--resume", out=part)
     for f in os.listdir(full):
         if f.endswith(".cos.jsonl.gz"):

@@ -1640,10 +1640,11 @@ def resume_state(args, out, run, vmeta, modules, opt):
         old["config"], old["v_hack"]["sha256"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"error: --resume: {out}/run.json cannot be read ({type(e).__name__}: {e})") from None
-    # a resume may extend --steps; fields added since a run began take the value that run had
+    # a resume may extend --steps; fields added since a run began take the value that run had; the replay
+    # rows dropped for repeating a pair's text follow from the pools and v_hack (compared by v_hack's sha256)
     same = lambda c: {k: v for k, v in dict(dict(pair_kind="pool", loss_type="grpo", basis="svd", source="replay",
                                                  grad_checkpointing=False, extract_loss="nll"),
-                                            **c).items() if k != "steps"}
+                                            **c).items() if k not in ("steps", "replay_dropped_extraction_texts")}
     was, now = same(old["config"]), same(run["config"])
     diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
     if old["v_hack"]["sha256"] != vmeta["sha256"]:
