@@ -49,8 +49,8 @@ def get_args(argv=None):
     a = p.add_argument
     a("--out", required=True, help="study directory (student/, pools/, probes/, sweep/, logs/, answer.json)")
     a("--model", default="organism", help="the policy every stage trains or samples (default: the CPU organism)")
-    a("--seeds", default="0,1,2,3,4", help="the sweep's seeds (default 0-4: a paired sd near 0.07 then shows a "
-                                            "0.1 effect)")
+    a("--seeds", default="0,1,2,3,4", help="the sweep's seeds (default 0-4: with the paired sd measured on the "
+                                            "organism, 0.087, a 95%% CI of about +-0.11)")
     a("--steps", type=int, default=None, help="steps of the student and of every sweep run (default: the preset's)")
     a("--pool-batches", type=int, default=20, help="steps of each generated pool (default 20)")
     a("--pool-batch-size", type=int, default=8, help="rollouts per pool step (default 8)")
@@ -69,6 +69,10 @@ def get_args(argv=None):
     for flag in ("pool_batches", "pool_batch_size", "probe_steps"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    sweep.csv_ints("--seeds", args.seeds)                    # the sweep's own checks, before any stage runs
+    bad = [x for x in args.controls.split(",") if x and x not in sweep.EXTRA]
+    if bad:
+        raise SystemExit(f"error: --controls {args.controls!r}: allowed: {','.join(sweep.EXTRA)}")
     if args.pools is not None:
         dirs = [d for d in args.pools.split(",") if d]
         bad = [d for d in dirs if not os.path.isdir(d)]

@@ -4768,7 +4768,8 @@ def test_miniature_refuses_bad_flags_before_creating_anything():
     out = os.path.join(d, "mini")
     for argv, msg in ((["--steps", "0"], "--steps must be >= 1"), (["--pools", "nope"], "--pools 'nope'"),
                       (["--problems", os.path.join(d, "none.jsonl")], "--problems"),
-                      (["--probe-steps", "0"], "--probe-steps must be >= 1")):
+                      (["--probe-steps", "0"], "--probe-steps must be >= 1"), (["--seeds", "0,x"], "--seeds"),
+                      (["--controls", "penalty,nope"], "--controls 'penalty,nope'")):
         raises(SystemExit, miniature.main, ["--out", out] + argv, match=msg)
     assert not os.path.exists(out)
 
