@@ -631,8 +631,8 @@ def read_meta(d):
     except FileNotFoundError:
         if not os.path.isdir(d):
             raise DataError(f"{d}: not a pool directory") from None
-        raise DataError(f"{path}: missing; every pool records its source in meta.json (see the README's "
-                        f"pool schema; `pools.py import` writes one)") from None
+        raise DataError(f"{path}: missing; every pool records its source in meta.json (its fields: pools.py's "
+                        f"docstring; `pools.py import` writes one)") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
