@@ -75,6 +75,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+import configs  # OLD_RUN_DEFAULTS: what runs that predate a config field used
+
 import pools   # strict JSON Lines reading and pool labels (standard library only)
 from pools import read_jsonl
 
@@ -260,8 +262,6 @@ def vals(rows, key):
 EXPERIMENT = ("basis", "pair_kind", "loss_type", "max_prompt_tokens", "max_completion_tokens", "model",
               "lora_rank", "lora_alpha", "replay_dirs", "per_pool", "lr", "k", "one_sided", "loss_mode",
               "extract_frac", "extract_loss", "group_size", "dtype", "preset")
-DEFAULTS = dict(basis="svd", pair_kind="pool", loss_type="grpo", loss_mode="grpo",
-                extract_loss="nll")   # what runs that predate a field used
 
 def experiment_key(cfg, meta):
     """What runs must share to be judged together: everything that changes v_hack, the samples or the
@@ -269,7 +269,7 @@ def experiment_key(cfg, meta):
     and the step count."""
     fps = lambda key: sorted((n, (p or {}).get("fingerprint")) for n, p in (meta.get(key) or {}).items())
     src = str((meta.get("v_hack") or {}).get("pairs_source") or "")        # a --pairs file, shared by the controls
-    return json.dumps([cfg.get(k, DEFAULTS.get(k)) for k in EXPERIMENT] + [fps("pools"), fps("pair_pools"),
+    return json.dumps([cfg.get(k, configs.OLD_RUN_DEFAULTS.get(k)) for k in EXPERIMENT] + [fps("pools"), fps("pair_pools"),
                                                                           src if src.startswith("file:") else None])
 
 def experiment(r):

@@ -36,6 +36,10 @@ CLIP_EPS = 0.2                    # PPO clip range epsilon (--clip-eps; antipast
 LORA_RANK, LORA_ALPHA = 16, 32.0  # --basis=lora: rank r and alpha; the update is (alpha / r) B A
 PENALTY = 3.0                     # --intervention=penalty: the reward subtracted from a flagged rollout
 MONITOR_ACC = 1.0                 # --intervention=penalty/screening: P(the monitor's flag is right)
+# run.json config fields added over time -> the value a run that predates the field used (read by --resume,
+# analyze.py's experiment grouping and the v_hack file check; pair_kind also for v_hack files' metadata)
+OLD_RUN_DEFAULTS = dict(basis="svd", pair_kind="pool", loss_type="grpo", loss_mode="grpo", source="replay",
+                        grad_checkpointing=False, extract_loss="nll")
 
 PRESETS = {
     # the demo: tiny random Qwen3 on CPU, demo pools, Phase 2 probe shape (G = 4 + 4); token limits above the

@@ -1684,6 +1684,8 @@ def test_train_resume_continues_to_same_result():
     rj = os.path.join(part, "run.json")                             # as a run from before the field existed
     meta = json.load(open(rj))
     assert meta["config"].pop("replay_dropped_extraction_texts") == {"base_pool": 0, "teacher_pool": 0}
+    for k, v in (("pair_kind", "pool"), ("loss_type", "grpo"), ("basis", "svd"), ("extract_loss", "nll")):
+        assert meta["config"].pop(k) == v                           # fields its version predates: their old values
     open(rj, "w").write(json.dumps(meta))
     run_train("--arm", "projected", "--steps", "3", "--resume", out=part)
     for f in os.listdir(full):
@@ -3987,6 +3989,14 @@ def make_online_run(root, name, hack, correct, *, arm="vanilla", seed=0, n=10, c
         with gzip.open(os.path.join(d, "eval_rows.jsonl.gz"), "wt") as f:
             f.write("".join(json.dumps(r) + "\n" for r in eval_rows))
     return d
+
+
+def test_experiment_key_reads_fields_a_run_predates_as_their_old_values():
+    cfg = dict(basis="svd", pair_kind="pool", loss_type="grpo", loss_mode="grpo", extract_loss="nll", lr=1e-3, k=1)
+    old = {k: v for k, v in cfg.items() if k in ("lr", "k")}                 # a run from before those fields
+    assert A.experiment_key(old, {}) == A.experiment_key(cfg, {})
+    for k, other in (("basis", "lora"), ("pair_kind", "mechanism"), ("loss_type", "bnpo"), ("extract_loss", "grpo")):
+        assert A.experiment_key(old, {}) != A.experiment_key(dict(cfg, **{k: other}), {}), k
 
 
 def test_phase3_learning_curves_average_each_evaluation_over_seeds():

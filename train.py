@@ -849,7 +849,7 @@ def load_v_hack(path, modules, want):
         V, meta = ap.load_v(path, modules)
     except ValueError as e:
         raise SystemExit(f"error: --v-hack: {e}")
-    got = {k_: meta.get(k_, "pool" if k_ == "pair_kind" else None) for k_ in want}
+    got = {k_: meta.get(k_, configs.OLD_RUN_DEFAULTS["pair_kind"] if k_ == "pair_kind" else None) for k_ in want}
     if got != want:
         raise SystemExit(f"error: v_hack {path} was extracted with {got}; this run asks for {want}")
     if "completion_sha" not in meta:
@@ -1642,9 +1642,8 @@ def resume_state(args, out, run, vmeta, modules, opt):
         raise SystemExit(f"error: --resume: {out}/run.json cannot be read ({type(e).__name__}: {e})") from None
     # a resume may extend --steps; fields added since a run began take the value that run had; the replay
     # rows dropped for repeating a pair's text follow from the pools and v_hack (compared by v_hack's sha256)
-    same = lambda c: {k: v for k, v in dict(dict(pair_kind="pool", loss_type="grpo", basis="svd", source="replay",
-                                                 grad_checkpointing=False, extract_loss="nll"),
-                                            **c).items() if k not in ("steps", "replay_dropped_extraction_texts")}
+    same = lambda c: {k: v for k, v in dict(configs.OLD_RUN_DEFAULTS, **c).items()
+                      if k not in ("steps", "replay_dropped_extraction_texts")}
     was, now = same(old["config"]), same(run["config"])
     diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
     if old["v_hack"]["sha256"] != vmeta["sha256"]:
