@@ -602,11 +602,12 @@ def print_row4(res):
               f"  (step {f(r['time_s'])})")
 
 
-def row_online_loops(tmp, steps=20, rounds=1):
+def row_online_loops(tmp, steps=20, rounds=1, argv=()):
     """The online step's generation seconds with the previous decode loop (dynamic_decode, sorted_pick) and
     with rollout.decode, on the same `steps` steps of one train.py run (in process, the organism preset):
     both loops sample the same tokens, so both runs train on the same rollouts step for step. Variants
-    rotate over `rounds`; per loop, every step's gen_s of every round. None with the reason when a run fails."""
+    rotate over `rounds`; per loop, every step's gen_s of every round; `argv`: more train.py flags (tests).
+    A string with the reason when a run fails."""
     import rollout, train
     loops = dict(previous=dynamic_decode, current=rollout.decode)
     gen, completions = {k: [] for k in loops}, {}
@@ -618,7 +619,7 @@ def row_online_loops(tmp, steps=20, rounds=1):
             os.chdir(tmp)                    # the demo pools and the v_hack cache land in tmp, not the checkout
             try:
                 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                    train.main(["--source=online", f"--steps={steps}", "--eval-every=0", "--quiet", "--out", out])
+                    train.main(["--source=online", f"--steps={steps}", "--eval-every=0", "--quiet", *argv, "--out", out])
             except (SystemExit, train.RunError) as e:
                 return f"not measured: train.py --source=online --steps={steps} ({name} loop) stopped: {e}"
             finally:

@@ -4983,6 +4983,27 @@ def test_bench_decode_loops_row_compares_the_same_rows():
         assert r["old"] > 0 and r["new"] > 0 and len(r["speedup"]) == 3
 
 
+@slow
+def test_bench_online_loops_row_runs_both_loops_on_the_same_steps():
+    """Row 4b: one online run per loop (tiny model, 2 steps), the previous loop really used for its run,
+    rollout.decode put back, the same rollouts, and the ratio the median of the per-step ratios."""
+    import bench, rollout
+    teacher, base = demo_pools()
+    real, calls = bench.dynamic_decode, []
+    bench.dynamic_decode = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        res = bench.row_online_loops(tmpdir(), steps=2, argv=[
+            "--model", "tiny", "--problems", short_problems(), "--group", "4", "--prompts-per-step", "2", "--mix", "1",
+            "--teacher-dir", teacher, "--pair-dirs", f"{teacher},{base}", "--max-prompt-tokens", "384",
+            "--max-completion-tokens", "12", "--lr", "0.05", "--device", "cpu", "--workers", "2"])
+    finally:
+        bench.dynamic_decode = real
+    assert isinstance(res, dict), res
+    assert len(calls) == 2 and rollout.decode.__module__ == "rollout"       # one call per step, then restored
+    assert res["same"] is True and res["steps"] == 2
+    assert res["ratio"][1] <= res["ratio"][0] <= res["ratio"][2] and res["previous"] > 0 and res["current"] > 0
+
+
 def test_bench_rounds_rotate_and_ratio_is_the_median_of_per_round_ratios():
     import bench
     calls = []
