@@ -118,14 +118,27 @@ def train_cmd(out, flags):
 
 
 def run_finished(out):
-    """A train.py run whose steps.jsonl holds every one of run.json's steps."""
+    """A train.py run whose steps.jsonl holds every one of run.json's steps (analyze.finished)."""
     try:
         with open(os.path.join(out, "run.json")) as f:
             steps = json.load(f)["config"]["steps"]
-        rows = pools.read_jsonl(os.path.join(out, "steps.jsonl"), ("step",))
+        return analyze.finished(pools.read_jsonl(os.path.join(out, "steps.jsonl"), ("step",)), steps)
     except (OSError, ValueError, KeyError, pools.DataError):
         return False
-    return sorted(r["step"] for r in rows) == list(range(steps))
+
+
+def report(run_dirs, compute, text, log):
+    """compute(run_dirs) once, in this process; the report `python analyze.py RUN_DIRS` would print,
+    text(res), goes to the log under that command. A run analyze.py refuses stops the study in one line."""
+    cmd = [sys.executable, os.path.join(HERE, "analyze.py")] + run_dirs
+    print("$ " + shlex.join(cmd), flush=True)
+    try:
+        res = compute(run_dirs)
+    except ValueError as e:
+        raise SystemExit(f"error: analyze.py: {e}") from None
+    with open(log, "a") as f:
+        f.write(f"$ {shlex.join(cmd)}\n{text(res)}\n")
+    return res
 
 
 def stage_student(args, log):
@@ -148,7 +161,7 @@ def stage_pools(args, adapter, log):
 
 
 def stage_probes(args, dirs, log):
-    """Phase 1 and Phase 2 on the pools; returns {basis: decision} of the Phase 2 report."""
+    """Phase 1 and Phase 2 on the pools; returns {basis: decision} of the Phase 2 experiments."""
     P = ",".join(dirs)
     base = os.path.join(args.out, "probes")
     cmds = [train_cmd(os.path.join(base, "p1_nll"), [f"--model={args.model}", "--arm=vanilla", "--loss-mode=nll",
@@ -160,9 +173,8 @@ def stage_probes(args, dirs, log):
     for cmd in cmds:
         if cmd:
             run(cmd, log)
-    p2 = [os.path.join(base, name) for name, _ in PHASE2]
-    run([sys.executable, os.path.join(HERE, "analyze.py"), os.path.join(base, "p1_nll")] + p2, log)
-    res = analyze.analyze(p2)
+    res = report([os.path.join(base, "p1_nll")] + [os.path.join(base, name) for name, _ in PHASE2], analyze.analyze,
+                 analyze.render, log)                  # each experiment is judged on its own runs only
     return {e["basis"]: dict(code=e["decision"]["code"], rule=e["decision"]["rule"], why=e["decision"]["why"],
                              go=e["decision"]["code"].startswith("run"))
             for e in res["experiments"] if "decision" in e}
@@ -178,13 +190,12 @@ def stage_sweep(args, dirs, log):
     run(cmd, log)
     runs = sorted(os.path.join(out, "runs", d) for d in os.listdir(os.path.join(out, "runs"))
                   if os.path.isdir(os.path.join(out, "runs", d)))
-    run([sys.executable, os.path.join(HERE, "analyze.py")] + runs, log)
-    return runs
+    return report(runs, analyze.phase3, analyze.render_phase3, log)
 
 
-def answer(phase2, runs):
-    """{basis: the projection's effect and Phase 2's prediction} + the controls check, from the Phase 3 report."""
-    res = analyze.phase3(runs)
+def answer(phase2, res):
+    """{basis: the projection's effect and Phase 2's prediction} + the controls check, from the Phase 3 report
+    `res` (analyze.phase3)."""
     out = dict(controls=[dict(arm=c["arm"], control=c["control"], ci=c["ci"], passed=c["passed"])
                          for c in res["control_checks"]], bases={})
     for c in res["comparisons"]:
@@ -235,8 +246,8 @@ def main(argv=None):
     print("== 3 Phase 1/2 probes ==", flush=True)
     phase2 = stage_probes(args, dirs, log)
     print("== 4 Phase 3 sweep ==", flush=True)
-    runs = stage_sweep(args, dirs, log)
-    ans = dict(answer(phase2, runs), pools=[os.path.abspath(d) for d in dirs], seconds=round(time.time() - t0, 1))
+    res = stage_sweep(args, dirs, log)
+    ans = dict(answer(phase2, res), pools=[os.path.abspath(d) for d in dirs], seconds=round(time.time() - t0, 1))
     pools.atomic_write(os.path.join(args.out, "answer.json"), (json.dumps(ans, indent=1) + "\n").encode())
     print(render(ans))
     print(f"({ans['seconds']:.0f} s; {os.path.join(args.out, 'answer.json')})")

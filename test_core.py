@@ -4754,7 +4754,9 @@ def test_miniature_probes_sweep_and_answer():
     arms = ["vanilla", "projected", "vanilla_lora", "projected_lora"] + list(miniature.CONTROLS)
     assert sorted(x for x in os.listdir(runs) if x != "spans.jsonl") == sorted(f"{a}_s{s}" for a in arms for s in range(3))
     ans = json.load(open(os.path.join(out, "answer.json")))
-    assert ans == json.loads(json.dumps(res, default=str)) or ans["bases"].keys() == res["bases"].keys()
+    assert ans == json.loads(json.dumps(res))                          # answer.json is what main returned
+    log = open(os.path.join(out, "logs", "miniature.log")).read()      # both reports, under their commands
+    assert "DECISION:" in log and "PHASE 1:" in log and "== Phase 3: online runs" in log
     decisions = {e["basis"]: e["decision"]["code"] for e in A.analyze([os.path.join(probes, n) for n, _ in miniature.PHASE2])
                  ["experiments"] if "decision" in e}
     last = lambda run: json.loads(open(os.path.join(runs, run, "eval.jsonl")).readlines()[-1])["hack_rate_hint"]
