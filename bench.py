@@ -418,15 +418,8 @@ def dynamic_decode(model, pad_id, rows, max_new_tokens, temperature, top_p, eos,
 def sorted_pick(logits, u, temperature, top_p):
     """The previous rollout.pick, kept with the previous loop: the same tokens, with the vocabulary sorted per
     row by torch.sort (rollout.sort_rows now sorts all rows in one pass)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)                   # (B, V)
-    p, idx = probs.sort(dim=-1, descending=True, stable=True)               # (B, V)
-    keep = (p.cumsum(-1) - p) < top_p                                     # (B, V)
-    c = (p.double() * keep).cumsum(-1)                                    # (B, V)
-    j = torch.searchsorted(c, (u * c[:, -1])[:, None], right=True)        # (B, 1)
-    j = torch.minimum(j, keep.sum(-1, keepdim=True) - 1)
-    return idx.gather(-1, j).squeeze(-1)
+    import rollout
+    return rollout.pick(logits, u, temperature, top_p, sort=lambda p: p.sort(dim=-1, descending=True, stable=True))
 
 
 def dynamic_decode_chunk(model, pad_id, chunk, max_new_tokens, temperature, top_p, eos):

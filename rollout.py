@@ -71,14 +71,15 @@ def sample_seed(seed, step, problem_id, sample_id):
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-def pick(logits, u, temperature, top_p):
+def pick(logits, u, temperature, top_p, sort=None):
     """Next tokens (B,) from logits (B, V) float32 and one uniform per row u (B,) float64: temperature,
     then the smallest top-p set (the top token always kept), then inverse-CDF sampling with u.
-    temperature 0 is greedy. Row-wise only: a row's choice never depends on another row."""
+    temperature 0 is greedy. Row-wise only: a row's choice never depends on another row. sort: the
+    vocabulary's stable descending sort, (values, indices) (default sort_rows)."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)                   # (B, V)
-    p, idx = sort_rows(probs)                                             # (B, V) each
+    p, idx = (sort or sort_rows)(probs)                                   # (B, V) each
     keep = (p.cumsum(-1) - p) < top_p                                     # (B, V), column 0 always True
     c = (p.double() * keep).cumsum(-1)                                    # (B, V)
     j = torch.searchsorted(c, (u * c[:, -1])[:, None], right=True)        # (B, 1)
