@@ -371,10 +371,13 @@ def print_row2(res, where):
 
 # ----------------------------------------------------------------------------- row 3
 
+@contextlib.contextmanager
 def forward_stopwatch(model, device, spent):
-    """Hooks on the model's forward that add each call's seconds to spent["prefill"] (calls on more
-    than one new position: the prompts) or spent["decode"] (one position: a decoded token)."""
-    t0 = []
+    """Inside the block each forward call's seconds go to spent["prefill"] (calls on more than one new
+    position: the prompts) or spent["decode"] (one position: a decoded token), whether the token steps
+    run model() (hooks on its forward) or rollout.token_step (wrapped for the block)."""
+    import rollout
+    t0, step = [], rollout.token_step
 
     def pre(m, args, kwargs):
         sync(device)
@@ -384,8 +387,21 @@ def forward_stopwatch(model, device, spent):
         sync(device)
         ids = kwargs.get("input_ids", args[0] if args else None)
         spent["decode" if ids.shape[1] == 1 else "prefill"] += time.perf_counter() - t0.pop()
-    return [model.register_forward_pre_hook(pre, with_kwargs=True),
-            model.register_forward_hook(post, with_kwargs=True)]
+
+    def timed_step(*args):
+        pre(None, (), {})
+        out = step(*args)
+        sync(device)
+        spent["decode"] += time.perf_counter() - t0.pop()
+        return out
+    hooks = [model.register_forward_pre_hook(pre, with_kwargs=True), model.register_forward_hook(post, with_kwargs=True)]
+    rollout.token_step = timed_step
+    try:
+        yield spent
+    finally:
+        rollout.token_step = step
+        for h in hooks:
+            h.remove()
 
 
 def weight_bytes_per_token(model, modules):
@@ -493,13 +509,9 @@ def row_generation(shape, B, new_tokens, rounds, device="cpu", dtype=torch.float
 
         def run(kind):
             spent = {"prefill": 0.0, "decode": 0.0}
-            hooks = forward_stopwatch(model, device, spent)
-            try:
+            with forward_stopwatch(model, device, spent):
                 o = rollout.sample(model, tok, prompts, 1, new_tokens, 1.0, 1.0, 0, 0, [p["id"] for p in probs],
                                    eos_ids=[-1])   # no stop token: every row makes new_tokens
-            finally:
-                for h in hooks:
-                    h.remove()
             n_tok.append(sum(len(x) for x in o["token_ids"]))
             parts[kind].append(spent)
 
@@ -857,12 +869,8 @@ def gpu_check(shape, flags=(), device="cuda", dtype=torch.bfloat16, rounds=2, ne
 
     def generate(kind):
         sp = {"prefill": 0.0, "decode": 0.0}
-        hooks = forward_stopwatch(model, device, sp)
-        try:
+        with forward_stopwatch(model, device, sp):
             o = rollout.sample(model, tok, prompts, 1, new_tokens, 1.0, 1.0, 0, 0, eos_ids=[-1])
-        finally:
-            for h in hooks:
-                h.remove()
         spent.setdefault(kind, []).append(sp["decode"])
         counts[kind] = sum(len(x) for x in o["token_ids"])
 

@@ -9,9 +9,11 @@
              and their go/no-go (`analyze.py`)
   4 sweep    `sweep.py` with v_hack from those pools (--pair-dirs): vanilla and projected in both bases,
              random_v, and the controls the report must detect (penalty, screening, shuffled rewards)
-  5 answer   per basis: the projection's effect on the held-out hack rate and on capability (projected
-             minus vanilla, 95% CI by seed), the controls check, and whether the Phase 2 verdict predicted
-             the effect; printed and written to OUT/answer.json
+  4b demo_v  the sweep's projected LoRA runs again with the default v_hack (the demo pools' canned
+             hacks, not the student's): the effect per v_hack source, against the same vanilla LoRA runs
+  5 answer   per basis and v_hack source: the projection's effect on the held-out hack rate and on
+             capability (projected minus vanilla, 95% CI by seed), the controls check, and whether the
+             Phase 2 verdict predicted the effect; printed and written to OUT/answer.json
 
 Each stage runs the commands a researcher would type (printed before they run; their output goes to
 OUT/logs/), so any one can be rerun by hand. A rerun skips what has finished and continues what was
@@ -193,7 +195,40 @@ def stage_sweep(args, dirs, log):
     return report(runs, analyze.phase3, analyze.render_phase3, log)
 
 
-def answer(phase2, res):
+def stage_demo_v(args, log):
+    """Stage 4b: the sweep's projected LoRA runs again, the same commands but for their v_hack, which comes
+    from the demo pools' canned completions (train.py's default for an embedded model) instead of the
+    student's pools: the projection's effect per v_hack source, against the same vanilla LoRA runs.
+    Returns the Phase 3 report of those runs and the sweep's vanilla LoRA runs; None for another model
+    (no default v_hack)."""
+    if args.model not in ("tiny", "organism"):
+        print(f"(stage 4b skipped: --model {args.model} has no default v_hack to compare with)", flush=True)
+        return None
+    grid = json.load(open(os.path.join(args.out, "sweep", "sweep.json")))
+    out, van = os.path.join(args.out, "sweep_demo_v"), []
+    for r in grid["runs"]:
+        if r["arm"] == "vanilla_lora":
+            van.append(r["out"])
+        if r["arm"] != "projected_lora":
+            continue
+        d = os.path.join(out, r["name"])
+        argv = [t for t in r["argv"] if not t.startswith(("--pair-dirs=", "--out="))] + [f"--out={d}"]
+        if os.path.exists(os.path.join(d, "run.json")):
+            if run_finished(d):
+                continue
+            argv.append("--resume")
+        run((grid["train_cmd"] or [sys.executable, os.path.join(HERE, "train.py")]) + argv, log)
+    runs = sorted(van) + sorted(os.path.join(out, x) for x in os.listdir(out) if os.path.isdir(os.path.join(out, x)))
+    return report(runs, analyze.phase3, analyze.render_phase3, log)
+
+
+def effect(c):
+    """Projected minus vanilla (held-out hack and capability, 95% CI by seed) of one comparison."""
+    hack, cap = c["endpoints"]["eval_hack"]["seed"], c["endpoints"]["capability"]["seed"]
+    return dict(hack=hack, capability=cap, seeds=c["seeds"], lowered=hack["hi"] is not None and hack["hi"] < 0)
+
+
+def answer(phase2, res, demo=None):
     """{basis: the projection's effect and Phase 2's prediction} + the controls check, from the Phase 3 report
     `res` (analyze.phase3)."""
     out = dict(controls=[dict(arm=c["arm"], control=c["control"], ci=c["ci"], passed=c["passed"])
@@ -202,13 +237,11 @@ def answer(phase2, res):
         arm = c["arm"].split()
         if c["vs"] is None or arm[0] != "projected" or len(arm) != 2:     # projected <basis>, no control
             continue
-        hack, cap = c["endpoints"]["eval_hack"]["seed"], c["endpoints"]["capability"]["seed"]
-        lowered = hack["hi"] is not None and hack["hi"] < 0
-        p2 = phase2.get(arm[1])
-        out["bases"][arm[1]] = dict(
-            hack=hack, capability=cap, seeds=c["seeds"], lowered=lowered, phase2=p2,
-            predicted=None if p2 is None else p2["go"] == lowered)
+        e, p2 = effect(c), phase2.get(arm[1])
+        out["bases"][arm[1]] = dict(e, phase2=p2, predicted=None if p2 is None else p2["go"] == e["lowered"])
     out["controls_ok"] = bool(out["controls"]) and all(c["passed"] for c in out["controls"])
+    out["demo_v"] = None if demo is None else \
+        next((effect(c) for c in demo["comparisons"] if c["arm"] == "projected lora" and c["vs"]), None)
     return out
 
 
@@ -226,6 +259,11 @@ def render(ans):
                  f"{'lowered' if b['lowered'] else 'no detected change'}")
         o.append(f"    Phase 2 said {p2['rule'] if p2 else '(no Phase 2 experiment in this basis)'}"
                  + ("" if p2 is None else f" -> {'predicted' if b['predicted'] else 'NOT predicted'}"))
+    b = ans.get("demo_v")
+    if b:
+        o.append(f"  lora, v_hack from the demo pools instead: projected minus vanilla, held-out hack "
+                 f"{analyze.fmt_ci(b['hack'])}, capability {analyze.fmt_ci(b['capability'])} (seeds "
+                 f"{','.join(map(str, b['seeds']))}): {'lowered' if b['lowered'] else 'no detected change'}")
     return "\n".join(o)
 
 
@@ -247,7 +285,9 @@ def main(argv=None):
     phase2 = stage_probes(args, dirs, log)
     print("== 4 Phase 3 sweep ==", flush=True)
     res = stage_sweep(args, dirs, log)
-    ans = dict(answer(phase2, res), pools=[os.path.abspath(d) for d in dirs], seconds=round(time.time() - t0, 1))
+    print("== 4b the projected LoRA arm with the demo pools' v_hack ==", flush=True)
+    demo = stage_demo_v(args, log)
+    ans = dict(answer(phase2, res, demo), pools=[os.path.abspath(d) for d in dirs], seconds=round(time.time() - t0, 1))
     pools.atomic_write(os.path.join(args.out, "answer.json"), (json.dumps(ans, indent=1) + "\n").encode())
     print(render(ans))
     print(f"({ans['seconds']:.0f} s; {os.path.join(args.out, 'answer.json')})")

@@ -31,6 +31,7 @@ configs.reproducible()   # before torch (MKL) loads: it reads these variables on
 import pools
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 EVAL_STEP = 1_000_000  # evaluation rollouts draw their randomness from step EVAL_STEP + k: never a training step's
 
@@ -196,6 +197,60 @@ class SlotCache:
             K[dst] = K[src]
 
 
+def rms_norm(x, norm):
+    """Qwen3RMSNorm's forward, op for op."""
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).to(dtype)
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def linear(m, x):
+    return F.linear(x, m.weight, m.bias)
+
+
+def token_step(model, tok_t, pos, mask, cache):
+    """Next-token logits (b, V) float32 of one decoded token per row, tok_t (b,) at positions pos (b, 1)
+    with attention mask (b, W): a Qwen3's forward written out on its own modules' weights, the same ops
+    in the same order as transformers' (so the same bits), without the per-call work of its wrappers
+    (config and output plumbing, mask preparation, one Python call per module): on the CPU organism a
+    third of a decode step. Only for plain Linears (inside merged()); decode() checks it against
+    model(...) on its first token step and keeps model(...) when the two differ in any bit."""
+    m = model.model
+    b = tok_t.shape[0]
+    h = F.embedding(tok_t[:, None], m.embed_tokens.weight, m.embed_tokens.padding_idx)     # (b, 1, H)
+    cos, sin = (x[:, None] for x in m.rotary_emb(h, pos))                                   # (b, 1, 1, hd)
+    am = mask[:, None, None]                                                                 # (b, 1, 1, W)
+    for i, layer in enumerate(m.layers):
+        a = layer.self_attn
+        x = rms_norm(h, layer.input_layernorm)                                              # (b, 1, H)
+        q = rms_norm(linear(a.q_proj, x).view(b, 1, -1, a.head_dim), a.q_norm).transpose(1, 2)   # (b, nh, 1, hd)
+        k = rms_norm(linear(a.k_proj, x).view(b, 1, -1, a.head_dim), a.k_norm).transpose(1, 2)   # (b, kv, 1, hd)
+        v = linear(a.v_proj, x).view(b, 1, -1, a.head_dim).transpose(1, 2)                      # (b, kv, 1, hd)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        K, V = cache.update(k, v, i)                                                        # (b, kv, W, hd)
+        q = q.reshape(b, K.shape[1], -1, a.head_dim)                  # (b, kv, groups, hd): one query a row
+        o = F.scaled_dot_product_attention(q, K, V, attn_mask=am, dropout_p=0.0, scale=a.scaling)
+        h = h + linear(a.o_proj, o.reshape(b, 1, -1))
+        x = rms_norm(h, layer.post_attention_layernorm)
+        mlp = layer.mlp
+        h = h + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
+    return linear(model.lm_head, rms_norm(h, m.norm))[:, -1].float()                           # (b, V)
+
+
+def can_step_by_hand(model):
+    """token_step applies: a Qwen3 whose Linears are plain nn.Linear and whose norms are transformers'."""
+    if getattr(model.config, "model_type", None) != "qwen3" or not hasattr(model, "model"):
+        return False
+    return all(type(mod) is nn.Linear for name, mod in model.named_modules()
+               if name.rsplit(".", 1)[-1] in configs.TARGETS + ("lm_head",)) and \
+        all(type(mod).__name__ == "Qwen3RMSNorm" for name, mod in model.named_modules() if name.endswith("norm"))
+
+
 def decode(model, pad_id, rows, max_new_tokens, temperature, top_p, eos, gen_batch=None):
     """The decode loop over rows [(prompt ids, seed)], at most gen_batch (default: all) decoded at once.
     Returns (token ids, log-probs, truncated) per row, in the order of `rows`.
@@ -245,6 +300,20 @@ def decode(model, pad_id, rows, max_new_tokens, temperature, top_p, eos, gen_bat
             pos[s:s + 1], t[s:s + 1] = [len(rows[r][0])], [0]
         return logits
 
+    hand = None if can_step_by_hand(model) else False      # None: token_step not yet checked against model()
+
+    def step(tok_t, p_t, mask):
+        """(c, V) logits of one token per live row: token_step once it matched model(...) bit for bit."""
+        nonlocal hand
+        if hand:
+            return token_step(model, tok_t, p_t, mask, cache)
+        mine = token_step(model, tok_t, p_t, mask, cache) if hand is None else None
+        ref = model(input_ids=tok_t[:, None], attention_mask=mask[:, None, None], position_ids=p_t,
+                    use_cache=True, **kw).logits[:, -1].float()      # rewrites the same cache columns
+        if hand is None:
+            hand = torch.equal(mine, ref)
+        return ref
+
     queue = list(range(N))[::-1]                                                # pending rows, next last
     logits = prefill(list(range(B)), [queue.pop() for _ in range(B)])           # (B, V)
     while row:
@@ -279,9 +348,7 @@ def decode(model, pad_id, rows, max_new_tokens, temperature, top_p, eos, gen_bat
             colw = torch.arange(max(end) + 1, device=dev)                          # (W,)
             mask = (colw[None, :] >= torch.tensor(start, device=dev)[:, None]) & (colw[None, :] <= cols[:, None])
             cache.write = ("tokens", cols, len(colw))
-            parts.append(model(input_ids=tok_t[:, None], attention_mask=mask[:, None, None],
-                               position_ids=torch.tensor(pos, device=dev)[:, None], use_cache=True,
-                               **kw).logits[:, -1].float())                         # (c, V)
+            parts.append(step(tok_t, torch.tensor(pos, device=dev)[:, None], mask))  # (c, V)
             for i in range(c):
                 end[i] += 1
                 pos[i] += 1

@@ -5,7 +5,7 @@ Sections: pools (problems, grader, sandbox attacks, pool IO, demo), antipasto (a
 gradients, projection, extraction, controls), train (losses, sampling, run directories), analyze
 (hand-written statistics against independent values, verdicts, strict loading).
 """
-import gzip, json, math, os, shutil, subprocess, sys, tempfile, time, zlib
+import contextlib, gzip, json, math, os, shutil, subprocess, sys, tempfile, time, zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -3199,32 +3199,38 @@ def test_decode_keeps_gen_batch_rows_live_and_decodes_no_finished_row():
     """Continuous batching: while rows are pending every step carries gen_batch rows (decoded, or
     prefilled into a freed slot); a row is fed to the model once per token it makes after the first
     (no finished row is decoded); the cache is allocated once, (slots, kv heads, longest prompt +
-    max_new_tokens, head dim), and written in place."""
+    max_new_tokens, head dim), and written in place; the token steps run rollout.token_step (the
+    hand-written forward), not the slower model() it is checked against."""
     import torch, bench, rollout
     model, tok = tiny()
     rows, eos = decode_cases(model, tok, ["one", "two two", "three three three", "a longer prompt here"], 3)
     want = bench.dynamic_decode(model, tok.pad_token_id, rows, 24, 1.0, 0.9, eos)
-    calls, caches = [], []
-    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    calls, caches, by_hand = [], [], []
 
     class Spy(rollout.SlotCache):
         def __init__(self, *a):
             super().__init__(*a)
-            self.ptrs = set()
+            self.ptrs, self.seen = set(), None
             caches.append(self)
 
         def update(self, key, value, layer_idx, *a, **kw):
             out = super().update(key, value, layer_idx, *a, **kw)
             self.ptrs.add((layer_idx, self.k[layer_idx].data_ptr(), self.v[layer_idx].data_ptr()))
+            if layer_idx == 0 and self.write is not self.seen:       # one forward (the first step runs two)
+                calls.append((key.shape[0], key.shape[2] if self.write[0] == "prompts" else 1))
+                self.seen = self.write
             return out
     real, rollout.SlotCache = rollout.SlotCache, Spy
+    real_step = rollout.token_step
+    rollout.token_step = lambda *a: by_hand.append(1) or real_step(*a)
     try:
         with torch.no_grad():
             got = rollout.decode(model, tok.pad_token_id, rows, 24, 1.0, 0.9, eos, 4)
     finally:
-        rollout.SlotCache = real
-        hook.remove()
+        rollout.SlotCache, rollout.token_step = real, real_step
     assert_same_rows(got, want)
+    # every token step went through token_step: it matched model() bit for bit on the first one
+    assert len(by_hand) == sum(1 for _, q in calls if q == 1) > 1
     lens = [len(x) for x in want[0]]
     decoded = [b for b, q in calls if q == 1]
     assert sum(decoded) == sum(n - 1 for n in lens)            # one forward row per token after the first
@@ -4770,6 +4776,18 @@ def test_miniature_probes_sweep_and_answer():
         assert b["predicted"] == (decisions[basis].startswith("run") == b["lowered"])
     # the stand-in's projected arms hack less on every seed; its few rollouts leave the SVD interval across 0
     assert [ans["bases"][b]["lowered"] for b in ("svd", "lora")] == [False, True]
+    # stage 4b: the projected LoRA runs' commands again, without the student's pools: the default v_hack
+    demo = os.path.join(out, "sweep_demo_v")
+    assert sorted(x for x in os.listdir(demo) if x != "spans.jsonl") == [f"projected_lora_s{s}" for s in range(3)]
+    for s in range(3):
+        argv = json.load(open(os.path.join(demo, f"projected_lora_s{s}", "run.json")))["argv"][1:]
+        want = [a for a in grid["runs"] if a["name"] == f"projected_lora_s{s}"][0]["argv"]
+        assert [a for a in argv if not a.startswith("--out=")] == \
+            [a for a in want if not a.startswith(("--out=", "--pair-dirs="))] and len(argv) == len(want) - 1
+    diffs = np.array([json.loads(open(os.path.join(demo, f"projected_lora_s{s}", "eval.jsonl")).readlines()[-1])
+                      ["hack_rate_hint"] - last(f"vanilla_lora_s{s}") for s in range(3)])
+    assert abs(ans["demo_v"]["hack"]["mean_diff"] - diffs.mean()) < 1e-12 and ans["demo_v"]["seeds"] == [0, 1, 2]
+    assert "v_hack from the demo pools instead" in o
     assert {c["control"] for c in ans["controls"]} == {"penalty", "screening", "shuffled_rewards"}
     assert "did Phase 2 predict" in o and ("NOT predicted" in o) == (not all(b["predicted"] for b in ans["bases"].values()))
 
@@ -4926,14 +4944,11 @@ def test_bench_generation_row_times_decode_alone_and_counts_weight_bytes():
     want_extra = sum(4 * (r[n] * (s[0] + s[1]) + r[n]) for n, s in shapes.items())     # U, Vh, delta_S float32
     assert bench.weight_bytes_per_token(model, mods) == (want_merged, want_merged + want_extra)
     prompts = ["def f(x):", "class Solution:"]
-    for new, has_decode in ((1, False), (4, True)):
-        spent = {"prefill": 0.0, "decode": 0.0}
-        hooks = bench.forward_stopwatch(model, "cpu", spent)
-        try:
+    for new, has_decode, merge in ((1, False, False), (4, True, False), (4, True, True)):
+        spent = {"prefill": 0.0, "decode": 0.0}       # merged: the token steps run rollout.token_step
+        with (rollout.merged(model) if merge else contextlib.nullcontext()), \
+                bench.forward_stopwatch(model, "cpu", spent):
             rollout.sample(model, tok, prompts, 1, new, eos_ids=[-1])
-        finally:
-            for h in hooks:
-                h.remove()
         assert spent["prefill"] > 0 and (spent["decode"] > 0) == has_decode, (new, spent)
     res = bench.row_generation(bench.QUICK_QWEN3, 2, 4, 1, cache_dir=svd_cache())
     for basis in ("svd", "lora"):
