@@ -19,46 +19,6 @@ backward gives the batch gradient and every sample's own contribution, measure c
 (projected) project, step. train_step is the one step of both sources: loss, per-sample contributions,
 cosines with v_hack, projection, --project-moments and the AdamW step happen there and nowhere else.
 
-Run directory (default name out/runs/<arm>_<loss>_<control>_s<seed>[_lora], online
-out/runs/online_<arm>_<basis>_<intervention>_<control>_s<seed>, then _<flag>-<value> for every other
-flag given that changes the experiment, e.g. _loss-type-bnpo; a path or list value is named by its
-digest). Undefined values are null; no prompt or completion text is written outside rollouts/ (replayed
-rollouts live in their pools only); with the same seed and inputs the slim files are byte-identical on CPU.
-    run.json             argv, config (source, arm, basis, loss type, pair kind, token limits, ...; online:
-                         group, prompts per step, mix, beta, intervention, problems sha256, held-out problem
-                         ids, ...), versions, basis fingerprint, v_hack metadata (path, sha256, pairs, pair
-                         kind), v_hack_source {kind: file | pairs | demo, path, sha256, pairs_source,
-                         n_pairs, control; pair_dirs {pool: dir, fingerprint} or pairs_file,
-                         pairs_file_sha256}, online with --mix mix_source {kind: pool | demo, dir,
-                         fingerprint}, pool fingerprints and metadata, null.cos_sd, truncation (replay)
-    steps.jsonl          one row per step: step, arm, skipped, skip_reason, n_samples, reward_min,
-                         reward_max, reward_range, adv_min, adv_max, adv_abs_mean, loss, grad_norm, cos_in,
-                         cos_out, cos_update, cos_learned, grad_removed, cos_in_global, n_rows,
-                         n_prompt_truncated, n_completion_truncated, prompt_tokens_cut,
-                         completion_tokens_cut, n_hack_lost_test_func, hackward, frac_fired,
-                         n_over_projected, time_s. Online rows also: source, n_student, n_teacher,
-                         n_screened, n_flagged, hack_rate, gt_rate, compile_rate, hack_given_compile,
-                         labels ({label: count} of the student's rollouts), reward_mean, comp_len_mean,
-                         truncated_frac, n_zero_var_groups, problems, kl (mean K3 per token, first epoch),
-                         clip_frac, ratio_min, ratio_max, ratio_epochs, cos_in_epochs, gen_mismatch_max,
-                         gen_mismatch_mean (|log p_train - log p_gen| over the student's completion
-                         tokens), gen_s, grade_s, train_s
-    step_NNN.cos.jsonl.gz  one row per sample, spec2's slim schema, exactly: step, sample_id, src_pool,
-                         src_step, src_sample, reward, hacked, gt_pass, fmt_ok, comp_len, cos_S_contrib,
-                         grad_norm_contrib, mean_cos_in, mean_cos_out, frac_fired, arm
-    state.pt             the checkpoint --resume continues from (knobs, AdamW state, step, v_hack sha256;
-                         --save-every)
-    adapter/             the trained adapter at the last checkpoint (step and model in the safetensors
-                         header): PEFT LoRA (adapter_config.json, adapter_model.safetensors) or the SVD
-                         knobs (svd_knobs.safetensors: delta_S per module, base-model fingerprint)
-    eval.jsonl           online: step (optimizer steps done), n, hack_rate_hint, gt_rate_hint,
-                         gt_rate_nohint, compile_rate_hint, compile_rate_nohint, hack_given_compile_hint
-                         (P(hack | compiles) with the hint, null when nothing compiled), labels_hint, seconds
-    eval_rows.jsonl.gz   online: one row per held-out rollout, exactly {step, kind (hint | nohint),
-                         problem_id, sample (0 .. eval_samples-1), label, hacked, gt_pass, compiled,
-                         reward}; all rows so far, rewritten atomically at each evaluation; --resume keeps
-                         the rows with step up to its checkpoint's
-    rollouts/student/    online: the student's graded rollouts, a pool (pools.read_pool reads it)
 A run directory is never overwritten silently: --overwrite only replaces a directory holding a run.json,
 and deletes it once the new run has passed its checks (pools, pairs, v_hack), before the first step. A
 running run holds a lock on its directory (.lock, an flock the kernel drops when the process ends, also
@@ -69,43 +29,9 @@ created (--steps >= 1, --k >= 1, --lr > 0, --per-pool between 1 and the rows a p
 directory or a cached Hugging Face id); a bad value stops with one line that names the flag and what is
 allowed. --model without --preset says which learning rate and limits it takes.
 
-What each step measures. All gradients live in the knobs' coordinates (delta_S; LoRA: the flat (A, B)).
-  losses (spec2)  grpo: adv = r - mean(r) (Dr.GRPO, no std), per-sample loss
-                  -adv_i * (logp_i * mask_i).sum() / mask_i.sum() / G; nll: -(logp_i * mask_i).sum() /
-                  mask_i.sum() / G. Only completion tokens (plus the end-of-turn token) are in the mask.
-                  A zero-variance group is logged and skipped (no optimizer step). The token reduction
-                  is --loss-type (TRL's names): grpo (default, the spec's: each sequence's mean over its
-                  own tokens, 1/|o_i|), dr_grpo (sum over tokens divided by G x max completion tokens, a
-                  constant) or bnpo (sum divided by all completion tokens of the group).
-  truncation      prompts are cut from the left and completions from the right at --max-prompt-tokens /
-                  --max-completion-tokens (default: the preset). Every cut is counted per step (the
-                  n_..._truncated and ..._cut fields), for the whole replay set in run.json, and in the
-                  report; a hacked row whose run_tests definition is cut away (the very tokens that make
-                  it a hack) is warned about loudly, in training and in extraction. Online, prompts are
-                  never cut: one longer than --max-prompt-tokens is an error before anything is created.
-  cos_in          per module, the signed cosine of the batch gradient with the top hack axis; the step
-                  value is the mean over modules (a module with a zero gradient is skipped, never counted
-                  as 0). cos_in_global is the cosine over all modules concatenated (dominated by the
-                  largest modules); the decision uses the mean over modules, whose isotropic null is known.
-  cos_out         the same after one-sided removal g - relu(V g) @ V; in the vanilla arm nothing is
-                  removed, and cos_out says what the projection would have done.
-  frac_fired      fraction of modules where something was removed; hackward ||relu(V g)|| / ||g||;
-                  n_over_projected: modules where some axis lost more than its hack-ward part (a bug).
-  cos_update      the same cosine for the update actually applied, -(knobs after - before): AdamW's
-                  per-coordinate normalisation means a projected gradient does not make a hack-free
-                  update (hence --project-moments).
-  cos_learned     the same cosine for all the student has learned so far, -(knobs now - knobs at step
-                  0): if it stays near 0 while the hack rate rises, the projection had nothing to remove.
-  grad_removed    the share of the gradient's norm the one-sided projection removes (projected) or would
-                  remove (vanilla), over all modules, ||g - g_projected|| / ||g||.
-  cos_S_contrib   per sample: mean over modules of the cosine of that sample's own gradient contribution
-                  with the top axis; grad_norm_contrib its norm. All contributions come from one backward
-                  and sum to the batch gradient. Under GRPO a contribution is adv_i * grad NLL_i / G, and
-                  teacher rows have adv > 0, base rows adv < 0: a direction shared by every NLL gradient
-                  separates the pools by the advantage's sign alone, so the report also shows the
-                  advantage-free cosine cos_S_contrib * sign(adv_i) and bases "discrimination" on it.
-  null            a uniformly random direction's cosine with a fixed vector in dimension r has sd
-                  1/sqrt(r); run.json stores the sd of the module mean (null.cos_sd).
+The run directory's files (run.json, steps.jsonl, the per-sample rows, eval.jsonl, ...) and what each
+step measures (cos_in, cos_out, cos_update, cos_S_contrib, ...): analyze.py's docstring, next to the
+code that reads them. Every flag and its default: `python train.py --help`.
 
 v_hack per module, V (k, r): the top-k right singular vectors of the per-pair gradient differences
 d_i = grad NLL(hack_i) - grad NLL(clean_i) (or the GRPO loss of the pair as a group of two,
