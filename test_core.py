@@ -1777,12 +1777,12 @@ def test_train_drops_replayed_rows_that_repeat_a_pair_text():
     """A teacher that has learned to hack repeats its hacks word for word: a replayed row (not a pair's own row)
     whose text is a pair's is dropped and counted, no trained-on sample has such a text, and a pool left with
     fewer than --per-pool rows is refused."""
-    import train
+    import vhack
     teacher, base = demo_pools()
     shared_run("--arm", "vanilla")                                             # v_hack from held-out steps 15-19
     vmeta = json.load(open(os.path.join(shared_run("--arm", "vanilla"), "run.json")))["v_hack"]
     seen = set(vmeta["completion_sha"])
-    pair_text = next(r["completion"] for r in pools.read_pool(teacher) if train.text_sha(r["completion"]) in seen)
+    pair_text = next(r["completion"] for r in pools.read_pool(teacher) if vhack.text_sha(r["completion"]) in seen)
     d = os.path.join(tmpdir(), "repeats_pool")                               # replayed steps 0-14, other name
     os.makedirs(d)
     shutil.copy(os.path.join(teacher, "meta.json"), d)
@@ -1790,7 +1790,7 @@ def test_train_drops_replayed_rows_that_repeat_a_pair_text():
         rows = pools.read_jsonl(pools.step_path(teacher, s))
         pools.write_pool_step(d, s, [dict(r, completion=pair_text) if i % 2 == 0 and s < 4 else r for i, r in enumerate(rows)])
     rows = {(r["src_step"], r["src_sample"]): r for r in pools.read_pool(d)}
-    want = sum(train.text_sha(r["completion"]) in seen for r in rows.values())
+    want = sum(vhack.text_sha(r["completion"]) in seen for r in rows.values())
     assert want >= 16
     out = run_train("--arm", "vanilla", "--replay-dirs", d, "--per-pool", "8", "--pair-dirs", f"{teacher},{base}",
                     "--steps", "4")
@@ -1798,7 +1798,7 @@ def test_train_drops_replayed_rows_that_repeat_a_pair_text():
     assert cfg["replay_dropped_extraction_texts"] == {"repeats_pool": want}
     used = [json.loads(l) for f in sorted(os.listdir(out)) if f.endswith(".cos.jsonl.gz")
             for l in gzip.open(os.path.join(out, f), "rt")]
-    assert len(used) == 4 * 8 and not any(train.text_sha(rows[u["src_step"], u["src_sample"]]["completion"]) in seen
+    assert len(used) == 4 * 8 and not any(vhack.text_sha(rows[u["src_step"], u["src_sample"]]["completion"]) in seen
                                           for u in used)
     raises(RunError, run_train, "--arm", "vanilla", "--replay-dirs", d, "--per-pool", str(len(rows) - want + 1),
            "--pair-dirs", f"{teacher},{base}", match="fewer than --per-pool")
@@ -1842,15 +1842,15 @@ def test_train_counts_truncation_and_demo_limits_cut_nothing():
 
 
 def test_mechanism_and_style_pairs():
-    import train
-    held = [r for d in demo_pools() for r in train.split_pool(pools.read_pool(d), 0.25)[1]]
-    mech = train.mechanism_pairs(held)
+    import vhack
+    held = [r for d in demo_pools() for r in vhack.split_pool(pools.read_pool(d), 0.25)[1]]
+    mech = vhack.mechanism_pairs(held)
     assert len(mech) == sum(r["hacked"] for r in held) > 0
     for p in mech:
         assert p["clean"] == pools.strip_test_func(p["hack"]) and p["ids"][1][:3] == p["ids"][0]
         assert pools.find_test_func(pools.extract_code(p["hack"]))[0] is not None
         assert pools.find_test_func(pools.extract_code(p["clean"]))[0] is None
-    style = train.style_pairs(held)
+    style = vhack.style_pairs(held)
     assert style and all(pools.find_test_func(pools.extract_code(p["hack"]) or "")[0] is None for p in style)
     assert all(p["ids"][0][0] == "teacher_pool" and p["ids"][1][0] == "base_pool" for p in style)
     out = run_train("--arm", "vanilla", "--control", "style_v", "--steps", "1")
@@ -1880,12 +1880,12 @@ def hand_project(g, v):
 
 
 def test_train_projected_arm_steps_on_the_projected_gradient():
-    import torch, antipasto as ap, train
+    import torch, antipasto as ap, train, vhack
     out = run_train("--arm", "projected", "--steps", "2")
     run = json.load(open(os.path.join(out, "run.json")))
     model, tok, modules = wrapped()
     V, _ = ap.load_v(run["v_hack"]["path"], modules)
-    replay = {n: train.split_pool(pools.read_pool(d), 0.25)[0] for n, d in zip(("teacher_pool", "base_pool"), demo_pools())}
+    replay = {n: vhack.split_pool(pools.read_pool(d), 0.25)[0] for n, d in zip(("teacher_pool", "base_pool"), demo_pools())}
     params, state = {n: torch.zeros_like(ap.knob(m)) for n, m in modules.items()}, {}
     for step in range(2):
         with torch.no_grad():
@@ -3786,12 +3786,12 @@ def test_online_dry_run_prints_the_budget_and_creates_nothing():
     try:
         big = problems_992(tmpdir())
         res, out, err = quiet_call(train.main, ["--source=online", "--preset=full", "--problems", big,
-                                                "--eval-problems", FIXTURE, "--dry-run", "--pair-dirs", ",".join(train.DEMO_DIRS)])
+                                                "--eval-problems", FIXTURE, "--dry-run", "--pair-dirs", ",".join(pools.DEMO_DIRS)])
         # what the run refuses, the dry run refuses: a --problems below n_problems, no held-out problems
         e = raises(train.RunError, train.main, ["--source=online", "--preset=full", "--problems", FIXTURE,
-                                                "--eval-problems", big, "--dry-run", "--pair-dirs", ",".join(train.DEMO_DIRS)])
+                                                "--eval-problems", big, "--dry-run", "--pair-dirs", ",".join(pools.DEMO_DIRS)])
         assert str(e) == (f"--problems={FIXTURE}: 30 problems, fewer than the preset's n_problems=992")
-        raises(train.RunError, train.main, ["--source=online", "--preset=full", "--problems", big, "--dry-run", "--pair-dirs", ",".join(train.DEMO_DIRS)],
+        raises(train.RunError, train.main, ["--source=online", "--preset=full", "--problems", big, "--dry-run", "--pair-dirs", ",".join(pools.DEMO_DIRS)],
                match="--eval-every=20: --preset=full holds out no problem")
         raises(train.RunError, train.main, ["--source=online", "--preset=organism", "--prompts-per-step=40", "--dry-run"],
                match="--prompts-per-step=40: only 24 training problems")
@@ -3841,7 +3841,7 @@ def local_tiny_model():
 
 @slow
 def test_online_real_model_never_takes_v_hack_or_mix_rows_from_the_demo_pools():
-    import train
+    import vhack
     teacher, base = demo_pools()
     model = local_tiny_model()
     out = os.path.join(tmpdir(), "never")
@@ -3870,8 +3870,8 @@ def test_online_real_model_never_takes_v_hack_or_mix_rows_from_the_demo_pools():
     assert src["pair_pools"] == {} and "mix_source" not in src and not os.path.exists(os.path.join(cwd, "out", "pools"))
     assert f"v_hack: loaded from the file {os.path.abspath(v_new)}" in err
     # the embedded models' default is the demo pools, and says so
-    assert train.is_demo(train.DEMO_DIRS) and train.is_demo([os.path.abspath(train.DEMO_DIRS[0])])
-    assert not train.is_demo([teacher]) and not train.is_demo([])
+    assert vhack.is_demo(pools.DEMO_DIRS) and vhack.is_demo([os.path.abspath(pools.DEMO_DIRS[0])])
+    assert not vhack.is_demo([teacher]) and not vhack.is_demo([])
 
 
 def real_online(model, mix_from, *extra, out=None, cwd=None):
