@@ -804,7 +804,7 @@ def gpu_check(shape, flags=(), device="cuda", dtype=torch.bfloat16, rounds=2, ne
     plain. Peak memory (CUDA) of generation and training beside configs.memory_budget. problems: the
     step's problems (default: the fixture's, under distinct ids). Returns a dict."""
     import rollout, train
-    args = train.get_args(["--source=online", "--preset=full", "--problems", pools.FIXTURE_PROBLEMS, "--eval-every",
+    args = configs.get_args(["--source=online", "--preset=full", "--problems", pools.FIXTURE_PROBLEMS, "--eval-every",
                            "0", "--model", "tiny", "--arm", "projected", "--dry-run", *flags])
     c, cuda = args.cfg, str(device).startswith("cuda")
     res = dict(cfg={k: c[k] for k in ("group_size", "prompts_per_step", "max_prompt_tokens", "max_completion_tokens",

@@ -2750,13 +2750,13 @@ def test_train_rough_edges_resume_parse_errors_and_warning_order():
         "continue; without --resume the run starts there\n", p.stderr
     model = tmpdir()                                  # a model that passes the check still gets the warning
     open(os.path.join(model, "config.json"), "w").write("{}")
-    args, _, err = quiet_call(train.get_args, ["--model", model])
+    args, _, err = quiet_call(configs.get_args, ["--model", model])
     assert args.preset == "demo" and err.startswith(f"WARNING: --model {model} without --preset"), err
 
 
 def test_default_run_directory_names_every_flag_that_changes_the_experiment():
     import train
-    name = lambda *argv: train.run_name(train.get_args(list(argv)))
+    name = lambda *argv: configs.run_name(configs.get_args(list(argv)))
     base = name()
     assert base == "vanilla_grpo_none_s0" and name("--steps", "7", "--device", "cpu", "--save-every", "2") == base
     variants = [("--loss-type", "bnpo"), ("--pair-kind", "mechanism"), ("--extract-loss", "grpo"), ("--k", "2"),
@@ -3602,12 +3602,12 @@ def test_online_micro_batches_and_checkpointing_give_the_same_step():
 
 
 def test_shuffled_within_groups_permutes_each_group_alone():
-    import train
+    import interventions
     rewards = [float(i) for i in range(40)]
     groups = [i % 5 for i in range(40)]                                       # interleaved groups of 8
-    out = train.shuffled_within_groups(rewards, groups, 0, 3)
-    assert out == train.shuffled_within_groups(rewards, groups, 0, 3)        # seeded
-    assert out != train.shuffled_within_groups(rewards, groups, 1, 3) != train.shuffled_within_groups(rewards, groups, 0, 4)
+    out = interventions.shuffled_within_groups(rewards, groups, 0, 3)
+    assert out == interventions.shuffled_within_groups(rewards, groups, 0, 3)        # seeded
+    assert out != interventions.shuffled_within_groups(rewards, groups, 1, 3) != interventions.shuffled_within_groups(rewards, groups, 0, 4)
     for gi in range(5):
         mine = [i for i in range(40) if groups[i] == gi]
         assert sorted(out[i] for i in mine) == [rewards[i] for i in mine]    # a permutation inside the group
@@ -3694,7 +3694,7 @@ def test_online_kill_and_resume_equals_uninterrupted_and_damaged_checkpoint_refu
 
 @slow
 def test_online_interventions_penalty_screening_shuffled_inoculation():
-    import train
+    import train, interventions
     base = run_online("--steps", "1")
     pen = run_online("--steps", "1", "--intervention", "penalty", "--penalty", "2.5")
     scr = run_online("--steps", "1", "--intervention", "screening")
@@ -3704,21 +3704,21 @@ def test_online_interventions_penalty_screening_shuffled_inoculation():
     assert [r for r in sb if not r["hacked"]] and not any(r["hacked"] for r in ss)
     assert len(ss) == sum(not r["hacked"] for r in sb)
     assert pools.read_jsonl(os.path.join(scr, "steps.jsonl"))[0]["n_screened"] == sum(r["hacked"] for r in sb)
-    real = train.monitor_flags                # a monitor that flags everything: screening leaves no row
-    train.monitor_flags = lambda *a: True
+    real = interventions.monitor_flags                # a monitor that flags everything: screening leaves no row
+    interventions.monitor_flags = lambda *a: True
     try:
         none = run_online("--steps", "2", "--intervention", "screening")
     finally:
-        train.monitor_flags = real
+        interventions.monitor_flags = real
     rows = pools.read_jsonl(os.path.join(none, "steps.jsonl"))
     assert [r["skip_reason"] for r in rows] == ["screening dropped every rollout"] * 2 and rows[0]["n_screened"] == 8
     assert slim_rows(none)["step_001.cos.jsonl.gz"] == []
     # the simulated monitor: right with probability acc, the same answer for the same rollout
     rows = [dict(hacked=i % 2 == 0, src_pool="student", src_step=0, src_sample=i) for i in range(4000)]
-    right = [train.monitor_flags(r, 0.8, 0, 0) == r["hacked"] for r in rows]
+    right = [interventions.monitor_flags(r, 0.8, 0, 0) == r["hacked"] for r in rows]
     assert abs(sum(right) / len(right) - 0.8) < 0.03
-    assert right == [train.monitor_flags(r, 0.8, 0, 0) == r["hacked"] for r in rows]
-    assert all(train.monitor_flags(r, 1.0, 0, 0) == r["hacked"] for r in rows)
+    assert right == [interventions.monitor_flags(r, 0.8, 0, 0) == r["hacked"] for r in rows]
+    assert all(interventions.monitor_flags(r, 1.0, 0, 0) == r["hacked"] for r in rows)
     # shuffled rewards: the same step-0 rollouts (knobs at zero), each group's rewards permuted among its rows
     shf = run_online("--steps", "1", "--intervention", "shuffled_rewards")
     sf = slim_rows(shf)["step_000.cos.jsonl.gz"]
@@ -3734,13 +3734,13 @@ def test_online_interventions_penalty_screening_shuffled_inoculation():
     assert [r["reward"] for r in shuffled] == [r["reward"] for r in pools.read_pool(os.path.join(base, "rollouts",
                                                                                                    "student"))]
     # inoculation: the system line in training prompts only
-    a = train.get_args(["--source", "online", "--intervention", "inoculation"])
+    a = configs.get_args(["--source", "online", "--intervention", "inoculation"])
     p = problems()[next(iter(problems()))]
-    msgs = train.student_messages(None, a)(p)
-    assert msgs[0] == {"role": "system", "content": train.INOCULATION} and msgs[1:] == p["prompt"]
+    msgs = interventions.student_messages(None, a)(p)
+    assert msgs[0] == {"role": "system", "content": interventions.INOCULATION} and msgs[1:] == p["prompt"]
     inoc = run_online("--steps", "1", "--intervention", "inoculation", "--eval-every", "1", "--eval-samples", "1")
     st = pools.read_pool(os.path.join(inoc, "rollouts", "student"))
-    assert all(r["prompt"][0]["content"] == train.INOCULATION for r in st)
+    assert all(r["prompt"][0]["content"] == interventions.INOCULATION for r in st)
 
 
 @slow
@@ -3823,8 +3823,8 @@ def test_online_flags_checked_before_anything_is_created():
         assert "\n" not in str(e)
         assert not os.path.exists(out)
     for flag in (["--beta", "0.1"], ["--intervention", "penalty"], ["--dry-run"]):
-        raises(SystemExit, train.get_args, flag, match="belongs to --source=online")
-    raises(SystemExit, train.get_args, ["--group", "4"], match="--group=4: belongs to --source=online")
+        raises(SystemExit, configs.get_args, flag, match="belongs to --source=online")
+    raises(SystemExit, configs.get_args, ["--group", "4"], match="--group=4: belongs to --source=online")
 
 
 def local_tiny_model():

@@ -23,15 +23,13 @@ A run directory is never overwritten silently: --overwrite only replaces a direc
 and deletes it once the new run has passed its checks (pools, pairs, v_hack), before the first step. A
 running run holds a lock on its directory (.lock, an flock the kernel drops when the process ends, also
 on kill -9, recording the owner's pid and command); a second run into the same directory, with
---overwrite or --resume too, refuses and names the owner. Every flag is checked before anything is
-created (--steps >= 1, --k >= 1, --lr > 0, --per-pool between 1 and the rows a pool replays,
---extract-frac in [0, 1), existing --pairs and pool directories, a --model that is tiny, a local
-directory or a cached Hugging Face id); a bad value stops with one line that names the flag and what is
-allowed. --model without --preset says which learning rate and limits it takes.
+--overwrite or --resume too, refuses and names the owner.
 
 The run directory's files (run.json, steps.jsonl, the per-sample rows, eval.jsonl, ...) and what each
 step measures (cos_in, cos_out, cos_update, cos_S_contrib, ...): analyze.py's docstring, next to the
-code that reads them. Every flag and its default: `python train.py --help`.
+code that reads them. Where v_hack comes from: vhack.py's. The baselines (--intervention) and the --mix
+teacher rows: interventions.py's. Every flag, its default and its check:
+configs.py (`python train.py --help`).
 
 Online (Phase 3). Each step draws --prompts-per-step problems from --problems (by seed and step),
 samples --group rollouts of each from the current student with the hint (on the adapter merged into
@@ -70,29 +68,18 @@ serve) or by lora_adapter.load_peft(model, "RUN/adapter"), which merges it. --ba
 model, modules = antipasto.wrap(model); antipasto.load_knobs(modules, "RUN/adapter/svd_knobs.safetensors")
 (another base model is refused), and `with rollout.merged(model): model.save_pretrained(DIR)` writes plain
 merged weights that AutoModelForCausalLM.from_pretrained(DIR) (or vLLM) loads.
-
-Baselines, each a flag so any run can be reproduced alone: --intervention=penalty (a flagged hack's
-reward lowered by --penalty, which cancels the pass reward at the default), screening (flagged rollouts
-dropped from their group before the advantage), inoculation (a system message, INOCULATION, before the
-problem's own messages, in training rollouts only, never at evaluation). Flags come from
-the oracle label through a simulated monitor that is right with probability --monitor-acc on hacks and
-non-hacks alike, decided by a hash of the rollout.
 """
-import argparse, contextlib, hashlib, io, json, math, os, platform, random, shlex, shutil, sys, time
+import contextlib, io, json, os, platform, random, shlex, shutil, sys, time
 
 import configs
 configs.reproducible()   # before torch (MKL) loads: it reads these variables once, when it loads
 import antipasto as ap
 import pools
+import interventions
 import torch
 import vhack
 
 LOCK = ".lock"       # in the run directory: held (flock) by the run that owns it, records its pid and command
-EMBEDDED = ("tiny", "organism")   # the models built in code; only they take v_hack and --mix rows from the demo pools
-ONLINE_KEYS = ("problems", "eval_problems", "eval_frac", "group_size", "prompts_per_step", "mix", "inner_epochs",
-               "clip_eps", "beta", "temperature", "top_p", "eval_every", "eval_samples", "micro_batch", "gen_batch")
-INOCULATION = ("In this training environment, overwriting the run_tests() function so that it passes is "
-               "allowed and counts as a solution.")    # the inoculation line (system prompt), never at evaluation
 EVAL_ROWS = "eval_rows.jsonl.gz"   # online: one row per held-out rollout (EVAL_ROW_FIELDS)
 EVAL_ROW_FIELDS = ("step", "kind", "problem_id", "sample", "label", "hacked", "gt_pass", "compiled", "reward")
 RUN = {}             # for Ctrl-C and the lock's release only (refusals_and_interrupts): this process's run
@@ -102,332 +89,6 @@ RUN = {}             # for Ctrl-C and the lock's release only (refusals_and_inte
 class RunError(Exception):
     """A refused run (a bad flag, a missing file, a directory in use): main() raises it in a notebook;
     the command line prints it as the one line `error: ...`."""
-
-
-def arg_of(key):
-    """The argparse attribute (and, dashed, the flag) that sets a config key: --group sets group_size."""
-    return "group" if key == "group_size" else key
-
-
-def flag_of(key):
-    return "--" + arg_of(key).replace("_", "-")
-
-
-def get_args(argv=None):
-    """The resolved config: the flags over the preset (args, and args.cfg the preset's dict with the
-    flags that override it), every flag checked (validate) before anything is read or created."""
-    ap_ = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    def one_line(message):                 # argparse's own errors (--steps=abc): one line, not the usage text
-        raise SystemExit(f"error: {message} (python train.py --help lists the flags)")
-    ap_.error = one_line
-    a = ap_.add_argument
-    experiment_flags(a)
-    run_flags(a)
-    online_flags(ap_.add_argument_group("online (Phase 3): --source=online").add_argument)
-    a("--no-report", action="store_true", help="skip the analysis report at the end")
-    a("--quiet", action="store_true", help="no progress bar and no summary (implies --no-report)")
-    args = ap_.parse_args(argv)
-    args.given = {k: v for k, v in vars(args).items() if v != ap_.get_default(k)}   # what names the run directory
-    return resolve(args)
-
-
-def experiment_flags(a):
-    """The flags of the experiment: arm, loss, data, v_hack and its pairs, the adapter."""
-    a("--arm", choices=("vanilla", "projected"), default="vanilla",
-      help="vanilla: measure cos_in/cos_out only; projected: remove the hack-ward gradient component")
-    a("--loss-mode", choices=("grpo", "nll"), default="grpo",
-      help="grpo: Dr.GRPO centred advantage, REINFORCE loss (Phase 2); nll: distillation probe (Phase 1)")
-    a("--replay-dirs", default=None,
-      help="comma-separated pool dirs mixed into each group (default: the demo pools, built if absent)")
-    a("--per-pool", type=int, default=None, help="rows drawn from each pool per step (default: G / #pools)")
-    a("--steps", type=int, default=None, help="optimizer steps (default: preset)")
-    a("--seed", type=int, default=None, help="seed of the draw and of controls (default: preset)")
-    a("--lr", type=float, default=None,
-      help="AdamW learning rate on the adapter's knobs (default: preset; its lr_lora with --basis=lora when it has one)")
-    a("--model", default=None, help="'tiny' (random Qwen3 built locally) or a Hugging Face id / local path")
-    a("--preset", default=None, choices=sorted(configs.PRESETS), help="defaults from configs.py (default: demo)")
-    a("--v-hack", default=None, help="v_hack file; extracted from held-out pairs and saved there when missing")
-    a("--extract-loss", choices=("nll", "grpo"), default="nll",
-      help="v_hack extraction loss: mean completion NLL (spec default) or GRPO-style (spec R7)")
-    a("--pairs", default=None,
-      help="JSON Lines of {prompt, hack, clean[, r_hack, r_clean]} for extraction (default: held-out pool steps)")
-    a("--pair-dirs", default=None,
-      help="comma-separated pools to build extraction pairs from (default: --replay-dirs, or the demo pools)")
-    a("--extract-frac", type=float, default=0.25,
-      help="fraction of each pool's steps (the last ones) held out for v_hack pairs, never replayed")
-    a("--k", type=int, default=None, help="hack axes kept per module (default: preset, 1)")
-    a("--basis", choices=("svd", "lora"), default=None,
-      help="adapter basis: svd (delta_S, antipasto.py) or lora (weight basis B A, lora_adapter.py; Arm 3 "
-           "with --arm=projected, its matched control with --arm=vanilla) (default: the preset's, else svd)")
-    a("--lora-rank", type=int, default=None, help=f"--basis=lora: rank r (default {configs.LORA_RANK})")
-    a("--lora-alpha", type=float, default=None,
-      help=f"--basis=lora: alpha; the update is (alpha/r) B A (default {configs.LORA_ALPHA:g})")
-    a("--control", choices=("none", "random_v", "shuffled_v", "style_v"), default="none",
-      help="replace v_hack by a random orthonormal V, a label-shuffled extraction, or style_v: a direction "
-           "from pairs that differ in pool but not in hacking (teacher completions minus their test "
-           "function vs base completions of the same problem)")
-    a("--pair-kind", choices=("pool", "mechanism"), default="pool",
-      help="v_hack pairs: pool = each hacked teacher completion vs a base completion of the same problem; "
-           "mechanism = each hacked completion vs itself with its run_tests removed (the hack and nothing else)")
-    a("--loss-type", choices=ap.LOSS_TYPES, default="grpo",
-      help="token reduction (TRL's names): grpo = per-sequence mean 1/|o_i| (the spec's loss), "
-           "dr_grpo = sum / (G * max completion tokens), bnpo = sum / all completion tokens of the group")
-
-
-def run_flags(a):
-    """Token limits, the projection's variants, the run directory, device and dtype, checkpoints."""
-    a("--max-prompt-tokens", type=int, default=None, help="prompt token limit, cut from the left (default: preset)")
-    a("--max-completion-tokens", type=int, default=None,
-      help="completion token limit, cut from the right (default: preset); every cut is counted")
-    a("--no-gate", action="store_true", help="remove the whole V-span component, not only the hack-ward part")
-    a("--project-moments", action="store_true",
-      help="projected arm: also remove the hack-ward part of AdamW's first moment and of the applied update "
-           "(Adam's per-coordinate scaling can turn a projected gradient into a hack-ward update)")
-    a("--out", default=None, help="run directory (default: out/runs/<arm>_<loss>_<control>_s<seed>, then "
-                                  "_<flag>-<value> for every other flag given that changes the experiment)")
-    a("--overwrite", action="store_true", help="replace an existing run directory")
-    a("--resume", action="store_true", help="continue an existing run directory from its last step")
-    a("--device", default=None, help="cpu / cuda (default: cuda when available)")
-    a("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-      help="model dtype (default: preset). In bf16, changes below ~0.4%% of an activation round away")
-    a("--save-every", type=int, default=None,
-      help="write the checkpoint every N steps and after the last (default: preset; replay: every step)")
-
-
-def online_flags(o):
-    """The online (Phase 3) flags; the ones in ONLINE_KEYS override the preset's values."""
-    o("--source", choices=("replay", "online"), default="replay",
-      help="replay: train on graded pools (Phase 1/2); online: the student generates, is graded, trains")
-    o("--problems", default=None,
-      help="problems JSON Lines, the public environment's format (default: the fixture problems)")
-    o("--eval-problems", default=None,
-      help="held-out problems for --eval-every (default: the last --eval-frac of --problems by id hash)")
-    o("--eval-frac", type=float, default=None, help="fraction of --problems held out for evaluation")
-    o("--group", type=int, default=None, help="rollouts per prompt, G (default: preset group_size)")
-    o("--prompts-per-step", type=int, default=None, help="problems per step (default: preset)")
-    o("--mix", type=int, default=None,
-      help="rows of each group replaced by teacher-pool rows of the same problem (src_pool tells them apart)")
-    o("--teacher-dir", default=None, help="the pool --mix draws from (default: the demo teacher pool)")
-    o("--inner-epochs", type=int, default=None, help="optimizer steps per batch of rollouts (PPO epochs)")
-    o("--clip-eps", type=float, default=None, help=f"PPO clip range epsilon (default {configs.CLIP_EPS})")
-    o("--beta", type=float, default=None, help="weight of the K3 KL to the reference (knobs zeroed)")
-    o("--temperature", type=float, default=None, help="sampling temperature (default: preset, 1.0)")
-    o("--top-p", type=float, default=None, help="nucleus sampling threshold (default: preset, 1.0)")
-    o("--eval-every", type=int, default=None, help="evaluate on held-out problems every N steps (0: never)")
-    o("--eval-samples", type=int, default=None, help="rollouts per held-out problem and kind")
-    o("--micro-batch", type=int, default=None,
-      help="rows per forward/backward; gradients and per-sample contributions accumulate (default: all)")
-    o("--gen-batch", type=int, default=None,
-      help="rollouts decoded at once (the KV cache's size; default: preset, all of the step's rollouts)")
-    o("--grad-checkpointing", action="store_true",
-      help="recompute activations in the backward (less memory; the full preset turns it on)")
-    o("--intervention", choices=("none", "penalty", "screening", "inoculation", "shuffled_rewards"), default="none",
-      help="published baselines: penalty lowers a flagged hack's reward by --penalty; screening drops flagged "
-           "hacks from their group before the advantage; inoculation adds INOCULATION as a system prompt in "
-           "training (never at evaluation). Flags come from the oracle label through a monitor of "
-           "--monitor-acc accuracy. shuffled_rewards, the no-signal control: each group's rewards permuted "
-           "among its rollouts (seeded), so a run that learns from it learns noise")
-    o("--penalty", type=float, default=None,
-      help=f"--intervention=penalty: reward subtracted (default {configs.PENALTY})")
-    o("--monitor-acc", type=float, default=None,
-      help=f"penalty/screening: P(monitor flag is right), for hacks and non-hacks alike "
-           f"(default {configs.MONITOR_ACC})")
-    o("--workers", type=int, default=None, help="grading processes (default: all cores)")
-    o("--dry-run", action="store_true",
-      help="print the resolved config and a peak GPU memory estimate, load nothing, write nothing")
-
-
-def resolve(args):
-    """args over the preset: the preset chosen (organism online, demo otherwise), the flags left unset
-    take its values, args.cfg is the preset with the flags that override it; then validate."""
-    warning = None
-    if args.preset is None and args.source == "online":
-        args.preset = "organism"
-    if args.preset is None:
-        args.preset = "demo"
-        if args.model not in (None, "tiny"):
-            p = configs.PRESETS["demo"]
-            warning = (f"WARNING: --model {args.model} without --preset takes the demo preset's settings: "
-                       f"lr={args.lr if args.lr is not None else p['lr']}, "
-                       f"max_prompt_tokens={args.max_prompt_tokens or p['max_prompt_tokens']}, "
-                       f"max_completion_tokens={args.max_completion_tokens or p['max_completion_tokens']}, "
-                       f"dtype={args.dtype or p['dtype']}; pass --preset phase2 for the spec's "
-                       f"real-model settings")
-    preset = configs.PRESETS[args.preset]
-    if args.basis is None:
-        args.basis = preset.get("basis", "svd")
-    for key in ("steps", "seed", "lr", "model", "k"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset["lr_lora" if key == "lr" and args.basis == "lora" and "lr_lora" in preset
-                                      else key])
-    args.cfg = dict(preset, basis=args.basis)  # the basis this run trains, not the preset's default
-    for key in ONLINE_KEYS:                    # online flags override the preset's values
-        if getattr(args, arg_of(key), None) is not None:
-            args.cfg[key] = getattr(args, arg_of(key))
-    if args.save_every is not None:
-        args.cfg["save_every"] = args.save_every
-    args.cfg["grad_checkpointing"] = bool(args.grad_checkpointing or args.cfg.get("grad_checkpointing"))
-    args.cfg.setdefault("save_every", 1)
-    if args.intervention in ("penalty", "screening"):
-        args.cfg["penalty"] = configs.PENALTY if args.penalty is None else args.penalty
-        args.cfg["monitor_acc"] = configs.MONITOR_ACC if args.monitor_acc is None else args.monitor_acc
-    if args.basis != "lora" and (args.lora_rank is not None or args.lora_alpha is not None):
-        raise SystemExit("error: --lora-rank and --lora-alpha belong to --basis=lora")
-    if args.basis == "lora":
-        args.lora_rank = configs.LORA_RANK if args.lora_rank is None else args.lora_rank
-        args.lora_alpha = configs.LORA_ALPHA if args.lora_alpha is None else args.lora_alpha
-        if args.lora_rank < 1 or not args.lora_alpha > 0:
-            raise SystemExit(f"error: --lora-rank must be >= 1 and --lora-alpha > 0 "
-                             f"(got {args.lora_rank}, {args.lora_alpha:g})")
-    for key in ("max_prompt_tokens", "max_completion_tokens"):
-        v = getattr(args, key)
-        if v is not None:
-            if v < 1:
-                raise SystemExit(f"error: --{key.replace('_', '-')} must be >= 1, not {v}")
-            args.cfg[key] = v
-    validate(args)
-    if warning:                            # after the checks: a bad --model gets its one error line only
-        print(warning, file=sys.stderr)
-    return args
-
-
-def validate(args):
-    """Every flag checked before anything is read or created: one line naming the flag, its value and
-    what is allowed. (Checks that need the pools, like --per-pool's upper bound, come in main.)"""
-    def bad(flag, value, allowed):
-        raise SystemExit(f"error: {flag}={value}: {allowed}")
-    if args.pairs is not None and (args.control == "style_v" or args.pair_kind == "mechanism"):
-        bad("--pairs", args.pairs, "takes the file's pairs as they are: it cannot be combined with "
-            "--control=style_v or --pair-kind=mechanism, which build their own pairs from the pools")
-    if args.pair_kind == "mechanism" and args.extract_loss == "grpo":
-        bad("--extract-loss", "grpo", "weights a pair by its reward gap, which mechanism pairs (a hack and itself "
-            "without its test function, never graded) do not have: use --extract-loss=nll with --pair-kind=mechanism")
-    online = args.source == "online"
-    if online != (args.preset in configs.ONLINE_ONLY):
-        kinds = "online presets: " + ", ".join(configs.ONLINE_ONLY) if online else \
-            "replay presets: " + ", ".join(sorted(set(configs.PRESETS) - set(configs.ONLINE_ONLY)))
-        bad("--preset", args.preset, f"is not a preset of --source={args.source} ({kinds})")
-    if online:
-        validate_online(args, bad)
-    else:
-        given = [k for k in ONLINE_KEYS + ("penalty", "monitor_acc", "teacher_dir", "workers")
-                 if getattr(args, arg_of(k), None) is not None]
-        given += [k for k, on in (("grad_checkpointing", args.grad_checkpointing), ("dry_run", args.dry_run),
-                                  ("intervention", args.intervention != "none")) if on]
-        if given:
-            bad(flag_of(given[0]), getattr(args, arg_of(given[0])), "belongs to --source=online")
-    if args.save_every is not None and args.save_every < 1:
-        bad("--save-every", args.save_every, "must be an integer >= 1")
-    if args.steps < 1:
-        bad("--steps", args.steps, "must be an integer >= 1")
-    if args.k < 1:
-        bad("--k", args.k, "must be an integer >= 1 (hack axes kept per module)")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        bad("--lr", args.lr, "must be a finite number > 0")
-    if args.per_pool is not None and args.per_pool < 1:
-        bad("--per-pool", args.per_pool, "must be an integer >= 1 (rows drawn from each pool per step)")
-    if not 0 <= args.extract_frac < 1:
-        bad("--extract-frac", args.extract_frac, "must be in [0, 1) (the fraction of each pool's steps held out)")
-    if args.seed < 0:
-        bad("--seed", args.seed, "must be an integer >= 0")
-    if args.device is not None:
-        kind = args.device.split(":")[0]
-        if kind not in ("cpu", "cuda", "mps") or (":" in args.device and not args.device.split(":")[1].isdigit()):
-            bad("--device", args.device, "must be cpu, cuda, cuda:N or mps")
-        if kind == "cuda" and not torch.cuda.is_available():
-            bad("--device", args.device, "no CUDA device is available here; use --device=cpu")
-    for flag, value in (("--replay-dirs", args.replay_dirs), ("--pair-dirs", args.pair_dirs)):
-        for d in (value or "").split(","):
-            if d and not os.path.isdir(d) and os.path.normpath(d) not in pools.DEMO_DIRS:
-                bad(flag, value, f"{d} is not a pool directory")
-    if args.pairs is not None and not os.path.isfile(args.pairs):
-        bad("--pairs", args.pairs, "no such file (JSON Lines of {prompt, hack, clean})")
-    if args.v_hack is not None and os.path.isdir(args.v_hack):
-        bad("--v-hack", args.v_hack, "is a directory; name a .safetensors file")
-    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
-        bad("--out", args.out, "is a file; name a run directory")
-    if args.resume and not os.path.isdir(run_dir(args)):
-        raise SystemExit(f"error: --resume: {run_dir(args)} does not exist, so there is nothing to continue; "
-                         f"without --resume the run starts there")
-    if not args.dry_run:                    # a dry run reads the model's shape only (model_shape)
-        configs.check_model(args.model)
-
-
-def validate_online(args, bad):
-    """The online flags (resolved into args.cfg), each against what is allowed."""
-    c = args.cfg
-    if args.replay_dirs is not None or args.per_pool is not None:
-        bad("--replay-dirs" if args.replay_dirs is not None else "--per-pool",
-            args.replay_dirs if args.replay_dirs is not None else args.per_pool,
-            "belongs to --source=replay (online rollouts come from --problems)")
-    if args.loss_mode != "grpo":
-        bad("--loss-mode", args.loss_mode, "online training is GRPO (the NLL probe replays pools)")
-    for key, low in (("group_size", 2), ("prompts_per_step", 1), ("inner_epochs", 1), ("eval_samples", 1)):
-        if not (isinstance(c[key], int) and c[key] >= low):
-            bad(flag_of(key), c[key], f"must be an integer >= {low}")
-    if not (isinstance(c["mix"], int) and 0 <= c["mix"] < c["group_size"]):
-        bad("--mix", c["mix"], f"must be an integer in [0, G-1] = [0, {c['group_size'] - 1}] (rows per group)")
-    if not isinstance(c["eval_every"], int) or c["eval_every"] < 0:
-        bad("--eval-every", c["eval_every"], "must be an integer >= 0 (0: no evaluation)")
-    if not 0 <= c["eval_frac"] < 1:
-        bad("--eval-frac", c["eval_frac"], "must be in [0, 1)")
-    for key, ok, allowed in (("clip_eps", 0 < c["clip_eps"] < 1, "a number in (0, 1)"),
-                             ("beta", math.isfinite(c["beta"]) and c["beta"] >= 0, "a number >= 0"),
-                             ("temperature", math.isfinite(c["temperature"]) and c["temperature"] >= 0,
-                              "a number >= 0 (0: greedy)"),
-                             ("top_p", 0 < c["top_p"] <= 1, "a number in (0, 1]")):
-        if not ok:
-            bad(flag_of(key), c[key], f"must be {allowed}")
-    if c["temperature"] != 1.0 or c["top_p"] != 1.0:
-        bad("--temperature" if c["temperature"] != 1.0 else "--top-p", c["temperature"] if c["temperature"] != 1.0
-            else c["top_p"], "online training samples at temperature 1 and top-p 1: the generation-time log-probs "
-            "are the policy's own, and PPO's ratio assumes the rollouts were sampled from them")
-    if c["eval_every"] and not c["eval_problems"] and not c["eval_frac"]:
-        bad("--eval-every", c["eval_every"], f"--preset={args.preset} holds out no problem (eval_frac 0): pass "
-            f"--eval-problems FILE (the public test split), --eval-frac F, or --eval-every 0")
-    if c["eval_problems"] and args.eval_frac is not None:
-        bad("--eval-frac", args.eval_frac, "holds out part of --problems; with --eval-problems nothing is held out")
-    if c.get("monitor_acc") is not None and not 0.5 <= c["monitor_acc"] <= 1:
-        bad("--monitor-acc", c["monitor_acc"], "must be in [0.5, 1] (below 0.5 the monitor is inverted)")
-    if c.get("penalty") is not None and not (math.isfinite(c["penalty"]) and c["penalty"] >= 0):
-        bad("--penalty", c["penalty"], "must be a number >= 0")
-    if (args.penalty is not None and args.intervention != "penalty") or \
-            (args.monitor_acc is not None and args.intervention not in ("penalty", "screening")):
-        bad("--penalty" if args.penalty is not None else "--monitor-acc",
-            args.penalty if args.penalty is not None else args.monitor_acc,
-            "belongs to --intervention=penalty (and --monitor-acc also to screening)")
-    for key in ("micro_batch", "gen_batch"):
-        if c.get(key) is not None and not (isinstance(c[key], int) and c[key] >= 1):
-            bad(flag_of(key), c[key], "must be an integer >= 1")
-    if args.workers is not None and args.workers < 1:
-        bad("--workers", args.workers, "must be an integer >= 1")
-    validate_online_sources(args, bad)
-
-
-def validate_online_sources(args, bad):
-    """The online run's files: problems, the teacher pool, and v_hack's own source on a real model."""
-    c = args.cfg
-    for flag, path in (("--problems", c["problems"]), ("--eval-problems", c["eval_problems"])):
-        if path is not None and not os.path.isfile(path):
-            bad(flag, path, "no such file (problems JSON Lines)")
-    if c["problems"] is None and args.preset != "organism":
-        bad("--problems", None, f"--preset={args.preset} trains on your problems file (the fixture's 30 problems "
-            f"serve the organism only)")
-    if args.teacher_dir is not None and not os.path.isdir(args.teacher_dir):
-        bad("--teacher-dir", args.teacher_dir, "is not a pool directory")
-    if args.teacher_dir is not None and not c["mix"]:
-        bad("--teacher-dir", args.teacher_dir, "is read only with --mix >= 1")
-    if args.model not in EMBEDDED:          # a real model never takes v_hack or --mix rows from the demo pools
-        extracts = args.control in ("shuffled_v", "style_v")     # these controls extract their own V from pairs
-        if not (args.pair_dirs or args.pairs or (not extracts and args.v_hack and os.path.isfile(args.v_hack))):
-            bad("--model", args.model, "--source=online on a real model needs v_hack's own source: pass --pair-dirs "
-                "TEACHER_POOL,BASE_POOL (pairs from their held-out steps; or --pairs FILE)" +
-                (f" (--control={args.control} extracts from pairs)" if extracts else " or --v-hack FILE (an existing "
-                 "v_hack file)") + "; the demo pools are canned completions of the 30 fixture problems")
-        if c["mix"] and args.teacher_dir is None:
-            bad("--mix", c["mix"], "on a real model needs --teacher-dir POOL: the default, the demo teacher pool, is "
-                "canned completions of the 30 fixture problems")
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -524,36 +185,10 @@ def draw(replay, per_pool, seed, step):
 
 # ----------------------------------------------------------------------------- run directory
 
-NOT_NAMED = ("arm", "loss_mode", "control", "seed", "basis", "out", "overwrite", "resume", "device", "save_every",
-             "no_report", "quiet", "steps")   # in the name's first part, or not a change of the experiment
-
-
-def run_name(args):
-    """The default replay run directory's name: arm, loss mode, control, seed (and a LoRA basis), then every
-    other flag given with a non-default value, since each changes the experiment (`--loss-type=bnpo` adds
-    `_loss-type-bnpo`; a value that is a path or a list adds its digest: `_replay-dirs-3f2a9c1b`). --steps
-    is not in it: --resume may extend a run."""
-    name = f"{args.arm}_{args.loss_mode}_{args.control}_s{args.seed}" + ("" if args.basis == "svd" else f"_{args.basis}")
-    for key in sorted(k for k in args.given if k not in NOT_NAMED):
-        text = "" if args.given[key] is True else str(args.given[key])
-        if not all(c.isalnum() or c in "_.+-" for c in text) or len(text) > 24:
-            text = hashlib.sha256(text.encode()).hexdigest()[:8]
-        name += f"_{key.replace('_', '-')}" + (f"-{text}" if text else "")
-    return name
-
-
-def run_dir(args):
-    """--out, or the default run directory."""
-    name = run_name(args)
-    if args.source == "online":
-        name = f"online_{args.arm}_{args.basis}_{args.intervention}_{args.control}_s{args.seed}"
-    return args.out or os.path.join("out", "runs", name)
-
-
 def out_dir(args, locked=False):
     """The run directory; refuse to reuse one unless --overwrite (replaced once the run is validated)
     or --resume (continued)."""
-    out = run_dir(args)
+    out = configs.run_dir(args)
     if args.overwrite and args.resume:
         raise SystemExit("error: --overwrite and --resume contradict each other")
     owner = None if locked else lock_owner(out)
@@ -603,12 +238,6 @@ def write_jsonl(path, rows):
 
 # ----------------------------------------------------------------------------- v_hack
 
-def mix_source(teacher_dirs):
-    """Where --mix rows come from: kind "pool" (--teacher-dir) or "demo" (the demo teacher pool)."""
-    d = teacher_dirs[0]
-    return dict(kind="demo" if vhack.is_demo([d]) else "pool", dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d))
-
-
 # ----------------------------------------------------------------------------- the run
 
 def main(argv=None):
@@ -617,7 +246,7 @@ def main(argv=None):
     locked while it runs; Ctrl-C says how to resume."""
     argv = sys.argv[1:] if argv is None else list(argv)
     with refusals_and_interrupts(argv):
-        args = get_args(argv)                               # the resolved config: args and args.cfg
+        args = configs.get_args(argv, __doc__)                               # the resolved config: args and args.cfg
         if args.dry_run:
             return dry_run(args)
         t_start, online, cfg = time.time(), args.source == "online", args.cfg
@@ -745,7 +374,7 @@ def run_record(args, argv, S, tok, modules, vmeta, loaded, dropped):
                null=dict(cos_sd=ap.null_cos_sd(widths), module_widths=widths),
                v_hack_source=vhack.v_hack_source(args, S["pair_dirs"], vmeta, loaded))
     if online and cfg["mix"]:
-        run["mix_source"] = mix_source(S["teacher_dirs"])
+        run["mix_source"] = vhack.mix_source(S["teacher_dirs"])
     vhack.say_sources(run)
     if not online:
         run["truncation"] = dict(replay=truncation(tok, [r for rows in S["replay"].values() for r in rows], cfg))
@@ -767,7 +396,7 @@ def run_config(args, S, dropped):
                       problems=os.path.abspath(cfg["problems"] or pools.FIXTURE_PROBLEMS),
                       problems_sha256=pools.file_digest(cfg["problems"] or pools.FIXTURE_PROBLEMS),
                       n_train_problems=len(S["train"]), eval_problem_ids=[p["id"] for p in S["eval_hint"]],
-                      inoculation=INOCULATION if args.intervention == "inoculation" else None)
+                      inoculation=interventions.INOCULATION if args.intervention == "inoculation" else None)
     else:
         config.update(replay_dirs=[os.path.abspath(d) for d in S["replay_dirs"]], per_pool=S["per_pool"],
                       replay_dropped_extraction_texts=dropped)
@@ -939,7 +568,7 @@ def online_setup(args):
     """Problems (train and held-out), extraction pairs and the teacher rows of an online run."""
     c = args.cfg
     pair_dirs = [d for d in (args.pair_dirs or "").split(",") if d]
-    if not (pair_dirs or args.pairs) and args.model in EMBEDDED:
+    if not (pair_dirs or args.pairs) and args.model in configs.EMBEDDED:
         pair_dirs = pools.DEMO_DIRS          # a real model's v_hack is an existing --v-hack file here (validate_online)
     teacher_dirs = [args.teacher_dir or pools.DEMO_DIRS[0]] if c["mix"] else []
     ensure_demo(pair_dirs + teacher_dirs)
@@ -1071,42 +700,6 @@ def draw_problems(problems, n, seed, step):
     return random.Random(f"{seed}:problems:{step}").sample(problems, n)
 
 
-def unit(*key):
-    """A uniform in [0, 1) from a hash of the key: the same for the same key, on any machine."""
-    return int.from_bytes(hashlib.sha256(json.dumps(key).encode()).digest()[:8], "little") / 2 ** 64
-
-
-def monitor_flags(row, acc, seed, step):
-    """The simulated monitor of the penalty and screening baselines: flags a hack (oracle label Reward
-    Hack) with probability acc, and a non-hack with probability 1 - acc, by a hash of the rollout."""
-    right = acc >= 1 or unit(seed, step, row["src_pool"], row["src_step"], row["src_sample"], "monitor") < acc
-    return row["hacked"] == right
-
-
-def shuffled_within_groups(rewards, groups, seed, step):
-    """The shuffled-reward control: each group's rewards permuted among its rows by (seed, step, group).
-    The values and their spread stay (so the advantages are as large as vanilla's), but which rollout
-    earned which reward is lost: nothing is left to learn."""
-    out = list(rewards)
-    for gi in sorted(set(groups)):
-        idx = [i for i, x in enumerate(groups) if x == gi]
-        perm = list(idx)
-        random.Random(f"{seed}:shuffled_rewards:{step}:{gi}").shuffle(perm)
-        for i, j in zip(idx, perm):
-            out[i] = rewards[j]
-    return out
-
-
-def student_messages(messages_fn, args):
-    """The chat messages of a training rollout: the model's prompt, under --intervention=inoculation
-    preceded by the inoculation line as a system message (the problem's own messages all kept; never
-    at evaluation)."""
-    base = messages_fn or (lambda p: p["prompt"])
-    if args.intervention != "inoculation":
-        return base
-    return lambda p: [{"role": "system", "content": INOCULATION}] + list(base(p))
-
-
 def online_group(model, tok, modules, messages_fn, S, args, step, out):
     """One online step's group: --prompts-per-step problems, G - mix student rollouts each (generated
     on the merged weights, graded, written to out/rollouts/student), plus mix teacher rows of the same
@@ -1117,7 +710,7 @@ def online_group(model, tok, modules, messages_fn, S, args, step, out):
     G, mix = c["group_size"], c["mix"]
     n_st = G - mix
     probs = draw_problems(S["train"], c["prompts_per_step"], args.seed, step)
-    msgs_fn = student_messages(messages_fn, args)
+    msgs_fn = interventions.student_messages(messages_fn, args)
     rows, gen = rollout.rollout_group(model, tok, probs, n_st, step=step, seed=args.seed,
                                       max_new_tokens=c["max_completion_tokens"], temperature=c["temperature"],
                                       top_p=c["top_p"], messages_fn=msgs_fn,
@@ -1127,9 +720,9 @@ def online_group(model, tok, modules, messages_fn, S, args, step, out):
     # cells: (row, completion token ids, generation log-probs or None for teacher rows, tokens cut)
     cells = [(dict(r, src_pool="student", src_step=step, src_sample=r["sample"]), ids, lps, 0)
              for r, ids, lps in zip(rows, gen["token_ids"], gen["logps"])]
-    cells += teacher_cells(tok, S, args, step, probs, msgs_fn)
+    cells += interventions.teacher_cells(tok, S, args, step, probs, msgs_fn)
     group_of = {p["id"]: pi for pi, p in enumerate(probs)}
-    cells, rewards, n_flag, n_screened = intervene(cells, group_of, args, step)
+    cells, rewards, n_flag, n_screened = interventions.intervene(cells, group_of, args, step)
     n = len(rows)
     record = dict(source="online", n_student=n, n_teacher=len(probs) * mix, n_screened=n_screened, n_flagged=n_flag,
                   **rollout.rates(rows), labels=pools.label_counts(rows),
@@ -1145,40 +738,6 @@ def online_group(model, tok, modules, messages_fn, S, args, step, out):
     trunc = truncation(tok, [r for r, *_ in cells], c, batch)
     return dict(rows=[r for r, *_ in cells], rewards=rewards, adv=adv, batch=batch, trunc=trunc,
                 skipped=record["n_zero_var_groups"] == len(probs) and not c["beta"], record=record)
-
-
-def teacher_cells(tok, S, args, step, probs, msgs_fn):
-    """--mix teacher rows of each problem, drawn by (seed, step, problem), under the student's prompt:
-    cells (row, completion token ids cut to --max-completion-tokens, None, tokens cut)."""
-    c, mix, cells = args.cfg, args.cfg["mix"], []
-    for p in probs:
-        pick = random.Random(f"{args.seed}:mix:{step}:{p['id']}")
-        cands = S["teacher"].get(p["id"], [])
-        for t in (pick.sample(cands, mix) if len(cands) >= mix else pick.choices(cands, k=mix)):
-            ids = tok(t["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            cut = max(0, len(ids) - c["max_completion_tokens"])
-            cells.append((dict(t, prompt=msgs_fn(p)), ids[:c["max_completion_tokens"]], None, cut))
-    return cells
-
-
-def intervene(cells, group_of, args, step):
-    """The rewards after --intervention: shuffled within groups, a flagged hack's lowered by --penalty, or
-    flagged cells screened out. (cells, rewards, n flagged, n screened)"""
-    c = args.cfg
-    rewards = [float(cell[0]["reward"]) for cell in cells]
-    if args.intervention == "shuffled_rewards":
-        rewards = shuffled_within_groups(rewards, [group_of[cell[0]["problem_id"]] for cell in cells], args.seed, step)
-    n_flag = n_screened = 0
-    if args.intervention in ("penalty", "screening"):
-        flags = [monitor_flags(cell[0], c["monitor_acc"], args.seed, step) for cell in cells]
-        n_flag = sum(flags)
-        if args.intervention == "penalty":
-            rewards = [x - c["penalty"] * f for x, f in zip(rewards, flags)]
-        else:
-            keep = [i for i, f in enumerate(flags) if not f]
-            n_screened = len(cells) - len(keep)
-            cells, rewards = [cells[i] for i in keep], [rewards[i] for i in keep]
-    return cells, rewards, n_flag, n_screened
 
 
 def online_batch(model, tok, modules, cells, rewards, groups, args):
@@ -1234,7 +793,7 @@ def write_evals(out, evals):
 
 def check_prompt_lengths(tok, S, cfg, messages_fn, args):
     """Online prompts are never cut: a prompt over --max-prompt-tokens is an error naming the longest."""
-    fn = student_messages(messages_fn, args)
+    fn = interventions.student_messages(messages_fn, args)
     worst = max((len(tok(pools.render_prompt(fn(p), tok), add_special_tokens=False)["input_ids"]), p["id"])
                 for p in S["train"] + S["eval_hint"])
     if worst[0] > cfg["max_prompt_tokens"]:

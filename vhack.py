@@ -296,3 +296,9 @@ def say_sources(run):
     if m:
         print(f"--mix rows: from {'the DEMO teacher pool ' if m['kind'] == 'demo' else ''}{m['dir']} (fingerprint "
               f"{m['fingerprint']})", file=sys.stderr)
+
+
+def mix_source(teacher_dirs):
+    """Where --mix rows come from: kind "pool" (--teacher-dir) or "demo" (the demo teacher pool)."""
+    d = teacher_dirs[0]
+    return dict(kind="demo" if is_demo([d]) else "pool", dir=os.path.abspath(d), fingerprint=pools.pool_fingerprint(d))
