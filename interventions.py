@@ -83,13 +83,13 @@ def shuffled_within_groups(rewards, groups, seed, step):
     return out
 
 
-def teacher_cells(tok, S, args, step, probs, msgs_fn):
-    """--mix teacher rows of each problem, drawn by (seed, step, problem), under the student's prompt:
+def teacher_cells(tok, teacher, args, step, probs, msgs_fn):
+    """--mix teacher rows ({problem id: rows}) of each problem, drawn by (seed, step, problem), under the student's prompt:
     cells (row, completion token ids cut to --max-completion-tokens, None, tokens cut)."""
     c, mix, cells = args.cfg, args.cfg["mix"], []
     for p in probs:
         pick = random.Random(f"{args.seed}:mix:{step}:{p['id']}")
-        cands = S["teacher"].get(p["id"], [])
+        cands = teacher.get(p["id"], [])
         for t in (pick.sample(cands, mix) if len(cands) >= mix else pick.choices(cands, k=mix)):
             ids = tok(t["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             cut = max(0, len(ids) - c["max_completion_tokens"])

@@ -1815,7 +1815,7 @@ def test_train_corrupt_pool_fails_with_path():
 
 
 def test_train_counts_truncation_and_demo_limits_cut_nothing():
-    import configs, train
+    import configs, sources
     _, tok = tiny()
     out = shared_run("--arm", "vanilla")                # run_train's limits: TEST_LIMITS
     run = json.load(open(os.path.join(out, "run.json")))
@@ -1837,7 +1837,7 @@ def test_train_counts_truncation_and_demo_limits_cut_nothing():
     # the demo preset cuts nothing from the demo pools
     demo = configs.PRESETS["demo"]
     for d in demo_pools():
-        t = train.truncation(tok, pools.read_pool(d), demo)
+        t = sources.truncation(tok, pools.read_pool(d), demo)
         assert t["n_prompt_truncated"] == t["n_completion_truncated"] == 0, t
 
 
@@ -1880,7 +1880,7 @@ def hand_project(g, v):
 
 
 def test_train_projected_arm_steps_on_the_projected_gradient():
-    import torch, antipasto as ap, train, vhack
+    import torch, antipasto as ap, sources, vhack
     out = run_train("--arm", "projected", "--steps", "2")
     run = json.load(open(os.path.join(out, "run.json")))
     model, tok, modules = wrapped()
@@ -1891,7 +1891,7 @@ def test_train_projected_arm_steps_on_the_projected_gradient():
         with torch.no_grad():
             for n, m in modules.items():
                 ap.knob(m).copy_(params[n])
-        group = train.draw(replay, 4, 0, step)
+        group = sources.draw(replay, 4, 0, step)
         batch = ap.make_batch(tok, [pools.render_prompt(r["prompt"], tok) for r in group],
                               [r["completion"] for r in group], *TEST_LIMITS)
         model.train()
@@ -1931,11 +1931,11 @@ def test_project_moments_projects_the_first_moment():
 
 
 def test_draw_depends_on_seed_and_step_only():
-    import train
+    import sources
     replay = {"a": [dict(i=i) for i in range(30)], "b": [dict(i=100 + i) for i in range(30)]}
-    g1 = [train.draw(replay, 4, 0, s) for s in range(5)]
-    assert g1 == [train.draw(replay, 4, 0, s) for s in range(5)]
-    assert g1 != [train.draw(replay, 4, 1, s) for s in range(5)]
+    g1 = [sources.draw(replay, 4, 0, s) for s in range(5)]
+    assert g1 == [sources.draw(replay, 4, 0, s) for s in range(5)]
+    assert g1 != [sources.draw(replay, 4, 1, s) for s in range(5)]
     flat = [r["i"] for g in g1 for r in g]
     assert len(set(flat)) == len(flat)                                         # no reuse before a pool is spent
 
@@ -2616,18 +2616,18 @@ def test_train_flags_checked_before_anything_is_created():
 
 
 def test_train_ctrl_c_says_how_to_resume():
-    import shlex, train
+    import shlex, train, sources
     out = os.path.join(tmpdir(), "run")
-    real = train.draw
+    real = sources.draw
     def draw(replay, per_pool, seed, step):
         if step == 1:
             raise KeyboardInterrupt
         return real(replay, per_pool, seed, step)
-    train.draw = draw
+    sources.draw = draw
     try:
         e, _, err = quiet_call(run_train, "--arm", "projected", "--overwrite", out=out)
     finally:
-        train.draw = real
+        sources.draw = real
     assert isinstance(e, SystemExit) and e.code == 130 and "Traceback" not in err, err
     cmd = [l.strip() for l in err.splitlines() if l.strip().startswith("python train.py")]
     assert len(cmd) == 1, err

@@ -235,32 +235,32 @@ def refuse_seen_pairs(args, path, meta, replay_texts):
                          f"on them would only show memory of the extraction set: {fix}")
 
 
-def drop_extraction_texts(S, vmeta):
+def drop_extraction_texts(data, vmeta):
     """Replay: drop every replayed row whose completion text is one of v_hack's pair completions, so no
     cosine is taken on a text the extraction saw. A teacher that has learned to hack repeats its hacks
     word for word, so the same text turns up in held-out and replayed steps alike. {pool: rows dropped},
     recorded in run.json; a pool left with fewer than --per-pool rows is refused."""
     seen, dropped = set(vmeta.get("completion_sha", [])), {}
-    for name, rows in S["replay"].items():
+    for name, rows in data["rows"].items():
         keep = [r for r in rows if text_sha(r["completion"]) not in seen]
         dropped[name] = len(rows) - len(keep)
-        if len(keep) < S["per_pool"]:
+        if len(keep) < data["per_pool"]:
             raise SystemExit(f"error: v_hack {vmeta['path']} was extracted from completions that make up "
                              f"{dropped[name]} of pool {name}'s {len(rows)} replayed rows; {len(keep)} other rows are "
-                             f"left, fewer than --per-pool={S['per_pool']} (a cosine on those texts would only show "
+                             f"left, fewer than --per-pool={data['per_pool']} (a cosine on those texts would only show "
                              f"memory of the extraction set): use other --pair-dirs or a larger --extract-frac")
-        S["replay"][name] = keep
+        data["rows"][name] = keep
     if any(dropped.values()):
         print(f"note: replay rows dropped because their completion text is one of v_hack's pairs': {dropped}",
               file=sys.stderr)
     return dropped
 
 
-def trained_texts(S, online):
+def trained_texts(data):
     """{completion sha: the trained-on pool rows (pool, step, sample) holding it}: what v_hack's pairs
-    must not share."""
+    must not share (the replayed rows; online, the --mix teacher rows)."""
     texts = {}
-    for r in (S["replay_texts_rows"] if online else [r for rows in S["replay"].values() for r in rows]):
+    for r in (r for rows in data["rows"].values() for r in rows):
         texts.setdefault(text_sha(r["completion"]), []).append((r["src_pool"], r["src_step"], r["src_sample"]))
     return texts
 
