@@ -72,9 +72,10 @@ flag given that changes the experiment, e.g. _loss-type-bnpo; a path or list val
 digest). Undefined values are null; no prompt or completion text is written outside rollouts/ (replayed
 rollouts live in their pools only); with the same seed and inputs the slim files are byte-identical on
 CPU.
-    run.json             argv, config (source, arm, basis, loss type, pair kind, token limits, ...; online:
-                         group, prompts per step, mix, beta, intervention, problems sha256, held-out problem
-                         ids, ...), versions, basis fingerprint, v_hack metadata (path, sha256, pairs, pair
+    run.json             argv, config (source, arm, basis, loss type, pair kind, token limits, group_size
+                         (G: replay, the rows drawn per step; online, rollouts per prompt), ...; online:
+                         prompts per step, mix, beta, intervention, problems sha256, held-out problem
+                         ids, ...; an older run's config is read through configs.upgrade_run_config), versions, basis fingerprint, v_hack metadata (path, sha256, pairs, pair
                          kind), v_hack_source {kind: file | pairs | demo, path, sha256, pairs_source,
                          n_pairs, control; pair_dirs {pool: dir, fingerprint} or pairs_file,
                          pairs_file_sha256}, online with --mix mix_source {kind: pool | demo, dir,
@@ -156,7 +157,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-import configs  # OLD_RUN_DEFAULTS: what runs that predate a config field used
+import configs  # upgrade_run_config: an old run.json's config in today's names
 
 import pools   # strict JSON Lines reading and pool labels (standard library only)
 from pools import read_jsonl
@@ -350,7 +351,8 @@ def experiment_key(cfg, meta):
     and the step count."""
     fps = lambda key: sorted((n, (p or {}).get("fingerprint")) for n, p in (meta.get(key) or {}).items())
     src = str((meta.get("v_hack") or {}).get("pairs_source") or "")        # a --pairs file, shared by the controls
-    return json.dumps([cfg.get(k, configs.OLD_RUN_DEFAULTS.get(k)) for k in EXPERIMENT] + [fps("pools"), fps("pair_pools"),
+    cfg = configs.upgrade_run_config(cfg)
+    return json.dumps([cfg.get(k) for k in EXPERIMENT] + [fps("pools"), fps("pair_pools"),
                                                                           src if src.startswith("file:") else None])
 
 def experiment(r):

@@ -51,6 +51,16 @@ MONITOR_ACC = 1.0                 # --intervention=penalty/screening: P(the moni
 OLD_RUN_DEFAULTS = dict(basis="svd", pair_kind="pool", loss_type="grpo", loss_mode="grpo", source="replay",
                         grad_checkpointing=False, extract_loss="nll")
 
+
+def upgrade_run_config(config):
+    """An old run.json's config in today's names, the one place old runs are read (--resume, analyze.py):
+    a field added since takes the value the run used (OLD_RUN_DEFAULTS), and an online run from before
+    group_size meant G everywhere (it stored G as `group` and the rows per step as group_size) is mapped."""
+    c = dict(OLD_RUN_DEFAULTS, **config)
+    if "group" in c:
+        c["group_size"] = c.pop("group")
+    return c
+
 PRESETS = {
     # the demo: tiny random Qwen3 on CPU, demo pools, Phase 2 probe shape (G = 4 + 4); token limits above the
     # demo pools' longest prompt (1232) and completion (585 + eos), so nothing is cut
@@ -256,13 +266,9 @@ ONLINE_KEYS = ("problems", "eval_problems", "eval_frac", "group_size", "prompts_
 EMBEDDED = ("tiny", "organism")   # the models built in code; only they take v_hack and --mix rows from the demo pools
 
 
-def arg_of(key):
-    """The argparse attribute (and, dashed, the flag) that sets a config key: --group sets group_size."""
-    return "group" if key == "group_size" else key
-
-
 def flag_of(key):
-    return "--" + arg_of(key).replace("_", "-")
+    """The flag that sets a config key: each quantity has one name in flag, preset and run.json."""
+    return "--" + key.replace("_", "-")
 
 
 def get_args(argv=None, doc=None):
@@ -330,8 +336,9 @@ def experiment_flags(a):
 def run_flags(a):
     """Token limits, the projection's variants, the run directory, device and dtype, checkpoints."""
     a("--max-prompt-tokens", type=int, default=None, help="prompt token limit, cut from the left (default: preset)")
-    a("--max-completion-tokens", type=int, default=None,
-      help="completion token limit, cut from the right (default: preset); every cut is counted")
+    a("--max-completion-tokens", "--max-completion-length", dest="max_completion_tokens", type=int, default=None,
+      help="completion token limit, cut from the right (TRL's max_completion_length) (default: preset); every "
+           "cut is counted")
     a("--no-gate", action="store_true", help="remove the whole V-span component, not only the hack-ward part")
     a("--project-moments", action="store_true",
       help="projected arm: also remove the hack-ward part of AdamW's first moment and of the applied update "
@@ -356,13 +363,16 @@ def online_flags(o):
     o("--eval-problems", default=None,
       help="held-out problems for --eval-every (default: the last --eval-frac of --problems by id hash)")
     o("--eval-frac", type=float, default=None, help="fraction of --problems held out for evaluation")
-    o("--group", type=int, default=None, help="rollouts per prompt, G (default: preset group_size)")
+    o("--group-size", "--num-generations", "--group", dest="group_size", type=int, default=None,
+      help="rollouts per prompt, G (TRL's num_generations; --group: the old spelling) (default: preset)")
     o("--prompts-per-step", type=int, default=None, help="problems per step (default: preset)")
     o("--mix", type=int, default=None,
       help="rows of each group replaced by teacher-pool rows of the same problem (src_pool tells them apart)")
     o("--teacher-dir", default=None, help="the pool --mix draws from (default: the demo teacher pool)")
-    o("--inner-epochs", type=int, default=None, help="optimizer steps per batch of rollouts (PPO epochs)")
-    o("--clip-eps", type=float, default=None, help=f"PPO clip range epsilon (default {CLIP_EPS})")
+    o("--inner-epochs", "--num-iterations", dest="inner_epochs", type=int, default=None,
+      help="optimizer steps per batch of rollouts (PPO epochs; TRL's num_iterations)")
+    o("--clip-eps", "--epsilon", dest="clip_eps", type=float, default=None,
+      help=f"PPO clip range epsilon (TRL's epsilon) (default {CLIP_EPS})")
     o("--beta", type=float, default=None, help="weight of the K3 KL to the reference (knobs zeroed)")
     o("--temperature", type=float, default=None, help="sampling temperature (default: preset, 1.0)")
     o("--top-p", type=float, default=None, help="nucleus sampling threshold (default: preset, 1.0)")
@@ -411,8 +421,8 @@ def resolve(args):
                                       else key])
     args.cfg = dict(preset, basis=args.basis)  # the basis this run trains, not the preset's default
     for key in ONLINE_KEYS:                    # online flags override the preset's values
-        if getattr(args, arg_of(key), None) is not None:
-            args.cfg[key] = getattr(args, arg_of(key))
+        if getattr(args, key, None) is not None:
+            args.cfg[key] = getattr(args, key)
     if args.save_every is not None:
         args.cfg["save_every"] = args.save_every
     args.cfg["grad_checkpointing"] = bool(args.grad_checkpointing or args.cfg.get("grad_checkpointing"))
@@ -460,11 +470,11 @@ def validate(args):
         validate_online(args, bad)
     else:
         given = [k for k in ONLINE_KEYS + ("penalty", "monitor_acc", "teacher_dir", "workers")
-                 if getattr(args, arg_of(k), None) is not None]
+                 if getattr(args, k, None) is not None]
         given += [k for k, on in (("grad_checkpointing", args.grad_checkpointing), ("dry_run", args.dry_run),
                                   ("intervention", args.intervention != "none")) if on]
         if given:
-            bad(flag_of(given[0]), getattr(args, arg_of(given[0])), "belongs to --source=online")
+            bad(flag_of(given[0]), getattr(args, given[0]), "belongs to --source=online")
     if args.save_every is not None and args.save_every < 1:
         bad("--save-every", args.save_every, "must be an integer >= 1")
     if args.steps < 1:

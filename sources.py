@@ -9,7 +9,8 @@ trains on, whatever its source.
     per_pool       replay: rows drawn from each pool per step
     train          online: the training problems (with the hint); eval_hint, eval_plain: the held-out ones
     teacher        online: {problem id: teacher rows} for --mix
-    rows_per_step  rows trained on per step
+    group_size     G, the rows of one group: replay, the rows drawn per step (one group); online, the
+                   rollouts per prompt (a step trains prompts_per_step groups)
 
 replay: each step draws `per_pool` rows from each pool into one group (the draw depends only on seed and
 step, never on the arm, so vanilla and projected runs of one seed see identical samples); one centred
@@ -65,7 +66,7 @@ def replay_setup(args):
               f"(the Phase 1 comparison counts each sample once)", file=sys.stderr)
     return dict(rows=replay, pool_dirs=replay_dirs, pair_dirs=pair_dirs, pairs=pairs, pairs_src=pairs_src,
                 per_pool=per_pool, train=None, eval_hint=None, eval_plain=None, teacher=None,
-                rows_per_step=per_pool * len(replay_dirs))
+                group_size=per_pool * len(replay_dirs))
 
 
 def online_setup(args):
@@ -94,7 +95,7 @@ def online_setup(args):
         raise SystemExit(f"error: --prompts-per-step={c['prompts_per_step']}: only {len(hinted)} training problems")
     return dict(rows=teacher, pool_dirs=teacher_dirs, pair_dirs=[] if args.pairs else pair_dirs, pairs=pairs,
                 pairs_src=pairs_src, per_pool=None, train=hinted, eval_hint=ev_h, eval_plain=ev_p, teacher=by_problem,
-                rows_per_step=c["prompts_per_step"] * c["group_size"])
+                group_size=c["group_size"])
 
 
 def online_problems(args):

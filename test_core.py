@@ -3534,7 +3534,7 @@ def test_online_run_end_to_end_kl_ratio_and_records():
     assert [r["reward"] for r in slim if r["src_pool"] == "student"] == \
         [r["reward"] for r in student if r["src_step"] == 1]
     cfg = json.load(open(os.path.join(run, "run.json")))["config"]
-    assert cfg["source"] == "online" and cfg["group"] == 4 and cfg["mix"] == 1 and cfg["eval_problem_ids"]
+    assert cfg["source"] == "online" and cfg["group_size"] == 4 and "group" not in cfg and cfg["mix"] == 1 and cfg["eval_problem_ids"]
     assert not set(cfg["eval_problem_ids"]) & {p for r in rows for p in r["problems"]}   # held out
     check_eval_rows(run, ev, cfg["eval_problem_ids"], samples=2)
 
@@ -3814,7 +3814,7 @@ def test_online_flags_checked_before_anything_is_created():
                        (["--penalty", "1"], "--penalty"), (["--monitor-acc", "0.3", "--intervention", "screening"],
                                                             "--monitor-acc=0.3"),
                        (["--preset", "demo"], "not a preset of --source=online"), (["--beta", "-1"], "--beta=-1"),
-                       (["--group", "1"], "--group=1"), (["--problems", "nope.jsonl"], "--problems=nope.jsonl"),
+                       (["--group", "1"], "--group-size=1"), (["--problems", "nope.jsonl"], "--problems=nope.jsonl"),
                        (["--max-prompt-tokens", "150"], "online prompts are never cut"),
                        (["--temperature", "0.7"], "--temperature=0.7"), (["--top-p", "0.9"], "--top-p=0.9"),
                        (["--eval-frac", "0", "--eval-every", "2"], "--eval-every=2"),
@@ -3824,7 +3824,8 @@ def test_online_flags_checked_before_anything_is_created():
         assert not os.path.exists(out)
     for flag in (["--beta", "0.1"], ["--intervention", "penalty"], ["--dry-run"]):
         raises(SystemExit, configs.get_args, flag, match="belongs to --source=online")
-    raises(SystemExit, configs.get_args, ["--group", "4"], match="--group=4: belongs to --source=online")
+    raises(SystemExit, configs.get_args, ["--group", "4"], match="--group-size=4: belongs to --source=online")
+    raises(SystemExit, configs.get_args, ["--num-generations", "4"], match="--group-size=4: belongs to --source=online")
 
 
 def local_tiny_model():
@@ -3989,6 +3990,22 @@ def make_online_run(root, name, hack, correct, *, arm="vanilla", seed=0, n=10, c
         with gzip.open(os.path.join(d, "eval_rows.jsonl.gz"), "wt") as f:
             f.write("".join(json.dumps(r) + "\n" for r in eval_rows))
     return d
+
+
+def test_old_run_json_configs_read_in_todays_names():
+    """Online runs from before one name per quantity stored G as `group` and the rows per step as group_size;
+    read through configs.upgrade_run_config (--resume, analyze.py) they are today's config, and fields a run
+    predates take the value it used."""
+    old = dict(source="online", group=8, group_size=32, prompts_per_step=4, lr=1e-3)
+    now = configs.upgrade_run_config(old)
+    assert now["group_size"] == 8 and "group" not in now and now["prompts_per_step"] == 4 and old["group"] == 8
+    assert now["basis"] == "svd" and now["pair_kind"] == "pool" and now["extract_loss"] == "nll"
+    assert configs.upgrade_run_config(dict(group_size=8, basis="lora"))["group_size"] == 8     # replay: unchanged
+    assert configs.upgrade_run_config(dict(basis="lora"))["basis"] == "lora"                   # a value given wins
+    args = configs.get_args(["--source=online", "--num-generations", "4", "--num-iterations", "2", "--epsilon",
+                             "0.1", "--max-completion-length", "64"])                          # TRL's names
+    assert (args.cfg["group_size"], args.cfg["inner_epochs"], args.cfg["clip_eps"], args.cfg["max_completion_tokens"]) \
+        == (4, 2, 0.1, 64)
 
 
 def test_experiment_key_reads_fields_a_run_predates_as_their_old_values():

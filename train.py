@@ -32,7 +32,7 @@ teacher rows: interventions.py's. Every flag, its default and its check:
 configs.py (`python train.py --help`).
 
 Online (Phase 3). Each step draws --prompts-per-step problems from --problems (by seed and step),
-samples --group rollouts of each from the current student with the hint (on the adapter merged into
+samples --group-size (G) rollouts of each from the current student with the hint (on the adapter merged into
 plain weights), grades them in the sandbox and centres the rewards within each prompt's group. --mix N
 replaces N rows of each group by teacher-pool rows of the same problem (src_pool tells them apart; they
 carry no generation log-probs, so their ratio is 1). The objective is PPO-clip (--clip-eps,
@@ -360,9 +360,9 @@ def run_config(args, data, dropped):
                   lora_alpha=args.lora_alpha, one_sided=not args.no_gate, project_moments=args.project_moments,
                   dtype=args.dtype or cfg["dtype"], pair_kind=args.pair_kind, loss_type=args.loss_type,
                   extract_frac=args.extract_frac, extract_loss=args.extract_loss, preset=args.preset,
-                  group_size=data["rows_per_step"], source=args.source)
+                  group_size=data["group_size"], source=args.source)
     if args.source == "online":
-        config.update(group=cfg["group_size"], intervention=args.intervention,
+        config.update(intervention=args.intervention,
                       problems=os.path.abspath(cfg["problems"] or pools.FIXTURE_PROBLEMS),
                       problems_sha256=pools.file_digest(cfg["problems"] or pools.FIXTURE_PROBLEMS),
                       n_train_problems=len(data["train"]), eval_problem_ids=[p["id"] for p in data["eval_hint"]],
@@ -586,7 +586,7 @@ def resume_state(args, out, run, vmeta, modules, opt):
         raise SystemExit(f"error: --resume: {out}/run.json cannot be read ({type(e).__name__}: {e})") from None
     # a resume may extend --steps; fields added since a run began take the value that run had; the replay
     # rows dropped for repeating a pair's text follow from the pools and v_hack (compared by v_hack's sha256)
-    same = lambda c: {k: v for k, v in dict(configs.OLD_RUN_DEFAULTS, **c).items()
+    same = lambda c: {k: v for k, v in configs.upgrade_run_config(c).items()
                       if k not in ("steps", "replay_dropped_extraction_texts")}
     was, now = same(old["config"]), same(run["config"])
     diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
