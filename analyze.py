@@ -286,7 +286,8 @@ def add_adv_free(rows, loss_mode):
             r["cos_adv_free"] = None if c is None or abs(adv) < 1e-6 else (c if adv > 0 else -c)
 
 def read_run_meta(run_dir, keys=("arm",)):
-    """run.json of a run directory; its config must hold `keys`."""
+    """run.json of a run directory, its config in today's names (configs.upgrade_run_config: an older run's
+    missing fields take the values it used); the config must hold `keys`."""
     run_json = os.path.join(run_dir, "run.json")
     try:
         with open(run_json) as f:
@@ -297,6 +298,7 @@ def read_run_meta(run_dir, keys=("arm",)):
             meta["config"][k]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{run_json}:1: bad run.json ({type(e).__name__}: {e})") from e
+    meta["config"] = configs.upgrade_run_config(meta["config"])
     return meta
 
 def is_online(run_dir):
@@ -315,11 +317,10 @@ def load_run(run_dir):
     samples = []
     for p in sorted(glob.glob(os.path.join(run_dir, "step_*.cos.jsonl.gz"))):
         rows = read_jsonl(p, SAMPLE_KEYS)
-        add_adv_free(rows, cfg.get("loss_mode", "grpo"))
+        add_adv_free(rows, cfg["loss_mode"])
         samples += rows
     return dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir)), cfg=cfg, arm=arm, meta=meta,
-                loss_mode=cfg.get("loss_mode", "grpo"), control=cfg.get("control", "none"),
-                basis=cfg.get("basis", "svd"),
+                loss_mode=cfg["loss_mode"], control=cfg.get("control", "none"), basis=cfg["basis"],
                 seed=cfg.get("seed"), null_sd=(meta.get("null") or {}).get("cos_sd"),
                 steps=sorted(steps, key=lambda s: s["step"]), samples=samples)
 
@@ -356,7 +357,7 @@ def experiment_key(cfg, meta):
                                                                           src if src.startswith("file:") else None])
 
 def experiment(r):
-    return experiment_key(dict(r["cfg"], basis=r["basis"]), r["meta"])
+    return experiment_key(r["cfg"], r["meta"])
 
 def load_runs(run_dirs):
     """Every run once, finished, in an order that does not depend on the command line. Refused: a directory
@@ -1050,8 +1051,7 @@ def matched_elsewhere(runs, given):
             except ValueError:
                 continue
             cfg = meta["config"]
-            if cfg.get("source", "replay") != "online" and experiment_key(dict(cfg, basis=cfg.get("basis", "svd")),
-                                                                          meta) == key:
+            if cfg["source"] != "online" and experiment_key(cfg, meta) == key:
                 found.append(dict(dir=d, arm=cfg["arm"], control=cfg.get("control", "none"), seed=cfg.get("seed")))
     return found
 
@@ -1396,7 +1396,7 @@ def phase3(run_dirs, window=WINDOW, runs=None):
     rows = sorted((online_run_row(r, window) for r in runs), key=lambda x: x["seed"])
     cfgs = {r["arm"]: r["cfg"] for r in runs}      # vanilla, projected, controls, then the interventions
     order = sorted(cfgs, key=lambda a: (a not in ("vanilla svd", "vanilla lora"), cfgs[a].get("intervention", "none") != "none",
-                                        cfgs[a].get("control", "none") != "none", cfgs[a].get("basis", "svd") != "svd", a))
+                                        cfgs[a].get("control", "none") != "none", cfgs[a]["basis"] != "svd", a))
     rows.sort(key=lambda x: (order.index(x["arm"]), x["seed"]))
     arms = []
     for a in order:

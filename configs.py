@@ -24,7 +24,7 @@ away, so over few steps at lr=7e-5 vanilla and projected models diverge less tha
 Reproducibility: reproducible() (below), called by every entry point before torch loads, makes same-seed
 runs byte-identical on one machine at one thread count, not across CPU types.
 """
-import argparse, hashlib, math, os, sys
+import argparse, hashlib, json, math, os, sys
 
 import interventions   # --intervention's values (standard library only)
 import pools           # the demo pools' directories (standard library only)
@@ -110,6 +110,7 @@ ONLINE_ONLY = ("organism", "fast", "full")     # presets of --source=online; the
 # the Linears both adapters wrap by default: Qwen3's attention and MLP projections
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+EMBEDDED = ("tiny", "organism")   # the models built in code; only they take v_hack and --mix rows from the demo pools
 TINY_QWEN3 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, rms_norm_eps=1e-6,
                   tie_word_embeddings=False)
@@ -192,6 +193,26 @@ def memory_budget(shape, run):
                 total=resident + max(generation, training))
 
 
+
+def model_shape(name):
+    """The model's config dict (hidden size, layers, heads, vocab) without loading weights (--dry-run): the
+    tiny and organism shapes from TINY_QWEN3, a local or cached config.json, or the known Qwen3-4B shape."""
+    if name in EMBEDDED:
+        return dict(TINY_QWEN3, vocab_size=1024 if name == "organism" else 259)
+    path = os.path.join(name, "config.json") if os.path.isdir(name) else None
+    if path is None:
+        from huggingface_hub import try_to_load_from_cache
+        hit = try_to_load_from_cache(name, "config.json")
+        path = hit if isinstance(hit, str) else None
+    if path:
+        with open(path) as f:
+            return json.load(f)
+    if name == "Qwen/Qwen3-4B":
+        return dict(QWEN3_4B)
+    raise SystemExit(f"error: --model={name}: --dry-run needs its config.json (a local directory or the Hugging Face "
+                     f"cache)")
+
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}")
@@ -239,7 +260,7 @@ def check_model(name):
     """'tiny', 'organism', a local model directory, or a Hugging Face id already in the local cache. Runs
     and `rollout.py generate` never download: a missing model fails here at once, in one line, saying how to
     get it, and without any network attempt (the cache is looked up on disk only)."""
-    if name in ("tiny", "organism"):
+    if name in EMBEDDED:
         return
     if os.path.exists(name):
         if not os.path.isfile(os.path.join(name, "config.json")):
@@ -261,9 +282,6 @@ def check_model(name):
 
 ONLINE_KEYS = ("problems", "eval_problems", "eval_frac", "group_size", "prompts_per_step", "mix", "inner_epochs",
                "clip_eps", "beta", "temperature", "top_p", "eval_every", "eval_samples", "micro_batch", "gen_batch")
-
-
-EMBEDDED = ("tiny", "organism")   # the models built in code; only they take v_hack and --mix rows from the demo pools
 
 
 def flag_of(key):
@@ -469,12 +487,7 @@ def validate(args):
     if online:
         validate_online(args, bad)
     else:
-        given = [k for k in ONLINE_KEYS + ("penalty", "monitor_acc", "teacher_dir", "workers")
-                 if getattr(args, k, None) is not None]
-        given += [k for k, on in (("grad_checkpointing", args.grad_checkpointing), ("dry_run", args.dry_run),
-                                  ("intervention", args.intervention != "none")) if on]
-        if given:
-            bad(flag_of(given[0]), getattr(args, given[0]), "belongs to --source=online")
+        validate_replay(args, bad)
     if args.save_every is not None and args.save_every < 1:
         bad("--save-every", args.save_every, "must be an integer >= 1")
     if args.steps < 1:
@@ -511,6 +524,16 @@ def validate(args):
                          f"without --resume the run starts there")
     if not args.dry_run:                    # a dry run reads the model's shape only (model_shape)
         check_model(args.model)
+
+
+def validate_replay(args, bad):
+    """A replay run takes no online flag."""
+    given = [k for k in ONLINE_KEYS + ("penalty", "monitor_acc", "teacher_dir", "workers")
+             if getattr(args, k, None) is not None]
+    given += [k for k, on in (("grad_checkpointing", args.grad_checkpointing), ("dry_run", args.dry_run),
+                              ("intervention", args.intervention != "none")) if on]
+    if given:
+        bad(flag_of(given[0]), getattr(args, given[0]), "belongs to --source=online")
 
 
 def validate_online(args, bad):

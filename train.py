@@ -634,7 +634,7 @@ def resume_state(args, out, run, vmeta, modules, opt):
 def dry_run(args):
     """Print the resolved config and the peak GPU memory estimate (configs.memory_budget), loading no
     model and writing nothing; online, the problem files are read and checked as the run checks them."""
-    shape = model_shape(args.model)
+    shape = configs.model_shape(args.model)
     c = args.cfg
     if args.source == "online":
         sources.online_problems(args)               # the problem files, checked as the run checks them
@@ -658,25 +658,6 @@ def budget_run(args):
                 gen_batch=c.get("gen_batch"), dtype_bytes=torch.finfo(getattr(torch, args.dtype or c["dtype"])).bits // 8,
                 basis=args.basis, lora_rank=args.lora_rank or configs.LORA_RANK,
                 grad_checkpointing=c["grad_checkpointing"])
-
-
-def model_shape(name):
-    """The model's config dict (hidden size, layers, heads, vocab) without loading weights: the tiny
-    and organism shapes from configs.py, a local or cached config.json, or the known Qwen3-4B shape."""
-    if name in ("tiny", "organism"):
-        return dict(configs.TINY_QWEN3, vocab_size=1024 if name == "organism" else 259)
-    path = os.path.join(name, "config.json") if os.path.isdir(name) else None
-    if path is None:
-        from huggingface_hub import try_to_load_from_cache
-        hit = try_to_load_from_cache(name, "config.json")
-        path = hit if isinstance(hit, str) else None
-    if path:
-        with open(path) as f:
-            return json.load(f)
-    if name == "Qwen/Qwen3-4B":
-        return dict(configs.QWEN3_4B)
-    raise SystemExit(f"error: --model={name}: --dry-run needs its config.json (a local directory or the Hugging Face "
-                     f"cache)")
 
 
 def log_step(r, steps):
