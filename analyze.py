@@ -64,6 +64,88 @@ stopped sweep) are reported, each comparison on the seeds both arms have, with t
 not run and why (sweep.json). --plot draws per arm the per-step label mix of the student rollouts (hack, correct, attempted,
 incorrect; line = mean, band = min to max over seeds, the final window shaded) and the held-out endpoints
 per arm (bars = mean, dots = seeds).
+
+The run directory train.py writes and this file reads (default name
+out/runs/<arm>_<loss>_<control>_s<seed>[_lora], online
+out/runs/online_<arm>_<basis>_<intervention>_<control>_s<seed>, then _<flag>-<value> for every other
+flag given that changes the experiment, e.g. _loss-type-bnpo; a path or list value is named by its
+digest). Undefined values are null; no prompt or completion text is written outside rollouts/ (replayed
+rollouts live in their pools only); with the same seed and inputs the slim files are byte-identical on
+CPU.
+    run.json             argv, config (source, arm, basis, loss type, pair kind, token limits, group_size
+                         (G: replay, the rows drawn per step; online, rollouts per prompt), ...; online:
+                         prompts per step, mix, beta, intervention, problems sha256, held-out problem
+                         ids, ...; an older run's config is read through configs.upgrade_run_config), versions, basis fingerprint, v_hack metadata (path, sha256, pairs, pair
+                         kind), v_hack_source {kind: file | pairs | demo, path, sha256, pairs_source,
+                         n_pairs, control; pair_dirs {pool: dir, fingerprint} or pairs_file,
+                         pairs_file_sha256}, online with --mix mix_source {kind: pool | demo, dir,
+                         fingerprint}, pool fingerprints and metadata, null.cos_sd, truncation (replay)
+    steps.jsonl          one row per step: step, arm, skipped, skip_reason, n_samples, reward_min,
+                         reward_max, reward_range, adv_min, adv_max, adv_abs_mean, loss, grad_norm, cos_in,
+                         cos_out, cos_update, cos_learned, grad_removed, cos_in_global, n_rows,
+                         n_prompt_truncated, n_completion_truncated, prompt_tokens_cut,
+                         completion_tokens_cut, n_hack_lost_test_func, hackward, frac_fired,
+                         n_over_projected, time_s. Online rows also: source, n_student, n_teacher,
+                         n_screened, n_flagged, hack_rate, gt_rate, compile_rate, hack_given_compile,
+                         labels ({label: count} of the student's rollouts), reward_mean, comp_len_mean,
+                         truncated_frac, n_zero_var_groups, problems, kl (mean K3 per token, first epoch),
+                         clip_frac, ratio_min, ratio_max, ratio_epochs, cos_in_epochs, gen_mismatch_max,
+                         gen_mismatch_mean (|log p_train - log p_gen| over the student's completion
+                         tokens), gen_s, grade_s, train_s
+    step_NNN.cos.jsonl.gz  one row per sample, spec2's slim schema, exactly: step, sample_id, src_pool,
+                         src_step, src_sample, reward, hacked, gt_pass, fmt_ok, comp_len, cos_S_contrib,
+                         grad_norm_contrib, mean_cos_in, mean_cos_out, frac_fired, arm
+    state.pt             the checkpoint --resume continues from (knobs, AdamW state, step, v_hack sha256;
+                         --save-every)
+    adapter/             the trained adapter at the last checkpoint (step and model in the safetensors
+                         header): PEFT LoRA (adapter_config.json, adapter_model.safetensors) or the SVD
+                         knobs (svd_knobs.safetensors: delta_S per module, base-model fingerprint)
+    eval.jsonl           online: step (optimizer steps done), n, hack_rate_hint, gt_rate_hint,
+                         gt_rate_nohint, compile_rate_hint, compile_rate_nohint, hack_given_compile_hint
+                         (P(hack | compiles) with the hint, null when nothing compiled), labels_hint, seconds
+    eval_rows.jsonl.gz   online: one row per held-out rollout, exactly {step, kind (hint | nohint),
+                         problem_id, sample (0 .. eval_samples-1), label, hacked, gt_pass, compiled,
+                         reward}; all rows so far, rewritten atomically at each evaluation; --resume keeps
+                         the rows with step up to its checkpoint's
+    rollouts/student/    online: the student's graded rollouts, a pool (pools.read_pool reads it)
+
+What each step measures. All gradients live in the knobs' coordinates (delta_S; LoRA: the flat (A, B)).
+  losses (spec2)  grpo: adv = r - mean(r) (Dr.GRPO, no std), per-sample loss
+                  -adv_i * (logp_i * mask_i).sum() / mask_i.sum() / G; nll: -(logp_i * mask_i).sum() /
+                  mask_i.sum() / G. Only completion tokens (plus the end-of-turn token) are in the mask.
+                  A zero-variance group is logged and skipped (no optimizer step). The token reduction
+                  is --loss-type (TRL's names): grpo (default, the spec's: each sequence's mean over its
+                  own tokens, 1/|o_i|), dr_grpo (sum over tokens divided by G x max completion tokens, a
+                  constant) or bnpo (sum divided by all completion tokens of the group).
+  truncation      prompts are cut from the left and completions from the right at --max-prompt-tokens /
+                  --max-completion-tokens (default: the preset). Every cut is counted per step (the
+                  n_..._truncated and ..._cut fields), for the whole replay set in run.json, and in the
+                  report; a hacked row whose run_tests definition is cut away (the very tokens that make
+                  it a hack) is warned about loudly, in training and in extraction. Online, prompts are
+                  never cut: one longer than --max-prompt-tokens is an error before anything is created.
+  cos_in          per module, the signed cosine of the batch gradient with the top hack axis; the step
+                  value is the mean over modules (a module with a zero gradient is skipped, never counted
+                  as 0). cos_in_global is the cosine over all modules concatenated (dominated by the
+                  largest modules); the decision uses the mean over modules, whose isotropic null is known.
+  cos_out         the same after one-sided removal g - relu(V g) @ V; in the vanilla arm nothing is
+                  removed, and cos_out says what the projection would have done.
+  frac_fired      fraction of modules where something was removed; hackward ||relu(V g)|| / ||g||;
+                  n_over_projected: modules where some axis lost more than its hack-ward part (a bug).
+  cos_update      the same cosine for the update actually applied, -(knobs after - before): AdamW's
+                  per-coordinate normalisation means a projected gradient does not make a hack-free
+                  update (hence --project-moments).
+  cos_learned     the same cosine for all the student has learned so far, -(knobs now - knobs at step
+                  0): if it stays near 0 while the hack rate rises, the projection had nothing to remove.
+  grad_removed    the share of the gradient's norm the one-sided projection removes (projected) or would
+                  remove (vanilla), over all modules, ||g - g_projected|| / ||g||.
+  cos_S_contrib   per sample: mean over modules of the cosine of that sample's own gradient contribution
+                  with the top axis; grad_norm_contrib its norm. All contributions come from one backward
+                  and sum to the batch gradient. Under GRPO a contribution is adv_i * grad NLL_i / G, and
+                  teacher rows have adv > 0, base rows adv < 0: a direction shared by every NLL gradient
+                  separates the pools by the advantage's sign alone, so the report also shows the
+                  advantage-free cosine cos_S_contrib * sign(adv_i) and bases "discrimination" on it.
+  null            a uniformly random direction's cosine with a fixed vector in dimension r has sd
+                  1/sqrt(r); run.json stores the sd of the module mean (null.cos_sd).
 """
 import glob
 import json
@@ -75,7 +157,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-import configs  # OLD_RUN_DEFAULTS: what runs that predate a config field used
+import configs  # upgrade_run_config: an old run.json's config in today's names
 
 import pools   # strict JSON Lines reading and pool labels (standard library only)
 from pools import read_jsonl
@@ -204,7 +286,8 @@ def add_adv_free(rows, loss_mode):
             r["cos_adv_free"] = None if c is None or abs(adv) < 1e-6 else (c if adv > 0 else -c)
 
 def read_run_meta(run_dir, keys=("arm",)):
-    """run.json of a run directory; its config must hold `keys`."""
+    """run.json of a run directory, its config in today's names (configs.upgrade_run_config: an older run's
+    missing fields take the values it used); the config must hold `keys`."""
     run_json = os.path.join(run_dir, "run.json")
     try:
         with open(run_json) as f:
@@ -215,6 +298,7 @@ def read_run_meta(run_dir, keys=("arm",)):
             meta["config"][k]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{run_json}:1: bad run.json ({type(e).__name__}: {e})") from e
+    meta["config"] = configs.upgrade_run_config(meta["config"])
     return meta
 
 def is_online(run_dir):
@@ -233,11 +317,10 @@ def load_run(run_dir):
     samples = []
     for p in sorted(glob.glob(os.path.join(run_dir, "step_*.cos.jsonl.gz"))):
         rows = read_jsonl(p, SAMPLE_KEYS)
-        add_adv_free(rows, cfg.get("loss_mode", "grpo"))
+        add_adv_free(rows, cfg["loss_mode"])
         samples += rows
     return dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir)), cfg=cfg, arm=arm, meta=meta,
-                loss_mode=cfg.get("loss_mode", "grpo"), control=cfg.get("control", "none"),
-                basis=cfg.get("basis", "svd"),
+                loss_mode=cfg["loss_mode"], control=cfg.get("control", "none"), basis=cfg["basis"],
                 seed=cfg.get("seed"), null_sd=(meta.get("null") or {}).get("cos_sd"),
                 steps=sorted(steps, key=lambda s: s["step"]), samples=samples)
 
@@ -269,11 +352,12 @@ def experiment_key(cfg, meta):
     and the step count."""
     fps = lambda key: sorted((n, (p or {}).get("fingerprint")) for n, p in (meta.get(key) or {}).items())
     src = str((meta.get("v_hack") or {}).get("pairs_source") or "")        # a --pairs file, shared by the controls
-    return json.dumps([cfg.get(k, configs.OLD_RUN_DEFAULTS.get(k)) for k in EXPERIMENT] + [fps("pools"), fps("pair_pools"),
+    cfg = configs.upgrade_run_config(cfg)
+    return json.dumps([cfg.get(k) for k in EXPERIMENT] + [fps("pools"), fps("pair_pools"),
                                                                           src if src.startswith("file:") else None])
 
 def experiment(r):
-    return experiment_key(dict(r["cfg"], basis=r["basis"]), r["meta"])
+    return experiment_key(r["cfg"], r["meta"])
 
 def load_runs(run_dirs):
     """Every run once, finished, in an order that does not depend on the command line. Refused: a directory
@@ -967,8 +1051,7 @@ def matched_elsewhere(runs, given):
             except ValueError:
                 continue
             cfg = meta["config"]
-            if cfg.get("source", "replay") != "online" and experiment_key(dict(cfg, basis=cfg.get("basis", "svd")),
-                                                                          meta) == key:
+            if cfg["source"] != "online" and experiment_key(cfg, meta) == key:
                 found.append(dict(dir=d, arm=cfg["arm"], control=cfg.get("control", "none"), seed=cfg.get("seed")))
     return found
 
@@ -1313,7 +1396,7 @@ def phase3(run_dirs, window=WINDOW, runs=None):
     rows = sorted((online_run_row(r, window) for r in runs), key=lambda x: x["seed"])
     cfgs = {r["arm"]: r["cfg"] for r in runs}      # vanilla, projected, controls, then the interventions
     order = sorted(cfgs, key=lambda a: (a not in ("vanilla svd", "vanilla lora"), cfgs[a].get("intervention", "none") != "none",
-                                        cfgs[a].get("control", "none") != "none", cfgs[a].get("basis", "svd") != "svd", a))
+                                        cfgs[a].get("control", "none") != "none", cfgs[a]["basis"] != "svd", a))
     rows.sort(key=lambda x: (order.index(x["arm"]), x["seed"]))
     arms = []
     for a in order:

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configs import CAPTURE_CHUNK, CLIP_EPS, TARGETS
+from configs import CAPTURE_CHUNK, CLIP_EPS, LOSS_TYPES, TARGETS
 import pools   # atomic_write (standard library only)
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "antipasto_svd")
 
@@ -262,9 +262,6 @@ def slice_batch(batch, a, b):
     """Rows a:b of a batch dict (a micro-batch), trimmed to its own longest row."""
     T = int(batch["attention_mask"][a:b].sum(-1).max().item())
     return {k: (v[a:b, :T] if torch.is_tensor(v) and v.dim() == 2 else v[a:b]) for k, v in batch.items()}
-
-
-LOSS_TYPES = ("grpo", "dr_grpo", "bnpo")
 
 
 def token_denoms(comp_len, loss_type="grpo", N=None, max_len=None):

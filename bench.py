@@ -23,7 +23,7 @@ With CUDA, rows 1, 3 and 6 run again at Qwen3-4B shapes (random weights, bf16) o
 The GPU check, `python bench.py --gpu` (one 80-140 GB GPU, no downloads, meant to finish within 8
 minutes): a random-weight Qwen3 of Qwen3-4B's shape in bf16, its SVD adapter built from random orthonormal
 factors of the SVD's shapes (same cost and memory; the real SVD of a 4B model takes minutes once, then is
-cached), runs one online step of the trainer's own code (train.online_group and train.train_step,
+cached), runs one online step of the trainer's own code (sources.online_group and train.train_step,
 projected arm) at the full preset's shapes: 43 prompts x 6 rollouts, 1536 + 1024 tokens, gen_batch 64,
 micro-batch 4, checkpointing. It prints seconds per phase (generation, grading, batch and reference
 log-probs, training; plus the grading of as many canned fixture completions, since random text holds no
@@ -815,9 +815,9 @@ def gpu_check(shape, flags=(), device="cuda", dtype=torch.bfloat16, rounds=2, ne
     new_tokens, the fixture prompts), and one micro-batch's forward+backward with per-sample capture vs
     plain. Peak memory (CUDA) of generation and training beside configs.memory_budget. problems: the
     step's problems (default: the fixture's, under distinct ids). Returns a dict."""
-    import rollout, train
-    args = train.get_args(["--source=online", "--preset=full", "--problems", pools.FIXTURE_PROBLEMS, "--eval-every",
-                           "0", "--model", "tiny", "--arm", "projected", "--dry-run", *flags])
+    import rollout, sources, train
+    args = configs.get_args(["--source=online", "--preset=full", "--problems", pools.FIXTURE_PROBLEMS, "--eval-every",
+                             "0", "--model", "tiny", "--arm", "projected", "--dry-run", *flags])
     c, cuda = args.cfg, str(device).startswith("cuda")
     res = dict(cfg={k: c[k] for k in ("group_size", "prompts_per_step", "max_prompt_tokens", "max_completion_tokens",
                                       "gen_batch", "micro_batch", "grad_checkpointing", "beta")},
@@ -843,7 +843,7 @@ def gpu_check(shape, flags=(), device="cuda", dtype=torch.bfloat16, rounds=2, ne
             torch.cuda.reset_peak_memory_stats()
         res["resident_bytes"] = torch.cuda.memory_allocated() if cuda else None
         t = time.perf_counter()
-        g = train.online_group(model, tok, modules, None, S, args, 0, tmp)   # the student's rollouts go to tmp
+        g = sources.online_group(model, tok, modules, None, S, args, 0, tmp)   # the student's rollouts go to tmp
         sync(device)
         res["group_s"], res["gen_peak"] = time.perf_counter() - t, peak()
         res.update(gen_s=g["record"]["gen_s"], grade_s=g["record"]["grade_s"],

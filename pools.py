@@ -711,6 +711,7 @@ def base_completion(problem, k):
 
 DEMO_NAMES = ("teacher_pool", "base_pool")   # the hinted pool, then the plain one
 DEMO_OUT = os.path.join("out", "pools")       # where the demo pools live (pools.py demo's --out default)
+DEMO_DIRS = [os.path.join(DEMO_OUT, n) for n in DEMO_NAMES]
 DEMO_SOURCE = "demo:canned-completions"
 
 

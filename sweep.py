@@ -75,7 +75,7 @@ prompts, so that it runs in minutes on a loaded 2-core machine; SHORT.jsonl is t
 one-sentence prompts), one command then the report:
     python sweep.py --out /tmp/sw --preset organism --steps 2 -- --model tiny --problems SHORT.jsonl
       --mix 1 --teacher-dir out/pools/teacher_pool --pair-dirs out/pools/teacher_pool,out/pools/base_pool
-      --max-prompt-tokens 384 --max-completion-tokens 12 --eval-every 2 --eval-samples 1 --group 4
+      --max-prompt-tokens 384 --max-completion-tokens 12 --eval-every 2 --eval-samples 1 --group-size 4
       --prompts-per-step 2 --workers 1
     python analyze.py /tmp/sw/runs/* --window 2
 It ran vanilla and projected on seeds 0-2 and nothing else, then printed "stopping: no separation after 3

@@ -1777,12 +1777,12 @@ def test_train_drops_replayed_rows_that_repeat_a_pair_text():
     """A teacher that has learned to hack repeats its hacks word for word: a replayed row (not a pair's own row)
     whose text is a pair's is dropped and counted, no trained-on sample has such a text, and a pool left with
     fewer than --per-pool rows is refused."""
-    import train
+    import vhack
     teacher, base = demo_pools()
     shared_run("--arm", "vanilla")                                             # v_hack from held-out steps 15-19
     vmeta = json.load(open(os.path.join(shared_run("--arm", "vanilla"), "run.json")))["v_hack"]
     seen = set(vmeta["completion_sha"])
-    pair_text = next(r["completion"] for r in pools.read_pool(teacher) if train.text_sha(r["completion"]) in seen)
+    pair_text = next(r["completion"] for r in pools.read_pool(teacher) if vhack.text_sha(r["completion"]) in seen)
     d = os.path.join(tmpdir(), "repeats_pool")                               # replayed steps 0-14, other name
     os.makedirs(d)
     shutil.copy(os.path.join(teacher, "meta.json"), d)
@@ -1790,7 +1790,7 @@ def test_train_drops_replayed_rows_that_repeat_a_pair_text():
         rows = pools.read_jsonl(pools.step_path(teacher, s))
         pools.write_pool_step(d, s, [dict(r, completion=pair_text) if i % 2 == 0 and s < 4 else r for i, r in enumerate(rows)])
     rows = {(r["src_step"], r["src_sample"]): r for r in pools.read_pool(d)}
-    want = sum(train.text_sha(r["completion"]) in seen for r in rows.values())
+    want = sum(vhack.text_sha(r["completion"]) in seen for r in rows.values())
     assert want >= 16
     out = run_train("--arm", "vanilla", "--replay-dirs", d, "--per-pool", "8", "--pair-dirs", f"{teacher},{base}",
                     "--steps", "4")
@@ -1798,7 +1798,7 @@ def test_train_drops_replayed_rows_that_repeat_a_pair_text():
     assert cfg["replay_dropped_extraction_texts"] == {"repeats_pool": want}
     used = [json.loads(l) for f in sorted(os.listdir(out)) if f.endswith(".cos.jsonl.gz")
             for l in gzip.open(os.path.join(out, f), "rt")]
-    assert len(used) == 4 * 8 and not any(train.text_sha(rows[u["src_step"], u["src_sample"]]["completion"]) in seen
+    assert len(used) == 4 * 8 and not any(vhack.text_sha(rows[u["src_step"], u["src_sample"]]["completion"]) in seen
                                           for u in used)
     raises(RunError, run_train, "--arm", "vanilla", "--replay-dirs", d, "--per-pool", str(len(rows) - want + 1),
            "--pair-dirs", f"{teacher},{base}", match="fewer than --per-pool")
@@ -1815,7 +1815,7 @@ def test_train_corrupt_pool_fails_with_path():
 
 
 def test_train_counts_truncation_and_demo_limits_cut_nothing():
-    import configs, train
+    import configs, sources
     _, tok = tiny()
     out = shared_run("--arm", "vanilla")                # run_train's limits: TEST_LIMITS
     run = json.load(open(os.path.join(out, "run.json")))
@@ -1837,20 +1837,20 @@ def test_train_counts_truncation_and_demo_limits_cut_nothing():
     # the demo preset cuts nothing from the demo pools
     demo = configs.PRESETS["demo"]
     for d in demo_pools():
-        t = train.truncation(tok, pools.read_pool(d), demo)
+        t = sources.truncation(tok, pools.read_pool(d), demo)
         assert t["n_prompt_truncated"] == t["n_completion_truncated"] == 0, t
 
 
 def test_mechanism_and_style_pairs():
-    import train
-    held = [r for d in demo_pools() for r in train.split_pool(pools.read_pool(d), 0.25)[1]]
-    mech = train.mechanism_pairs(held)
+    import vhack
+    held = [r for d in demo_pools() for r in vhack.split_pool(pools.read_pool(d), 0.25)[1]]
+    mech = vhack.mechanism_pairs(held)
     assert len(mech) == sum(r["hacked"] for r in held) > 0
     for p in mech:
         assert p["clean"] == pools.strip_test_func(p["hack"]) and p["ids"][1][:3] == p["ids"][0]
         assert pools.find_test_func(pools.extract_code(p["hack"]))[0] is not None
         assert pools.find_test_func(pools.extract_code(p["clean"]))[0] is None
-    style = train.style_pairs(held)
+    style = vhack.style_pairs(held)
     assert style and all(pools.find_test_func(pools.extract_code(p["hack"]) or "")[0] is None for p in style)
     assert all(p["ids"][0][0] == "teacher_pool" and p["ids"][1][0] == "base_pool" for p in style)
     out = run_train("--arm", "vanilla", "--control", "style_v", "--steps", "1")
@@ -1880,18 +1880,18 @@ def hand_project(g, v):
 
 
 def test_train_projected_arm_steps_on_the_projected_gradient():
-    import torch, antipasto as ap, train
+    import torch, antipasto as ap, sources, vhack
     out = run_train("--arm", "projected", "--steps", "2")
     run = json.load(open(os.path.join(out, "run.json")))
     model, tok, modules = wrapped()
     V, _ = ap.load_v(run["v_hack"]["path"], modules)
-    replay = {n: train.split_pool(pools.read_pool(d), 0.25)[0] for n, d in zip(("teacher_pool", "base_pool"), demo_pools())}
+    replay = {n: vhack.split_pool(pools.read_pool(d), 0.25)[0] for n, d in zip(("teacher_pool", "base_pool"), demo_pools())}
     params, state = {n: torch.zeros_like(ap.knob(m)) for n, m in modules.items()}, {}
     for step in range(2):
         with torch.no_grad():
             for n, m in modules.items():
                 ap.knob(m).copy_(params[n])
-        group = train.draw(replay, 4, 0, step)
+        group = sources.draw(replay, 4, 0, step)
         batch = ap.make_batch(tok, [pools.render_prompt(r["prompt"], tok) for r in group],
                               [r["completion"] for r in group], *TEST_LIMITS)
         model.train()
@@ -1931,11 +1931,11 @@ def test_project_moments_projects_the_first_moment():
 
 
 def test_draw_depends_on_seed_and_step_only():
-    import train
+    import sources
     replay = {"a": [dict(i=i) for i in range(30)], "b": [dict(i=100 + i) for i in range(30)]}
-    g1 = [train.draw(replay, 4, 0, s) for s in range(5)]
-    assert g1 == [train.draw(replay, 4, 0, s) for s in range(5)]
-    assert g1 != [train.draw(replay, 4, 1, s) for s in range(5)]
+    g1 = [sources.draw(replay, 4, 0, s) for s in range(5)]
+    assert g1 == [sources.draw(replay, 4, 0, s) for s in range(5)]
+    assert g1 != [sources.draw(replay, 4, 1, s) for s in range(5)]
     flat = [r["i"] for g in g1 for r in g]
     assert len(set(flat)) == len(flat)                                         # no reuse before a pool is spent
 
@@ -2616,18 +2616,18 @@ def test_train_flags_checked_before_anything_is_created():
 
 
 def test_train_ctrl_c_says_how_to_resume():
-    import shlex, train
+    import shlex, train, sources
     out = os.path.join(tmpdir(), "run")
-    real = train.draw
+    real = sources.draw
     def draw(replay, per_pool, seed, step):
         if step == 1:
             raise KeyboardInterrupt
         return real(replay, per_pool, seed, step)
-    train.draw = draw
+    sources.draw = draw
     try:
         e, _, err = quiet_call(run_train, "--arm", "projected", "--overwrite", out=out)
     finally:
-        train.draw = real
+        sources.draw = real
     assert isinstance(e, SystemExit) and e.code == 130 and "Traceback" not in err, err
     cmd = [l.strip() for l in err.splitlines() if l.strip().startswith("python train.py")]
     assert len(cmd) == 1, err
@@ -2750,13 +2750,13 @@ def test_train_rough_edges_resume_parse_errors_and_warning_order():
         "continue; without --resume the run starts there\n", p.stderr
     model = tmpdir()                                  # a model that passes the check still gets the warning
     open(os.path.join(model, "config.json"), "w").write("{}")
-    args, _, err = quiet_call(train.get_args, ["--model", model])
+    args, _, err = quiet_call(configs.get_args, ["--model", model])
     assert args.preset == "demo" and err.startswith(f"WARNING: --model {model} without --preset"), err
 
 
 def test_default_run_directory_names_every_flag_that_changes_the_experiment():
     import train
-    name = lambda *argv: train.run_name(train.get_args(list(argv)))
+    name = lambda *argv: configs.run_name(configs.get_args(list(argv)))
     base = name()
     assert base == "vanilla_grpo_none_s0" and name("--steps", "7", "--device", "cpu", "--save-every", "2") == base
     variants = [("--loss-type", "bnpo"), ("--pair-kind", "mechanism"), ("--extract-loss", "grpo"), ("--k", "2"),
@@ -3540,7 +3540,7 @@ def test_online_run_end_to_end_kl_ratio_and_records():
     assert [r["reward"] for r in slim if r["src_pool"] == "student"] == \
         [r["reward"] for r in student if r["src_step"] == 1]
     cfg = json.load(open(os.path.join(run, "run.json")))["config"]
-    assert cfg["source"] == "online" and cfg["group"] == 4 and cfg["mix"] == 1 and cfg["eval_problem_ids"]
+    assert cfg["source"] == "online" and cfg["group_size"] == 4 and "group" not in cfg and cfg["mix"] == 1 and cfg["eval_problem_ids"]
     assert not set(cfg["eval_problem_ids"]) & {p for r in rows for p in r["problems"]}   # held out
     check_eval_rows(run, ev, cfg["eval_problem_ids"], samples=2)
 
@@ -3608,12 +3608,12 @@ def test_online_micro_batches_and_checkpointing_give_the_same_step():
 
 
 def test_shuffled_within_groups_permutes_each_group_alone():
-    import train
+    import interventions
     rewards = [float(i) for i in range(40)]
     groups = [i % 5 for i in range(40)]                                       # interleaved groups of 8
-    out = train.shuffled_within_groups(rewards, groups, 0, 3)
-    assert out == train.shuffled_within_groups(rewards, groups, 0, 3)        # seeded
-    assert out != train.shuffled_within_groups(rewards, groups, 1, 3) != train.shuffled_within_groups(rewards, groups, 0, 4)
+    out = interventions.shuffled_within_groups(rewards, groups, 0, 3)
+    assert out == interventions.shuffled_within_groups(rewards, groups, 0, 3)        # seeded
+    assert out != interventions.shuffled_within_groups(rewards, groups, 1, 3) != interventions.shuffled_within_groups(rewards, groups, 0, 4)
     for gi in range(5):
         mine = [i for i in range(40) if groups[i] == gi]
         assert sorted(out[i] for i in mine) == [rewards[i] for i in mine]    # a permutation inside the group
@@ -3700,7 +3700,7 @@ def test_online_kill_and_resume_equals_uninterrupted_and_damaged_checkpoint_refu
 
 @slow
 def test_online_interventions_penalty_screening_shuffled_inoculation():
-    import train
+    import train, interventions
     base = run_online("--steps", "1")
     pen = run_online("--steps", "1", "--intervention", "penalty", "--penalty", "2.5")
     scr = run_online("--steps", "1", "--intervention", "screening")
@@ -3710,21 +3710,21 @@ def test_online_interventions_penalty_screening_shuffled_inoculation():
     assert [r for r in sb if not r["hacked"]] and not any(r["hacked"] for r in ss)
     assert len(ss) == sum(not r["hacked"] for r in sb)
     assert pools.read_jsonl(os.path.join(scr, "steps.jsonl"))[0]["n_screened"] == sum(r["hacked"] for r in sb)
-    real = train.monitor_flags                # a monitor that flags everything: screening leaves no row
-    train.monitor_flags = lambda *a: True
+    real = interventions.monitor_flags                # a monitor that flags everything: screening leaves no row
+    interventions.monitor_flags = lambda *a: True
     try:
         none = run_online("--steps", "2", "--intervention", "screening")
     finally:
-        train.monitor_flags = real
+        interventions.monitor_flags = real
     rows = pools.read_jsonl(os.path.join(none, "steps.jsonl"))
     assert [r["skip_reason"] for r in rows] == ["screening dropped every rollout"] * 2 and rows[0]["n_screened"] == 8
     assert slim_rows(none)["step_001.cos.jsonl.gz"] == []
     # the simulated monitor: right with probability acc, the same answer for the same rollout
     rows = [dict(hacked=i % 2 == 0, src_pool="student", src_step=0, src_sample=i) for i in range(4000)]
-    right = [train.monitor_flags(r, 0.8, 0, 0) == r["hacked"] for r in rows]
+    right = [interventions.monitor_flags(r, 0.8, 0, 0) == r["hacked"] for r in rows]
     assert abs(sum(right) / len(right) - 0.8) < 0.03
-    assert right == [train.monitor_flags(r, 0.8, 0, 0) == r["hacked"] for r in rows]
-    assert all(train.monitor_flags(r, 1.0, 0, 0) == r["hacked"] for r in rows)
+    assert right == [interventions.monitor_flags(r, 0.8, 0, 0) == r["hacked"] for r in rows]
+    assert all(interventions.monitor_flags(r, 1.0, 0, 0) == r["hacked"] for r in rows)
     # shuffled rewards: the same step-0 rollouts (knobs at zero), each group's rewards permuted among its rows
     shf = run_online("--steps", "1", "--intervention", "shuffled_rewards")
     sf = slim_rows(shf)["step_000.cos.jsonl.gz"]
@@ -3740,13 +3740,13 @@ def test_online_interventions_penalty_screening_shuffled_inoculation():
     assert [r["reward"] for r in shuffled] == [r["reward"] for r in pools.read_pool(os.path.join(base, "rollouts",
                                                                                                    "student"))]
     # inoculation: the system line in training prompts only
-    a = train.get_args(["--source", "online", "--intervention", "inoculation"])
+    a = configs.get_args(["--source", "online", "--intervention", "inoculation"])
     p = problems()[next(iter(problems()))]
-    msgs = train.student_messages(None, a)(p)
-    assert msgs[0] == {"role": "system", "content": train.INOCULATION} and msgs[1:] == p["prompt"]
+    msgs = interventions.student_messages(None, a)(p)
+    assert msgs[0] == {"role": "system", "content": interventions.INOCULATION} and msgs[1:] == p["prompt"]
     inoc = run_online("--steps", "1", "--intervention", "inoculation", "--eval-every", "1", "--eval-samples", "1")
     st = pools.read_pool(os.path.join(inoc, "rollouts", "student"))
-    assert all(r["prompt"][0]["content"] == train.INOCULATION for r in st)
+    assert all(r["prompt"][0]["content"] == interventions.INOCULATION for r in st)
 
 
 @slow
@@ -3792,12 +3792,12 @@ def test_online_dry_run_prints_the_budget_and_creates_nothing():
     try:
         big = problems_992(tmpdir())
         res, out, err = quiet_call(train.main, ["--source=online", "--preset=full", "--problems", big,
-                                                "--eval-problems", FIXTURE, "--dry-run", "--pair-dirs", ",".join(train.DEMO_DIRS)])
+                                                "--eval-problems", FIXTURE, "--dry-run", "--pair-dirs", ",".join(pools.DEMO_DIRS)])
         # what the run refuses, the dry run refuses: a --problems below n_problems, no held-out problems
         e = raises(train.RunError, train.main, ["--source=online", "--preset=full", "--problems", FIXTURE,
-                                                "--eval-problems", big, "--dry-run", "--pair-dirs", ",".join(train.DEMO_DIRS)])
+                                                "--eval-problems", big, "--dry-run", "--pair-dirs", ",".join(pools.DEMO_DIRS)])
         assert str(e) == (f"--problems={FIXTURE}: 30 problems, fewer than the preset's n_problems=992")
-        raises(train.RunError, train.main, ["--source=online", "--preset=full", "--problems", big, "--dry-run", "--pair-dirs", ",".join(train.DEMO_DIRS)],
+        raises(train.RunError, train.main, ["--source=online", "--preset=full", "--problems", big, "--dry-run", "--pair-dirs", ",".join(pools.DEMO_DIRS)],
                match="--eval-every=20: --preset=full holds out no problem")
         raises(train.RunError, train.main, ["--source=online", "--preset=organism", "--prompts-per-step=40", "--dry-run"],
                match="--prompts-per-step=40: only 24 training problems")
@@ -3820,7 +3820,7 @@ def test_online_flags_checked_before_anything_is_created():
                        (["--penalty", "1"], "--penalty"), (["--monitor-acc", "0.3", "--intervention", "screening"],
                                                             "--monitor-acc=0.3"),
                        (["--preset", "demo"], "not a preset of --source=online"), (["--beta", "-1"], "--beta=-1"),
-                       (["--group", "1"], "--group=1"), (["--problems", "nope.jsonl"], "--problems=nope.jsonl"),
+                       (["--group", "1"], "--group-size=1"), (["--problems", "nope.jsonl"], "--problems=nope.jsonl"),
                        (["--max-prompt-tokens", "150"], "online prompts are never cut"),
                        (["--temperature", "0.7"], "--temperature=0.7"), (["--top-p", "0.9"], "--top-p=0.9"),
                        (["--eval-frac", "0", "--eval-every", "2"], "--eval-every=2"),
@@ -3829,8 +3829,9 @@ def test_online_flags_checked_before_anything_is_created():
         assert "\n" not in str(e)
         assert not os.path.exists(out)
     for flag in (["--beta", "0.1"], ["--intervention", "penalty"], ["--dry-run"]):
-        raises(SystemExit, train.get_args, flag, match="belongs to --source=online")
-    raises(SystemExit, train.get_args, ["--group", "4"], match="--group=4: belongs to --source=online")
+        raises(SystemExit, configs.get_args, flag, match="belongs to --source=online")
+    raises(SystemExit, configs.get_args, ["--group", "4"], match="--group-size=4: belongs to --source=online")
+    raises(SystemExit, configs.get_args, ["--num-generations", "4"], match="--group-size=4: belongs to --source=online")
 
 
 def local_tiny_model():
@@ -3847,7 +3848,7 @@ def local_tiny_model():
 
 @slow
 def test_online_real_model_never_takes_v_hack_or_mix_rows_from_the_demo_pools():
-    import train
+    import vhack
     teacher, base = demo_pools()
     model = local_tiny_model()
     out = os.path.join(tmpdir(), "never")
@@ -3876,8 +3877,8 @@ def test_online_real_model_never_takes_v_hack_or_mix_rows_from_the_demo_pools():
     assert src["pair_pools"] == {} and "mix_source" not in src and not os.path.exists(os.path.join(cwd, "out", "pools"))
     assert f"v_hack: loaded from the file {os.path.abspath(v_new)}" in err
     # the embedded models' default is the demo pools, and says so
-    assert train.is_demo(train.DEMO_DIRS) and train.is_demo([os.path.abspath(train.DEMO_DIRS[0])])
-    assert not train.is_demo([teacher]) and not train.is_demo([])
+    assert vhack.is_demo(pools.DEMO_DIRS) and vhack.is_demo([os.path.abspath(pools.DEMO_DIRS[0])])
+    assert not vhack.is_demo([teacher]) and not vhack.is_demo([])
 
 
 def real_online(model, mix_from, *extra, out=None, cwd=None):
@@ -3995,6 +3996,22 @@ def make_online_run(root, name, hack, correct, *, arm="vanilla", seed=0, n=10, c
         with gzip.open(os.path.join(d, "eval_rows.jsonl.gz"), "wt") as f:
             f.write("".join(json.dumps(r) + "\n" for r in eval_rows))
     return d
+
+
+def test_old_run_json_configs_read_in_todays_names():
+    """Online runs from before one name per quantity stored G as `group` and the rows per step as group_size;
+    read through configs.upgrade_run_config (--resume, analyze.py) they are today's config, and fields a run
+    predates take the value it used."""
+    old = dict(source="online", group=8, group_size=32, prompts_per_step=4, lr=1e-3)
+    now = configs.upgrade_run_config(old)
+    assert now["group_size"] == 8 and "group" not in now and now["prompts_per_step"] == 4 and old["group"] == 8
+    assert now["basis"] == "svd" and now["pair_kind"] == "pool" and now["extract_loss"] == "nll"
+    assert configs.upgrade_run_config(dict(group_size=8, basis="lora"))["group_size"] == 8     # replay: unchanged
+    assert configs.upgrade_run_config(dict(basis="lora"))["basis"] == "lora"                   # a value given wins
+    args = configs.get_args(["--source=online", "--num-generations", "4", "--num-iterations", "2", "--epsilon",
+                             "0.1", "--max-completion-length", "64"])                          # TRL's names
+    assert (args.cfg["group_size"], args.cfg["inner_epochs"], args.cfg["clip_eps"], args.cfg["max_completion_tokens"]) \
+        == (4, 2, 0.1, 64)
 
 
 def test_experiment_key_reads_fields_a_run_predates_as_their_old_values():
