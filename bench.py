@@ -63,10 +63,15 @@ shape, 2.22x for Qwen3-4B in bf16: 8.04 GB of weights + 9.78 GB of factors), so 
 gains up to that much. On this CPU each decode step also pays costs that merging does not touch (attention
 over the ~1,400-token KV cache, the cache's concatenation, the top-p sort of the vocabulary, Python), so the
 measured 1.53x stays below the 1.99x bound. The decode-loop column times only the forward calls on one new
-position (hooks on the model), so the prompts' prefill is not in it. Those figures are of the previous
-decode loop; row 3 also times rollout.decode beside it (dynamic_decode), interleaved: on the organism's
-real spread of completion lengths 1.57x (1.55-1.59) with all 32 rows at once and 1.22x at a gen_batch of
-8, on the bench model (no stop token, nothing to refill) 1.03x; measured on a loaded machine. Row 1's
+position (hooks on the model, or on rollout.token_step), so the prompts' prefill is not in it. Those
+figures are of the previous decode loop. Row 3 also times the previous loop (dynamic_decode: DynamicCache,
+a chunk decoded to its longest row, HF forward, per-row torch.sort) beside rollout.decode (cache written in
+place, finished rows refilled, token_step, numpy's sort of unique keys), interleaved, same tokens
+(`python bench.py --rows 3 --rounds 3`, idle): on the organism's real spread of completion lengths (2-96
+tokens) 3006 -> 6251 tok/s, 2.08x (2.08-2.11) with all 32 rows at once, and 1.40x (1.40-1.41) at a
+gen_batch of 8; on the bench model (8 rows, no stop token, nothing to refill) 1.08x (1.08-1.09). Row 4b
+(`python bench.py --rows 4`): the organism preset's generation seconds per online step, median of the
+same 20 steps, 0.439 s -> 0.217 s, 2.03x (1.84-2.25), the same rollouts. Row 1's
 "forward+backward per sample" is a little cheaper than the batched plain pass on this CPU (one row's
 activations and logits stay in cache); on a GPU, where one row leaves most of the device idle, G separate
 passes cost more (not measured here). Capture costs what the plain pass costs either way.

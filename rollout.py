@@ -28,6 +28,7 @@ import argparse, contextlib, hashlib, json, os, platform, time
 
 import configs
 configs.reproducible()   # before torch (MKL) loads: it reads these variables once, when it loads
+import numpy as np
 import pools
 import torch
 import torch.nn as nn
@@ -88,17 +89,22 @@ def pick(logits, u, temperature, top_p, sort=None):
     return idx.gather(-1, j).squeeze(-1)
 
 
-def sort_rows(probs):
-    """probs.sort(dim=-1, descending=True, stable=True) for float32 probs >= 0, as one 1-D stable sort of
-    int64 keys (row << 32 | reversed float bits): a non-negative float's bits sort as an integer, so this is
-    the same permutation, ties in index order included, about 3x faster than the per-row sort on CPU,
-    where sorting the vocabulary was a third of a decode step on the organism."""
+def sort_rows(probs, backend=None):
+    """probs.sort(dim=-1, descending=True, stable=True) for float32 probs >= 0. Each entry's int64 key is
+    its float bits reversed (a non-negative float's bits sort as an integer) above its index, so a row's
+    keys are unique and any sort of them gives the stable permutation, ties in index order included.
+    backend "numpy" (the default on CPU: np.sort of the keys, about 2.7x faster than torch's sort there,
+    where sorting the vocabulary was a fifth of a decode step on the organism) or "torch"."""
     if probs.dtype != torch.float32:
         return probs.sort(dim=-1, descending=True, stable=True)
-    B, V = probs.shape
-    base = torch.arange(B, device=probs.device)[:, None]                   # (B, 1)
-    key = (base << 32) | (0x7FFFFFFF - probs.view(torch.int32).long())    # (B, V)
-    idx = key.flatten().sort(stable=True).indices.view(B, V) - base * V    # (B, V)
+    V = probs.shape[-1]
+    bits = max(1, (V - 1).bit_length())
+    key = ((0x7FFFFFFF - probs.view(torch.int32).long()) << bits) | torch.arange(V, device=probs.device)  # (B, V)
+    if (backend or ("numpy" if probs.device.type == "cpu" else "torch")) == "numpy":
+        key = torch.from_numpy(np.sort(key.numpy(), axis=-1))
+    else:
+        key = key.sort(dim=-1).values
+    idx = key & ((1 << bits) - 1)                                                              # (B, V)
     return probs.gather(-1, idx), idx
 
 

@@ -3146,7 +3146,7 @@ def assert_same_rows(got, want, tol=1e-5):
 
 
 def test_sort_rows_is_torch_stable_sort_and_pick_matches_the_sorted_pick():
-    """rollout.sort_rows (one int64-key sort) gives torch.sort's stable descending permutation, ties in
+    """rollout.sort_rows (a sort of unique int64 keys, numpy's or torch's) gives torch.sort's stable descending permutation, ties in
     index order included, and rollout.pick picks exactly what the per-row sorted pick picks."""
     import torch, bench, rollout
     g = torch.Generator().manual_seed(0)
@@ -3154,9 +3154,10 @@ def test_sort_rows_is_torch_stable_sort_and_pick_matches_the_sorted_pick():
     probs[0, 10:40] = probs[0, 5]                                   # ties, and exact zeros
     probs[1, ::3] = 0.0
     probs[2] = 1.0 / 300
-    p, idx = rollout.sort_rows(probs)
     want = probs.sort(dim=-1, descending=True, stable=True)
-    assert torch.equal(idx, want.indices) and torch.equal(p, want.values)
+    for backend in ("numpy", "torch"):
+        p, idx = rollout.sort_rows(probs, backend)
+        assert torch.equal(idx, want.indices) and torch.equal(p, want.values), backend
     logits = torch.randn(64, 1024, generator=g) * 4
     u = torch.rand(64, generator=g, dtype=torch.float64)
     for temp, top_p in ((1.0, 1.0), (1.0, 0.9), (0.7, 0.5), (1.0, 1e-6)):
