@@ -27,7 +27,8 @@ cached), runs one online step of the trainer's own code (sources.online_group an
 projected arm) at the full preset's shapes: 43 prompts x 6 rollouts, 1536 + 1024 tokens, gen_batch 64,
 micro-batch 4, checkpointing. It prints seconds per phase (generation, grading, batch and reference
 log-probs, training; plus the grading of as many canned fixture completions, since random text holds no
-code), generated tokens per second merged vs hooked (64 rows x 64 new tokens, interleaved rounds), one
+code), generated tokens per second merged vs hooked (64 rows x 64 new tokens, interleaved rounds) and the
+previous decode loop vs rollout.decode on the same rows, one
 micro-batch's forward+backward with per-sample capture vs plain, and the peak memory of generation and of
 training beside configs.memory_budget's estimate. `python bench.py --gpu --gpu-shape tiny` runs the same
 check on a CPU at a tiny shape (a test runs it). Not measured: no GPU was available.
@@ -889,6 +890,9 @@ def gpu_check(shape, flags=(), device="cuda", dtype=torch.bfloat16, rounds=2, ne
                           hooked=n / med(times["hooked"]), speedup=ratio(times, "hooked", "merged"),
                           dec_merged=(n - n_rows) / med(dec["merged"]), dec_hooked=(n - n_rows) / med(dec["hooked"]),
                           dec_speedup=ratio(dec, "hooked", "merged"))
+    # the previous decode loop vs rollout.decode, on merged weights (no stop token: nothing to refill)
+    with rollout.merged(model):
+        res["loops"] = row_loops(model, tok, prompts, new_tokens, [n_rows], rounds, eos_ids=[-1], device=device)[n_rows]
     # one micro-batch's forward+backward, per-sample capture vs plain
     mb = c["micro_batch"] or len(g["rows"])
     part = ap.slice_batch(g["batch"], 0, min(mb, len(g["rows"])))
@@ -928,6 +932,8 @@ def print_gpu_check(res, where):
     print(f"   generated tok/s, {g['rows']} rows x {g['new_tokens']} new tokens: decode loop merged {g['dec_merged']:.0f} vs "
           f"hooked {g['dec_hooked']:.0f}, merged / hooked {fmt_ratio(g['dec_speedup'])}; with prefill {g['merged']:.0f} vs "
           f"{g['hooked']:.0f}, {fmt_ratio(g['speedup'])}")
+    print_loops({g["rows"]: res["loops"]}, f"decode loops on merged weights, {g['rows']} rows x {g['new_tokens']} "
+                                          f"tokens (no stop)")
     k = res["capture"]
     print(f"   one micro-batch ({k['rows']} x {k['T']} tokens) forward+backward: plain {k['plain_s']:.2f} s, per-sample "
           f"capture {k['capture_s']:.2f} s, capture / plain {fmt_ratio(k['ratio'])}")
@@ -977,8 +983,9 @@ def main(argv=None):
         if 3 in rows:
             B, new = (2, 8) if a.quick else (8, 64)
             print_row3(row_generation(shape, B, new, rounds, cache_dir=cache), where.split(", G=")[0], B, new)
-            print("   decode loops: the previous one (DynamicCache, a chunk decoded to its longest row) vs rollout.decode "
-                  "(cache written in place, finished rows refilled); median (min-max) of per-round ratios")
+            print("   decode loops: the previous one (DynamicCache, a chunk decoded to its longest row, the model's forward, "
+                  "per-row sort) vs rollout.decode (cache written in place, finished rows refilled, token_step, one sort "
+                  "of unique keys); median (min-max) of per-round ratios")
             tok = configs.byte_tokenizer()
             print_loops(row_loops(bench_model(shape), tok, fixture_prompts(tok, B), new, [None], rounds, eos_ids=[-1]),
                         f"bench model, {B} rows x {new} tokens (no stop)")

@@ -4995,10 +4995,12 @@ def test_bench_gpu_check_runs_one_online_step_at_a_small_shape():
     assert res["n_rollouts"] == 4 and 4 <= res["n_tokens"] <= 4 * 8 and res["gen_s"] > 0 and res["train_s"] > 0
     assert res["gen_cmp"]["rows"] == 2 and res["gen_cmp"]["merged"] > 0 and res["gen_cmp"]["hooked"] > 0
     assert res["capture"]["rows"] == 2 and res["capture"]["ratio"][0] > 0 and res["gen_peak"] is None
+    assert res["loops"]["same"] and res["loops"]["old"] > 0 and res["loops"]["new"] > 0 and res["loops"]["lengths"] == [2, 2]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         bench.print_gpu_check(res, "cpu")
     assert "generation" in out.getvalue() and "not measured (no CUDA)" in out.getvalue()
+    assert "decode loops on merged weights, 2 rows x 2 tokens (no stop), gen_batch 2: previous loop" in out.getvalue()
     # the factors stand in for an SVD: orthonormal columns and rows of the SVD's shapes
     U, S, Vh, _ = bench.random_factors()(torch.zeros(24, 10))
     assert U.shape == (24, 10) and Vh.shape == (10, 10) and torch.allclose(U.T @ U, torch.eye(10), atol=1e-5)
