@@ -49,9 +49,9 @@ def pool_pairs(held_rows):
     """Extraction pairs from held-out rows: each hacked row with a non-hacked row of the same problem
     (another pool first). Both are scored under the hack's (hinted) prompt, so the contrast is the
     completion alone."""
-    clean = {}
+    clean, attempts = {}, {label for label, f in pools.LABELS.items() if f["attempt"]}
     for r in held_rows:
-        if not r["hacked"] and r["label"] not in (pools.ATTEMPTED_HACK, pools.HACK_CORRECT):
+        if not r["hacked"] and r["label"] not in attempts:
             clean.setdefault(r["problem_id"], []).append(r)
     pairs, used = [], set()
     for h in held_rows:
