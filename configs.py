@@ -422,7 +422,7 @@ def resolve(args):
         args.preset = "organism"
     if args.preset is None:
         args.preset = "demo"
-        if args.model not in (None, "tiny"):
+        if args.model not in (None, PRESETS["demo"]["model"]):
             p = PRESETS["demo"]
             warning = (f"WARNING: --model {args.model} without --preset takes the demo preset's settings: "
                        f"lr={args.lr if args.lr is not None else p['lr']}, "

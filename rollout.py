@@ -434,27 +434,30 @@ def evaluate(model, tok, messages_fn, hint_problems, plain_problems, k, *, seed,
 
 # ----------------------------------------------------------------------------- models
 
-def load_policy(name, dtype=None, device="cpu", lora=None):
-    """(model, tokenizer, messages_fn) for --model: 'tiny' (random, built in code), 'organism' (the
-    CPU model organism, organism.py; it sees a short prompt), or a Hugging Face id / local path.
-    lora: a PEFT adapter directory merged into the weights (lora_adapter.load_peft)."""
+def load_policy(name, dtype=None, device="cpu", lora=None, log=print):
+    """(model, tokenizer, messages_fn) for --model, the one model loader (train.py's too): an embedded model
+    (configs.EMBEDDED: 'tiny', random, built in code; 'organism', the CPU model organism, organism.py, which
+    sees a short prompt and logs its one-time fit to `log`), or a Hugging Face id / local path, never
+    downloaded (configs.check_model found it). lora: a PEFT adapter directory merged into the weights
+    (lora_adapter.load_peft)."""
     messages_fn = None
     if name == "tiny":
         model, tok = configs.tiny_qwen3()
     elif name == "organism":
         import organism
-        model, tok = organism.load()
+        model, tok = organism.load(log=log)
         messages_fn = organism.prompt_messages
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
         try:
-            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)     # check_model found it here
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype), local_files_only=True)
         except (OSError, ValueError) as e:
-            raise SystemExit(f"error: --model {name!r}: not 'tiny', 'organism', a local model directory or a "
-                             f"reachable Hugging Face id ({str(e).splitlines()[0][:200]})") from None
-    if dtype and name in ("tiny", "organism"):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SystemExit(f"error: --model={name}: cannot load it from local files ({first[:200]}); "
+                             f"`hf download {name}` fetches a complete copy") from None
+    if dtype and name in configs.EMBEDDED:
         model = model.to(getattr(torch, dtype))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -76,6 +76,7 @@ configs.reproducible()   # before torch (MKL) loads: it reads these variables on
 import antipasto as ap
 import interventions
 import pools
+import rollout
 import sources
 import torch
 import vhack
@@ -91,30 +92,6 @@ class RunError(Exception):
 
 
 # ----------------------------------------------------------------------------- model and data
-
-def load_model(name, dtype, device):
-    """(model, tokenizer, messages_fn): messages_fn(problem) gives the chat messages the model sees
-    (None: the problem's own prompt; the organism sees a short one)."""
-    messages_fn = None
-    if name == "tiny":
-        model, tok = configs.tiny_qwen3()
-    elif name == "organism":
-        import organism
-        model, tok = organism.load(log=lambda m: print(m, file=sys.stderr))
-        messages_fn = organism.prompt_messages
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        try:                  # configs.check_model found it locally or in the cache: never touch the network
-            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype), local_files_only=True)
-        except OSError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SystemExit(f"error: --model={name}: cannot load it from local files ({first}); "
-                             f"`hf download {name}` fetches a complete copy") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model.to(device=device, dtype=getattr(torch, dtype)).eval(), tok, messages_fn
-
 
 def wrap_adapter(model, args):
     """The run's adapter modules: the SVD basis (antipasto) or the weight basis (lora_adapter)."""
@@ -302,7 +279,8 @@ def load(args, data, device):
     """(model, tokenizer, messages_fn, {name: adapted module}): the model with its adapter; the pairs'
     prompts in the model's own prompt form; online, every prompt checked against --max-prompt-tokens."""
     cfg = args.cfg
-    model, tok, messages_fn = load_model(args.model, args.dtype or cfg["dtype"], device)
+    model, tok, messages_fn = rollout.load_policy(args.model, args.dtype or cfg["dtype"], device,
+                                                  log=lambda m: print(m, file=sys.stderr))
     if messages_fn:                         # the model sees its own prompt form, in extraction too
         for p in data["pairs"]:
             if isinstance(p["prompt"], list):
@@ -531,7 +509,6 @@ def training_logps(model, batch, mb):
 def run_eval(out, model, tok, messages_fn, data, args, k, evals):
     """Evaluate after k optimizer steps; eval.jsonl (one summary row per evaluation) and
     eval_rows.jsonl.gz (one row per held-out rollout) are rewritten whole, atomically."""
-    import rollout
     c = args.cfg
     summary, rows = rollout.evaluate(model, tok, messages_fn, data["eval_hint"], data["eval_plain"], k, seed=args.seed,
                                      n=c["eval_samples"], max_new_tokens=c["max_completion_tokens"],
