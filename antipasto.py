@@ -19,6 +19,9 @@ runs through the same code (neither adapter file imports the other). An adapter 
     m.basis            the basis kind, "svd" or "lora" (v_hack and saved knobs record it)
     m.null_width       the width of the isotropic null for cosines with v_hack
     m.merged_weight()  the effective dense weight (d_out, d_in) in the base weight's dtype
+and the adapter file provides two functions, so train.BASES (one entry per --basis) is its whole registration:
+    wrap_run(model, args)           the run's {name: adapted module} from train.py's resolved flags
+    save_adapter(modules, d, meta)  a run's adapter/ directory d, in a form other tools load
 v_hack files are safetensors with their metadata (basis kind, base-model fingerprint, k, pair count, loss,
 pair ids); loading one onto another basis or base model is an error, as is loading saved knobs onto
 another model.
@@ -188,6 +191,18 @@ def save_knobs(modules, path, extra=None):
     meta = {"fingerprint": fingerprint(modules), "basis": basis_of(modules), **(extra or {})}
     pools.atomic_write(path, save({n: knob(m).detach().cpu().contiguous() for n, m in modules.items()},
                                   metadata={k: str(v) for k, v in meta.items()}))
+
+
+def wrap_run(model, args):
+    """A run's adapter (train.BASES["svd"]): delta_S on every target Linear."""
+    return wrap(model)
+
+
+def save_adapter(modules, d, meta):
+    """A run's adapter/ (train.BASES["svd"], next to every checkpoint): the knobs delta_S in
+    d/svd_knobs.safetensors with `meta` (step, model) in the header; wrap then load_knobs reads them back
+    (another base model is refused) and rollout.merged then gives plain weights."""
+    save_knobs(modules, os.path.join(d, "svd_knobs.safetensors"), extra=meta)
 
 
 def load_knobs(modules, path):

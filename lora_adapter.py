@@ -28,6 +28,9 @@ is the smaller one. The gradient at B = 0 lives in B's coordinates alone, so the
 size d_out * r (wider null band than the full width would give: the conservative choice), and
 --control=random_v draws its random V on B's coordinates too.
 
+A run's adapter (train.BASES["lora"]): wrap_run and save_adapter, the two functions antipasto.py's contract
+asks of an adapter file.
+
 PEFT layout: `load_peft` reads `adapter_config.json` + `adapter_model.safetensors` (keys
 `base_model.model.<module>.lora_A.weight` (r, d_in) and `...lora_B.weight` (d_out, r)) and either
 merges it into the base weights or returns it as trainable modules; `save_peft` writes trained modules
@@ -264,6 +267,18 @@ def read_peft(model, path):
                                      f"(rank {r}) and the model need {shape}")
             out[n] = (A, B, alpha)
     return cfg, out
+
+
+def wrap_run(model, args):
+    """A run's adapter: B A on every target Linear at --lora-rank and --lora-alpha."""
+    return wrap(model, rank=args.lora_rank, alpha=args.lora_alpha)
+
+
+def save_adapter(modules, d, meta):
+    """A run's adapter/ (next to every checkpoint): a PEFT LoRA directory d (adapter_config.json +
+    adapter_model.safetensors) for peft's PeftModel.from_pretrained or load_peft, `meta` (step, model)
+    in the header."""
+    save_peft(modules, d, base_model_name=meta["model"], overwrite=True, metadata=meta)
 
 
 def load_peft(model, path, merge=True):

@@ -75,12 +75,15 @@ import configs
 configs.reproducible()   # before torch (MKL) loads: it reads these variables once, when it loads
 import antipasto as ap
 import interventions
+import lora_adapter
 import pools
 import rollout
 import sources
 import torch
 import vhack
 
+# --basis: the adapter bases, each a file that provides antipasto.py's adapter contract, wrap_run and save_adapter
+BASES = {"svd": ap, "lora": lora_adapter}
 LOCK = ".lock"       # in the run directory: held (flock) by the run that owns it, records its pid and command
 EVAL_ROWS = "eval_rows.jsonl.gz"   # online: one row per held-out rollout (EVAL_ROW_FIELDS)
 EVAL_ROW_FIELDS = ("step", "kind", "problem_id", "sample", "label", "hacked", "gt_pass", "compiled", "reward")
@@ -92,14 +95,6 @@ class RunError(Exception):
 
 
 # ----------------------------------------------------------------------------- model and data
-
-def wrap_adapter(model, args):
-    """The run's adapter modules: the SVD basis (antipasto) or the weight basis (lora_adapter)."""
-    if args.basis == "lora":
-        import lora_adapter
-        return lora_adapter.wrap(model, rank=args.lora_rank, alpha=args.lora_alpha)
-    return ap.wrap(model)
-
 
 def global_cos(grads, V):
     """cos of all modules' gradients concatenated with all top axes concatenated (each module
@@ -232,7 +227,8 @@ def main(argv=None):
             if online and cfg["eval_every"] and ((step + 1) % cfg["eval_every"] == 0 or last):
                 run_eval(out, model, tok, messages_fn, data, args, step + 1, evals)
             if (step + 1) % cfg["save_every"] == 0 or last:
-                save_adapter(out, step, modules, args)
+                BASES[args.basis].save_adapter(modules, os.path.join(out, "adapter"),
+                                               dict(step=str(step), model=str(args.model)))
                 save_state(out, step, modules, opt, vmeta)
             bar.update(1)
             if not args.quiet and not sys.stderr.isatty():
@@ -285,7 +281,7 @@ def load(args, data, device):
         for p in data["pairs"]:
             if isinstance(p["prompt"], list):
                 p["prompt"] = messages_fn({"prompt": p["prompt"]})
-    modules = wrap_adapter(model, args)
+    modules = BASES[args.basis].wrap_run(model, args)
     if cfg.get("grad_checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.source == "online":
@@ -530,21 +526,6 @@ def save_state(out, step, modules, opt, vmeta):
     torch.save(dict(step=step, knobs={n: ap.knob(m).detach().cpu() for n, m in modules.items()},
                     opt=opt.state_dict(), v_hack_sha256=vmeta["sha256"]), buf)
     pools.atomic_write(os.path.join(out, "state.pt"), buf.getvalue())
-
-
-def save_adapter(out, step, modules, args):
-    """The trained adapter in a form other tools load, next to every checkpoint: --basis=lora as a PEFT
-    LoRA directory (adapter/adapter_config.json + adapter_model.safetensors: peft's
-    PeftModel.from_pretrained, or lora_adapter.load_peft), --basis=svd as its knobs delta_S in
-    safetensors (adapter/svd_knobs.safetensors: antipasto.wrap then antipasto.load_knobs, which
-    refuses another base model; rollout.merged then gives plain weights). The step is in the header."""
-    d = os.path.join(out, "adapter")
-    meta = dict(step=str(step), model=str(args.model))
-    if args.basis == "lora":
-        import lora_adapter
-        lora_adapter.save_peft(modules, d, base_model_name=args.model, overwrite=True, metadata=meta)
-    else:
-        ap.save_knobs(modules, os.path.join(d, "svd_knobs.safetensors"), extra=meta)
 
 
 def resume_state(args, out, run, vmeta, modules, opt):
