@@ -4154,6 +4154,18 @@ def test_hacked_at_counts_hack_correct_as_correct():
     assert A.hacked_at([st(0, **{"Attempted Reward Hack": 8}), st(1, Incorrect=8)]) is None
 
 
+def test_pool_pairs_take_clean_sides_only_from_labels_without_a_hack_attempt():
+    """A hack's clean partner is a row whose label records no hack attempt (Correct, Incorrect): never a
+    hack that also passes the ground truth or an attempted one (pools.LABELS' attempt column)."""
+    import vhack
+    row = lambda pool, k, label: dict(problem_id="p", src_pool=pool, src_step=k, src_sample=0, prompt="q",
+                                      completion=f"{pool}{k}", reward=0.0, label=label, hacked=label == "Reward Hack")
+    rows = [row("a", 0, "Reward Hack"), row("b", 0, "Correct; Attempted Reward Hack"),
+            row("b", 1, "Attempted Reward Hack"), row("b", 2, "Incorrect"), row("a", 1, "Reward Hack"),
+            row("b", 3, "Correct")]
+    assert [(p["hack"], p["clean"]) for p in vhack.pool_pairs(rows)] == [("a0", "b2"), ("a1", "b3")]
+
+
 def test_t_quantile_against_scipy():
     """The two-sided t critical value behind every confidence interval the reports print."""
     import analyze as A
