@@ -5000,7 +5000,7 @@ def test_bench_rounds_rotate_and_ratio_is_the_median_of_per_round_ratios():
 # ============================================================================ runner
 
 def run_test(name):
-    """(ok, seconds, traceback or "") of one test function."""
+    """(ok, seconds, traceback or "") of one test function, its output flushed before the answer."""
     import traceback
     t = time.time()
     try:
@@ -5008,6 +5008,8 @@ def run_test(name):
         return True, time.time() - t, ""
     except (Exception, SystemExit):
         return False, time.time() - t, traceback.format_exc()
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
 
 
 def warm_up():
@@ -5023,91 +5025,18 @@ def warm_up():
         print("warm-up failed (each test makes what it needs):\n" + traceback.format_exc(), file=sys.stderr, flush=True)
 
 
-def worker(names_fd, results_fd, closing):
-    """A forked worker: runs the tests named one per line on names_fd (until an empty line), answers
-    one JSON line [name, ok, seconds, traceback] each on results_fd; never returns into the parent's
-    code, and leaves no temp dir or sandbox template of its own behind."""
-    status, inherited = 1, len(_cache.get("tmpdirs", []))
-    try:
-        for fd in closing:
-            os.close(fd)
-        with os.fdopen(names_fd) as names, os.fdopen(results_fd, "w") as out:
-            for line in names:
-                if not line.strip():
-                    break
-                res = run_test(line.strip())
-                sys.stdout.flush(), sys.stderr.flush()
-                out.write(json.dumps([line.strip(), *res]) + "\n")
-                out.flush()
-        status = 0
-    finally:
-        try:
-            sandbox.close_templates()
-            for d in _cache.get("tmpdirs", [])[inherited:]:
-                shutil.rmtree(d, ignore_errors=True)
-            sys.stdout.flush(), sys.stderr.flush()
-        finally:
-            os._exit(status)
+def worker_init():
+    """A forked worker, when it exits, stops its own sandbox templates and removes the temp dirs it
+    made (the inherited ones are the parent's to remove); it keeps both, and its cache of shared runs,
+    from one test to the next."""
+    import multiprocessing.util
+    inherited = len(_cache.get("tmpdirs", []))
 
-
-def run_parallel(names, jobs, report):
-    """Tests spread over `jobs` forked workers, each handed the next test when it finishes one (each
-    worker keeps its own cache of shared runs). A worker that dies fails the test it was running; one
-    that dies between tests fails the run, naming the test it ran last."""
-    import select
-    warm_up()
-    todo, busy, last = list(names), {}, {}       # busy: results file -> (pid, names file, test)
-    parent_fds = []
-
-    def hand(res, pid, to):
-        busy[res] = (pid, to, todo.pop(0))
-        try:
-            to.write(busy[res][2] + "\n")
-            to.flush()
-        except OSError:
-            pass                                 # the worker is gone: its results file says so next
-    for _ in range(min(jobs, len(todo))):
-        nr, nw = os.pipe()
-        rr, rw = os.pipe()
-        sys.stdout.flush(), sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            worker(nr, rw, [nw, rr] + parent_fds)
-        os.close(nr), os.close(rw)
-        parent_fds += [nw, rr]
-        hand(os.fdopen(rr), pid, os.fdopen(nw, "w"))
-    try:
-        while busy:
-            for res in select.select(list(busy), [], [])[0]:
-                pid, to, name = busy.pop(res)
-                line = res.readline()
-                try:
-                    got = json.loads(line) if line else None
-                except ValueError:
-                    got = None
-                if got:
-                    report(*got)
-                    last[pid] = name
-                else:
-                    report(name, False, 0.0, f"the worker running {name} died (pid {pid}"
-                           + (f"; its previous test was {last[pid]}" if pid in last else "") + ")\n")
-                if got and todo:
-                    hand(res, pid, to)
-                    continue
-                try:
-                    to.write("\n")
-                    to.close()
-                except OSError:
-                    pass
-                res.close()
-                status = os.waitpid(pid, 0)[1]
-                if got and status:
-                    report(f"(worker {pid} after {name})", False, 0.0, f"the worker exited with status {status}\n")
-        for name in todo:                        # every worker died before these ran
-            report(name, False, 0.0, "not run: no worker left\n")
-    finally:
-        for pid, _, _ in busy.values():
-            os.kill(pid, 9)
+    def clean_up():
+        sandbox.close_templates()
+        for d in _cache.get("tmpdirs", [])[inherited:]:
+            shutil.rmtree(d, ignore_errors=True)
+    multiprocessing.util.Finalize(None, clean_up, exitpriority=0)   # run at a worker's normal exit
 
 
 def _main():
@@ -5115,23 +5044,19 @@ def _main():
     default) on N forked workers (default: the cores, at most 4, for the whole suite; 1 worker, this
     process, when names are given). Workers run torch on one thread each; -j 1 runs the suite at
     torch's default thread count."""
-    args, jobs = sys.argv[1:], None
-    if any(a.startswith("-j") for a in args):
-        i = next(k for k, a in enumerate(args) if a.startswith("-j"))
-        val = args[i][2:] or (args[i + 1] if i + 1 < len(args) else "")
-        if not val.isdigit() or int(val) < 1:
-            raise SystemExit("error: -j takes a number of workers >= 1, e.g. -j 2")
-        jobs, args = int(val), args[:i] + args[i + (1 if args[i][2:] else 2):]
-    bad = [a for a in args if a.startswith("-")]
-    if bad:
-        raise SystemExit(f"error: {bad[0]}: not an option (usage: python test_core.py [-j N] [NAME-PART ...])")
+    import argparse, multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    p = argparse.ArgumentParser(usage="python test_core.py [-j N] [NAME-PART ...]")
+    p.add_argument("-j", type=int, metavar="N", help="workers (>= 1)")
+    p.add_argument("parts", nargs="*", metavar="NAME-PART")
+    args = p.parse_args()
+    if args.j is not None and args.j < 1:
+        p.error("-j takes a number of workers >= 1, e.g. -j 2")
     names = [k for k, v in globals().items() if k.startswith("test_") and callable(v)
-             and (not args or any(o in k for o in args))]
+             and (not args.parts or any(o in k for o in args.parts))]
     if not names:
-        raise SystemExit(f"error: no test name contains any of {args}")
-    if jobs is None:
-        jobs = 1 if args or not hasattr(os, "fork") else min(os.cpu_count() or 1, 4)
-    jobs = min(jobs, len(names))
+        raise SystemExit(f"error: no test name contains any of {args.parts}")
+    jobs = min(args.j or (1 if args.parts or not hasattr(os, "fork") else min(os.cpu_count() or 1, 4)), len(names))
     counts, t_all = [0, 0], time.time()
 
     def report(name, ok, seconds, tb):
@@ -5145,11 +5070,21 @@ def _main():
             report(name, *run_test(name))
     else:
         # one thread per worker (and per train.py they start: the variable is inherited), so the
-        # workers share the cores instead of fighting over them
+        # workers share the cores instead of fighting over them; set before warm_up, so this process
+        # never starts OpenMP threads, which a fork does not carry (a worker waiting on them hangs)
         os.environ["OMP_NUM_THREADS"] = "1"
         import torch
         torch.set_num_threads(1)
-        run_parallel(sorted(names, key=lambda n: not getattr(globals()[n], "slow", False)), jobs, report)
+        warm_up()
+        names.sort(key=lambda n: not getattr(globals()[n], "slow", False))     # slow tests handed out first
+        sys.stdout.flush(), sys.stderr.flush()
+        with ProcessPoolExecutor(jobs, multiprocessing.get_context("fork"), initializer=worker_init) as pool:
+            running = {pool.submit(run_test, name): name for name in names}
+            for done in as_completed(running):
+                try:
+                    report(running[done], *done.result())
+                except Exception as e:   # a worker died (killed, crashed): this test and all not yet run fail
+                    report(running[done], False, 0.0, f"{type(e).__name__}: {e}\n")
     for d in _cache.get("tmpdirs", []):
         shutil.rmtree(d, ignore_errors=True)
     print(f"({time.time() - t_all:.0f}s, {jobs} worker{'s' if jobs > 1 else ''})")
