@@ -5036,7 +5036,9 @@ def worker_init():
         sandbox.close_templates()
         for d in _cache.get("tmpdirs", [])[inherited:]:
             shutil.rmtree(d, ignore_errors=True)
-    multiprocessing.util.Finalize(None, clean_up, exitpriority=0)   # run at a worker's normal exit
+    # a worker ends in os._exit, past atexit (sandbox's own close_templates included): multiprocessing
+    # runs its finalizers before that, at each normal exit
+    multiprocessing.util.Finalize(None, clean_up, exitpriority=0)
 
 
 def _main():
