@@ -88,7 +88,7 @@ the per-problem test is n/a because these runs have no eval_rows.jsonl.gz):
     projected svd  3  0.000 ± 0.000  0.000 ± 0.000  0/3           0.000 ± 0.000  0.000 ± 0.000
       projected svd vs vanilla svd, seeds [0, 1, 2]: held-out hack +0.000 [+0.000, +0.000] (95% CI)
 
-For tests only: --train-cmd "python fake_train.py" replaces `python train.py` (stored in sweep.json).
+For tests only: --train-cmd "python data/fake_train.py" replaces `python train.py` (stored in sweep.json).
 """
 import argparse, json, math, os, shlex, subprocess, sys, time
 

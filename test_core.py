@@ -4305,72 +4305,13 @@ def test_phase3_plot_and_missing_matplotlib():
     assert isinstance(e, SystemExit) and "pip install matplotlib" in str(e) and not os.path.exists(png2)
 
 
-FAKE_TRAIN = r"""
-# A stand-in for `train.py --source=online` (tests only): schema-shaped run directories from a fixed rule.
-import json, os, random, sys, time
-LABELS = ("Correct", "Correct; Attempted Reward Hack", "Reward Hack", "Attempted Reward Hack", "Incorrect")
-
-def flags(argv):
-    return dict(a[2:].split("=", 1) if "=" in a else (a[2:], True) for a in argv)
-
-def step_row(f, step):
-    steps, same = int(f["steps"]), os.environ.get("FAKE_SAME")
-    key = "same" if same else f"{f['arm']}|{f.get('basis')}|{f.get('control')}|{f.get('intervention')}"
-    rng = random.Random(f"{key}|{f['seed']}|{step}")
-    p = (0.9 if f["arm"] == "vanilla" and f.get("intervention", "none") == "none" or same else 0.1) * step / steps
-    labels = dict.fromkeys(LABELS, 0)
-    for _ in range(8):
-        u = rng.random()
-        labels["Reward Hack" if u < p else "Correct" if u < p + 0.3 else rng.choice(LABELS[:2] + LABELS[3:])] += 1
-    slow = 3.0 if f["arm"] == "projected" else 2.0
-    return dict(step=step, source="online", arm=f["arm"], skipped=False, n_student=8, n_teacher=0,
-                hack_rate=labels["Reward Hack"] / 8, gt_rate=(labels["Correct"] + labels[LABELS[1]]) / 8,
-                labels={k: v for k, v in labels.items() if v}, time_s=None if f.get("basis") == "lora" else slow,
-                gen_s=1.0, grade_s=0.25, train_s=0.25)
-
-def write(path, rows):
-    with open(path + ".tmp", "w") as fh:
-        fh.write("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(path + ".tmp", path)
-
-def main():
-    f, t0 = flags(sys.argv[1:]), time.time()
-    if f.get("dry-run"):                                  # train.py's validation: FAKE_REFUSE says no
-        if os.environ.get("FAKE_REFUSE"):
-            sys.exit("error: " + os.environ["FAKE_REFUSE"])
-        print("fake dry run: " + " ".join(sys.argv[1:]))
-        return
-    out, steps = f["out"], int(f["steps"])
-    if os.path.isdir(out) and os.listdir(out) and not f.get("resume"):
-        sys.exit(f"error: run directory {out} exists")
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "steps.jsonl")
-    rows = [json.loads(l) for l in open(path)] if f.get("resume") and os.path.exists(path) else []
-    cfg = dict(source="online", arm=f["arm"], basis=f.get("basis", "svd"), control=f.get("control", "none"),
-               intervention=f.get("intervention", "none"), seed=int(f["seed"]), preset=f["preset"], steps=steps)
-    json.dump(dict(argv=sys.argv, config=cfg), open(os.path.join(out, "run.json"), "w"))
-    die = os.environ.get("FAKE_DIE") == os.path.basename(out) and not f.get("resume")
-    for step in range(len(rows), steps):
-        if die and step == 2:
-            sys.exit(3)                                   # killed mid-run: 2 steps written
-        rows.append(step_row(f, step))
-        write(path, rows)
-        time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
-    write(os.path.join(out, "eval.jsonl"), [dict(step=steps, n=8, hack_rate_hint=rows[-1]["hack_rate"],
-                                                 gt_rate_hint=0.5, gt_rate_nohint=0.25, labels_hint={})])
-    with open(os.path.join(os.path.dirname(out), "spans.jsonl"), "a") as fh:
-        fh.write(json.dumps([os.path.basename(out), t0, time.time(), os.environ.get("CUDA_VISIBLE_DEVICES"),
-                             f.get("device"), bool(f.get("resume"))]) + "\n")
-
-main()
-"""
+FAKE_TRAIN = os.path.join(HERE, "data", "fake_train.py")    # a stand-in for `train.py --source=online`
 
 
 def fake_train(root):
-    path = os.path.join(root, "fake_train.py")
-    with open(path, "w") as f:
-        f.write(FAKE_TRAIN)
-    return f"{sys.executable} {path}"
+    """The --train-cmd that runs the stand-in (root, the test's directory, is not needed: it stays in data/)."""
+    import shlex
+    return shlex.join([sys.executable, FAKE_TRAIN])
 
 
 def sweep_main(argv, env=None):
@@ -4525,8 +4466,8 @@ def test_sweep_gpus_kill_and_resume_to_the_same_results():
     assert "--resume" in text.split("start projected_s0")[1].splitlines()[0]
     assert [s[0] for s in spans(out)][-1] == "projected_s0" and spans(out)[-1][5] is True
     # the same rows as a run never killed (the fake's rule run directly)
-    ns = {}
-    exec(FAKE_TRAIN.replace("\nmain()\n", "\n"), ns)
+    import runpy
+    ns = runpy.run_path(FAKE_TRAIN)                                  # its functions; main() does not run
     f = dict(arm="projected", basis="svd", seed="0", steps="6")      # the flags the sweep passes
     assert A.read_jsonl(os.path.join(out, "runs", "projected_s0", "steps.jsonl")) == [ns["step_row"](f, k)
                                                                                      for k in range(6)]
@@ -5071,7 +5012,7 @@ def test_bench_rounds_rotate_and_ratio_is_the_median_of_per_round_ratios():
 # ============================================================================ runner
 
 def run_test(name):
-    """(ok, seconds, traceback or "") of one test function."""
+    """(ok, seconds, traceback or "") of one test function, its output flushed before the answer."""
     import traceback
     t = time.time()
     try:
@@ -5079,6 +5020,8 @@ def run_test(name):
         return True, time.time() - t, ""
     except (Exception, SystemExit):
         return False, time.time() - t, traceback.format_exc()
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
 
 
 def warm_up():
@@ -5094,91 +5037,20 @@ def warm_up():
         print("warm-up failed (each test makes what it needs):\n" + traceback.format_exc(), file=sys.stderr, flush=True)
 
 
-def worker(names_fd, results_fd, closing):
-    """A forked worker: runs the tests named one per line on names_fd (until an empty line), answers
-    one JSON line [name, ok, seconds, traceback] each on results_fd; never returns into the parent's
-    code, and leaves no temp dir or sandbox template of its own behind."""
-    status, inherited = 1, len(_cache.get("tmpdirs", []))
-    try:
-        for fd in closing:
-            os.close(fd)
-        with os.fdopen(names_fd) as names, os.fdopen(results_fd, "w") as out:
-            for line in names:
-                if not line.strip():
-                    break
-                res = run_test(line.strip())
-                sys.stdout.flush(), sys.stderr.flush()
-                out.write(json.dumps([line.strip(), *res]) + "\n")
-                out.flush()
-        status = 0
-    finally:
-        try:
-            sandbox.close_templates()
-            for d in _cache.get("tmpdirs", [])[inherited:]:
-                shutil.rmtree(d, ignore_errors=True)
-            sys.stdout.flush(), sys.stderr.flush()
-        finally:
-            os._exit(status)
+def worker_init():
+    """A forked worker, when it exits, stops its own sandbox templates and removes the temp dirs it
+    made (the inherited ones are the parent's to remove); it keeps both, and its cache of shared runs,
+    from one test to the next."""
+    import multiprocessing.util
+    inherited = len(_cache.get("tmpdirs", []))
 
-
-def run_parallel(names, jobs, report):
-    """Tests spread over `jobs` forked workers, each handed the next test when it finishes one (each
-    worker keeps its own cache of shared runs). A worker that dies fails the test it was running; one
-    that dies between tests fails the run, naming the test it ran last."""
-    import select
-    warm_up()
-    todo, busy, last = list(names), {}, {}       # busy: results file -> (pid, names file, test)
-    parent_fds = []
-
-    def hand(res, pid, to):
-        busy[res] = (pid, to, todo.pop(0))
-        try:
-            to.write(busy[res][2] + "\n")
-            to.flush()
-        except OSError:
-            pass                                 # the worker is gone: its results file says so next
-    for _ in range(min(jobs, len(todo))):
-        nr, nw = os.pipe()
-        rr, rw = os.pipe()
-        sys.stdout.flush(), sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            worker(nr, rw, [nw, rr] + parent_fds)
-        os.close(nr), os.close(rw)
-        parent_fds += [nw, rr]
-        hand(os.fdopen(rr), pid, os.fdopen(nw, "w"))
-    try:
-        while busy:
-            for res in select.select(list(busy), [], [])[0]:
-                pid, to, name = busy.pop(res)
-                line = res.readline()
-                try:
-                    got = json.loads(line) if line else None
-                except ValueError:
-                    got = None
-                if got:
-                    report(*got)
-                    last[pid] = name
-                else:
-                    report(name, False, 0.0, f"the worker running {name} died (pid {pid}"
-                           + (f"; its previous test was {last[pid]}" if pid in last else "") + ")\n")
-                if got and todo:
-                    hand(res, pid, to)
-                    continue
-                try:
-                    to.write("\n")
-                    to.close()
-                except OSError:
-                    pass
-                res.close()
-                status = os.waitpid(pid, 0)[1]
-                if got and status:
-                    report(f"(worker {pid} after {name})", False, 0.0, f"the worker exited with status {status}\n")
-        for name in todo:                        # every worker died before these ran
-            report(name, False, 0.0, "not run: no worker left\n")
-    finally:
-        for pid, _, _ in busy.values():
-            os.kill(pid, 9)
+    def clean_up():
+        sandbox.close_templates()
+        for d in _cache.get("tmpdirs", [])[inherited:]:
+            shutil.rmtree(d, ignore_errors=True)
+    # a worker ends in os._exit, past atexit (sandbox's own close_templates included): multiprocessing
+    # runs its finalizers before that, at each normal exit
+    multiprocessing.util.Finalize(None, clean_up, exitpriority=0)
 
 
 def _main():
@@ -5186,23 +5058,19 @@ def _main():
     default) on N forked workers (default: the cores, at most 4, for the whole suite; 1 worker, this
     process, when names are given). Workers run torch on one thread each; -j 1 runs the suite at
     torch's default thread count."""
-    args, jobs = sys.argv[1:], None
-    if any(a.startswith("-j") for a in args):
-        i = next(k for k, a in enumerate(args) if a.startswith("-j"))
-        val = args[i][2:] or (args[i + 1] if i + 1 < len(args) else "")
-        if not val.isdigit() or int(val) < 1:
-            raise SystemExit("error: -j takes a number of workers >= 1, e.g. -j 2")
-        jobs, args = int(val), args[:i] + args[i + (1 if args[i][2:] else 2):]
-    bad = [a for a in args if a.startswith("-")]
-    if bad:
-        raise SystemExit(f"error: {bad[0]}: not an option (usage: python test_core.py [-j N] [NAME-PART ...])")
+    import argparse, multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    p = argparse.ArgumentParser(usage="python test_core.py [-j N] [NAME-PART ...]")
+    p.add_argument("-j", type=int, metavar="N", help="workers (>= 1)")
+    p.add_argument("parts", nargs="*", metavar="NAME-PART")
+    args = p.parse_args()
+    if args.j is not None and args.j < 1:
+        p.error("-j takes a number of workers >= 1, e.g. -j 2")
     names = [k for k, v in globals().items() if k.startswith("test_") and callable(v)
-             and (not args or any(o in k for o in args))]
+             and (not args.parts or any(o in k for o in args.parts))]
     if not names:
-        raise SystemExit(f"error: no test name contains any of {args}")
-    if jobs is None:
-        jobs = 1 if args or not hasattr(os, "fork") else min(os.cpu_count() or 1, 4)
-    jobs = min(jobs, len(names))
+        raise SystemExit(f"error: no test name contains any of {args.parts}")
+    jobs = min(args.j or (1 if args.parts or not hasattr(os, "fork") else min(os.cpu_count() or 1, 4)), len(names))
     counts, t_all = [0, 0], time.time()
 
     def report(name, ok, seconds, tb):
@@ -5216,11 +5084,21 @@ def _main():
             report(name, *run_test(name))
     else:
         # one thread per worker (and per train.py they start: the variable is inherited), so the
-        # workers share the cores instead of fighting over them
+        # workers share the cores instead of fighting over them; set before warm_up, so this process
+        # never starts OpenMP threads, which a fork does not carry (a worker waiting on them hangs)
         os.environ["OMP_NUM_THREADS"] = "1"
         import torch
         torch.set_num_threads(1)
-        run_parallel(sorted(names, key=lambda n: not getattr(globals()[n], "slow", False)), jobs, report)
+        warm_up()
+        names.sort(key=lambda n: not getattr(globals()[n], "slow", False))     # slow tests handed out first
+        sys.stdout.flush(), sys.stderr.flush()
+        with ProcessPoolExecutor(jobs, multiprocessing.get_context("fork"), initializer=worker_init) as pool:
+            running = {pool.submit(run_test, name): name for name in names}
+            for done in as_completed(running):
+                try:
+                    report(running[done], *done.result())
+                except Exception as e:   # a worker died (killed, crashed): this test and all not yet run fail
+                    report(running[done], False, 0.0, f"{type(e).__name__}: {e}\n")
     for d in _cache.get("tmpdirs", []):
         shutil.rmtree(d, ignore_errors=True)
     print(f"({time.time() - t_all:.0f}s, {jobs} worker{'s' if jobs > 1 else ''})")
