@@ -287,7 +287,7 @@ def add_adv_free(rows, loss_mode):
 
 def read_run_meta(run_dir, keys=("arm",)):
     """run.json of a run directory, its config in today's names (configs.upgrade_run_config: an older run's
-    missing fields take the values it used); the config must hold `keys`."""
+    missing fields take the values it used); the config must hold `keys`, its arm one of configs.ARMS."""
     run_json = os.path.join(run_dir, "run.json")
     try:
         with open(run_json) as f:
@@ -296,6 +296,8 @@ def read_run_meta(run_dir, keys=("arm",)):
             raise TypeError("config is not an object")
         for k in keys:
             meta["config"][k]
+        if "arm" in keys and meta["config"]["arm"] not in configs.ARMS:
+            raise ValueError(f"arm {meta['config']['arm']!r} is not one of {', '.join(configs.ARMS)}")
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{run_json}:1: bad run.json ({type(e).__name__}: {e})") from e
     meta["config"] = configs.upgrade_run_config(meta["config"])
@@ -398,12 +400,19 @@ def experiments(runs):
     for r in runs:
         groups[experiment(r)].append(r)
     order = lambda k: (groups[k][0]["loss_mode"] != "grpo", groups[k][0]["basis"] != "svd", k)
-    return [sorted(groups[k], key=lambda r: (r["arm"] != "vanilla", r["control"], str(r["seed"]),
+    return [sorted(groups[k], key=lambda r: (r["arm"] != configs.REFERENCE, r["control"], str(r["seed"]),
                                              os.path.realpath(r["dir"]))) for k in sorted(groups, key=order)]
 
 def main_runs(runs, arm):
     """The Phase 2 runs proper: GRPO loss, no control direction."""
     return [r for r in runs if r["arm"] == arm and r["loss_mode"] == "grpo" and r["control"] == "none"]
+
+def projects(arm):
+    """Does the arm's step remove the hack-ward component (configs.ARMS)? What the projection checks read."""
+    return configs.ARMS[arm]["projects"]
+
+def projecting_runs(runs):
+    return [r for a in configs.ARMS if projects(a) for r in main_runs(runs, a)]
 
 def null_band(runs):
     """Null sd (largest over runs, conservative) and the '≈ 0' half-width."""
@@ -434,9 +443,9 @@ def spark(xs, lo, hi):
     return "".join("·" if x is None else bars[min(7, int((x - lo) / (hi - lo + 1e-12) * 8))] for x in xs)
 
 def contrib_runs(runs):
-    """Runs whose per-sample contributions feed the bucket verdict: vanilla if present,
-    else projected (same seed => same samples, so pooling both would double-count)."""
-    return main_runs(runs, "vanilla") or main_runs(runs, "projected")
+    """Runs whose per-sample contributions feed the bucket verdict: vanilla if present, else the first
+    treatment arm with runs (same seed => same samples, so pooling both would double-count)."""
+    return next((rs for rs in (main_runs(runs, a) for a in configs.ARMS) if rs), [])
 
 def distinct(samples, key):
     """One row per completion (src_pool, src_step, src_sample), its value the mean over its repeats
@@ -485,7 +494,7 @@ def check_reward_range(runs):
     return row(m, measured, "inconclusive", "0.1 <= min range <= 1.0 (success needs > 1.0)")
 
 def check_vanilla_cos_in(runs):
-    m, van = "cos_in per step, vanilla arm", main_runs(runs, "vanilla")
+    m, van = "cos_in per step, vanilla arm", main_runs(runs, configs.REFERENCE)
     ci = [s["cos_in"] for r in van for s in live(r) if s["cos_in"] is not None]
     if not ci:
         return row(m, "no vanilla GRPO steps with cos_in", "n/a", "needs a vanilla GRPO run")
@@ -506,7 +515,7 @@ def check_vanilla_cos_in(runs):
     return row(m, measured, "inconclusive", "mean away from 0 but no majority sign")
 
 def check_projection(runs):
-    m, proj = "cos_out < cos_in per step, projected arm", main_runs(runs, "projected")
+    m, proj = "cos_out < cos_in per step, projected arm", projecting_runs(runs)
     st = [s for r in proj for s in live(r) if s["cos_in"] is not None and s["cos_out"] is not None]
     if not st:
         return row(m, "no projected GRPO steps with cos_in/cos_out", "n/a", "needs a projected GRPO run")
@@ -557,7 +566,7 @@ def check_contrib_adv_free(runs):
 def check_update(runs):
     m = "cos_update (applied AdamW update)"
     parts = []
-    for arm in ("vanilla", "projected"):
+    for arm in configs.ARMS:
         cu = [s["cos_update"] for r in main_runs(runs, arm) for s in live(r) if s.get("cos_update") is not None]
         if cu:
             parts.append(f"{arm} mean {fmt(float(np.mean(cu)))}, > 0 on {sum(c > 0 for c in cu)}/{len(cu)} steps")
@@ -566,12 +575,12 @@ def check_update(runs):
     return row(m, "; ".join(parts), "info", "what was applied; > 0 = the step moved hack-ward")
 
 def over_projected_steps(runs):
-    return [(r["name"], s["step"]) for r in runs if r["arm"] == "projected"
+    return [(r["name"], s["step"]) for r in runs if projects(r["arm"])
             for s in r["steps"] if (s["n_over_projected"] or 0) > 0]
 
 def check_over_projection(runs):
     m = "over-projection (n_over_projected > 0)"
-    if not any(r["arm"] == "projected" for r in runs):
+    if not any(projects(r["arm"]) for r in runs):
         return row(m, "no projected run", "n/a", "needs a projected run")
     bad = over_projected_steps(runs)
     if bad:
@@ -693,16 +702,18 @@ def pair_mismatch(v, p):
     return why
 
 def pairs(runs):
-    """Vanilla vs projected with the same (seed, loss_mode, control) in the same basis: both must see
-    the same samples and share pools, v_hack, model and config apart from the arm; other pairs are skipped
-    with the reason. Runs of different bases are never paired as one arm."""
+    """Vanilla vs each treatment arm (configs.ARMS; keys vanilla and projected name the two runs) with the
+    same (seed, loss_mode, control) in the same basis: both must see the same samples and share pools,
+    v_hack, model and config apart from the arm; other pairs are skipped with the reason. Runs of different
+    bases are never paired as one arm."""
     groups = defaultdict(lambda: defaultdict(list))
     for r in runs:
         groups[(r["seed"], r["loss_mode"], r["control"], r["basis"])][r["arm"]].append(r)
     out = []
     for (seed, lm, ctl, basis), g in sorted(groups.items(), key=str):
-        for v in g.get("vanilla", []):
-            for p in g.get("projected", []):
+        treated = [r for a, f in configs.ARMS.items() if f["role"] == "treatment" for r in g.get(a, [])]
+        for v in g.get(configs.REFERENCE, []):
+            for p in treated:
                 why = pair_mismatch(v, p)
                 if why:
                     out.append(dict(seed=seed, loss_mode=lm, control=ctl, basis=basis, vanilla=v["name"], projected=p["name"],
@@ -729,7 +740,9 @@ def arms(runs):
     Cosines in different bases are on different scales, so each basis' projected arm is read against
     its own basis' vanilla arm and null sd."""
     out = []
-    for arm, basis in (("vanilla", "svd"), ("projected", "svd"), ("projected", "lora"), ("vanilla", "lora")):
+    treatments = [a for a, f in configs.ARMS.items() if f["role"] == "treatment"]
+    for arm, basis in ([(configs.REFERENCE, "svd")] + [(a, "svd") for a in treatments] + [(a, "lora") for a in treatments]
+                       + [(configs.REFERENCE, "lora")]):
         by = defaultdict(list)
         for r in main_runs(runs, arm):
             if r["basis"] == basis:
@@ -764,13 +777,13 @@ def control_comparisons(runs, key="cos_in"):
     """Each control (vanilla GRPO with another V) against the vanilla run of the same seed, paired by
     step (same seed -> same samples on each step): paired test of vanilla minus control."""
     van = {}
-    for r in main_runs(runs, "vanilla"):                # one vanilla run per seed (the first given)
+    for r in main_runs(runs, configs.REFERENCE):        # one vanilla run per seed (the first given)
         van.setdefault(r["seed"], r)
     out = {}
     for c in CONTROLS:
         xs, ys, names = [], [], []
         for r in runs:
-            if r["control"] != c or r["arm"] != "vanilla" or r["loss_mode"] != "grpo" or r["seed"] not in van:
+            if r["control"] != c or r["arm"] != configs.REFERENCE or r["loss_mode"] != "grpo" or r["seed"] not in van:
                 continue
             vs = {s["step"]: s.get(key) for s in live(van[r["seed"]])}
             cs = {s["step"]: s.get(key) for s in live(r)}
@@ -784,10 +797,10 @@ def control_comparisons(runs, key="cos_in"):
     return out
 
 def control_command(ctrl, runs):
-    van = main_runs(runs, "vanilla")
+    van = main_runs(runs, configs.REFERENCE)
     r = van[0] if van else runs[0]
     c = r["cfg"]
-    cmd = (f"python train.py --arm=vanilla --control={ctrl} --seed={r['seed']} --steps={c.get('steps')} "
+    cmd = (f"python train.py --arm={configs.REFERENCE} --control={ctrl} --seed={r['seed']} --steps={c.get('steps')} "
            f"--preset={c.get('preset', 'demo')} --pair-kind={c.get('pair_kind', 'pool')} "
            f"--loss-type={c.get('loss_type', 'grpo')} --basis={r['basis']}")
     if r["basis"] == "lora":
@@ -834,7 +847,7 @@ def widened_band(runs, van, ci, band, out):
     gradients): the larger of the band and each control's |mean| + 2 sd of its per-step cos_in."""
     seeds = {r["seed"] for r in van}                      # only controls with a vanilla run of their seed
     for ctrl in ("random_v", "shuffled_v"):
-        rnd = [s["cos_in"] for r in runs if r["control"] == ctrl and r["arm"] == "vanilla"
+        rnd = [s["cos_in"] for r in runs if r["control"] == ctrl and r["arm"] == configs.REFERENCE
                and r["loss_mode"] == "grpo" and r["seed"] in seeds for s in live(r) if s["cos_in"] is not None]
         if len(rnd) >= 2:
             out[f"vs_{ctrl}"] = welch_t_test(ci, rnd)
@@ -971,7 +984,7 @@ def decision(runs, contrib_row, adv_free_row):
     with the hack" needs v_hack to beat the style direction by more than noise plus a label-free direction's
     chance alignment. cos_out < cos_in and cos_out < 0.05 hold for any V under the one-sided k=1
     projection: they are mechanics checks, kept out of the decision."""
-    van, proj = main_runs(runs, "vanilla"), main_runs(runs, "projected")
+    van, proj = main_runs(runs, configs.REFERENCE), projecting_runs(runs)
     sd, band = null_band(van + proj)
     ci = [s["cos_in"] for r in van for s in live(r) if s["cos_in"] is not None]
     out, notes = dict(null_sd=sd, band=band, n_steps=len(ci), cos_in_used="mean over modules"), []
@@ -1098,7 +1111,7 @@ def render_decision(e):
         o.append(wrap("without " + ", ".join(d["controls_missing"]) + ": an alignment-based RUN is unchecked against "
                       + "; ".join(f"{c} ({CONTROL_WHY[c]})" for c in d["controls_missing"])
                       + ". Each can turn a RUN into a SKIP."))
-        found = [f for f in e["controls_found"] if f["control"] in d["controls_missing"] and f["arm"] == "vanilla"]
+        found = [f for f in e["controls_found"] if f["control"] in d["controls_missing"] and f["arm"] == configs.REFERENCE]
         if found:
             o.append(wrap("matched runs found beside this experiment's runs but not given (add them to the command "
                           "line): " + ", ".join(f"{f['dir']} ({f['control']}, seed {f['seed']})" for f in found),
@@ -1348,7 +1361,7 @@ def reference_arm(arm, arms):
     """The vanilla arm an arm is judged against: vanilla without control or intervention, of the same
     basis; None when the grid has none (a paired test across bases would mix basis, learning rate and
     projection, so it is never made)."""
-    ref = f"vanilla {arm.split()[1]}"
+    ref = f"{configs.REFERENCE} {arm.split()[1]}"
     return ref if ref in arms else None
 
 def mean_ci(d, alpha=ALPHA):
@@ -1396,7 +1409,7 @@ def phase3(run_dirs, window=WINDOW, runs=None):
     asked, window = window, min(window, min(len(r["steps"]) for r in runs))   # a window past the start: all steps
     rows = sorted((online_run_row(r, window) for r in runs), key=lambda x: x["seed"])
     cfgs = {r["arm"]: r["cfg"] for r in runs}      # vanilla, projected, controls, then the interventions
-    order = sorted(cfgs, key=lambda a: (a not in ("vanilla svd", "vanilla lora"), cfgs[a].get("intervention", "none") != "none",
+    order = sorted(cfgs, key=lambda a: (a != reference_arm(a, cfgs), cfgs[a].get("intervention", "none") != "none",
                                         cfgs[a].get("control", "none") != "none", cfgs[a]["basis"] != "svd", a))
     rows.sort(key=lambda x: (order.index(x["arm"]), x["seed"]))
     arms = []
@@ -1407,9 +1420,9 @@ def phase3(run_dirs, window=WINDOW, runs=None):
                          eval_hack=mean_sd([x["eval_hack"] for x in rs]), capability=mean_sd([x["capability"] for x in rs])))
     comps, loaded = [], {(r["arm"], r["seed"]): r for r in runs}
     for a in order:
-        if a in ("vanilla svd", "vanilla lora"):
-            continue
         ref = reference_arm(a, order)
+        if a == ref:
+            continue
         if ref is None:
             comps.append(dict(arm=a, vs=None, reason=f"no vanilla {a.split()[1]} arm: a paired test across bases "
                                                      f"is refused (it would mix basis, learning rate and projection)"))
@@ -1465,7 +1478,7 @@ def control_checks(comps, cfgs):
     for c in comps:
         cfg = cfgs[c["arm"]]                   # a control is vanilla with one of these interventions, nothing else
         kind = cfg.get("intervention", "none")
-        if kind not in ONLINE_CONTROLS or cfg["arm"] != "vanilla" or cfg.get("control", "none") != "none" \
+        if kind not in ONLINE_CONTROLS or cfg["arm"] != configs.REFERENCE or cfg.get("control", "none") != "none" \
                 or c["vs"] is None:
             continue
         e = c["endpoints"]["eval_hack"]["seed"]
@@ -1611,8 +1624,8 @@ def plot(run_dirs, path):
             xs = [s["step"] for s in r["steps"] if s.get(key) is not None]
             ys = [s[key] for s in r["steps"] if s.get(key) is not None]
             curves[r["name"]] = (xs, ys)
-            ax.plot(xs, ys, marker="o" if r["arm"] == "vanilla" else "s", ms=3, lw=1.2, color=f"C{i}",
-                    ls="-" if r["arm"] == "vanilla" else "--", alpha=0.85,
+            ax.plot(xs, ys, marker=configs.ARMS[r["arm"]]["marker"], ms=3, lw=1.2, color=f"C{i}",
+                    ls=configs.ARMS[r["arm"]]["ls"], alpha=0.85,
                     label=f"{r['name']} ({r['arm']}, {r['loss_mode']}, control={r['control']})")
         ax.axhline(0, color="k", lw=0.6)
         sd = max([r["null_sd"] for r in runs if r["null_sd"]] or [0])

@@ -40,6 +40,18 @@ def reproducible():
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     os.environ.setdefault("MKL_DYNAMIC", "FALSE")     # a fixed thread count, as reproducible mode needs
 
+# --arm's values: what an arm does to the gradient is train.train_step's; everything else reads it here.
+# role: "reference" measures only and is what every treatment is compared with (same seed and basis; the
+# controls and interventions run on it), "treatment" changes the step. projects: the step removes the
+# hack-ward component (train.apply_step; analyze's projection checks read these arms). marker, ls: the
+# arm's curves in analyze --plot.
+ARMS = {
+    "vanilla": dict(role="reference", projects=False, help="measure cos_in/cos_out only", marker="o", ls="-"),
+    "projected": dict(role="treatment", projects=True, help="remove the hack-ward gradient component",
+                      marker="s", ls="--"),
+}
+REFERENCE = next(a for a, f in ARMS.items() if f["role"] == "reference")   # the one reference arm
+
 # defaults of settings that no preset sets (each has its flag in train.py, which overrides it)
 LOSS_TYPES = ("grpo", "dr_grpo", "bnpo")   # --loss-type: the token reduction (antipasto.token_denoms)
 CLIP_EPS = 0.2                    # PPO clip range epsilon (--clip-eps; antipasto.policy_losses)
@@ -310,8 +322,7 @@ def get_args(argv=None, doc=None):
 
 def experiment_flags(a):
     """The flags of the experiment: arm, loss, data, v_hack and its pairs, the adapter."""
-    a("--arm", choices=("vanilla", "projected"), default="vanilla",
-      help="vanilla: measure cos_in/cos_out only; projected: remove the hack-ward gradient component")
+    a("--arm", choices=tuple(ARMS), default=REFERENCE, help="; ".join(f"{k}: {f['help']}" for k, f in ARMS.items()))
     a("--loss-mode", choices=("grpo", "nll"), default="grpo",
       help="grpo: Dr.GRPO centred advantage, REINFORCE loss (Phase 2); nll: distillation probe (Phase 1)")
     a("--replay-dirs", default=None,

@@ -2110,6 +2110,33 @@ def test_three_arms_side_by_side_never_pool_bases():
         lora_only = A.analyze([lv, lp])                          # a LoRA-only analysis judges the LoRA runs
         assert lora_only["experiments"][0]["basis"] == "lora" and lora_only["decision"]["vanilla_mean_cos_in"] < 0
 
+def test_a_new_arm_is_one_configs_row_and_an_unknown_arm_is_refused():
+    """analyze reads each arm's role from configs.ARMS: a treatment arm added as one row is paired with
+    vanilla and gets its arms-table rows; one that does not project stays out of the projection checks."""
+    with tempfile.TemporaryDirectory() as root:
+        dv, dp = make_run(root, "van", "vanilla", seed=1), make_run(root, "proj", "projected", seed=1)
+        da = make_run(root, "abl", "ablated", seed=1)
+        path = os.path.join(da, "steps.jsonl")
+        rows = [dict(json.loads(l), n_over_projected=1) for l in open(path)]    # a bug, were the arm projected
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        try:
+            A.read_run_meta(da)
+            raise AssertionError("an arm outside configs.ARMS was read")
+        except ValueError as e:
+            assert str(e).startswith(os.path.join(da, "run.json") + ":1: bad run.json") and "ablated" in str(e)
+        saved = dict(configs.ARMS)
+        configs.ARMS["ablated"] = dict(role="treatment", projects=False, help="", marker="^", ls=":")
+        try:
+            res = A.analyze([dv, dp, da])
+        finally:
+            configs.ARMS.clear()
+            configs.ARMS.update(saved)
+        assert [(a["arm"], a["basis"]) for a in res["arms"]] == [("vanilla", "svd"), ("projected", "svd"),
+                                                                 ("ablated", "svd")]
+        assert sorted((p["vanilla"], p["projected"]) for p in res["pairs"]) == [("van", "abl"), ("van", "proj")]
+        assert verdicts(res)["over-projection (n_over_projected > 0)"] == "success"
+
 def test_decision_judges_one_experiment_and_matches_controls_within_it():
     with tempfile.TemporaryDirectory() as root:
         lora = dict(basis="lora", lora_rank=4, lora_alpha=8)

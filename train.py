@@ -467,7 +467,7 @@ def train_step(model, modules, g, V, opt, args, skip=False):
     # the share of the gradient's norm the projection removes (the projected arm) or would remove (vanilla)
     removed = sum((grads[n] - kept[n]).double().pow(2).sum().item() for n in grads) ** 0.5 / g2 ** 0.5 if g2 else None
     # the applied update, on cos_in's scale: > 0 means the step moved hack-ward
-    upd = None if skip else apply_step(opt, modules, grads, V, args.arm == "projected", args.project_moments,
+    upd = None if skip else apply_step(opt, modules, grads, V, configs.ARMS[args.arm]["projects"], args.project_moments,
                                        one_sided=not args.no_gate)
     opt.zero_grad(set_to_none=True)
     s_cos, s_norm = ap.sample_cosines(gs, V)
