@@ -450,7 +450,10 @@ def resolve(args):
         if getattr(args, key) is None:
             setattr(args, key, preset["lr_lora" if key == "lr" and args.basis == "lora" and "lr_lora" in preset
                                       else key])
-    args.cfg = dict(preset, basis=args.basis)  # the basis this run trains, not the preset's default
+    # the basis this run trains, not the preset's default; the values the flags set, never the preset's stale ones
+    args.cfg = dict(preset, basis=args.basis, **{k: getattr(args, k) for k in ("steps", "seed", "lr", "model", "k")})
+    if args.dtype:
+        args.cfg["dtype"] = args.dtype
     for key in ONLINE_KEYS:                    # online flags override the preset's values
         if getattr(args, key, None) is not None:
             args.cfg[key] = getattr(args, key)

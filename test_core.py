@@ -4026,6 +4026,22 @@ def make_online_run(root, name, hack, correct, *, arm="vanilla", seed=0, n=10, c
     return d
 
 
+def test_resolved_config_holds_the_values_the_flags_set():
+    """args.cfg (what run.json and the trainer read) never keeps a preset's value a flag overrode, in either
+    source and basis; the preset itself is left as it was."""
+    import copy, configs
+    before = copy.deepcopy(configs.PRESETS)
+    for argv in (["--arm=vanilla", "--lr=0.123", "--steps=7", "--seed=3", "--dtype=bfloat16"],
+                 ["--source=online", "--basis=lora", "--lr=0.5", "--steps=9", "--seed=2", "--dry-run"],
+                 ["--source=online", "--basis=lora", "--dry-run"]):
+        a = configs.get_args(argv)
+        assert {k: a.cfg[k] for k in ("steps", "seed", "lr", "model", "k")} == \
+            {k: getattr(a, k) for k in ("steps", "seed", "lr", "model", "k")}, argv
+    assert a.cfg["lr"] == configs.PRESETS["organism"]["lr_lora"]         # the LoRA basis's own rate, unset
+    assert configs.get_args(["--arm=vanilla", "--dtype=bfloat16"]).cfg["dtype"] == "bfloat16"
+    assert configs.PRESETS == before
+
+
 def test_old_run_json_configs_read_in_todays_names():
     """Online runs from before one name per quantity stored G as `group` and the rows per step as group_size;
     read through configs.upgrade_run_config (--resume, analyze.py) they are today's config, and fields a run
