@@ -410,6 +410,19 @@ def forward_stopwatch(model, device, spent):
             h.remove()
 
 
+@contextlib.contextmanager
+def forward_only():
+    """rollout.decode through model() even on merged weights (no token_step), so that merged vs hooked
+    compares what merging saves, the weights a token reads; token_step's own saving is row_loops'."""
+    import rollout
+    can = rollout.can_step_by_hand
+    rollout.can_step_by_hand = lambda model: False
+    try:
+        yield
+    finally:
+        rollout.can_step_by_hand = can
+
+
 def weight_bytes_per_token(model, modules):
     """(merged, hooked) bytes of weights one decoded token reads: every parameter and buffer but the
     input embedding (a row lookup), with the tensors the adapter modules' forward reads (U, Vh, delta_S
@@ -515,7 +528,7 @@ def row_generation(shape, B, new_tokens, rounds, device="cpu", dtype=torch.float
 
         def run(kind):
             spent = {"prefill": 0.0, "decode": 0.0}
-            with forward_stopwatch(model, device, spent):
+            with forward_stopwatch(model, device, spent), forward_only():
                 o = rollout.sample(model, tok, prompts, 1, new_tokens, 1.0, 1.0, 0, 0, [p["id"] for p in probs],
                                    eos_ids=[-1])   # no stop token: every row makes new_tokens
             n_tok.append(sum(len(x) for x in o["token_ids"]))
@@ -875,7 +888,7 @@ def gpu_check(shape, flags=(), device="cuda", dtype=torch.bfloat16, rounds=2, ne
 
     def generate(kind):
         sp = {"prefill": 0.0, "decode": 0.0}
-        with forward_stopwatch(model, device, sp):
+        with forward_stopwatch(model, device, sp), forward_only():
             o = rollout.sample(model, tok, prompts, 1, new_tokens, 1.0, 1.0, 0, 0, eos_ids=[-1])
         spent.setdefault(kind, []).append(sp["decode"])
         counts[kind] = sum(len(x) for x in o["token_ids"])

@@ -199,27 +199,38 @@ def stage_demo_v(args, log):
     """Stage 4b: the sweep's projected LoRA runs again, the same commands but for their v_hack, which comes
     from the demo pools' canned completions (train.py's default for an embedded model) instead of the
     student's pools: the projection's effect per v_hack source, against the same vanilla LoRA runs.
-    Returns the Phase 3 report of those runs and the sweep's vanilla LoRA runs; None for another model
-    (no default v_hack)."""
-    if args.model not in ("tiny", "organism"):
-        print(f"(stage 4b skipped: --model {args.model} has no default v_hack to compare with)", flush=True)
-        return None
+    Returns (the Phase 3 report of exactly those runs and the sweep's vanilla LoRA runs, None), or (None,
+    why it was skipped). Refused in one line: a run there from other flags (a sweep redone since), or
+    one whose v_hack did not come from the demo pools (the online flags name v_hack or its pairs)."""
+    if args.model not in configs.EMBEDDED:
+        return None, f"--model {args.model} has no default v_hack to compare with"
     grid = json.load(open(os.path.join(args.out, "sweep", "sweep.json")))
-    out, van = os.path.join(args.out, "sweep_demo_v"), []
-    for r in grid["runs"]:
-        if r["arm"] == "vanilla_lora":
-            van.append(r["out"])
-        if r["arm"] != "projected_lora":
-            continue
+    proj = [r for r in grid["runs"] if r["arm"] == "projected_lora"]
+    van = [r["out"] for r in grid["runs"] if r["arm"] == "vanilla_lora"]
+    if not proj or not van:
+        return None, "the sweep has no projected_lora and vanilla_lora runs to compare"
+    out, dirs = os.path.join(args.out, "sweep_demo_v"), []
+    for r in proj:
         d = os.path.join(out, r["name"])
         argv = [t for t in r["argv"] if not t.startswith(("--pair-dirs=", "--out="))] + [f"--out={d}"]
+        dirs.append(d)
         if os.path.exists(os.path.join(d, "run.json")):
+            with open(os.path.join(d, "run.json")) as f:
+                had = [t for t in json.load(f)["argv"][1:] if t != "--resume"]
+            if had != argv:
+                raise SystemExit(f"error: {d} was run with other flags than the sweep's {r['name']} now has "
+                                 f"(a sweep redone since?): remove it and rerun to redo stage 4b")
             if run_finished(d):
                 continue
             argv.append("--resume")
         run((grid["train_cmd"] or [sys.executable, os.path.join(HERE, "train.py")]) + argv, log)
-    runs = sorted(van) + sorted(os.path.join(out, x) for x in os.listdir(out) if os.path.isdir(os.path.join(out, x)))
-    return report(runs, analyze.phase3, analyze.render_phase3, log)
+    for d in dirs:
+        with open(os.path.join(d, "run.json")) as f:
+            kind = (json.load(f).get("v_hack_source") or {}).get("kind")
+        if kind != "demo":
+            raise SystemExit(f"error: {d}: its v_hack came from {kind!r}, not the demo pools (the train.py flags "
+                             f"after -- name v_hack or its pairs): stage 4b compares the demo pools' v_hack")
+    return report(sorted(van) + dirs, analyze.phase3, analyze.render_phase3, log), None
 
 
 def effect(c):
@@ -228,7 +239,7 @@ def effect(c):
     return dict(hack=hack, capability=cap, seeds=c["seeds"], lowered=hack["hi"] is not None and hack["hi"] < 0)
 
 
-def answer(phase2, res, demo=None):
+def answer(phase2, res, demo=(None, None)):
     """{basis: the projection's effect and Phase 2's prediction} + the controls check, from the Phase 3 report
     `res` (analyze.phase3)."""
     out = dict(controls=[dict(arm=c["arm"], control=c["control"], ci=c["ci"], passed=c["passed"])
@@ -240,8 +251,9 @@ def answer(phase2, res, demo=None):
         e, p2 = effect(c), phase2.get(arm[1])
         out["bases"][arm[1]] = dict(e, phase2=p2, predicted=None if p2 is None else p2["go"] == e["lowered"])
     out["controls_ok"] = bool(out["controls"]) and all(c["passed"] for c in out["controls"])
-    out["demo_v"] = None if demo is None else \
-        next((effect(c) for c in demo["comparisons"] if c["arm"] == "projected lora" and c["vs"]), None)
+    out["demo_v"] = None if demo[0] is None else \
+        next((effect(c) for c in demo[0]["comparisons"] if c["arm"] == "projected lora" and c["vs"]), None)
+    out["demo_v_skipped"] = demo[1]
     return out
 
 
@@ -260,6 +272,8 @@ def render(ans):
         o.append(f"    Phase 2 said {p2['rule'] if p2 else '(no Phase 2 experiment in this basis)'}"
                  + ("" if p2 is None else f" -> {'predicted' if b['predicted'] else 'NOT predicted'}"))
     b = ans.get("demo_v")
+    if ans.get("demo_v_skipped"):
+        o.append(f"  (stage 4b, the demo pools' v_hack, skipped: {ans['demo_v_skipped']})")
     if b:
         o.append(f"  lora, v_hack from the demo pools instead: projected minus vanilla, held-out hack "
                  f"{analyze.fmt_ci(b['hack'])}, capability {analyze.fmt_ci(b['capability'])} (seeds "

@@ -224,8 +224,12 @@ def token_step(model, tok_t, pos, mask, cache):
     with attention mask (b, W): a Qwen3's forward written out on its own modules' weights, the same ops
     in the same order as transformers' (so the same bits), without the per-call work of its wrappers
     (config and output plumbing, mask preparation, one Python call per module): on the CPU organism a
-    third of a decode step. Only for plain Linears (inside merged()); decode() checks it against
-    model(...) on its first token step and keeps model(...) when the two differ in any bit."""
+    third of a decode step. Attention is transformers' own function for the model's implementation,
+    called as its Qwen3Attention calls it, so whatever kernel path it takes (grouped-query packing,
+    enable_gqa, repeat_kv) is the same one. Only for plain Linears (inside merged()); decode() checks it
+    against model(...) on its first token step and keeps model(...) when the two differ in any bit."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    attend = ALL_ATTENTION_FUNCTIONS[model.config._attn_implementation]   # the model's own attention call
     m = model.model
     b = tok_t.shape[0]
     h = F.embedding(tok_t[:, None], m.embed_tokens.weight, m.embed_tokens.padding_idx)     # (b, 1, H)
@@ -239,9 +243,8 @@ def token_step(model, tok_t, pos, mask, cache):
         v = linear(a.v_proj, x).view(b, 1, -1, a.head_dim).transpose(1, 2)                      # (b, kv, 1, hd)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         K, V = cache.update(k, v, i)                                                        # (b, kv, W, hd)
-        q = q.reshape(b, K.shape[1], -1, a.head_dim)                  # (b, kv, groups, hd): one query a row
-        o = F.scaled_dot_product_attention(q, K, V, attn_mask=am, dropout_p=0.0, scale=a.scaling)
-        h = h + linear(a.o_proj, o.reshape(b, 1, -1))
+        o = attend(a, q, K, V, am, dropout=0.0, scaling=a.scaling, sliding_window=a.sliding_window)[0]
+        h = h + linear(a.o_proj, o.reshape(b, 1, -1).contiguous())                         # o: (b, 1, nh, hd)
         x = rms_norm(h, layer.post_attention_layernorm)
         mlp = layer.mlp
         h = h + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
@@ -249,8 +252,10 @@ def token_step(model, tok_t, pos, mask, cache):
 
 
 def can_step_by_hand(model):
-    """token_step applies: a Qwen3 whose Linears are plain nn.Linear and whose norms are transformers'."""
-    if getattr(model.config, "model_type", None) != "qwen3" or not hasattr(model, "model"):
+    """token_step applies: a Qwen3 with SDPA attention (decode's boolean mask reaches it unchanged), whose
+    Linears are plain nn.Linear and whose norms are transformers'."""
+    if getattr(model.config, "model_type", None) != "qwen3" or not hasattr(model, "model") or \
+            getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
     return all(type(mod) is nn.Linear for name, mod in model.named_modules()
                if name.rsplit(".", 1)[-1] in configs.TARGETS + ("lm_head",)) and \

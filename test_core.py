@@ -3223,6 +3223,41 @@ def test_decode_equals_the_previous_loop_alone_batched_and_refilled():
             assert_same_rows(rollout.decode(m, t.pad_token_id, rows, 24, 0.0, 1.0, eos, 4), greedy)
 
 
+def test_token_step_equals_the_models_forward_at_every_step_whatever_attention_path():
+    """rollout.token_step gives model()'s logits bit for bit at every decode step, not only at the first
+    (which decode() checks): in bf16 with Qwen3-4B's head layout (head_dim 128, 4 query heads per kv
+    head), where packed and unpacked grouped-query attention agree at some cache widths and not at
+    others, on transformers' default path and on the one TRANSFORMERS_SDPA_FORCE_GQA selects."""
+    import torch, configs, rollout
+    tok = configs.byte_tokenizer()
+    shape = dict(configs.TINY_QWEN3, hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=128)
+    model = configs.random_qwen3(shape, seed=1, dtype=torch.bfloat16, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id, bos_token_id=None)
+    g = torch.Generator().manual_seed(0)
+    rows = [(torch.randint(0, 250, (n,), generator=g).tolist(), rollout.sample_seed(0, 0, i, 0))
+            for i, n in enumerate((3, 5, 4, 7))]
+    real, widths = rollout.token_step, []
+
+    def both(m, tok_t, pos, mask, cache):
+        mine = real(m, tok_t, pos, mask, cache)
+        ref = m(input_ids=tok_t[:, None], attention_mask=mask[:, None, None], position_ids=pos, use_cache=True,
+                **{rollout.cache_kwarg(m): cache}).logits[:, -1].float()
+        assert torch.equal(mine, ref), (mask.shape[1], (mine - ref).abs().max().item())
+        widths.append(mask.shape[1])
+        return ref
+    old = os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
+    try:
+        rollout.token_step = both
+        for force in ("0", "1"):
+            os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = force
+            with torch.no_grad():
+                rollout.decode(model, tok.pad_token_id, rows, 40, 1.0, 0.9, torch.tensor([-1]), 2)
+    finally:
+        rollout.token_step = real
+        os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA") if old is None else os.environ.update(TRANSFORMERS_SDPA_FORCE_GQA=old)
+    assert len(set(widths)) > 30                                  # many cache widths, refills included
+
+
 def test_decode_keeps_gen_batch_rows_live_and_decodes_no_finished_row():
     """Continuous batching: while rows are pending every step carries gen_batch rows (decoded, or
     prefilled into a freed slot); a row is fed to the model once per token it makes after the first
@@ -4801,7 +4836,18 @@ def test_miniature_probes_sweep_and_answer():
     diffs = np.array([json.loads(open(os.path.join(demo, f"projected_lora_s{s}", "eval.jsonl")).readlines()[-1])
                       ["hack_rate_hint"] - last(f"vanilla_lora_s{s}") for s in range(3)])
     assert abs(ans["demo_v"]["hack"]["mean_diff"] - diffs.mean()) < 1e-12 and ans["demo_v"]["seeds"] == [0, 1, 2]
-    assert "v_hack from the demo pools instead" in o
+    assert "v_hack from the demo pools instead" in o and ans["demo_v_skipped"] is None
+    # a stage 4b run from other flags, or with another v_hack, is refused, not paired
+    path = os.path.join(demo, "projected_lora_s0", "run.json")
+    rec = json.load(open(path))
+    argv = ["--out", out, "--model", "tiny", "--pools", f"{pt},{pb}", "--probe-steps", "2", "--steps", "4", "--seeds",
+            "0,1,2", "--train-cmd", fake_train(d)]
+    json.dump(dict(rec, argv=rec["argv"] + ["--lr=9"]), open(path, "w"))
+    r = quiet_call(miniature.main, argv)[0]
+    assert isinstance(r, SystemExit) and "was run with other flags than the sweep's projected_lora_s0" in str(r.code), r
+    json.dump(dict(rec, v_hack_source=dict(kind="pairs")), open(path, "w"))
+    r = quiet_call(miniature.main, argv)[0]
+    assert isinstance(r, SystemExit) and "its v_hack came from 'pairs', not the demo pools" in str(r.code), r
     assert {c["control"] for c in ans["controls"]} == {"penalty", "screening", "shuffled_rewards"}
     assert "did Phase 2 predict" in o and ("NOT predicted" in o) == (not all(b["predicted"] for b in ans["bases"].values()))
 
@@ -4964,7 +5010,13 @@ def test_bench_generation_row_times_decode_alone_and_counts_weight_bytes():
                 bench.forward_stopwatch(model, "cpu", spent):
             rollout.sample(model, tok, prompts, 1, new, eos_ids=[-1])
         assert spent["prefill"] > 0 and (spent["decode"] > 0) == has_decode, (new, spent)
-    res = bench.row_generation(bench.QUICK_QWEN3, 2, 4, 1, cache_dir=svd_cache())
+    calls, real, can = [], rollout.token_step, rollout.can_step_by_hand
+    rollout.token_step = lambda *a: calls.append(1) or real(*a)
+    try:                                  # merged vs hooked: both through model(), token_step is row_loops'
+        res = bench.row_generation(bench.QUICK_QWEN3, 2, 4, 1, cache_dir=svd_cache())
+    finally:
+        rollout.token_step = real
+    assert calls == [] and rollout.can_step_by_hand is can                 # restored after the row
     for basis in ("svd", "lora"):
         x = res[basis]
         assert x["dec_merged"] > 0 and x["dec_hooked"] > 0 and len(x["dec_speedup"]) == 3, x

@@ -44,7 +44,8 @@ def main():
     rows = [json.loads(l) for l in open(path)] if f.get("resume") and os.path.exists(path) else []
     cfg = dict(source="online", arm=f["arm"], basis=f.get("basis", "svd"), control=f.get("control", "none"),
                intervention=f.get("intervention", "none"), seed=int(f["seed"]), preset=f["preset"], steps=steps)
-    json.dump(dict(argv=sys.argv, config=cfg), open(os.path.join(out, "run.json"), "w"))
+    source = "pairs" if f.get("pair-dirs") or f.get("pairs") else "file" if f.get("v-hack") else "demo"
+    json.dump(dict(argv=sys.argv, config=cfg, v_hack_source=dict(kind=source)), open(os.path.join(out, "run.json"), "w"))
     die = os.environ.get("FAKE_DIE") == os.path.basename(out) and not f.get("resume")
     for step in range(len(rows), steps):
         if die and step == 2:
