@@ -69,10 +69,10 @@ figures are of the previous decode loop. Row 3 also times the previous loop (dyn
 a chunk decoded to its longest row, HF forward, per-row torch.sort) beside rollout.decode (cache written in
 place, finished rows refilled, token_step, numpy's sort of unique keys), interleaved, same tokens
 (`python bench.py --rows 3 --rounds 3`, idle): on the organism's real spread of completion lengths (2-96
-tokens) 2985 -> 6107 tok/s, 2.04x (2.03-2.06) with all 32 rows at once, and 1.37x (1.37-1.38) at a
-gen_batch of 8; on the bench model (8 rows, no stop token, nothing to refill) 1.09x (1.08-1.11). Row 4b
+tokens) 2971 -> 5993 tok/s, 2.02x (2.00-2.02) with all 32 rows at once, and 1.36x (1.36-1.36) at a
+gen_batch of 8; on the bench model (8 rows, no stop token, nothing to refill) 1.07x (1.06-1.09). Row 4b
 (`python bench.py --rows 4`): the organism preset's generation seconds per online step, median of the
-same 20 steps, 0.435 s -> 0.221 s, 1.98x (1.75-2.16), the same rollouts. Row 1's
+same 20 steps, 0.435 s -> 0.220 s, 1.95x (1.74-2.17), the same rollouts. Row 1's
 "forward+backward per sample" is a little cheaper than the batched plain pass on this CPU (one row's
 activations and logits stay in cache); on a GPU, where one row leaves most of the device idle, G separate
 passes cost more (not measured here). Capture costs what the plain pass costs either way.

@@ -24,7 +24,7 @@ CLI:
 
 Generation speed, merged vs hooked and this loop vs the previous one: `python bench.py --rows 3`.
 """
-import argparse, contextlib, hashlib, json, os, platform, time
+import argparse, contextlib, hashlib, json, os, platform, sys, time
 
 import configs
 configs.reproducible()   # before torch (MKL) loads: it reads these variables once, when it loads
@@ -203,63 +203,51 @@ class SlotCache:
             K[dst] = K[src]
 
 
-def rms_norm(x, norm):
-    """Qwen3RMSNorm's forward, op for op."""
-    dtype = x.dtype
-    x = x.to(torch.float32)
-    return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).to(dtype)
-
-
-def rotate_half(x):
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
 def linear(m, x):
     return F.linear(x, m.weight, m.bias)
 
 
 def token_step(model, tok_t, pos, mask, cache):
     """Next-token logits (b, V) float32 of one decoded token per row, tok_t (b,) at positions pos (b, 1)
-    with attention mask (b, W): a Qwen3's forward written out on its own modules' weights, the same ops
-    in the same order as transformers' (so the same bits), without the per-call work of its wrappers
-    (config and output plumbing, mask preparation, one Python call per module): on the CPU organism a
-    third of a decode step. Attention is transformers' own function for the model's implementation,
-    called as its Qwen3Attention calls it, so whatever kernel path it takes (grouped-query packing,
-    enable_gqa, repeat_kv) is the same one. Only for plain Linears (inside merged()); decode() checks it
+    with attention mask (b, W): a Qwen3's forward written out on its own modules (its norms, rotary and
+    attention function, its Linears' weights), the same ops in the same order as transformers' (so the
+    same bits), without the per-call work of its wrappers (config and output plumbing, mask preparation,
+    a module call per Linear, norm and layer): on the CPU organism a third of a decode step. The attention
+    function is transformers' own for the model's implementation, called as its Qwen3Attention calls
+    it, so whatever kernel path it takes (grouped-query packing, enable_gqa, repeat_kv) is the same one. Only for plain Linears (inside merged()); decode() checks it
     against model(...) on its first token step and keeps model(...) when the two differ in any bit."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     attend = ALL_ATTENTION_FUNCTIONS[model.config._attn_implementation]   # the model's own attention call
+    rope = sys.modules[type(model).__module__].apply_rotary_pos_emb      # and its own rotary
     m = model.model
     b = tok_t.shape[0]
     h = F.embedding(tok_t[:, None], m.embed_tokens.weight, m.embed_tokens.padding_idx)     # (b, 1, H)
-    cos, sin = (x[:, None] for x in m.rotary_emb(h, pos))                                   # (b, 1, 1, hd)
+    cos, sin = m.rotary_emb(h, pos)                                                         # (b, 1, hd)
     am = mask[:, None, None]                                                                 # (b, 1, 1, W)
     for i, layer in enumerate(m.layers):
         a = layer.self_attn
-        x = rms_norm(h, layer.input_layernorm)                                              # (b, 1, H)
-        q = rms_norm(linear(a.q_proj, x).view(b, 1, -1, a.head_dim), a.q_norm).transpose(1, 2)   # (b, nh, 1, hd)
-        k = rms_norm(linear(a.k_proj, x).view(b, 1, -1, a.head_dim), a.k_norm).transpose(1, 2)   # (b, kv, 1, hd)
-        v = linear(a.v_proj, x).view(b, 1, -1, a.head_dim).transpose(1, 2)                      # (b, kv, 1, hd)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        x = layer.input_layernorm.forward(h)                                                # (b, 1, H)
+        q = a.q_norm.forward(linear(a.q_proj, x).view(b, 1, -1, a.head_dim)).transpose(1, 2)   # (b, nh, 1, hd)
+        k = a.k_norm.forward(linear(a.k_proj, x).view(b, 1, -1, a.head_dim)).transpose(1, 2)   # (b, kv, 1, hd)
+        v = linear(a.v_proj, x).view(b, 1, -1, a.head_dim).transpose(1, 2)                  # (b, kv, 1, hd)
+        q, k = rope(q, k, cos, sin)
         K, V = cache.update(k, v, i)                                                        # (b, kv, W, hd)
         o = attend(a, q, K, V, am, dropout=0.0, scaling=a.scaling, sliding_window=a.sliding_window)[0]
         h = h + linear(a.o_proj, o.reshape(b, 1, -1).contiguous())                         # o: (b, 1, nh, hd)
-        x = rms_norm(h, layer.post_attention_layernorm)
+        x = layer.post_attention_layernorm.forward(h)
         mlp = layer.mlp
         h = h + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
-    return linear(model.lm_head, rms_norm(h, m.norm))[:, -1].float()                           # (b, V)
+    return linear(model.lm_head, m.norm.forward(h))[:, -1].float()                          # (b, V)
 
 
 def can_step_by_hand(model):
-    """token_step applies: a Qwen3 with SDPA attention (decode's boolean mask reaches it unchanged), whose
-    Linears are plain nn.Linear and whose norms are transformers'."""
+    """token_step applies: a Qwen3 with SDPA attention (decode's boolean mask reaches it unchanged) whose
+    Linears are plain nn.Linear (token_step reads their weights; its norms are the model's own modules)."""
     if getattr(model.config, "model_type", None) != "qwen3" or not hasattr(model, "model") or \
             getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
     return all(type(mod) is nn.Linear for name, mod in model.named_modules()
-               if name.rsplit(".", 1)[-1] in configs.TARGETS + ("lm_head",)) and \
-        all(type(mod).__name__ == "Qwen3RMSNorm" for name, mod in model.named_modules() if name.endswith("norm"))
+               if name.rsplit(".", 1)[-1] in configs.TARGETS + ("lm_head",))
 
 
 def decode(model, pad_id, rows, max_new_tokens, temperature, top_p, eos, gen_batch=None):
