@@ -64,7 +64,7 @@ shape, 2.22x for Qwen3-4B in bf16: 8.04 GB of weights + 9.78 GB of factors), so 
 gains up to that much. On this CPU each decode step also pays costs that merging does not touch (attention
 over the ~1,400-token KV cache, the cache's concatenation, the top-p sort of the vocabulary, Python), so the
 measured 1.53x stays below the 1.99x bound. The decode-loop column times only the forward calls on one new
-position (hooks on the model, or on rollout.token_step), so the prompts' prefill is not in it. Those
+position (hooks on the model, every step through it), so the prompts' prefill is not in it. Those
 figures are of the previous decode loop. Row 3 also times the previous loop (dynamic_decode: DynamicCache,
 a chunk decoded to its longest row, HF forward, per-row torch.sort) beside rollout.decode (cache written in
 place, finished rows refilled, token_step, numpy's sort of unique keys), interleaved, same tokens
@@ -301,7 +301,7 @@ def print_row1(res, where):
 
 def demo_rows(tmp):
     """The demo pools' rows (out/pools when built, else built once into `tmp`)."""
-    dirs = [os.path.join(pools.DEMO_OUT, n) for n in pools.DEMO_NAMES]
+    dirs = pools.DEMO_DIRS
     if not all(os.path.isdir(d) for d in dirs):
         with contextlib.redirect_stdout(io.StringIO()):
             dirs = pools.build_demo(os.path.join(tmp, "pools"), workers=os.cpu_count())
@@ -379,11 +379,12 @@ def print_row2(res, where):
 
 @contextlib.contextmanager
 def forward_stopwatch(model, device, spent):
-    """Inside the block each forward call's seconds go to spent["prefill"] (calls on more than one new
-    position: the prompts) or spent["decode"] (one position: a decoded token), whether the token steps
-    run model() (hooks on its forward) or rollout.token_step (wrapped for the block)."""
+    """Inside the block rollout.decode runs every step through model() (no token_step, even on merged
+    weights, so that merged vs hooked compares what merging saves, the weights a token reads; token_step's
+    own saving is row_loops'), and each forward call's seconds go to spent["prefill"] (calls on more than
+    one new position: the prompts) or spent["decode"] (one position: a decoded token)."""
     import rollout
-    t0, step = [], rollout.token_step
+    t0, can = [], rollout.can_step_by_hand
 
     def pre(m, args, kwargs):
         sync(device)
@@ -393,34 +394,14 @@ def forward_stopwatch(model, device, spent):
         sync(device)
         ids = kwargs.get("input_ids", args[0] if args else None)
         spent["decode" if ids.shape[1] == 1 else "prefill"] += time.perf_counter() - t0.pop()
-
-    def timed_step(*args):
-        pre(None, (), {})
-        out = step(*args)
-        sync(device)
-        spent["decode"] += time.perf_counter() - t0.pop()
-        return out
     hooks = [model.register_forward_pre_hook(pre, with_kwargs=True), model.register_forward_hook(post, with_kwargs=True)]
-    rollout.token_step = timed_step
+    rollout.can_step_by_hand = lambda model: False
     try:
         yield spent
     finally:
-        rollout.token_step = step
+        rollout.can_step_by_hand = can
         for h in hooks:
             h.remove()
-
-
-@contextlib.contextmanager
-def forward_only():
-    """rollout.decode through model() even on merged weights (no token_step), so that merged vs hooked
-    compares what merging saves, the weights a token reads; token_step's own saving is row_loops'."""
-    import rollout
-    can = rollout.can_step_by_hand
-    rollout.can_step_by_hand = lambda model: False
-    try:
-        yield
-    finally:
-        rollout.can_step_by_hand = can
 
 
 def weight_bytes_per_token(model, modules):
@@ -528,7 +509,7 @@ def row_generation(shape, B, new_tokens, rounds, device="cpu", dtype=torch.float
 
         def run(kind):
             spent = {"prefill": 0.0, "decode": 0.0}
-            with forward_stopwatch(model, device, spent), forward_only():
+            with forward_stopwatch(model, device, spent):
                 o = rollout.sample(model, tok, prompts, 1, new_tokens, 1.0, 1.0, 0, 0, [p["id"] for p in probs],
                                    eos_ids=[-1])   # no stop token: every row makes new_tokens
             n_tok.append(sum(len(x) for x in o["token_ids"]))
@@ -888,7 +869,7 @@ def gpu_check(shape, flags=(), device="cuda", dtype=torch.bfloat16, rounds=2, ne
 
     def generate(kind):
         sp = {"prefill": 0.0, "decode": 0.0}
-        with forward_stopwatch(model, device, sp), forward_only():
+        with forward_stopwatch(model, device, sp):
             o = rollout.sample(model, tok, prompts, 1, new_tokens, 1.0, 1.0, 0, 0, eos_ids=[-1])
         spent.setdefault(kind, []).append(sp["decode"])
         counts[kind] = sum(len(x) for x in o["token_ids"])

@@ -5005,7 +5005,7 @@ def test_bench_generation_row_times_decode_alone_and_counts_weight_bytes():
     assert bench.weight_bytes_per_token(model, mods) == (want_merged, want_merged + want_extra)
     prompts = ["def f(x):", "class Solution:"]
     for new, has_decode, merge in ((1, False, False), (4, True, False), (4, True, True)):
-        spent = {"prefill": 0.0, "decode": 0.0}       # merged: the token steps run rollout.token_step
+        spent = {"prefill": 0.0, "decode": 0.0}       # merged too: the stopwatch keeps every step in model()
         with (rollout.merged(model) if merge else contextlib.nullcontext()), \
                 bench.forward_stopwatch(model, "cpu", spent):
             rollout.sample(model, tok, prompts, 1, new, eos_ids=[-1])
