@@ -75,7 +75,8 @@ CPU.
     run.json             argv, config (source, arm, basis, loss type, pair kind, token limits, group_size
                          (G: replay, the rows drawn per step; online, rollouts per prompt), ...; online:
                          prompts per step, mix, beta, intervention, problems sha256, held-out problem
-                         ids, ...; an older run's config is read through configs.upgrade_run_config), versions, basis fingerprint, v_hack metadata (path, sha256, pairs, pair
+                         ids, ...; probe: svd_probe.py's probes where it changed the run; an older run's
+                         config is read through configs.upgrade_run_config), versions, basis fingerprint, v_hack metadata (path, sha256, pairs, pair
                          kind), v_hack_source {kind: file | pairs | demo, path, sha256, pairs_source,
                          n_pairs, control; pair_dirs {pool: dir, fingerprint} or pairs_file,
                          pairs_file_sha256}, online with --mix mix_source {kind: pool | demo, dir,
@@ -1254,8 +1255,9 @@ MIX = {kind: tuple(label for label, f in pools.LABELS.items() if f["kind"] == ki
        for kind in ("hack", "correct", "attempted", "incorrect")}
 
 def arm_name(cfg):
-    """An arm is the config minus the seed: arm, basis, control, intervention (with its parameters)."""
-    name = f"{cfg['arm']} {cfg.get('basis', 'svd')}"
+    """An arm is the config minus the seed: arm, basis, control, intervention (with its parameters), and
+    svd_probe.py's probe (a probe run is never pooled with train.py's runs)."""
+    name = f"{cfg['arm']} {cfg.get('basis', 'svd')}" + (f" probe {cfg['probe']}" if cfg.get("probe") else "")
     if cfg.get("control", "none") != "none":
         name += f" {cfg['control']}"
     iv = cfg.get("intervention", "none")

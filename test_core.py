@@ -1035,7 +1035,8 @@ def test_project_imports_have_no_cycle():
     assert {"pools", "antipasto", "rollout", "train"} <= set(graph) and "pools" in graph["train"]   # it saw the files
 
 
-ENTRY_POINTS = ("train.py", "sweep.py", "bench.py", "organism.py", "rollout.py", "miniature.py", "test_core.py")
+ENTRY_POINTS = ("train.py", "sweep.py", "bench.py", "organism.py", "rollout.py", "miniature.py", "svd_probe.py",
+                "test_core.py")
 
 
 def test_reproducible_mode_set_by_entry_points_before_torch_not_by_imports():
@@ -1928,6 +1929,63 @@ def test_project_moments_projects_the_first_moment():
     step = hand_project(step, V["m"][0].double())                 # the applied update is projected too
     assert (upd.double() - step).abs().max().item() < 1e-6, (upd, step)
     assert (before - knob.detach()).double().sub(step).abs().max().item() < 1e-6
+
+
+def test_svd_probe_consistency_is_unbiased():
+    import torch, svd_probe
+    rng = np.random.default_rng(0)
+    mu = np.array([1.0, -2.0, 0.0, 0.5, 0.0])                     # |E g|^2 = 5.25; unit noise per knob: 5
+    G = rng.normal(size=(7, 5)) + mu
+    s2, n2, ratio = svd_probe.consistency(torch.tensor(G))
+    noise = np.var(G, axis=0, ddof=1).sum()                        # numpy's per-knob sample variances
+    assert abs(n2 - noise) < 1e-9 and abs(ratio - s2 / n2) < 1e-12
+    # over many draws of 7 steps the estimates average to the true signal and noise (sd of a mean ~0.03)
+    draws = np.array([svd_probe.consistency(torch.tensor(rng.normal(size=(7, 5)) + mu))[:2] for _ in range(4000)])
+    assert abs(draws[:, 0].mean() - 5.25) < 0.1 and abs(draws[:, 1].mean() - 5.0) < 0.1, draws.mean(0)
+
+
+def test_svd_probe_freezes_scales_and_records():
+    import torch, train, svd_probe
+    real, g = train.apply_step, torch.tensor([1.0, -1.0, 0.5])
+    S = torch.tensor([4.0, 2.0, 0.0])                               # over its mean (2): scales 2, 1, 0
+
+    def step(probes, freeze):
+        train.apply_step, rec = real, []
+        svd_probe.patch_step(probes, freeze, rec)
+        knobs = {n: torch.nn.Parameter(torch.zeros(3)) for n in ("l.self_attn.q_proj", "l.mlp.up_proj")}
+        mods = {n: type("M", (), {"knob": lambda self, k=k: k, "S": S})() for n, k in knobs.items()}
+        opt = torch.optim.AdamW(list(knobs.values()), lr=0.1, weight_decay=0.0)
+        for k in knobs.values():
+            k.grad = g.clone()
+        train.apply_step(opt, mods, {n: g.clone() for n in knobs}, None, False, False)
+        return {n: k.detach() for n, k in knobs.items()}, rec
+    try:
+        adam = -0.1 * torch.sign(g)                                 # AdamW's first step: -lr * sign(g)
+        knobs, _ = step(set(), [])
+        assert torch.allclose(knobs["l.self_attn.q_proj"], adam, atol=1e-6)
+        knobs, _ = step({"freeze"}, ["self_attn"])
+        assert torch.equal(knobs["l.self_attn.q_proj"], torch.zeros(3))
+        assert torch.allclose(knobs["l.mlp.up_proj"], adam, atol=1e-6)
+        knobs, _ = step({"relative"}, [])
+        assert torch.allclose(knobs["l.mlp.up_proj"], adam * torch.tensor([2.0, 1.0, 0.0]), atol=1e-6)
+        knobs, rec = step({"consistency"}, [])
+        assert torch.equal(knobs["l.mlp.up_proj"], torch.zeros(3)) and len(rec) == 1
+        assert torch.equal(rec[0]["l.mlp.up_proj"], g)
+    finally:
+        train.apply_step = real
+    assert svd_probe.hack_only([({"hacked": True},), ({"hacked": False},)]) == [1.0, 0.0]
+    import analyze                                   # a probe run is its own arm in the report, never pooled
+    assert analyze.arm_name(dict(arm="vanilla", basis="svd", probe="wide")) == "vanilla svd probe wide"
+    assert analyze.arm_name(dict(arm="vanilla", basis="svd")) == "vanilla svd"
+    for argv, msg in ((["bogus", "--", "--out=x"], "probe 'bogus'"), (["hack_reward", "--"], "own --out"),
+                      (["hack_reward,shuffled", "--", "--out=x"], "run them apart"), (["wide"], "usage")):
+        try:
+            svd_probe.parse(argv)
+            raise AssertionError(argv)
+        except SystemExit as e:
+            assert msg in str(e), (argv, e)
+    assert svd_probe.parse(["freeze=q_proj,freeze=k_proj,wide", "--", "--out=x"]) == (
+        {"freeze", "wide"}, ["q_proj", "k_proj"], ["--out=x"])
 
 
 def test_draw_depends_on_seed_and_step_only():
