@@ -75,8 +75,9 @@ CPU.
     run.json             argv, config (source, arm, basis, loss type, pair kind, token limits, group_size
                          (G: replay, the rows drawn per step; online, rollouts per prompt), ...; online:
                          prompts per step, mix, beta, intervention, problems sha256, held-out problem
-                         ids, ...; probe: svd_probe.py's probes where it changed the run; an older run's
-                         config is read through configs.upgrade_run_config), versions, basis fingerprint, v_hack metadata (path, sha256, pairs, pair
+                         ids, ...; diagnosis: svd_diagnosis.py's, where it changed the run; an older
+                         run's config is read through configs.upgrade_run_config), versions, basis
+                         fingerprint, v_hack metadata (path, sha256, pairs, pair
                          kind), v_hack_source {kind: file | pairs | demo, path, sha256, pairs_source,
                          n_pairs, control; pair_dirs {pool: dir, fingerprint} or pairs_file,
                          pairs_file_sha256}, online with --mix mix_source {kind: pool | demo, dir,
@@ -1255,9 +1256,8 @@ MIX = {kind: tuple(label for label, f in pools.LABELS.items() if f["kind"] == ki
        for kind in ("hack", "correct", "attempted", "incorrect")}
 
 def arm_name(cfg):
-    """An arm is the config minus the seed: arm, basis, control, intervention (with its parameters), and
-    svd_probe.py's probe (a probe run is never pooled with train.py's runs)."""
-    name = f"{cfg['arm']} {cfg.get('basis', 'svd')}" + (f" probe {cfg['probe']}" if cfg.get("probe") else "")
+    """An arm is the config minus the seed: arm, basis, control, intervention (with its parameters)."""
+    name = f"{cfg['arm']} {cfg.get('basis', 'svd')}"
     if cfg.get("control", "none") != "none":
         name += f" {cfg['control']}"
     iv = cfg.get("intervention", "none")
@@ -1343,11 +1343,11 @@ def online_run_row(r, window):
                 capability=last.get("gt_rate_nohint"), hacked_at=hacked_at(r["steps"]))
 
 def check_comparable(runs):
-    """One-line refusals: runs judged together need the same preset and step count, one run per arm and
-    seed, all finished. Arms may have different seeds (a sweep the stop rule stopped): each comparison
-    pairs the seeds both arms have."""
-    for key in ("preset", "steps"):
-        got = sorted({str(r["cfg"][key]) for r in runs})
+    """One-line refusals: runs judged together need the same preset, step count and svd_diagnosis.py
+    diagnosis (or none), one run per arm and seed, all finished. Arms may have different seeds (a sweep
+    the stop rule stopped): each comparison pairs the seeds both arms have."""
+    for key in ("preset", "steps", "diagnosis"):
+        got = sorted({str(r["cfg"].get(key)) for r in runs})
         if len(got) > 1:
             raise ValueError(f"the runs differ in {key} ({', '.join(got)}): compare runs of one sweep")
     seen = {}
@@ -1445,7 +1445,8 @@ def phase3(run_dirs, window=WINDOW, runs=None):
     curves = learning_curves(runs, order)
     seeds = sorted({r["seed"] for r in rows})
     not_run = [dict(arm=a["arm"], seeds=[k for k in seeds if k not in a["seeds"]]) for a in arms if len(a["seeds"]) < len(seeds)]
-    return dict(window=window, window_asked=asked, preset=runs[0]["cfg"]["preset"], steps=runs[0]["cfg"]["steps"], runs=rows, arms=arms,
+    return dict(window=window, window_asked=asked, preset=runs[0]["cfg"]["preset"], steps=runs[0]["cfg"]["steps"],
+                diagnosis=runs[0]["cfg"].get("diagnosis"), runs=rows, arms=arms,
                 not_run=not_run, stopped=sweep_stopped(runs), control_checks=checks, curves=curves,
                 comparisons=comps, hacked_rule=f"first step with {' + '.join(f'labels[{k!r}]' for k in MIX['hack'])} > "
                 f"{' + '.join(f'labels[{k!r}]' for k in MIX['correct'])} (student rollouts)")
@@ -1518,7 +1519,8 @@ def fmt_problem(t):
 def render_phase3(res):
     w, o = res["window"], []
     cut = "" if w == res["window_asked"] else f" (all of them; --window {res['window_asked']} asked)"
-    o.append(f"== Phase 3: online runs, preset {res['preset']}, {res['steps']} steps ==")
+    o.append(f"== Phase 3: online runs, preset {res['preset']}, {res['steps']} steps"
+             + (f", svd_diagnosis.py {res['diagnosis']} (not train.py runs)" if res.get("diagnosis") else "") + " ==")
     sd = lambda m: "—" if m["mean"] is None else f"{m['mean']:.3f}" + ("" if m["sd"] is None else f" ± {m['sd']:.3f}")
     o.append(wrap("primary endpoints, the last evaluation on held-out problems (mean ± sd over seeds); secondary: "
                   f"#runs hacked and the training rates over the final window (last {w} steps{cut}):", "", ""))

@@ -1035,7 +1035,7 @@ def test_project_imports_have_no_cycle():
     assert {"pools", "antipasto", "rollout", "train"} <= set(graph) and "pools" in graph["train"]   # it saw the files
 
 
-ENTRY_POINTS = ("train.py", "sweep.py", "bench.py", "organism.py", "rollout.py", "miniature.py", "svd_probe.py",
+ENTRY_POINTS = ("train.py", "sweep.py", "bench.py", "organism.py", "rollout.py", "miniature.py", "svd_diagnosis.py",
                 "test_core.py")
 
 
@@ -1931,29 +1931,31 @@ def test_project_moments_projects_the_first_moment():
     assert (before - knob.detach()).double().sub(step).abs().max().item() < 1e-6
 
 
-def test_svd_probe_consistency_is_unbiased():
-    import torch, svd_probe
+def test_svd_diagnosis_consistency_is_unbiased():
+    import torch, svd_diagnosis
     rng = np.random.default_rng(0)
     mu = np.array([1.0, -2.0, 0.0, 0.5, 0.0])                     # |E g|^2 = 5.25; unit noise per knob: 5
     G = rng.normal(size=(7, 5)) + mu
-    s2, n2, ratio = svd_probe.consistency(torch.tensor(G))
+    s2, n2, ratio = svd_diagnosis.consistency(torch.tensor(G))
     noise = np.var(G, axis=0, ddof=1).sum()                        # numpy's per-knob sample variances
     assert abs(n2 - noise) < 1e-9 and abs(ratio - s2 / n2) < 1e-12
     # over many draws of 7 steps the estimates average to the true signal and noise (sd of a mean ~0.03)
-    draws = np.array([svd_probe.consistency(torch.tensor(rng.normal(size=(7, 5)) + mu))[:2] for _ in range(4000)])
+    draws = np.array([svd_diagnosis.consistency(torch.tensor(rng.normal(size=(7, 5)) + mu))[:2] for _ in range(4000)])
     assert abs(draws[:, 0].mean() - 5.25) < 0.1 and abs(draws[:, 1].mean() - 5.0) < 0.1, draws.mean(0)
+    assert svd_diagnosis.consistency(torch.ones(3, 4))[2] is None   # no noise: no ratio, not a division by 0
 
 
-def test_svd_probe_freezes_scales_and_records():
-    import torch, train, svd_probe
+def test_svd_diagnosis_freezes_scales_and_records():
+    import torch, train, svd_diagnosis
     real, g = train.apply_step, torch.tensor([1.0, -1.0, 0.5])
-    S = torch.tensor([4.0, 2.0, 0.0])                               # over its mean (2): scales 2, 1, 0
+    S = {"l.self_attn.q_proj": torch.tensor([4.0, 2.0, 0.0]),      # over its mean (2): scales 2, 1, 0
+         "l.mlp.up_proj": torch.tensor([3.0, 3.0, 3.0])}           # scales 1, 1, 1
 
-    def step(probes, freeze):
+    def step(diagnoses, freeze):
         train.apply_step, rec = real, []
-        svd_probe.patch_step(probes, freeze, rec)
-        knobs = {n: torch.nn.Parameter(torch.zeros(3)) for n in ("l.self_attn.q_proj", "l.mlp.up_proj")}
-        mods = {n: type("M", (), {"knob": lambda self, k=k: k, "S": S})() for n, k in knobs.items()}
+        svd_diagnosis.patch_step(diagnoses, freeze, rec)
+        knobs = {n: torch.nn.Parameter(torch.zeros(3)) for n in S}
+        mods = {n: type("M", (), {"knob": lambda self, k=k: k, "S": S[n]})() for n, k in knobs.items()}
         opt = torch.optim.AdamW(list(knobs.values()), lr=0.1, weight_decay=0.0)
         for k in knobs.values():
             k.grad = g.clone()
@@ -1962,30 +1964,77 @@ def test_svd_probe_freezes_scales_and_records():
     try:
         adam = -0.1 * torch.sign(g)                                 # AdamW's first step: -lr * sign(g)
         knobs, _ = step(set(), [])
-        assert torch.allclose(knobs["l.self_attn.q_proj"], adam, atol=1e-6)
+        assert all(torch.allclose(k, adam, atol=1e-6) for k in knobs.values())
         knobs, _ = step({"freeze"}, ["self_attn"])
         assert torch.equal(knobs["l.self_attn.q_proj"], torch.zeros(3))
         assert torch.allclose(knobs["l.mlp.up_proj"], adam, atol=1e-6)
         knobs, _ = step({"relative"}, [])
-        assert torch.allclose(knobs["l.mlp.up_proj"], adam * torch.tensor([2.0, 1.0, 0.0]), atol=1e-6)
-        knobs, rec = step({"consistency"}, [])
-        assert torch.equal(knobs["l.mlp.up_proj"], torch.zeros(3)) and len(rec) == 1
-        assert torch.equal(rec[0]["l.mlp.up_proj"], g)
+        assert torch.allclose(knobs["l.self_attn.q_proj"], adam * torch.tensor([2.0, 1.0, 0.0]), atol=1e-6)
+        assert torch.allclose(knobs["l.mlp.up_proj"], adam, atol=1e-6)
+        knobs, rec = step({"consistency", "freeze"}, ["self_attn"])
+        assert all(torch.equal(k, torch.zeros(3)) for k in knobs.values()) and len(rec) == 1
+        assert list(rec[0]) == ["l.mlp.up_proj"] and torch.equal(rec[0]["l.mlp.up_proj"], g)
     finally:
         train.apply_step = real
-    assert svd_probe.hack_only([({"hacked": True},), ({"hacked": False},)]) == [1.0, 0.0]
-    import analyze                                   # a probe run is its own arm in the report, never pooled
-    assert analyze.arm_name(dict(arm="vanilla", basis="svd", probe="wide")) == "vanilla svd probe wide"
-    assert analyze.arm_name(dict(arm="vanilla", basis="svd")) == "vanilla svd"
-    for argv, msg in ((["bogus", "--", "--out=x"], "probe 'bogus'"), (["hack_reward", "--"], "own --out"),
-                      (["hack_reward,shuffled", "--", "--out=x"], "run them apart"), (["wide"], "usage")):
+    assert svd_diagnosis.hack_only([({"hacked": True},), ({"hacked": False},)]) == [1.0, 0.0]
+    on = ["--source=online", "--basis=svd", "--out=x"]
+    for argv, msg in ((["bogus", "--", *on], "diagnosis 'bogus'"), (["hack_reward", "--", "--source=online"], "own --out"),
+                      (["wide"], "usage"), (["wide", "--", "--out=x"], "--source=online"),
+                      (["wide", "--", *on, "--arm=projected"], "--arm=vanilla"),
+                      (["relative", "--", "--source=online", "--basis=lora", "--out=x"], "--basis=svd"),
+                      (["hack_reward", "--", *on, "--intervention=shuffled_rewards"], "no --intervention"),
+                      (["consistency", "--", *on, "--inner-epochs=2"], "--inner-epochs=1"),
+                      (["freeze=self_atn", "--", *on], "matches no adapted module"),
+                      (["freeze=proj", "--", *on], "every adapted module")):
         try:
-            svd_probe.parse(argv)
+            svd_diagnosis.parse(argv)
             raise AssertionError(argv)
         except SystemExit as e:
-            assert msg in str(e), (argv, e)
-    assert svd_probe.parse(["freeze=q_proj,freeze=k_proj,wide", "--", "--out=x"]) == (
-        {"freeze", "wide"}, ["q_proj", "k_proj"], ["--out=x"])
+            assert msg in str(e) and "\n" not in str(e), (argv, e)
+    diag, diagnoses, freeze, args, rest = svd_diagnosis.parse(["wide,freeze=q_proj,freeze=k_proj", "--", *on])
+    assert (diag, diagnoses, freeze, rest) == ("freeze=k_proj,freeze=q_proj,wide", {"freeze", "wide"},
+                                               ["q_proj", "k_proj"], on)
+    import analyze                       # runs of another diagnosis (or none) are never judged together
+    runs = [dict(cfg=dict(preset="organism", steps=2, diagnosis=d)) for d in ("wide", None)]
+    raises(ValueError, analyze.check_comparable, runs, match="differ in diagnosis")
+
+
+@slow
+def test_svd_diagnosis_runs_train_with_one_thing_changed():
+    """A 2-step online run under hack_reward and freeze: the rewards it trains on are the hack labels,
+    the frozen knobs never move, run.json records the diagnosis and its own command, and a plain
+    train.py --resume of it is refused."""
+    import torch, train
+    out, cwd = os.path.join(tmpdir(), "diag"), tmpdir()
+    flags = ["--source=online", "--model=tiny", "--basis=svd", "--problems", short_problems(), "--steps=2", "--group=4",
+             "--prompts-per-step=2", "--mix=1", "--max-prompt-tokens=384", "--max-completion-tokens=12",
+             "--eval-every=0", "--quiet", "--workers=2"]
+
+    def child():
+        import svd_diagnosis
+        os.chdir(cwd)
+        svd_diagnosis.main(["hack_reward,freeze=self_attn", "--", *flags, "--out", out])
+        rows = [r for k in range(2) for r in pools.read_jsonl(pools.step_path(out, k, ".cos.jsonl.gz"))]
+        knobs = torch.load(os.path.join(out, "state.pt"), weights_only=False)["knobs"]
+        run = json.load(open(os.path.join(out, "run.json")))
+        return dict(rows=[[r["reward"], r["hacked"]] for r in rows], argv=run["argv"][:3],
+                    diagnosis=run["config"]["diagnosis"],
+                    attn=max(k.abs().max().item() for n, k in knobs.items() if "self_attn" in n),
+                    mlp=max(k.abs().max().item() for n, k in knobs.items() if ".mlp." in n))
+    res = in_fork(child)()
+    assert res is not None, "the diagnosis run failed"
+    assert res["rows"] and all(rw == float(h) for rw, h in res["rows"]), res["rows"]
+    assert {rw for rw, _ in res["rows"]} == {0.0, 1.0}                 # the teacher row hacks, the tiny model does not
+    assert res["attn"] == 0.0 and res["mlp"] > 0.0, res
+    assert res["argv"] == ["svd_diagnosis.py", "freeze=self_attn,hack_reward", "--"]
+    assert res["diagnosis"] == "freeze=self_attn,hack_reward"
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        e = raises((SystemExit, train.RunError), train.main, [*flags, "--out", out, "--resume", "--steps=3"])
+    finally:
+        os.chdir(old)
+    assert "diagnosis" in str(e), e
 
 
 def test_draw_depends_on_seed_and_step_only():
