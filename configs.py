@@ -99,7 +99,8 @@ PRESETS.update({
     # but compile 0.65 -> 0.26), so its arms measure an organism that barely moves. The collapse is AdamW's
     # drift, not the reward: with rewards shuffled within groups, 16 prompts a step and lr 1e-2, compile falls
     # 0.65 -> 0.06. Nor is it noise: a reward paying only for hacks moves it to 0.17 held out (LoRA: 0.55); the
-    # basis cannot express the hack (README, "The CPU organism", lists every setting tried). lr_lora (B A's) is 1e-3:
+    # basis cannot express the hack apart from everything else (README, "The CPU organism", lists every setting
+    # tried; svd_diagnosis.py reproduces them). lr_lora (B A's) is 1e-3:
     # at 2e-3 the compile rate falls to 0.15. eval_samples=16: 6 held-out problems x 16 = 96 rollouts per
     # kind, sd of a rate near 0.3 about 0.05, so a 0.1 change shows
     "organism": dict(ONLINE, model="organism", basis="lora", group_size=8, prompts_per_step=4, steps=60, lr=3e-3,
