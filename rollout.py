@@ -214,8 +214,9 @@ def token_step(model, tok_t, pos, mask, cache):
     same bits), without the per-call work of its wrappers (config and output plumbing, mask preparation,
     a module call per Linear, norm and layer): on the CPU organism a third of a decode step. The attention
     function is transformers' own for the model's implementation, called as its Qwen3Attention calls
-    it, so whatever kernel path it takes (grouped-query packing, enable_gqa, repeat_kv) is the same one. Only for plain Linears (inside merged()); decode() checks it
-    against model(...) on its first token step and keeps model(...) when the two differ in any bit."""
+    it, so whatever kernel path it takes (grouped-query packing, enable_gqa, repeat_kv) is the same one.
+    Only for plain Linears (inside merged()); decode() checks it against model(...) on its first token
+    step and keeps model(...) when the two differ in any bit."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     attend = ALL_ATTENTION_FUNCTIONS[model.config._attn_implementation]   # the model's own attention call
     rope = sys.modules[type(model).__module__].apply_rotary_pos_emb      # and its own rotary

@@ -91,8 +91,8 @@ def online_setup(args):
         if not hinted:
             raise SystemExit(f"error: --mix={c['mix']}: the teacher pool {teacher_dirs[0]} holds no row of any "
                              f"training problem")
-    if len(hinted) < c["prompts_per_step"]:
-        raise SystemExit(f"error: --prompts-per-step={c['prompts_per_step']}: only {len(hinted)} training problems")
+        if len(hinted) < c["prompts_per_step"]:        # online_problems checked the count before --mix's cut
+            raise SystemExit(f"error: --prompts-per-step={c['prompts_per_step']}: only {len(hinted)} training problems")
     return dict(rows=teacher, pool_dirs=teacher_dirs, pair_dirs=[] if args.pairs else pair_dirs, pairs=pairs,
                 pairs_src=pairs_src, per_pool=None, train=hinted, eval_hint=ev_h, eval_plain=ev_p, teacher=by_problem,
                 group_size=c["group_size"])

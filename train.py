@@ -181,8 +181,6 @@ def write_jsonl(path, rows):
     pools.atomic_write(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
 
 
-# ----------------------------------------------------------------------------- v_hack
-
 # ----------------------------------------------------------------------------- the run
 
 def main(argv=None):
