@@ -62,10 +62,13 @@ def hack_only(cells):
     return [1.0 if cell[0]["hacked"] else 0.0 for cell in cells]
 
 
-def module_names(shape):
-    """The names of the adapted Linears of a Qwen3 of this shape (what freeze=NAME is matched against)."""
-    return [f"model.layers.{i}.{'mlp' if t in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{t}"
-            for i in range(shape["num_hidden_layers"]) for t in configs.TARGETS]
+def check_freeze(freeze, names):
+    """Refuse, in one line, freeze names that match none of the adapted modules `names`, or all of them."""
+    for f in freeze:
+        if not any(f in n for n in names):
+            raise SystemExit(f"error: freeze={f} matches no adapted module (e.g. {names[0]})")
+    if freeze and all(any(f in n for f in freeze) for n in names):
+        raise SystemExit("error: freeze matches every adapted module: nothing would train")
 
 
 def patch_step(diagnoses, freeze, recorded):
@@ -96,7 +99,8 @@ def patch_step(diagnoses, freeze, recorded):
 
 def parse(argv):
     """(diagnosis string, diagnoses, freeze names, train.py's resolved args, its argv) from
-    `DIAGNOSIS[,DIAGNOSIS...] -- TRAIN FLAGS`; every refusal a one-line error before anything is made."""
+    `DIAGNOSIS[,DIAGNOSIS...] -- TRAIN FLAGS`; every refusal a one-line error before anything is made
+    (the freeze names are checked once the model's adapter exists: check_freeze)."""
     if "--" not in argv or argv.index("--") != 1:
         raise SystemExit(f"usage: python svd_diagnosis.py DIAGNOSIS[,DIAGNOSIS...] -- TRAIN.PY FLAGS  "
                          f"(diagnoses: {', '.join(DIAGNOSES)})")
@@ -121,13 +125,6 @@ def parse(argv):
     for ok, what in need:
         if not ok:
             raise SystemExit(f"error: svd_diagnosis.py needs {what}")
-    shape = dict(configs.model_shape(args.model), **(WIDE if "wide" in diagnoses else {}))
-    names = module_names(shape)
-    for f in freeze:
-        if not any(f in n for n in names):
-            raise SystemExit(f"error: freeze={f} matches no adapted module (e.g. {names[0]})")
-    if freeze and all(any(f in n for f in freeze) for n in names):
-        raise SystemExit("error: freeze matches every adapted module: nothing would train")
     return ",".join(sorted(argv[0].split(","))), diagnoses, freeze, args, train_argv
 
 
@@ -143,6 +140,13 @@ def main(argv=None):
             cells, rewards, n_flag, n_screened = real(cells, group_of, args, step)
             return cells, hack_only(cells), n_flag, n_screened
         interventions.intervene = intervene
+    load = train.load               # freeze names checked against the adapted modules, before the run directory
+
+    def checked_load(*a):
+        model, tok, messages_fn, modules = load(*a)
+        check_freeze(freeze, list(modules))
+        return model, tok, messages_fn, modules
+    train.load = checked_load
     record = train.run_record       # run.json: the diagnosis in its config (a plain --resume is refused) and argv
 
     def run_record(*a):

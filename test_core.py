@@ -1983,14 +1983,19 @@ def test_svd_diagnosis_freezes_scales_and_records():
                       (["wide", "--", *on, "--arm=projected"], "--arm=vanilla"),
                       (["relative", "--", "--source=online", "--basis=lora", "--out=x"], "--basis=svd"),
                       (["hack_reward", "--", *on, "--intervention=shuffled_rewards"], "no --intervention"),
-                      (["consistency", "--", *on, "--inner-epochs=2"], "--inner-epochs=1"),
-                      (["freeze=self_atn", "--", *on], "matches no adapted module"),
-                      (["freeze=proj", "--", *on], "every adapted module")):
+                      (["consistency", "--", *on, "--inner-epochs=2"], "--inner-epochs=1")):
         try:
             svd_diagnosis.parse(argv)
             raise AssertionError(argv)
         except SystemExit as e:
             assert msg in str(e) and "\n" not in str(e), (argv, e)
+    import antipasto as ap                           # freeze names against a real model's adapted modules
+    names = list(ap.wrap(configs.tiny_qwen3()[0], cache_dir=svd_cache()))
+    for freeze, msg in ((["self_atn"], "matches no adapted module"), (["proj"], "every adapted module"),
+                        (["self_attn", "mlp"], "every adapted module")):
+        e = raises(SystemExit, svd_diagnosis.check_freeze, freeze, names, match=msg)
+        assert "\n" not in str(e), e
+    svd_diagnosis.check_freeze(["self_attn", "layers.0.mlp"], names)      # layer 1's MLP still trains
     diag, diagnoses, freeze, args, rest = svd_diagnosis.parse(["wide,freeze=q_proj,freeze=k_proj", "--", *on])
     assert (diag, diagnoses, freeze, rest) == ("freeze=k_proj,freeze=q_proj,wide", {"freeze", "wide"},
                                                ["q_proj", "k_proj"], on)
@@ -2017,10 +2022,17 @@ def test_svd_diagnosis_runs_train_with_one_thing_changed():
         rows = [r for k in range(2) for r in pools.read_jsonl(pools.step_path(out, k, ".cos.jsonl.gz"))]
         knobs = torch.load(os.path.join(out, "state.pt"), weights_only=False)["knobs"]
         run = json.load(open(os.path.join(out, "run.json")))
+        refused = os.path.join(tmpdir(), "refused")        # a freeze name no module has: one line, no directory
+        try:
+            svd_diagnosis.main(["freeze=self_atn", "--", *flags, "--out", refused])
+            why = None
+        except SystemExit as e:
+            why = str(e.code)
         return dict(rows=[[r["reward"], r["hacked"]] for r in rows], argv=run["argv"][:3],
                     diagnosis=run["config"]["diagnosis"],
                     attn=max(k.abs().max().item() for n, k in knobs.items() if "self_attn" in n),
-                    mlp=max(k.abs().max().item() for n, k in knobs.items() if ".mlp." in n))
+                    mlp=max(k.abs().max().item() for n, k in knobs.items() if ".mlp." in n),
+                    refused=why, refused_dir=os.path.exists(refused))
     res = in_fork(child)()
     assert res is not None, "the diagnosis run failed"
     assert res["rows"] and all(rw == float(h) for rw, h in res["rows"]), res["rows"]
@@ -2028,6 +2040,8 @@ def test_svd_diagnosis_runs_train_with_one_thing_changed():
     assert res["attn"] == 0.0 and res["mlp"] > 0.0, res
     assert res["argv"] == ["svd_diagnosis.py", "freeze=self_attn,hack_reward", "--"]
     assert res["diagnosis"] == "freeze=self_attn,hack_reward"
+    assert res["refused"].startswith("error: freeze=self_atn matches no adapted module") and "\n" not in res["refused"]
+    assert not res["refused_dir"], "a refused diagnosis run created its directory"
     old = os.getcwd()
     os.chdir(cwd)
     try:
